@@ -1,0 +1,108 @@
+"""The built-in model's word-level tokenizer and prompt validation.
+
+The tokenizer is a `tokenizers` WordLevel model wrapped as a transformers
+``PreTrainedTokenizerFast``, so it saves and loads with ``save_pretrained``/``from_pretrained``
+like any other. Unknown words are reported by name (``UnknownWordsError``) instead of being
+mapped silently to an unknown token.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from rlr_core import shapes_world as sw
+
+MAX_TOKENS = 16  # bos + up to 14 words + eos; the grammar needs at most 12
+MAX_PROMPT_CHARS = 500
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+# Words the grammar uses, plus a few harmless synonyms a person is likely to type.
+_GRAMMAR_WORDS = (
+    ["a", "an", "the", "on", "in", "at", ",", "shape", "background", "with", "and", "of"]
+    + list(sw.KINDS)
+    + list(sw.COLOURS)
+    + list(sw.BACKGROUNDS)
+    + list(sw.SIZES)
+    + list(sw.POSITIONS)
+)
+_SYNONYMS = {"big": "large", "little": "small", "centre": "center", "middle": "center",
+             "grey": "gray", "violet": "purple"}
+
+
+class PromptError(ValueError):
+    """A prompt the built-in model cannot take (empty, too long, unknown words)."""
+
+
+class UnknownWordsError(PromptError):
+    def __init__(self, words: list[str]):
+        self.words = words
+        known = ", ".join(sorted(set(_GRAMMAR_WORDS) - {","}))
+        super().__init__(
+            f"unknown word{'s' if len(words) > 1 else ''}: {', '.join(words)}. "
+            f"The built-in model knows: {known}."
+        )
+
+
+def vocabulary() -> list[str]:
+    words = list(dict.fromkeys(_GRAMMAR_WORDS))
+    return SPECIAL_TOKENS + words
+
+
+def split_words(prompt: str) -> list[str]:
+    """Lower-case words and commas, with synonyms mapped to grammar words."""
+    return [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z0-9']+|,", prompt.lower())]
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Validate a prompt and return it in the tokenizer's canonical spelling.
+
+    The empty prompt is allowed only through ``allow_empty`` in ``check_prompt``; this
+    function raises ``PromptError`` with a message meant for the person who typed it.
+    """
+    return check_prompt(prompt, allow_empty=False)
+
+
+def check_prompt(prompt: str, allow_empty: bool = False) -> str:
+    if not isinstance(prompt, str):
+        raise PromptError(f"a prompt must be text, not {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    words = split_words(prompt)
+    if not words:
+        if allow_empty:
+            return ""
+        raise PromptError("the prompt is empty: describe a shape, e.g. 'a red circle'")
+    known = set(_GRAMMAR_WORDS)
+    unknown = [w for w in dict.fromkeys(words) if w not in known]
+    if unknown:
+        raise UnknownWordsError(unknown)
+    if len(words) + 2 > MAX_TOKENS:
+        raise PromptError(
+            f"prompt has {len(words)} words; the built-in model takes at most {MAX_TOKENS - 2}"
+        )
+    return " ".join(words).replace(" ,", ",")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh word-level tokenizer over the ShapesWorld vocabulary."""
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>",
+        special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_TOKENS,
+    )
