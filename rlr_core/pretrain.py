@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --resume and --export: export the latest checkpoint's EMA model and exit")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -137,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         meta = json.loads((ckpt / "state.json").read_text())
         start, ema.optimization_step = meta["step"], meta["ema_optimization_step"]
         print(f"resumed from step {start}")
+    if args.export_only:
+        if not args.export:
+            p.error("--export-only needs --export DIR")
+        export(model, ema, args.export, start, args)
+        return
     model.to(device)
     ema.to(device)
     sched = model.scheduler
@@ -182,9 +189,17 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(args.out, model, ema, opt, done, args)
             write_grid(ema_model(model, ema), args.out / f"grid_{done:06d}.png")
     if args.export:
-        final = ema_model(model, ema).to("cpu")
-        final.save(args.export, card={"pretrain_steps": args.steps, "batch": args.batch})
-        print(f"exported EMA model to {args.export}")
+        export(model, ema, args.export, args.steps, args)
+
+
+def export(model: BuiltinModel, ema: EMAModel, folder: Path, step: int, args) -> None:
+    """Write the EMA weights as a model folder; keeps the card's other fields if present."""
+    card_path = folder / "model_index.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    card.update({"pretrain_steps": step, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                 "ema_decay": args.ema_decay})
+    ema_model(model, ema).to("cpu").save(folder, card=card)
+    print(f"exported the EMA model at step {step} to {folder}")
 
 
 if __name__ == "__main__":

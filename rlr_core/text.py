@@ -71,7 +71,7 @@ def check_prompt(prompt: str, allow_empty: bool = False) -> str:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     words = split_words(prompt)
-    if not words:
+    if not [w for w in words if w != ","]:
         if allow_empty:
             return ""
         raise PromptError("the prompt is empty: describe a shape, e.g. 'a red circle'")

@@ -1,0 +1,136 @@
+"""Pieces every estimator shares: the estimate record, the baseline, pathwise runs, LR terms.
+
+Sign convention (all estimators): ``accumulate`` adds an estimate of -grad J(theta), J = E[R(x_0)],
+into each trainable parameter's ``.grad``, the way ``(-R.mean()).backward()`` would. An optimizer
+step then increases the expected reward. Each estimate is a batch mean of per-sample terms.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rlr_core.estimators.chain import Chain, ChainContext
+from rlr_core.sampler import Trajectory, gaussian_log_prob
+
+
+@dataclass
+class Estimate:
+    """What one call produced: the (detached) rewards and the surrogate loss value, plus extras."""
+
+    rewards: torch.Tensor  # (B,)
+    loss: float  # value of the surrogate whose gradient was accumulated
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reward_mean(self) -> float:
+        return float(self.rewards.mean())
+
+    @property
+    def reward_std(self) -> float:
+        return float(self.rewards.std()) if len(self.rewards) > 1 else 0.0
+
+
+class Estimator(abc.ABC):
+    """A gradient estimator: ``accumulate`` adds an estimate of -grad J into ``.grad``."""
+
+    name: str
+
+    @abc.abstractmethod
+    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate: ...
+
+    def settings(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """Advantages R_b - b_b with b_b the mean reward of the *other* samples of the batch.
+
+    b_b does not depend on sample b, so every likelihood-ratio term stays unbiased (doc section 2)."""
+    R = rewards.detach()
+    B = len(R)
+    if B < 2:
+        return R - R  # no other sample: no baseline possible, and no signal either; use batch >= 2
+    return R - (R.sum() - R) / (B - 1)
+
+
+def fo_tail_length(sigma: torch.Tensor, min_sigma_ratio: float) -> int:
+    """Default L: the smallest tail such that every step k > L has sigma_k >= ratio * max sigma.
+
+    Likelihood ratios scale like 1/sigma_k and are undefined at sigma_k = 0, so those final
+    near-deterministic steps are covered pathwise instead (method doc section 3)."""
+    s = sigma[1:]
+    threshold = min_sigma_ratio * float(s.max())
+    weak = [k for k in range(1, len(sigma)) if float(sigma[k]) < threshold or float(sigma[k]) <= 0]
+    return max([1, *weak])
+
+
+def deterministic_tail(sigma: torch.Tensor) -> int:
+    """Number of final steps with sigma_k = 0 (a likelihood ratio cannot credit them)."""
+    L = 0
+    while L + 1 < len(sigma) and float(sigma[L + 1]) <= 0:
+        L += 1
+    return L
+
+
+def _mean_checkpointed(chain: Chain, x: torch.Tensor, k: int, ctx: ChainContext) -> torch.Tensor:
+    # Per-step checkpointing: keep only x_k per step, recompute the UNet's activations in backward.
+    return checkpoint(chain.mean, x, k, ctx, use_reentrant=False)
+
+
+def pathwise(chain: Chain, ctx: ChainContext, x_start: torch.Tensor, k_start: int,
+             noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             use_checkpoint: bool = True) -> torch.Tensor:
+    """Run steps k_start .. 1 keeping the graph (the FO term, doc section 2): x_0 as a function of theta.
+
+    Noise comes from ``noise[k]`` (a recorded trajectory) or is drawn from ``generator``."""
+    x = x_start
+    for k in range(k_start, 0, -1):
+        mu = _mean_checkpointed(chain, x, k, ctx) if use_checkpoint else chain.mean(x, k, ctx)
+        eps = noise[k] if noise is not None else chain.noise(x, generator)
+        x = mu + chain.sigma[k].to(x) * eps
+    return x
+
+
+def fo_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, tail: int,
+                use_checkpoint: bool = True) -> torch.Tensor:
+    """FO on the last ``tail`` steps: backprop R through steps tail..1 from the recorded x_tail.
+
+    Accumulates -mean_b dR_b/dtheta (restricted to those steps) and returns the rewards R (B,)."""
+    x0 = pathwise(chain, ctx, traj.x[tail].detach(), tail, noise=traj.noise, use_checkpoint=use_checkpoint)
+    R = chain.reward(x0, ctx)
+    (-R.mean()).backward()
+    return R.detach()
+
+
+def log_prob_terms(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """log p_theta(x_{k-1} | x_k) for the (k, row) pairs given, differentiable in theta."""
+    x_k = traj.x[ks, rows]
+    mu = chain.mean(x_k, ks, ctx.take(rows))
+    return gaussian_log_prob(traj.x[ks - 1, rows], mu, chain.sigma[ks].to(mu))
+
+
+def lr_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor,
+                weights: torch.Tensor, chunk: int) -> float:
+    """Accumulate -(1/B) sum_pairs w * grad log p(x_{k-1} | x_k) (the LR term, doc section 2).
+
+    Pairs (k, row) run in chunks of per-sample steps (batched UNet calls), one backward per
+    chunk, so memory stays at one UNet graph per chunk. ``weights`` already hold (R - b)."""
+    B = ctx.batch
+    total = 0.0
+    for start in range(0, len(ks), chunk):
+        sl = slice(start, start + chunk)
+        logp = log_prob_terms(chain, ctx, traj, ks[sl], rows[sl])
+        loss = -(weights[sl].to(logp) * logp).sum() / B
+        loss.backward()
+        total += float(loss)
+    return total
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else 0.0

@@ -1,0 +1,53 @@
+"""Likelihood ratio at every step (REINFORCE, DDPO's per-step term; method doc section 2, LR).
+
+    g = (R - b) * sum_k grad_theta log p_theta(x_{k-1} | x_k)
+      = (R - b) * sum_k (d mu_theta / d theta)^T (x_{k-1} - mu_theta) / sigma_k^2
+
+with b the leave-one-out batch mean. A likelihood ratio is undefined where sigma_k = 0 (the
+final step of DDIM with set_alpha_to_one), so those deterministic final steps are credited
+pathwise (FO, exact) instead; without that the estimator would miss their share of grad J.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rlr_core.estimators.chain import Chain, ChainContext
+from rlr_core.estimators.common import (
+    Estimate,
+    Estimator,
+    deterministic_tail,
+    fo_backward,
+    leave_one_out,
+    lr_backward,
+)
+
+
+def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (k, row) pairs with first <= k <= last, step-major."""
+    ks = torch.arange(last, first - 1, -1).repeat_interleave(batch)
+    rows = torch.arange(batch).repeat(max(last - first + 1, 0))
+    return ks, rows
+
+
+@dataclass
+class LikelihoodRatio(Estimator):
+    chunk: int = 16  # (k, row) pairs per batched denoiser call
+    name: ClassVar[str] = "lr"
+
+    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
+        tail = deterministic_tail(chain.sigma)
+        traj = chain.rollout(ctx, generator)
+        loss = 0.0
+        if tail:  # FO on the deterministic steps (doc section 2, FO)
+            R = fo_backward(chain, ctx, traj, tail)
+            loss -= float(R.mean())
+        else:
+            R = chain.reward(traj.x0, ctx).detach()
+        A = leave_one_out(R)
+        ks, rows = stochastic_pairs(tail + 1, chain.num_steps, ctx.batch)
+        loss += lr_backward(chain, ctx, traj, ks, rows, A[rows], self.chunk)
+        return Estimate(R, loss)

@@ -1,0 +1,190 @@
+"""The Recursive Likelihood Ratio estimator (method doc section 3).
+
+Per trajectory, with the FO tail covering steps L..1, one HO block covering steps j+h-1..j, and
+the rest of the chain C = {L+1..K} minus the block:
+
+    G = FO(steps L..1) + HO(block j+h-1..j) + sum_{i in C} REST(step i)
+
+    FO   = dR(x_0)/dtheta through steps L..1, from the recorded x_L           (doc section 2, FO)
+    HO   = (R - b) (d m_theta/d theta)^T (x_{j-1} - m_theta) / sigma_j^2,      (doc section 2, HO)
+           m_theta = mu_theta(x_j(theta), j, c), x_j(theta) run from x_{j+h-1} with its noise fixed
+    REST = "lr":   (R - b) grad log p_theta(x_{i-1} | x_i), optionally m random steps x |C|/m
+           "zo":   (R - b) delta_i / s^2, x sampled with theta + delta_i at step i
+           "none": 0 (biased; for ablations)
+
+Every step's theta-dependence is credited exactly once, so G is unbiased for every fixed j
+(paper Thm 6.3): any distribution of j (uniform, gradient-norm weighted, a DCoT window) keeps it
+unbiased without reweighting. "zo" is unbiased for the parameter-smoothed objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from rlr_core.estimators.chain import Chain, ChainContext, ZOPerturbation
+from rlr_core.estimators.common import (
+    Estimate,
+    Estimator,
+    fo_backward,
+    fo_tail_length,
+    leave_one_out,
+    log_prob_terms,
+    lr_backward,
+)
+from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
+from rlr_core.sampler import Trajectory
+
+Rest = Literal["lr", "zo", "none"]
+
+
+@dataclass
+class RLR(Estimator):
+    block: int | Literal["auto"] = 2  # h; "auto": the closed form from a memory budget
+    rest: Rest = "lr"
+    tail: int | None = None  # L; None: derived from the sigma schedule (min_sigma_ratio)
+    min_sigma_ratio: float = 0.1
+    block_start: Literal["uniform", "grad-norm"] = "uniform"
+    window: tuple[int, int] | None = None  # allowed block starts j in [a, b] (DCoT stage)
+    rest_steps: int | None = None  # m: "lr" on m random steps of C, rescaled by |C|/m
+    zo_scale: float = 1e-3  # s: std of the ZO parameter perturbation
+    memory_budget_gb: float | None = None  # for block="auto"; default: free memory
+    temperature: float = 1.0  # grad-norm block start: p_j proportional to norm_j^(1/T)
+    chunk: int = 16
+    use_checkpoint: bool = True
+    name: ClassVar[str] = "rlr"
+    _step_norms: torch.Tensor | None = field(default=None, repr=False)
+
+    # --- the plan: which step gets which term --------------------------------------------------
+
+    def tail_length(self, chain: Chain) -> int:
+        if self.tail is not None:
+            return max(1, min(self.tail, chain.num_steps))
+        return fo_tail_length(chain.sigma, self.min_sigma_ratio)
+
+    def block_size(self, chain: Chain, ctx: ChainContext, tail: int) -> int:
+        room = chain.num_steps - tail
+        if self.block == "auto":
+            b_h, b_z = measure_step_memory(chain, ctx, zo=self.rest == "zo")
+            budget = int(self.memory_budget_gb * 2**30) if self.memory_budget_gb else default_budget()
+            return auto_block_size(budget, chain.num_steps, tail, b_h, b_z)
+        return max(0, min(int(self.block), room))
+
+    def start_range(self, chain: Chain, tail: int, h: int) -> tuple[int, int]:
+        """Allowed block starts: L+1 .. K-h+1 (never touching the FO tail), cut to the window."""
+        lo, hi = tail + 1, chain.num_steps - h + 1
+        if self.window is not None:
+            lo, hi = max(lo, self.window[0]), min(hi, self.window[1])
+        if hi < lo:
+            raise ValueError(f"no block start fits: K={chain.num_steps}, L={tail}, h={h}, window={self.window}")
+        return lo, hi
+
+    def draw_starts(self, chain: Chain, ctx: ChainContext, generator: torch.Generator,
+                    lo: int, hi: int) -> torch.Tensor:
+        """j per sample: uniform on [lo, hi], or proportional to calibrated per-step gradient norms."""
+        if self.block_start == "uniform":
+            return torch.randint(lo, hi + 1, (ctx.batch,), generator=generator)
+        if self._step_norms is None:
+            self.calibrate(chain, ctx, generator)
+        w = self._step_norms[lo:hi + 1].clamp(min=1e-12) ** (1 / self.temperature)
+        return lo + torch.multinomial(w / w.sum(), ctx.batch, replacement=True, generator=generator)
+
+    @torch.no_grad()
+    def _rest_plan(self, chain: Chain, tail: int, starts: torch.Tensor, h: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """C as a (K+1, B) mask, and per-row weights |C_b|/m when "lr" is subsampled to m steps."""
+        K, B = chain.num_steps, len(starts)
+        k = torch.arange(K + 1)[:, None]
+        rest = (k > tail) & ~((k >= starts) & (k <= starts + h - 1))
+        scale = torch.ones(B)
+        if self.rest == "lr" and self.rest_steps is not None:
+            m = self.rest_steps
+            size = rest.sum(0)
+            score = torch.rand((K + 1, B), generator=generator).masked_fill(~rest, -1.0)
+            keep = torch.zeros_like(rest)
+            keep.scatter_(0, score.topk(min(m, K + 1), dim=0).indices, True)
+            rest = rest & keep
+            scale = size / rest.sum(0).clamp(min=1)
+        return rest, scale
+
+    # --- the estimate -------------------------------------------------------------------------
+
+    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
+        tail = self.tail_length(chain)
+        h = self.block_size(chain, ctx, tail)
+        if h > 0:
+            lo, hi = self.start_range(chain, tail, h)
+            starts = self.draw_starts(chain, ctx, generator, lo, hi)
+        else:  # the FO tail covers the whole chain
+            starts = torch.full((ctx.batch,), chain.num_steps + 1)
+        rest, scale = self._rest_plan(chain, tail, starts, h, generator)
+        perturb = None
+        if self.rest == "zo":
+            seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+            perturb = ZOPerturbation(chain, rest, self.zo_scale, seed)
+
+        traj = chain.rollout(ctx, generator, perturb=perturb)
+        R = fo_backward(chain, ctx, traj, tail, self.use_checkpoint)  # FO, steps L..1
+        A = leave_one_out(R)
+        loss = -float(R.mean())
+        if h > 0:
+            loss += self.ho_backward(chain, ctx, traj, starts, h, A)
+        if self.rest == "lr":
+            ks, rows = rest.nonzero(as_tuple=True)
+            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows], self.chunk)
+        elif self.rest == "zo":
+            zo_accumulate(chain, perturb, A)
+        return Estimate(R, loss, {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())})
+
+    def ho_backward(self, chain: Chain, ctx: ChainContext, traj: Trajectory, starts: torch.Tensor, h: int,
+                    A: torch.Tensor) -> float:
+        """HO on block j+h-1..j, each row its own j (doc section 2, HO), as the surrogate
+        -(1/B) sum_b (R_b - b_b) <m_theta, ((x_{j-1} - m_theta) / sigma_j^2).detach()>."""
+        rows = torch.arange(ctx.batch)
+        top = starts + h - 1
+        x = traj.x[top, rows].detach()
+        for u in range(h - 1):  # inner steps top..j+1: graph kept, their noise held fixed
+            k = top - u
+            x = chain.mean(x, k, ctx) + chain.sigma[k].to(x).reshape(-1, *[1] * (x.ndim - 1)) * traj.noise[k, rows]
+        m = chain.mean(x, starts, ctx)
+        sigma2 = chain.sigma[starts].to(m).reshape(-1, *[1] * (m.ndim - 1)) ** 2
+        score = ((traj.x[starts - 1, rows] - m) / sigma2).detach()
+        loss = -(A.to(m) * (m * score).flatten(1).sum(1)).sum() / ctx.batch
+        loss.backward()
+        return float(loss)
+
+    def calibrate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> torch.Tensor:
+        """Per-step gradient norms ||(1/B) sum_b (R_b - b_b) grad log p(x_{k-1}|x_k)|| from one batch,
+        for the gradient-norm weighted block start. Does not touch ``.grad``."""
+        params = chain.parameters()
+        traj = chain.rollout(ctx, generator)
+        with torch.no_grad():
+            A = leave_one_out(chain.reward(traj.x0, ctx))
+        norms = torch.zeros(chain.num_steps + 1)
+        rows = torch.arange(ctx.batch)
+        for k in range(1, chain.num_steps + 1):
+            if float(chain.sigma[k]) <= 0:
+                continue
+            ks = torch.full((ctx.batch,), k)
+            logp = log_prob_terms(chain, ctx, traj, ks, rows)
+            grads = torch.autograd.grad((A.to(logp) * logp).mean(), params, allow_unused=True)
+            norms[k] = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
+        self._step_norms = norms
+        return norms
+
+
+@torch.no_grad()
+def zo_accumulate(chain: Chain, perturb: ZOPerturbation, A: torch.Tensor) -> None:
+    """Add -(1/B) sum_b sum_{i in C_b} (R_b - b_b) delta_{b,i} / s^2 into .grad (doc section 2, ZO),
+    replaying each delta from its seed."""
+    B = len(A)
+    coeff = -A / (perturb.scale**2 * B)
+    params = chain.parameters()
+    for k in range(1, chain.num_steps + 1):
+        if not bool(perturb.active[k].any()):
+            continue
+        for p, d in zip(params, perturb.deltas(k)):
+            g = torch.tensordot(coeff.to(d), d, dims=1)
+            p.grad = g if p.grad is None else p.grad + g

@@ -1,0 +1,39 @@
+"""Truncated backpropagation (AlignProp / DRaFT-K, method doc section 4).
+
+Sample x_K .. x_{K'} without a graph, then keep the graph only through the last K' steps:
+
+    g = dR(x_0)/dtheta  restricted to steps K' .. 1
+
+Biased: every earlier step's contribution to grad J is dropped. With ``randomize`` K' is drawn
+uniformly from 1..K' per call (AlignProp's randomised truncation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rlr_core.estimators.chain import Chain, ChainContext
+from rlr_core.estimators.common import Estimate, Estimator, pathwise
+
+
+@dataclass
+class TruncatedBackprop(Estimator):
+    steps: int = 1  # K': how many final steps keep the graph
+    randomize: bool = False
+    use_checkpoint: bool = True
+    name: ClassVar[str] = "truncated-bp"
+
+    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
+        K = chain.num_steps
+        kept = min(self.steps, K)
+        if self.randomize:
+            kept = int(torch.randint(1, kept + 1, (), generator=generator))
+        traj = chain.rollout(ctx, generator, until=kept)
+        x0 = pathwise(chain, ctx, traj.x[kept], kept, generator=generator, use_checkpoint=self.use_checkpoint)
+        R = chain.reward(x0, ctx)
+        loss = -R.mean()
+        loss.backward()
+        return Estimate(R.detach(), float(loss), {"kept_steps": kept})

@@ -1,0 +1,397 @@
+"""The reward proxy: what the app learns from a few hundred human judgements.
+
+    reward = mean over an ensemble of small MLP heads of head(image embedding, prompt features)
+
+- The image embedding comes from a frozen ``ImageEncoder`` (built in: the ShapesWorld perception
+  model's 128-d embedding; CLIP image features fit the same protocol). Frozen because a few
+  hundred ratings cannot train an encoder, and a fixed encoder keeps dR/dx meaningful.
+- Prompt features come from a ``PromptEncoder`` (built in: a bag of words plus hashed bigrams)
+  and condition each head FiLM-style (scale and shift of its hidden layer).
+- Heads are trained with the Bradley-Terry loss on comparisons (ties as 0.5, skips never reach
+  here) and an ordered-logit loss on stars, each head on its own bootstrap weights of the data,
+  so their spread (``disagreement``) says where the proxy is unsure.
+- ``proxy(images, prompts)`` returns a (B,) tensor differentiable in ``images``.
+- Saved as safetensors (weights) + JSON (architecture, encoders, training metadata); no pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from feedback_store import FeedbackStore
+    from rlr_core.perception import PerceptionNet
+
+FORMAT = "rlr-reward-proxy"
+FORMAT_VERSION = 1
+N_STARS = 5
+
+
+# ----------------------------------------------------------------------------- encoders
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Frozen image features: (B, 3, H, W) floats in [0, 1] -> (B, dim), differentiable in images."""
+
+    name: str
+    dim: int
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str:
+        """Changes whenever the encoder's weights change (a saved proxy is tied to them)."""
+        ...
+
+
+class PerceptionImageEncoder:
+    """The built-in ShapesWorld perception model's embedding as an ``ImageEncoder``."""
+
+    name = "shapesworld-perception"
+
+    def __init__(self, model: PerceptionNet | None = None):
+        from rlr_core import perception
+
+        self.model = model if model is not None else perception.load()
+        self.model.eval().requires_grad_(False)
+        self.dim = perception.EMBED_DIM
+        self._fingerprint: str | None = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (32, 32):  # e.g. a larger generated image
+            images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return self.model.embed(images)
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+@runtime_checkable
+class PromptEncoder(Protocol):
+    """Fixed-size prompt features: list of prompts -> (B, dim). ``config()`` rebuilds it."""
+
+    dim: int
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+class BagOfWordsPromptEncoder:
+    """Word indicators over a vocabulary plus hashed word bigrams ("red background" differs
+    from "red circle"). Unknown words are ignored. Generic: any vocabulary works."""
+
+    kind = "bag-of-words"
+
+    def __init__(self, vocabulary: Sequence[str] | None = None, bigram_buckets: int = 32):
+        from rlr_core import text
+
+        if vocabulary is None:
+            vocabulary = [w for w in text.vocabulary() if w not in text.SPECIAL_TOKENS and w.isalnum()]
+        self.vocabulary = list(vocabulary)
+        self.bigram_buckets = bigram_buckets
+        self._index = {w: i for i, w in enumerate(self.vocabulary)}
+        self.dim = len(self.vocabulary) + bigram_buckets
+        self._split = text.split_words
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        out = torch.zeros(len(prompts), self.dim)
+        for i, prompt in enumerate(prompts):
+            words = [w for w in self._split(prompt) if w in self._index]
+            for w in words:
+                out[i, self._index[w]] = 1.0
+            for a, b in zip(words, words[1:]):
+                bucket = zlib.crc32(f"{a} {b}".encode()) % self.bigram_buckets
+                out[i, len(self.vocabulary) + bucket] = 1.0
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocabulary": self.vocabulary, "bigram_buckets": self.bigram_buckets}
+
+
+def prompt_encoder_from_config(config: dict[str, Any]) -> PromptEncoder:
+    if config.get("kind") == BagOfWordsPromptEncoder.kind:
+        return BagOfWordsPromptEncoder(config["vocabulary"], config["bigram_buckets"])
+    raise ValueError(f"unknown prompt encoder {config.get('kind')!r}")
+
+
+# ----------------------------------------------------------------------------- the model
+class RewardProxy(nn.Module):
+    """An ensemble of ``n_heads`` FiLM-conditioned MLP heads over frozen image embeddings."""
+
+    def __init__(self, image_encoder: ImageEncoder, prompt_encoder: PromptEncoder, n_heads: int = 5,
+                 hidden: int = 64, seed: int = 0):
+        super().__init__()
+        # Plain attributes, not submodules: the encoders are frozen and not part of the weights.
+        self.__dict__["image_encoder"] = image_encoder
+        self.__dict__["prompt_encoder"] = prompt_encoder
+        self.n_heads, self.hidden = n_heads, hidden
+        d, p = image_encoder.dim, prompt_encoder.dim
+        self.register_buffer("emb_mean", torch.zeros(d))
+        self.register_buffer("emb_std", torch.ones(d))
+        self.w1 = nn.Parameter(torch.empty(n_heads, d, hidden))
+        self.b1 = nn.Parameter(torch.empty(n_heads, hidden))
+        self.film_scale = nn.Parameter(torch.empty(n_heads, p, hidden))
+        self.film_shift = nn.Parameter(torch.empty(n_heads, p, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_heads, hidden))
+        self.b2 = nn.Parameter(torch.empty(n_heads))
+        # Ordered-logit cut points for stars: first cut + positive gaps (always increasing).
+        self.cut0 = nn.Parameter(torch.empty(n_heads, 1))
+        self.cut_gaps = nn.Parameter(torch.empty(n_heads, N_STARS - 2))
+        self.training_info: dict[str, Any] = {}
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)  # each head gets its own init: part of the diversity
+        d, p = self.w1.shape[1], self.film_scale.shape[1]
+        with torch.no_grad():
+            self.w1.copy_(torch.randn(self.w1.shape, generator=g) / math.sqrt(d))
+            self.b1.zero_()
+            self.film_scale.copy_(torch.randn(self.film_scale.shape, generator=g) * 0.1 / math.sqrt(p))
+            self.film_shift.copy_(torch.randn(self.film_shift.shape, generator=g) * 0.1 / math.sqrt(p))
+            self.w2.copy_(torch.randn(self.w2.shape, generator=g) / math.sqrt(self.hidden))
+            self.b2.zero_()
+            self.cut0.fill_(-1.5)
+            self.cut_gaps.fill_(math.log(math.e - 1))  # softplus -> gaps of 1
+
+    def set_normalizer(self, embeddings: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.emb_mean.copy_(embeddings.mean(0))
+            if len(embeddings) > 1:
+                self.emb_std.copy_(embeddings.std(0).clamp_min(1e-4))
+            else:
+                self.emb_std.fill_(1.0)
+
+    def heads_from_features(self, emb: torch.Tensor, prompt_feats: torch.Tensor) -> torch.Tensor:
+        """(B, dim) embeddings and (B, P) prompt features -> (n_heads, B) rewards."""
+        z = (emb - self.emb_mean) / self.emb_std
+        h = F.silu(torch.einsum("bd,hdk->hbk", z, self.w1) + self.b1[:, None])
+        scale = torch.einsum("bp,hpk->hbk", prompt_feats, self.film_scale)
+        shift = torch.einsum("bp,hpk->hbk", prompt_feats, self.film_shift)
+        h = F.silu(h * (1 + scale) + shift)
+        return torch.einsum("hbk,hk->hb", h, self.w2) + self.b2[:, None]
+
+    def embed(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        emb = self.image_encoder.embed(images)
+        return emb, self.prompt_encoder.encode(prompts).to(emb)
+
+    def head_rewards(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.heads_from_features(*self.embed(images, prompts))
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean reward over heads, (B,); gradients flow to ``images``."""
+        return self.head_rewards(images, prompts).mean(0)
+
+    def disagreement(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Std of the reward across heads, (B,): how unsure the ensemble is about each image."""
+        return self.head_rewards(images, prompts).std(0)
+
+    def win_probs(self, left: torch.Tensor, right: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(n_heads, B): each head's P(left beats right) under Bradley-Terry."""
+        r = self.head_rewards(torch.cat([left, right]), list(prompts) * 2)
+        return torch.sigmoid(r[:, : len(left)] - r[:, len(left):])
+
+    def cutpoints(self) -> torch.Tensor:
+        return torch.cat([self.cut0, self.cut0 + torch.cumsum(F.softplus(self.cut_gaps), -1)], -1)
+
+    # ------------------------------------------------------------------------- persistence
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  folder / "reward_proxy.safetensors")
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "n_heads": self.n_heads,
+                "hidden": self.hidden,
+                "image_encoder": {"name": self.image_encoder.name, "dim": self.image_encoder.dim,
+                                  "fingerprint": self.image_encoder.fingerprint()},
+                "prompt_encoder": self.prompt_encoder.config(), "training": self.training_info}
+        (folder / "reward_proxy.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, image_encoder: ImageEncoder | None = None,
+             check_fingerprint: bool = True) -> RewardProxy:
+        folder = Path(folder)
+        meta = json.loads((folder / "reward_proxy.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder} does not hold a reward proxy this version can read")
+        image_encoder = image_encoder or PerceptionImageEncoder()
+        want = meta["image_encoder"]
+        if (want["name"], want["dim"]) != (image_encoder.name, image_encoder.dim):
+            raise ValueError(f"proxy was trained on {want['name']} ({want['dim']}-d) features, "
+                             f"not {image_encoder.name} ({image_encoder.dim}-d)")
+        if check_fingerprint and want["fingerprint"] != image_encoder.fingerprint():
+            raise ValueError("the image encoder's weights changed since this proxy was trained; retrain it")
+        proxy = cls(image_encoder, prompt_encoder_from_config(meta["prompt_encoder"]), meta["n_heads"],
+                    meta["hidden"])
+        proxy.load_state_dict(load_file(folder / "reward_proxy.safetensors"))
+        proxy.training_info = meta["training"]
+        return proxy.eval()
+
+
+# ----------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class FitConfig:
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-2
+    star_weight: float = 0.5  # weight of the stars loss relative to the comparisons loss
+    holdout_frac: float = 0.2  # of comparisons, for the reported held-out accuracy
+    bootstrap: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Features:
+    """Embedded training items and the judgements about them (indices into the items)."""
+
+    emb: torch.Tensor  # (N, dim)
+    prompt_feats: torch.Tensor  # (N, P)
+    pairs: torch.Tensor  # (M, 2) long: (left, right)
+    labels: torch.Tensor  # (M,) P(left beats right): 1, 0 or 0.5
+    rated: torch.Tensor  # (K,) long
+    stars: torch.Tensor  # (K,) long in 1..5
+
+
+def _ordinal_nll(r: torch.Tensor, cuts: torch.Tensor, stars: torch.Tensor) -> torch.Tensor:
+    """Ordered logit: P(stars <= c) = sigmoid(cut_c - r). r (H, K), cuts (H, 4) -> (H, K)."""
+    cdf = torch.sigmoid(cuts[:, None, :] - r[..., None])  # (H, K, 4)
+    cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf, torch.ones_like(cdf[..., :1])], -1)
+    p = (cdf[..., 1:] - cdf[..., :-1]).gather(-1, (stars - 1).expand(r.shape[0], -1)[..., None])
+    return -p.squeeze(-1).clamp_min(1e-6).log()
+
+
+def _train(proxy: RewardProxy, f: Features, cfg: FitConfig, seed: int) -> float:
+    proxy.reset_parameters(seed)
+    proxy.set_normalizer(f.emb)
+    g = torch.Generator().manual_seed(seed + 1)
+    h, m, k = proxy.n_heads, len(f.pairs), len(f.rated)
+    # Poisson(1) bootstrap weights: each head sees its own resample of the data.
+    w_pairs = torch.poisson(torch.ones(h, m), g) if cfg.bootstrap else torch.ones(h, m)
+    w_stars = torch.poisson(torch.ones(h, k), g) if cfg.bootstrap else torch.ones(h, k)
+    opt = torch.optim.AdamW(proxy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss = torch.tensor(0.0)
+    proxy.train()
+    for _ in range(cfg.steps):
+        r = proxy.heads_from_features(f.emb, f.prompt_feats)
+        loss = torch.tensor(0.0)
+        if m:
+            logits = r[:, f.pairs[:, 0]] - r[:, f.pairs[:, 1]]
+            bt = F.binary_cross_entropy_with_logits(logits, f.labels.expand(h, -1), reduction="none")
+            loss = loss + (bt * w_pairs).sum() / w_pairs.sum().clamp_min(1)
+        if k:
+            nll = _ordinal_nll(r[:, f.rated], proxy.cutpoints(), f.stars)
+            loss = loss + cfg.star_weight * (nll * w_stars).sum() / w_stars.sum().clamp_min(1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    proxy.eval()
+    return float(loss)
+
+
+@torch.no_grad()
+def pairwise_accuracy(proxy: RewardProxy, f: Features) -> float | None:
+    """Share of decisive pairs (label 0 or 1) the ensemble mean orders correctly."""
+    decisive = f.labels != 0.5
+    if not decisive.any():
+        return None
+    r = proxy.heads_from_features(f.emb, f.prompt_feats).mean(0)
+    pred = r[f.pairs[decisive, 0]] > r[f.pairs[decisive, 1]]
+    return float((pred == (f.labels[decisive] == 1)).float().mean())
+
+
+def _subset_pairs(f: Features, idx: torch.Tensor) -> Features:
+    return dataclasses.replace(f, pairs=f.pairs[idx], labels=f.labels[idx])
+
+
+def fit_features(proxy: RewardProxy, f: Features, cfg: FitConfig | None = None) -> dict[str, Any]:
+    """Fit the heads; report held-out pairwise accuracy (on a split of the comparisons, from a
+    fit without them) and then refit on everything. Returns the report (also in training_info)."""
+    cfg = cfg or FitConfig()
+    m = len(f.pairs)
+    if m == 0 and len(f.rated) == 0:
+        raise ValueError("no comparisons or ratings to learn from")
+    report: dict[str, Any] = {"n_comparisons": m, "n_ratings": len(f.rated), "n_items": len(f.emb),
+                              "heldout_accuracy": None, "heldout_pairs": 0, "config": dataclasses.asdict(cfg)}
+    n_hold = int(m * cfg.holdout_frac)
+    if n_hold >= 5:
+        perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed))
+        hold, train = perm[:n_hold], perm[n_hold:]
+        _train(proxy, _subset_pairs(f, train), cfg, cfg.seed)
+        held = _subset_pairs(f, hold)
+        report["heldout_accuracy"] = pairwise_accuracy(proxy, held)
+        report["heldout_pairs"] = int((held.labels != 0.5).sum())
+    report["train_loss"] = _train(proxy, f, cfg, cfg.seed)
+    report["train_accuracy"] = pairwise_accuracy(proxy, f)
+    with torch.no_grad():
+        report["mean_disagreement"] = float(proxy.heads_from_features(f.emb, f.prompt_feats).std(0).mean())
+    proxy.training_info = report
+    return report
+
+
+@torch.no_grad()
+def embed_items(proxy: RewardProxy, images: torch.Tensor, prompts: Sequence[str],
+                batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    embs = [proxy.image_encoder.embed(images[i:i + batch]) for i in range(0, len(images), batch)]
+    return torch.cat(embs), proxy.prompt_encoder.encode(prompts)
+
+
+def fit(proxy: RewardProxy, images: torch.Tensor, prompts: Sequence[str],
+        comparisons: Sequence[tuple[int, int, float]], ratings: Sequence[tuple[int, int]] = (),
+        cfg: FitConfig | None = None) -> dict[str, Any]:
+    """Fit on items (images + their prompts) and judgements that index into them:
+    comparisons (left, right, P(left beats right)) and ratings (item, stars)."""
+    emb, pf = embed_items(proxy, images, prompts)
+    f = Features(emb, pf, torch.tensor([c[:2] for c in comparisons], dtype=torch.long).reshape(-1, 2),
+                 torch.tensor([float(c[2]) for c in comparisons]),
+                 torch.tensor([r[0] for r in ratings], dtype=torch.long),
+                 torch.tensor([r[1] for r in ratings], dtype=torch.long))
+    return fit_features(proxy, f, cfg)
+
+
+def load_image_tensor(paths: Sequence[str | Path]) -> torch.Tensor:
+    """PNG files -> (B, 3, H, W) floats in [0, 1] (all images must share a size)."""
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def train_from_store(store: FeedbackStore, image_encoder: ImageEncoder | None = None,
+                     prompt_encoder: PromptEncoder | None = None, rater_ids: Sequence[str] | None = None,
+                     n_heads: int = 5, cfg: FitConfig | None = None) -> tuple[RewardProxy, dict[str, Any]]:
+    """Read comparisons (skips excluded) and stars from the store and fit a new proxy."""
+    records = store.preference_records(rater_ids)
+    if not records.comparisons and not records.ratings:
+        raise ValueError("the store has no comparisons or ratings to learn from yet")
+    ids = sorted(records.samples)
+    index = {sid: i for i, sid in enumerate(ids)}
+    proxy = RewardProxy(image_encoder or PerceptionImageEncoder(), prompt_encoder or BagOfWordsPromptEncoder(),
+                        n_heads=n_heads)
+    images = load_image_tensor([records.samples[i]["path"] for i in ids])
+    report = fit(proxy, images, [records.samples[i]["prompt"] for i in ids],
+                 [(index[a], index[b], y) for a, b, y in records.comparisons],
+                 [(index[s], k) for s, k in records.ratings], cfg)
+    report["rater_ids"] = list(rater_ids) if rater_ids is not None else None
+    return proxy, report
