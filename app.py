@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import torch
-
 from app.config import parse_args
-from app.ui import CSS, build_ui
-from rlr_core.backend import BuiltinBackend
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    backend = BuiltinBackend.load(config.model, device=config.device)
-    demo = build_ui(backend)
-    print(f"model: {config.model} ({backend.name}) on {config.device}, torch threads {torch.get_num_threads()}")
+    config = parse_args(argv)  # before the heavy imports: --help and flag errors answer at once
+    import torch
+
+    # One torch thread by default: generation and training then leave a core to the UI threads.
+    torch.set_num_threads(config.threads)
+    from app.ui import create_app, launch_kwargs
+
+    demo, services = create_app(config)
+    print(f"model: {config.model}\n  {services.device_summary()}")
     print(f"data: {config.data_dir.resolve()}")
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=config.host, server_port=config.port, share=config.share, css=CSS,
-    )
+    print(f"open http://{config.host}:{config.port}/ in a browser (API docs: the 'Use via API' link)")
+    demo.launch(server_name=config.host, server_port=config.port, share=config.share,
+                **launch_kwargs(services))
 
 
 if __name__ == "__main__":

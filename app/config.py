@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlr_core.builtin_model import DEFAULT_MODEL_DIR
+# Not imported from rlr_core.builtin_model: `python app.py --help` should not wait for torch.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapesworld-tiny"
 
 
 @dataclass

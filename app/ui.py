@@ -1,58 +1,98 @@
-"""The Gradio UI. Each tab is built by one function; handlers stay thin and call services."""
+"""The Gradio app: a header (who is rating), one tab per part of the loop, and the API.
+
+``create_app(config)`` builds everything; ``launch_kwargs(services)`` holds what Gradio 6
+wants at ``launch()`` time (CSS, the keyboard script, the data folder the images are served from).
+"""
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
-import torch
 
-from rlr_core import shapes_world as sw
-from rlr_core import text
+from app import api
+from app.config import AppConfig
+from app.services import AppServices
+from app.tabs import compare, data, prompt_lab, rate, train, versions
+from app.tabs.common import PRIVATE, QUICK, Session
 from rlr_core.backend import BuiltinBackend
-from rlr_core.sampling import generate
 
-CSS = "#gallery img, .pixelated img { image-rendering: pixelated; }"
-EXAMPLES = [
-    "a large red circle on the left, black background",
-    "a small blue square in the center, white background",
-    "a yellow triangle, navy background",
-    "a large green triangle on the right",
-]
-
-
-def generate_images(backend: BuiltinBackend, prompt: str, n: int, seed: int, steps: int, guidance: float):
-    """Validate the prompt, then draw ``n`` images; errors become messages for the user."""
-    try:
-        canonical = backend.check_prompt(prompt)
-    except text.PromptError as err:
-        raise gr.Error(str(err)) from None
-    n, steps = int(n), int(steps)
-    if not 1 <= n <= 16:
-        raise gr.Error("number of images must be between 1 and 16")
-    if not 1 <= steps <= 100:
-        raise gr.Error("steps must be between 1 and 100")
-    with torch.no_grad():
-        images = generate(backend.model, [canonical] * n, steps=steps, guidance=float(guidance), seed=int(seed))
-    return [(sw.to_pil(im.permute(1, 2, 0).numpy(), scale=4), f"seed {int(seed)} #{i}")
-            for i, im in enumerate(images)], f"prompt: {canonical}"
+STATIC = Path(__file__).parent / "static"
+CSS = """
+.pixelated img, #gallery img, #lab-gallery img { image-rendering: pixelated; }
+#current img, #cmp-left-img img, #cmp-right-img img { object-fit: contain; }
+.rlr-progress { width: 100%; height: 14px; background: #e4e7ee; border-radius: 7px; overflow: hidden; }
+.rlr-bar { height: 100%; transition: width 0.4s; }
+.rlr-progress-text { margin-top: 4px; font-size: 0.95em; }
+#star-row button { font-size: 1.05em; }
+"""
+TITLE = "RLR feedback"
 
 
-def build_ui(backend: BuiltinBackend) -> gr.Blocks:
-    with gr.Blocks(title="RLR feedback") as demo:
-        gr.Markdown("# RLR feedback\nGenerate images from the built-in ShapesWorld model.")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="prompt", scale=4)
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Row():
-                n = gr.Slider(1, 16, value=8, step=1, label="Images")
-                seed = gr.Number(value=0, precision=0, label="Seed")
-                steps = gr.Slider(1, 100, value=20, step=1, label="DDIM steps")
-                guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="Guidance")
-            gr.Examples(EXAMPLES, inputs=prompt)
-            status = gr.Markdown()
-            gallery = gr.Gallery(label="Samples", columns=8, format="png", elem_id="gallery", height="auto")
-        go.click(lambda *a: generate_images(backend, *a), [prompt, n, seed, steps, guidance],
-                 [gallery, status], api_name="generate")
-        prompt.submit(lambda *a: generate_images(backend, *a), [prompt, n, seed, steps, guidance],
-                      [gallery, status], api_visibility="private")
-    return demo
+def header_text(services: AppServices) -> str:
+    public = " · public: model changes need the admin password" if services.config.needs_admin else ""
+    return (f"# {TITLE}\nRate the model's images; the app learns what you like and fine-tunes the model "
+            f"with RLR in the background. Model: **{services.device_summary()}**{public}")
+
+
+def create_app(config: AppConfig, backend: BuiltinBackend | None = None) -> tuple[gr.Blocks, AppServices]:
+    services = AppServices(config, backend)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(header_text(services))
+        with gr.Row():
+            rater = gr.Textbox(label="Your name (rater id)", elem_id="rater", max_length=64, scale=2,
+                               info="Ratings are stored under this name; each browser gets a guest name.")
+            password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password", scale=1,
+                                  visible=config.needs_admin)
+            active = gr.Markdown(elem_id="active-version")
+        saved_name = gr.BrowserState("", storage_key="rlr-rater")
+        session = Session(rater=rater, password=password)
+
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Generate & rate", id="rate", elem_id="tab-rate"):
+                rate.build(services, session)
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
+                compare.build(services, session)
+            with gr.Tab("Prompt lab", id="lab", elem_id="tab-lab"):
+                prompt_lab.build(services, session)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train.build(services, session)
+            with gr.Tab("Model versions", id="versions", elem_id="tab-versions") as versions_tab:
+                version_table, version_pick = versions.build(services, session)
+            with gr.Tab("Data", id="data", elem_id="tab-data"):
+                data.build(services, session)
+
+        def on_load(saved: str) -> tuple[str, str, str]:
+            name = saved or f"guest-{secrets.token_hex(2)}"
+            return name, name, active_text(services)
+
+        def remember(name: str) -> str:
+            return (name or "").strip()
+
+        demo.load(on_load, saved_name, [rater, saved_name, active], **QUICK, **PRIVATE)
+        rater.change(remember, rater, saved_name, **QUICK, **PRIVATE)
+        versions_tab.select(lambda: versions.refresh_outputs(services), None,
+                            [version_table, version_pick], **QUICK, **PRIVATE)
+        compare_tab.select(lambda: active_text(services), None, active, **QUICK, **PRIVATE)
+        gr.Timer(5.0).tick(lambda: active_text(services), None, active,
+                           **QUICK, **PRIVATE)
+        api.register(services)
+    demo.queue(default_concurrency_limit=1, max_size=256)
+    return demo, services
+
+
+def active_text(services: AppServices) -> str:
+    versions_ = services.versions()
+    active = next((v for v in versions_ if v["active"]), None)
+    name = active["name"] if active else "v0 (base)"
+    status = services.rounds.status()
+    training = f" · training: {int(status['progress'] * 100)}%" if status["state"] in ("running", "stopping") else ""
+    return f"Active model version: **{name}**{training}"
+
+
+def launch_kwargs(services: AppServices) -> dict[str, Any]:
+    keys = (STATIC / "keys.js").read_text()
+    return {"css": CSS, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),
+            "allowed_paths": [str(services.data_dir.resolve())], "footer_links": ["api", "gradio"]}

@@ -42,7 +42,7 @@ def pair_disagreement(proxy: RewardProxy, left: torch.Tensor, right: torch.Tenso
 class SelectionPolicy:
     temperature: float = 0.1  # on log-scores; 0 = greedy
     epsilon: float = 0.1  # chance of a uniformly random pick
-    diversity: float = 0.5  # log-score penalty per recent pair of the same prompt
+    diversity: float = 1.0  # log-score penalty per recent pair of the same prompt
 
     def adjusted(self, scores: np.ndarray, prompt_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         logs = np.log(np.asarray(scores, dtype=np.float64) + 1e-6) - self.diversity * prompt_counts

@@ -70,7 +70,8 @@ def save_checkpoint(out: Path, model: BuiltinModel, ema: EMAModel, opt, step: in
     ema_state = {f"p{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
     save_file(ema_state, tmp / "ema.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors only: loaded weights_only
-    meta = {"step": step, "ema_optimization_step": ema.optimization_step, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    meta = {"step": step, "ema_optimization_step": ema.optimization_step, "args": plain_args}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     if ckpt.exists():
         old = out / "checkpoint.old"

@@ -138,12 +138,12 @@ class RewardProxy(nn.Module):
     """An ensemble of ``n_heads`` FiLM-conditioned MLP heads over frozen image embeddings."""
 
     def __init__(self, image_encoder: ImageEncoder, prompt_encoder: PromptEncoder, n_heads: int = 5,
-                 hidden: int = 64, seed: int = 0):
+                 hidden: int = 32, seed: int = 0, bilinear_rank: int = 0):
         super().__init__()
         # Plain attributes, not submodules: the encoders are frozen and not part of the weights.
         self.__dict__["image_encoder"] = image_encoder
         self.__dict__["prompt_encoder"] = prompt_encoder
-        self.n_heads, self.hidden = n_heads, hidden
+        self.n_heads, self.hidden, self.bilinear_rank = n_heads, hidden, bilinear_rank
         d, p = image_encoder.dim, prompt_encoder.dim
         self.register_buffer("emb_mean", torch.zeros(d))
         self.register_buffer("emb_std", torch.ones(d))
@@ -152,6 +152,9 @@ class RewardProxy(nn.Module):
         self.film_scale = nn.Parameter(torch.empty(n_heads, p, hidden))
         self.film_shift = nn.Parameter(torch.empty(n_heads, p, hidden))
         self.w2 = nn.Parameter(torch.empty(n_heads, hidden))
+        # Optional low-rank bilinear prompt x image term: sum_k (p U)_k (z V)_k.
+        self.bil_u = nn.Parameter(torch.empty(n_heads, p, bilinear_rank))
+        self.bil_v = nn.Parameter(torch.empty(n_heads, d, bilinear_rank))
         self.b2 = nn.Parameter(torch.empty(n_heads))
         # Ordered-logit cut points for stars: first cut + positive gaps (always increasing).
         self.cut0 = nn.Parameter(torch.empty(n_heads, 1))
@@ -168,6 +171,8 @@ class RewardProxy(nn.Module):
             self.film_scale.copy_(torch.randn(self.film_scale.shape, generator=g) * 0.1 / math.sqrt(p))
             self.film_shift.copy_(torch.randn(self.film_shift.shape, generator=g) * 0.1 / math.sqrt(p))
             self.w2.copy_(torch.randn(self.w2.shape, generator=g) / math.sqrt(self.hidden))
+            self.bil_u.copy_(torch.randn(self.bil_u.shape, generator=g) / math.sqrt(p))
+            self.bil_v.copy_(torch.randn(self.bil_v.shape, generator=g) * 0.1 / math.sqrt(d))
             self.b2.zero_()
             self.cut0.fill_(-1.5)
             self.cut_gaps.fill_(math.log(math.e - 1))  # softplus -> gaps of 1
@@ -187,7 +192,11 @@ class RewardProxy(nn.Module):
         scale = torch.einsum("bp,hpk->hbk", prompt_feats, self.film_scale)
         shift = torch.einsum("bp,hpk->hbk", prompt_feats, self.film_shift)
         h = F.silu(h * (1 + scale) + shift)
-        return torch.einsum("hbk,hk->hb", h, self.w2) + self.b2[:, None]
+        r = torch.einsum("hbk,hk->hb", h, self.w2) + self.b2[:, None]
+        if self.bilinear_rank:
+            r = r + (torch.einsum("bp,hpr->hbr", prompt_feats, self.bil_u)
+                     * torch.einsum("bd,hdr->hbr", z, self.bil_v)).sum(-1)
+        return r
 
     def embed(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) != len(prompts):
@@ -252,10 +261,11 @@ class RewardProxy(nn.Module):
 # ----------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class FitConfig:
-    steps: int = 300
+    steps: int = 150
     lr: float = 1e-2
     weight_decay: float = 1e-2
     star_weight: float = 0.5  # weight of the stars loss relative to the comparisons loss
+    centering: float = 1.0
     holdout_frac: float = 0.2  # of comparisons, for the reported held-out accuracy
     bootstrap: bool = True
     seed: int = 0
@@ -284,8 +294,15 @@ def _ordinal_nll(r: torch.Tensor, cuts: torch.Tensor, stars: torch.Tensor) -> to
 def _train(proxy: RewardProxy, f: Features, cfg: FitConfig, seed: int) -> float:
     proxy.reset_parameters(seed)
     proxy.set_normalizer(f.emb)
+    # Only items that some judgement mentions take part in the loss: compute rewards for those.
+    used, inverse = torch.unique(torch.cat([f.pairs.reshape(-1), f.rated]), return_inverse=True)
+    pairs, rated = inverse[: f.pairs.numel()].reshape(-1, 2), inverse[f.pairs.numel():]
+    emb, pf = f.emb[used], f.prompt_feats[used]
+    _, group = torch.unique(pf, dim=0, return_inverse=True)  # items grouped by prompt
+    n_groups = int(group.max()) + 1
+    group_size = torch.bincount(group, minlength=n_groups).float()
     g = torch.Generator().manual_seed(seed + 1)
-    h, m, k = proxy.n_heads, len(f.pairs), len(f.rated)
+    h, m, k = proxy.n_heads, len(pairs), len(rated)
     # Poisson(1) bootstrap weights: each head sees its own resample of the data.
     w_pairs = torch.poisson(torch.ones(h, m), g) if cfg.bootstrap else torch.ones(h, m)
     w_stars = torch.poisson(torch.ones(h, k), g) if cfg.bootstrap else torch.ones(h, k)
@@ -293,20 +310,24 @@ def _train(proxy: RewardProxy, f: Features, cfg: FitConfig, seed: int) -> float:
     loss = torch.tensor(0.0)
     proxy.train()
     for _ in range(cfg.steps):
-        r = proxy.heads_from_features(f.emb, f.prompt_feats)
-        loss = torch.tensor(0.0)
+        r = proxy.heads_from_features(emb, pf)
+        # Bradley-Terry only sees differences within a prompt, so each head could drift by an
+        # arbitrary offset per prompt and their spread would mean nothing: centre each prompt's
+        # rewards at 0 (a penalty on offsets only; it leaves reward differences free).
+        group_mean = torch.zeros(h, n_groups).index_add_(1, group, r) / group_size
+        loss = cfg.centering * group_mean.pow(2).mean()
         if m:
-            logits = r[:, f.pairs[:, 0]] - r[:, f.pairs[:, 1]]
+            logits = r[:, pairs[:, 0]] - r[:, pairs[:, 1]]
             bt = F.binary_cross_entropy_with_logits(logits, f.labels.expand(h, -1), reduction="none")
             loss = loss + (bt * w_pairs).sum() / w_pairs.sum().clamp_min(1)
         if k:
-            nll = _ordinal_nll(r[:, f.rated], proxy.cutpoints(), f.stars)
+            nll = _ordinal_nll(r[:, rated], proxy.cutpoints(), f.stars)
             loss = loss + cfg.star_weight * (nll * w_stars).sum() / w_stars.sum().clamp_min(1)
         opt.zero_grad()
         loss.backward()
         opt.step()
     proxy.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

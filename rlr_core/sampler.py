@@ -167,10 +167,18 @@ class Conditioning:
         return out
 
 
-def stage_schedule(stage_conds: Sequence[torch.Tensor], num_steps: int) -> list[torch.Tensor]:
-    """Split the chain into len(stage_conds) equal stages in sampling order (coarse first, DCoT)."""
+def stage_schedule(stage_conds: Sequence[torch.Tensor], num_steps: int,
+                   stages: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Per-step conditioning (sampling order) from per-stage conditionings, coarse first (DCoT).
+
+    ``stages[i]`` is the stage of sampling step i (e.g. ``rlr_core.dcot.stage_of_steps``);
+    without it the chain is split into equal stages."""
     n = len(stage_conds)
-    return [stage_conds[min(i * n // num_steps, n - 1)] for i in range(num_steps)]
+    if stages is None:
+        stages = [min(i * n // num_steps, n - 1) for i in range(num_steps)]
+    if len(stages) != num_steps:
+        raise ValueError(f"need a stage for each of the {num_steps} steps, got {len(stages)}")
+    return [stage_conds[s] for s in stages]
 
 
 def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -279,12 +287,14 @@ def sample(backend: DiffusionBackend, cond: Conditioning, settings: SamplerSetti
 
 
 def prompt_conditioning(backend: DiffusionBackend, prompts: list[str], num_steps: int,
-                        stage_prompts: Sequence[list[str]] | None = None, guidance: float = 1.0) -> Conditioning:
-    """Encode prompts (and, for DCoT, per-stage prompts: coarse first) into a Conditioning."""
+                        stage_prompts: Sequence[list[str]] | None = None, guidance: float = 1.0,
+                        stages: Sequence[int] | None = None) -> Conditioning:
+    """Encode prompts into a Conditioning; for DCoT, per-stage prompt lists (coarse first) and
+    optionally the stage of each sampling step (see :func:`stage_schedule`)."""
     uncond = backend.unconditional(len(prompts)) if guidance != 1.0 else None
     if stage_prompts:
-        stages = [backend.encode_prompts(list(p)) for p in stage_prompts]
-        return Conditioning(stage_schedule(stages, num_steps), num_steps, uncond)
+        encoded = [backend.encode_prompts(list(p)) for p in stage_prompts]
+        return Conditioning(stage_schedule(encoded, num_steps, stages), num_steps, uncond)
     return Conditioning(backend.encode_prompts(prompts), num_steps, uncond)
 
 

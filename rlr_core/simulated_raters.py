@@ -77,15 +77,19 @@ class SimulatedRater:
     @torch.no_grad()
     def compare(self, left: torch.Tensor, right: torch.Tensor, prompts: Sequence[str]) -> list[str]:
         """One answer per pair: left, right, tie-both-good, tie-both-bad or skip."""
-        u_l, u_r = self.score(left, prompts), self.score(right, prompts)
-        p_left = torch.sigmoid((u_l - u_r) / self.temperature)
-        skip, tie, pick = self._uniform(len(u_l)), self._uniform(len(u_l)), self._uniform(len(u_l))
+        return self.answer(self.score(left, prompts), self.score(right, prompts))
+
+    def answer(self, u_left: torch.Tensor, u_right: torch.Tensor) -> list[str]:
+        """The noisy answers of this rater to pairs with latent utilities ``u_left``, ``u_right``."""
+        n = len(u_left)
+        p_left = torch.sigmoid((u_left - u_right) / self.temperature)
+        skip, tie, pick = self._uniform(n), self._uniform(n), self._uniform(n)
         answers = []
-        for i in range(len(u_l)):
+        for i in range(n):
             if skip[i] < self.skip_prob:
                 answers.append("skip")
-            elif abs(u_l[i] - u_r[i]) < self.tie_margin and tie[i] < self.tie_prob:
-                answers.append("tie-both-good" if (u_l[i] + u_r[i]) / 2 >= 0.5 else "tie-both-bad")
+            elif abs(u_left[i] - u_right[i]) < self.tie_margin and tie[i] < self.tie_prob:
+                answers.append("tie-both-good" if (u_left[i] + u_right[i]) / 2 >= 0.5 else "tie-both-bad")
             else:
                 answers.append("left" if pick[i] < p_left[i] else "right")
         return answers

@@ -2,7 +2,8 @@
 
 The chain is the DDIM sampler (eta = 1) run with the exact denoiser of data x_0 ~ N(theta, s^2 I):
 
-    x_hat_0(x_k) = E[x_0 | x_k] = theta + w_k (x_k - sqrt(abar_k) theta),  w_k = sqrt(abar_k) s^2 / (abar_k s^2 + 1 - abar_k)
+    x_hat_0(x_k) = E[x_0 | x_k] = theta + w_k (x_k - sqrt(abar_k) theta)
+    w_k          = sqrt(abar_k) s^2 / (abar_k s^2 + 1 - abar_k)
     x_{k-1}      = ddim_mean(x_hat_0, x_k) + sigma_k eps_k  =  a_k x_k + c_k theta + sigma_k eps_k
 
 so theta enters every step's mean (shared, like a UNet's weights), and x_0 is linear in theta and

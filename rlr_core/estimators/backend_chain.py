@@ -44,10 +44,12 @@ class BackendChain(Chain):
         self.schedule = make_schedule(backend.scheduler, settings.steps, settings.eta)
         self.sigma = self.schedule.sigma
 
-    def context(self, prompts: list[str], stage_prompts: Sequence[list[str]] | None = None) -> PromptContext:
-        """Conditioning for ``prompts``; ``stage_prompts`` (coarse, mid, fine lists) for DCoT."""
+    def context(self, prompts: list[str], stage_prompts: Sequence[list[str]] | None = None,
+                stages: Sequence[int] | None = None) -> PromptContext:
+        """Conditioning for ``prompts``; for DCoT, ``stage_prompts`` (coarse, mid, fine lists) and
+        the stage of each sampling step. The reward always judges ``prompts``."""
         cond = prompt_conditioning(self.backend, prompts, self.settings.steps, stage_prompts,
-                                   self.settings.guidance)
+                                   self.settings.guidance, stages)
         return PromptContext(list(prompts), cond)
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:

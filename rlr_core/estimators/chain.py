@@ -67,7 +67,8 @@ class Chain(abc.ABC):
                 perturb: ZOPerturbation | None = None) -> Trajectory:
         """Sample x_K .. x_until without a graph, recording every state, noise and mean.
 
-        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it."""
+        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it.
+        ``log_prob`` is left at 0: each estimator recomputes the log-densities it needs."""
         K = self.num_steps
         x = self.initial(ctx, generator)
         xs = torch.zeros((K + 1, *x.shape), dtype=x.dtype, device=x.device)
@@ -81,7 +82,7 @@ class Chain(abc.ABC):
             eps = self.noise(x, generator)
             x = mu + self.sigma[k].to(x) * eps
             xs[k - 1], noises[k], means[k] = x, eps, mu
-        return Trajectory(x=xs, noise=noises, mean=means, log_prob=torch.zeros(K + 1, len(x)),
+        return Trajectory(x=xs, noise=noises, mean=means, log_prob=torch.zeros(K + 1, len(x), device=x.device),
                           sigma=self.sigma.clone())
 
 

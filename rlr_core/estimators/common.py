@@ -127,7 +127,7 @@ def lr_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Ten
         logp = log_prob_terms(chain, ctx, traj, ks[sl], rows[sl])
         loss = -(weights[sl].to(logp) * logp).sum() / B
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 

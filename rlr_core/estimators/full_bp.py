@@ -27,4 +27,4 @@ class FullBackprop(Estimator):
         R = chain.reward(x0, ctx)
         loss = -R.mean()
         loss.backward()
-        return Estimate(R.detach(), float(loss))
+        return Estimate(R.detach(), float(loss.detach()))

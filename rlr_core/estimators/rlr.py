@@ -56,6 +56,7 @@ class RLR(Estimator):
     use_checkpoint: bool = True
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
+    _auto_blocks: dict = field(default_factory=dict, repr=False)  # (K, L, batch) -> measured h
 
     # --- the plan: which step gets which term --------------------------------------------------
 
@@ -66,10 +67,13 @@ class RLR(Estimator):
 
     def block_size(self, chain: Chain, ctx: ChainContext, tail: int) -> int:
         room = chain.num_steps - tail
-        if self.block == "auto":
-            b_h, b_z = measure_step_memory(chain, ctx, zo=self.rest == "zo")
-            budget = int(self.memory_budget_gb * 2**30) if self.memory_budget_gb else default_budget()
-            return auto_block_size(budget, chain.num_steps, tail, b_h, b_z)
+        if self.block == "auto":  # measured once per chain length and batch size
+            key = (chain.num_steps, tail, ctx.batch)
+            if key not in self._auto_blocks:
+                b_h, b_z = measure_step_memory(chain, ctx, zo=self.rest == "zo")
+                budget = int(self.memory_budget_gb * 2**30) if self.memory_budget_gb else default_budget()
+                self._auto_blocks[key] = auto_block_size(budget, chain.num_steps, tail, b_h, b_z)
+            return min(self._auto_blocks[key], room)
         return max(0, min(int(self.block), room))
 
     def start_range(self, chain: Chain, tail: int, h: int) -> tuple[int, int]:
@@ -133,7 +137,7 @@ class RLR(Estimator):
             loss += self.ho_backward(chain, ctx, traj, starts, h, A)
         if self.rest == "lr":
             ks, rows = rest.nonzero(as_tuple=True)
-            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows], self.chunk)
+            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows].to(A), self.chunk)
         elif self.rest == "zo":
             zo_accumulate(chain, perturb, A)
         return Estimate(R, loss, {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())})
@@ -153,7 +157,7 @@ class RLR(Estimator):
         score = ((traj.x[starts - 1, rows] - m) / sigma2).detach()
         loss = -(A.to(m) * (m * score).flatten(1).sum(1)).sum() / ctx.batch
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def calibrate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> torch.Tensor:
         """Per-step gradient norms ||(1/B) sum_b (R_b - b_b) grad log p(x_{k-1}|x_k)|| from one batch,

@@ -36,4 +36,4 @@ class TruncatedBackprop(Estimator):
         R = chain.reward(x0, ctx)
         loss = -R.mean()
         loss.backward()
-        return Estimate(R.detach(), float(loss), {"kept_steps": kept})
+        return Estimate(R.detach(), float(loss.detach()), {"kept_steps": kept})

@@ -1,0 +1,188 @@
+"""The public API: every action of the app as a named endpoint for ``gradio_client``.
+
+    from gradio_client import Client
+    client = Client("http://127.0.0.1:7860/")
+    samples = client.predict("a red circle", 4, 0, 20, 3.0, api_name="/generate")
+    client.predict(samples[0]["sample_id"], 5, "alice", api_name="/rate")
+
+Images travel as base64 PNG (``image_png_b64``; 32x32 images are about 1 KB); exports and
+LoRA weights as files. ``examples/api_loop.py`` drives a whole loop. Endpoints that change the
+model or import data take ``admin_password``, which a local app ignores and a public one checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+from PIL import Image
+
+from app.errors import user_errors
+from app.rounds import RoundSettings
+from app.services import AppServices
+from app.tabs.common import MODEL_API, QUICK_API
+from rlr_core.shapes_world import to_pil
+
+
+def png_b64(image: Any) -> str:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.open(image)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def public_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in sample.items() if k != "image_file"}
+    out["image_png_b64"] = png_b64(sample["image_file"])
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """JSON-safe copy: string keys (orjson refuses int keys, e.g. a star histogram), paths as text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def register(services: AppServices) -> None:
+    """Add the endpoints to the current ``gr.Blocks``."""
+    s = services
+
+    # ------------------------------------------------------------------ generate & rate
+    @user_errors
+    def generate(prompt: str, n: int = 4, seed: int = 0, steps: int = 20, guidance: float = 3.0) -> list[dict]:
+        """Draw n samples of a prompt with the active model version; they join the rating queue."""
+        return [public_sample(x) for x in s.generate(prompt, n, seed, steps, guidance)]
+
+    @user_errors
+    def samples_to_rate(rater: str, limit: int = 8) -> list[dict]:
+        """Samples this rater has not rated yet, newest model version first."""
+        return [public_sample(x) for x in s.to_rate(rater, limit)]
+
+    @user_errors
+    def rate(sample_id: int, stars: int, rater: str) -> dict:
+        """Give a sample 1-5 stars (a second rating by the same rater replaces the first)."""
+        return s.rate(sample_id, rater, stars)
+
+    # ------------------------------------------------------------------ compare
+    @user_errors
+    def next_pair(rater: str) -> dict:
+        """Two samples of one prompt to compare ({} when there is none); sides are random."""
+        pair = s.next_pair(rater)
+        if pair is None:
+            return {}
+        return {"prompt": pair["prompt"], "left": public_sample(pair["left"]), "right": public_sample(pair["right"])}
+
+    @user_errors
+    def compare(left_id: int, right_id: int, outcome: str, rater: str,
+                response_time_s: float | None = None) -> dict:
+        """Record a judgement: left, right, tie-both-good, tie-both-bad or skip."""
+        return s.compare(left_id, right_id, outcome, rater, response_time_s)
+
+    # ------------------------------------------------------------------ prompt lab
+    @user_errors
+    def split_prompt(prompt: str) -> dict:
+        """The rule-based DCoT split: coarse, mid and fine stage prompts."""
+        return s.split_prompt(prompt)
+
+    @user_errors
+    def save_stage_prompts(prompt: str, coarse: str, mid: str, fine: str, rater: str) -> dict:
+        """Save a prompt's stage prompts (as prompt edits); training rounds then use them."""
+        out = s.save_stage_prompts(prompt, coarse, mid, fine, rater)
+        return {"prompt": out["prompt"], "stage_prompts": out["stage_prompts"], "edit_ids": out["edit_ids"]}
+
+    @user_errors
+    def set_stage_settings(mid_start: float, fine_start: float, focus_stage: str = "all") -> dict:
+        """Stage boundaries (shares of the chain) and the stage the next round's HO block is drawn in."""
+        return s.set_stage_settings(mid_start, fine_start, focus_stage)
+
+    @user_errors
+    def preview_stages(prompt: str, coarse: str, mid: str, fine: str, mid_start: float = 0.3,
+                       fine_start: float = 0.6, seed: int = 0, steps: int = 20) -> dict:
+        """Plain prompt vs stage prompts from the same noise, at the end of each stage (base64 PNGs)."""
+        out = s.preview_stages(prompt, coarse, mid, fine, mid_start, fine_start, seed, steps)
+        enc = lambda ims: [png_b64(to_pil(im.permute(1, 2, 0).numpy())) for im in ims]
+        return {"plain": enc(out["plain"]), "staged": enc(out["staged"]), "stage_steps": out["stage_steps"],
+                "schedule": out["schedule"]}
+
+    # ------------------------------------------------------------------ train
+    @user_errors
+    def train_start(settings: dict | None = None, admin_password: str = "") -> dict:
+        """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
+        batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
+        guidance, samples_per_prompt, seed; anything left out takes its default."""
+        parsed = RoundSettings.parse(**(settings or {}))
+        job = s.rounds.start(parsed, admin_password)
+        return {"job_id": job, "settings": parsed.__dict__}
+
+    @user_errors
+    def train_status() -> dict:
+        """The current (or last) round: state, progress, per-step reward and uncertainty, prompts."""
+        return jsonable(s.rounds.status())
+
+    @user_errors
+    def train_stop(admin_password: str = "") -> dict:
+        """Ask the running round to stop after its current step."""
+        return {"stopping": s.rounds.stop(admin_password)}
+
+    @user_errors
+    def set_auto_train(every: int, admin_password: str = "") -> dict:
+        """Train automatically after every N new ratings and comparisons (0 switches it off)."""
+        return {"auto_train_every": s.rounds.set_auto_train(every, admin_password)}
+
+    # ------------------------------------------------------------------ versions
+    @user_errors
+    def versions() -> list[dict]:
+        """Every model version with mean stars and the human-judged win rate over its parent."""
+        return jsonable(s.versions())
+
+    @user_errors
+    def set_active_version(version_id: int, admin_password: str = "") -> dict:
+        """Draw new samples with this version."""
+        return s.set_active_version(version_id, admin_password)
+
+    @user_errors
+    def rollback(admin_password: str = "") -> dict:
+        """Make the active version's parent active again."""
+        return s.rollback(admin_password)
+
+    @user_errors
+    def export_lora(version_id: int) -> FileData:
+        """The version's LoRA weights (safetensors)."""
+        return FileData(path=str(s.export_lora(version_id)))
+
+    # ------------------------------------------------------------------ data
+    @user_errors
+    def counts() -> dict:
+        """Rows per table: ratings, comparisons, samples, prompts, versions, rounds, ..."""
+        return s.counts()
+
+    @user_errors
+    def rater_stats() -> list[dict]:
+        """Per rater: ratings, mean stars, comparisons, tie and skip rates, median response time."""
+        return jsonable(s.rater_stats())
+
+    @user_errors
+    def export_data() -> FileData:
+        """Everything (database rows as JSON, images) as one .zip that import_data reads."""
+        return FileData(path=str(s.export_data()))
+
+    @user_errors
+    def import_data(archive: FileData, admin_password: str = "") -> dict:
+        """Import an export .zip into this app's (empty) data directory."""
+        path = archive["path"] if isinstance(archive, dict) else archive.path
+        return s.import_data(Path(path), admin_password)
+
+    slow = {generate, preview_stages}
+    for fn in (generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,
+               set_stage_settings, preview_stages, train_start, train_status, train_stop, set_auto_train,
+               versions, set_active_version, rollback, export_lora, counts, rater_stats, export_data,
+               import_data):
+        gr.api(fn, api_name=fn.__name__, **(MODEL_API if fn in slow else QUICK_API))

@@ -1,0 +1,58 @@
+"""Draw images with a model version and put them in the feedback store as samples.
+
+A batch shares one seed; image ``i`` of a batch is reproducible from (prompt list, seed,
+steps, guidance, its index). The before/after pairs rely on that: the same prompts and seed
+through two versions give two images made from the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from feedback_store import FeedbackStore
+from rlr_core import dcot, sampler
+from rlr_core.backend import DiffusionBackend
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int = 20
+    guidance: float = 3.0
+    eta: float = 1.0
+
+    def sampler_settings(self) -> sampler.SamplerSettings:
+        return sampler.SamplerSettings(steps=self.steps, eta=self.eta, guidance=self.guidance)
+
+
+@torch.no_grad()
+def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
+         stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
+         boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1]; rows with stage prompts follow the DCoT schedule."""
+    if stage_prompts is None or not any(stage_prompts):
+        return sampler.generate(backend, list(prompts), settings.sampler_settings(), seed=seed)
+    per_image = [
+        dcot.step_prompts(st, settings.steps, boundaries) if st else [p] * settings.steps
+        for p, st in zip(prompts, stage_prompts)
+    ]
+    per_step = [[rows[i] for rows in per_image] for i in range(settings.steps)]
+    images, _ = dcot.sample_staged(backend, per_step, seed, settings.guidance, settings.eta)
+    return images
+
+
+def store_images(store: FeedbackStore, images: torch.Tensor, prompts: Sequence[str], seed: int,
+                 settings: GenerationSettings, version_id: int | None,
+                 stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
+                 origin: str = "generate") -> list[int]:
+    """Add each image as a sample (with everything needed to redraw it); return their ids."""
+    ids = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        st = stage_prompts[i] if stage_prompts else None
+        meta = {"steps": settings.steps, "guidance": settings.guidance, "eta": settings.eta,
+                "batch_index": i, "batch_size": len(prompts), "origin": origin}
+        ids.append(store.add_sample(image, prompt, seed=seed, settings=meta, model_version_id=version_id,
+                                    stage_prompts=st.as_list() if st else None))
+    return ids

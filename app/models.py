@@ -1,0 +1,61 @@
+"""Model versions as the app serves them: the base model plus each version's LoRA weights.
+
+Generation asks for a version's backend; a few are kept loaded (the active one, its parent
+for before/after pairs). Training never touches these: it gets its own deep copy, because the
+estimators change weights in place (ZO perturbations, optimiser steps) while people keep
+generating with the served ones. ``lock`` serialises sampling (the diffusers scheduler object
+is shared state: ``set_timesteps`` mutates it).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from app.errors import AppError
+from feedback_store import FeedbackStore
+from rlr_core import lora
+from rlr_core.backend import BuiltinBackend
+
+
+class ModelRegistry:
+    def __init__(self, base: BuiltinBackend, store: FeedbackStore, cache_size: int = 3):
+        self.base = base
+        self.store = store
+        self.cache_size = cache_size
+        self.lock = threading.RLock()
+        self._cache: OrderedDict[int, BuiltinBackend] = OrderedDict()
+
+    def weights_path(self, version_id: int) -> Path | None:
+        path = self.store.get_model_version(version_id)["weights_path"]
+        return Path(path) if path else None
+
+    def _load(self, version_id: int) -> BuiltinBackend:
+        path = self.weights_path(version_id)
+        if path is None:
+            return self.base
+        if not path.exists():
+            raise AppError(f"the weights of version {version_id} are missing on disk ({path})")
+        backend = copy.deepcopy(self.base)
+        lora.apply_version(backend, path)
+        return backend
+
+    def backend(self, version_id: int) -> BuiltinBackend:
+        """The backend that draws ``version_id`` (loaded once, then cached)."""
+        with self.lock:
+            if version_id in self._cache:
+                self._cache.move_to_end(version_id)
+                return self._cache[version_id]
+            backend = self._load(version_id)
+            self._cache[version_id] = backend
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return backend
+
+    def training_copy(self, version_id: int) -> BuiltinBackend:
+        """A private copy of ``version_id`` for a training round to change as it likes."""
+        with self.lock:
+            served = self.backend(version_id)
+            return copy.deepcopy(served)

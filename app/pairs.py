@@ -1,0 +1,58 @@
+"""Which pair to show next: blind before/after pairs first, then the proxy's active selection.
+
+After a round, the new version and its parent draw the same prompts from the same noise
+(same seed, batch size and index). Those pairs measure the round, so they jump the queue;
+the rest follows ``rlr_core.active_selection`` when a reward proxy exists, else the store's
+default order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+
+from feedback_store import FeedbackStore, PairCandidate, queries
+
+BEFORE_AFTER_BONUS = 1e3  # larger than any active-selection log-score
+
+
+def noise_keys(store: FeedbackStore, ids: Sequence[int]) -> dict[int, tuple]:
+    """sample id -> (seed, batch size, batch index, steps): equal keys mean equal starting noise."""
+    if not ids:
+        return {}
+    marks = ", ".join("?" for _ in ids)
+    rows = store.db.query(f"SELECT id, seed, sampler_settings FROM samples WHERE id IN ({marks})", list(ids))
+    out = {}
+    for row in rows:
+        s = json.loads(row["sampler_settings"] or "{}")
+        out[row["id"]] = (row["seed"], s.get("batch_size"), s.get("batch_index"), s.get("steps"))
+    return out
+
+
+def is_before_after(c: PairCandidate, keys: dict[int, tuple], parents: dict[int, int | None]) -> bool:
+    if c.left_version is None or c.right_version is None or c.left_version == c.right_version:
+        return False
+    related = parents.get(c.left_version) == c.right_version or parents.get(c.right_version) == c.left_version
+    key = keys.get(c.left_id)
+    return related and key is not None and key[0] is not None and key == keys.get(c.right_id)
+
+
+class PairScorer:
+    """A ``scorer`` for ``FeedbackStore.next_pair``: before/after pairs first, then ``fallback``."""
+
+    def __init__(self, store: FeedbackStore, fallback: Callable[[list[PairCandidate]], Sequence[float]] | None):
+        self.store = store
+        self.fallback = fallback
+        self.rng = random.Random()
+
+    def __call__(self, candidates: list[PairCandidate]) -> list[float]:
+        ids = sorted({i for c in candidates for i in (c.left_id, c.right_id)})
+        keys = noise_keys(self.store, ids)
+        parents = {v["id"]: v["parent_id"] for v in self.store.model_versions()}
+        if self.fallback is not None:
+            base = [float(s) for s in self.fallback(candidates)]
+        else:  # the store's own order: cross-version pairs, then prompts seen least recently
+            base = queries.default_pair_scores(candidates, self.rng)
+        return [b + (BEFORE_AFTER_BONUS if is_before_after(c, keys, parents) else 0.0)
+                for b, c in zip(base, candidates)]

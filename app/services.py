@@ -1,0 +1,350 @@
+"""The service layer: every action of the app, validated, in one place the UI and API share.
+
+``AppServices`` owns the backend (through the model registry), the feedback store, the app
+state file and the background worker. Handlers in ``app/ui`` and endpoints in ``app/api`` are
+thin wrappers around these methods, so the browser and ``gradio_client`` see the same checks
+and the same messages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app import validate as check
+from app.config import AppConfig
+from app.errors import AppError, NotAllowed
+from app.generation import GenerationSettings, draw, store_images
+from app.models import ModelRegistry
+from app.pairs import PairScorer
+from app.state import StateFile
+from app.worker import Worker
+from feedback_store import OUTCOMES, FeedbackStore
+from rlr_core import dcot, text
+from rlr_core.backend import BuiltinBackend
+
+MAX_IMAGES = 16
+MAX_STEPS = 100
+MAX_SEED = 2**31 - 1
+BASE_VERSION_NAME = "v0 (base)"
+
+
+class AppServices:
+    def __init__(self, config: AppConfig, backend: BuiltinBackend | None = None):
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.store = FeedbackStore(self.data_dir)
+        self.state = StateFile(self.data_dir)
+        interrupted = self.store.mark_interrupted_rounds_failed()
+        if interrupted:
+            print(f"marked {interrupted} interrupted training round(s) as failed")
+        self.base_backend = backend or BuiltinBackend.load(config.model, device=config.device)
+        self.models = ModelRegistry(self.base_backend, self.store)
+        self.worker = Worker()
+        self._version_lock = threading.Lock()
+        self._ensure_base_version()
+        if config.auto_train_every and not self.state.get().auto_train_every:
+            self.state.update(auto_train_every=config.auto_train_every)
+        # Imported here: rounds pull in the training stack, which the rest does not need.
+        from app.rounds import RoundRunner
+
+        self.rounds = RoundRunner(self)
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.worker.wait(timeout=30)
+        self.store.close()
+
+    # ------------------------------------------------------------------ versions
+    def _ensure_base_version(self) -> int | None:
+        """Make the active version valid. The base version row is created on first use, not at
+        start-up, so a fresh data directory stays empty (the store imports only into an empty one)."""
+        versions = self.store.model_versions()
+        ids = {v["id"] for v in versions}
+        active = self.state.get().active_version_id
+        if active in ids:
+            return active
+        if not versions:
+            return None
+        # No (or a stale) state file: the newest version a finished round made, else a base.
+        finished = {r["output_version_id"] for r in self.store.training_rounds("finished")}
+        good = [v["id"] for v in versions if v["id"] in finished] or [
+            v["id"] for v in versions if v["parent_id"] is None]
+        self.state.update(active_version_id=max(good))
+        return max(good)
+
+    @property
+    def active_version_id(self) -> int:
+        with self._version_lock:
+            vid = self._ensure_base_version()
+            if vid is None:
+                vid = self.store.add_model_version(
+                    BASE_VERSION_NAME, config={"model": str(self.config.model), "kind": "base"})
+                self.state.update(active_version_id=vid)
+            return vid
+
+    def version_name(self, version_id: int | None) -> str:
+        if version_id is None:
+            return "?"
+        return self.store.get_model_version(version_id)["name"]
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version with its human judgements (stars, win rate over its parent)."""
+        active = self._ensure_base_version()
+        meta = {v["id"]: v for v in self.store.model_versions()}
+        out = []
+        for row in self.store.version_stats():
+            v = meta[row["version_id"]]
+            out.append({**row, "active": row["version_id"] == active, "created_at": v["created_at"],
+                        "estimator": v["config"].get("estimator"), "weights_path": v["weights_path"],
+                        "metrics": v["metrics"]})
+        return out
+
+    def set_active_version(self, version_id: Any, password: Any = None) -> dict[str, Any]:
+        self.check_admin(password)
+        vid = check.whole(version_id, "version id", 1, 2**62)
+        version = self.store.get_model_version(vid)
+        self.models.backend(vid)  # load it now: a broken version fails here, not at the next generation
+        self.state.update(active_version_id=vid)
+        return version
+
+    def rollback(self, password: Any = None) -> dict[str, Any]:
+        """Make the active version's parent active again."""
+        self.check_admin(password)
+        current = self.store.get_model_version(self.active_version_id)
+        if current["parent_id"] is None:
+            raise AppError(f"{current['name']} is the base model; there is nothing to roll back to")
+        return self.set_active_version(current["parent_id"], password)
+
+    def export_lora(self, version_id: Any) -> Path:
+        """The version's folder (LoRA safetensors + adapter config + round settings) as a .zip."""
+        vid = check.whole(version_id, "version id", 1, 2**62)
+        version = self.store.get_model_version(vid)
+        path = self.models.weights_path(vid)
+        if path is None:
+            raise AppError("the base model has no LoRA weights; pick a version a training round made")
+        if not path.is_dir():
+            raise AppError(f"the weights of version {vid} are missing on disk ({path})")
+        out = Path(tempfile.mkdtemp(prefix="rlr-lora-"))
+        stem = "".join(c if c.isalnum() else "-" for c in version["name"]).strip("-")
+        return Path(shutil.make_archive(str(out / f"{stem}-lora"), "zip", root_dir=path))
+
+    # ------------------------------------------------------------------ admin
+    def check_admin(self, password: str | None) -> None:
+        """Model-changing and data-deleting actions: open locally, password-guarded when public."""
+        if not self.config.needs_admin:
+            return
+        if not self.config.admin_password:
+            raise NotAllowed("this public app has no admin password set (RLR_ADMIN_PASSWORD), "
+                             "so training, switching versions and importing data are switched off")
+        if password != self.config.admin_password:
+            raise NotAllowed("this action changes the model or the data: enter the admin password")
+
+    # ------------------------------------------------------------------ generate & rate
+    def check_prompt(self, prompt: Any) -> str:
+        if not isinstance(prompt, str):
+            raise AppError("the prompt must be text")
+        return self.base_backend.check_prompt(prompt)
+
+    def check_generation(self, prompt: Any, n: Any = 4, seed: Any = 0, steps: Any = 20, guidance: Any = 3.0,
+                         version_id: Any = None) -> tuple[str, int, int, GenerationSettings, int | None]:
+        """Validate a generation request (the UI runs this first, so a typo costs no sampling)."""
+        canonical = self.check_prompt(prompt)
+        n = check.whole(n, "number of images", 1, MAX_IMAGES)
+        seed = check.whole(seed, "seed", 0, MAX_SEED)
+        settings = GenerationSettings(steps=check.whole(steps, "steps", 2, MAX_STEPS),
+                                      guidance=check.real(guidance, "guidance", 1.0, 20.0))
+        vid = None
+        if version_id not in (None, ""):
+            vid = check.whole(version_id, "version", 1, 2**62)
+            self.store.get_model_version(vid)  # NotFoundError for an unknown version
+        return canonical, n, seed, settings, vid
+
+    def generate(self, prompt: Any, n: Any = 4, seed: Any = 0, steps: Any = 20, guidance: Any = 3.0,
+                 version_id: Any = None) -> list[dict[str, Any]]:
+        """Draw ``n`` images of ``prompt`` with a version (default: the active one) and store them."""
+        canonical, n, seed, settings, vid = self.check_generation(prompt, n, seed, steps, guidance, version_id)
+        vid = vid if vid is not None else self.active_version_id
+        with self.models.lock:
+            backend = self.models.backend(vid)
+            images = draw(backend, [canonical] * n, seed, settings)
+        ids = store_images(self.store, images, [canonical] * n, seed, settings, vid)
+        return [self.sample(i) for i in ids]
+
+    def sample(self, sample_id: Any) -> dict[str, Any]:
+        row = self.store.get_sample(check.sample_id(sample_id))
+        return {"sample_id": row["id"], "prompt": row["prompt"], "seed": row["seed"],
+                "version_id": row["model_version_id"], "version": self.version_name(row["model_version_id"]),
+                "stage_prompts": row["stage_prompts"], "settings": row["sampler_settings"],
+                "image_file": row["image_file"]}
+
+    def my_rating(self, sample_id: int, rater: str) -> int | None:
+        rows = list(self.store.db.query("SELECT stars FROM ratings WHERE sample_id = ? AND rater_id = ?",
+                                        [sample_id, rater]))
+        return rows[0]["stars"] if rows else None
+
+    def rate(self, sample_id: Any, rater: Any, stars: Any) -> dict[str, Any]:
+        """Record (or change) this rater's stars for a sample."""
+        rater = check.rater(rater)
+        sid = check.sample_id(sample_id)
+        stars = check.whole(stars, "stars", 1, 5)
+        rating_id = self.store.add_rating(sid, rater, stars, replace=True)
+        self.rounds.maybe_auto_train()
+        return {"rating_id": rating_id, "sample_id": sid, "stars": stars, "rater": rater}
+
+    def to_rate(self, rater: Any, limit: Any = 8) -> list[dict[str, Any]]:
+        """Samples this rater has not rated yet, newest model version first."""
+        rows = self.store.next_samples_to_rate(check.rater(rater), check.whole(limit, "limit", 1, 64))
+        return [self.sample(r["id"]) for r in rows]
+
+    # ------------------------------------------------------------------ compare
+    def _pair_scorer(self) -> PairScorer:
+        return PairScorer(self.store, self.rounds.active_selection_scorer())
+
+    def next_pair(self, rater: Any) -> dict[str, Any] | None:
+        """The next two samples (same prompt) to compare; None when there is nothing to compare."""
+        pair = self.store.next_pair(check.rater(rater), scorer=self._pair_scorer())
+        if pair is None:
+            return None
+        return {"left": self.sample(pair.left_id), "right": self.sample(pair.right_id), "prompt": pair.prompt,
+                "shown_at": time.time()}
+
+    def compare(self, left_id: Any, right_id: Any, outcome: Any, rater: Any,
+                response_time_s: Any = None, submission_id: str | None = None) -> dict[str, Any]:
+        """Record a judgement; a resend with the same ``submission_id`` (a double click) is a no-op."""
+        rater = check.rater(rater)
+        left, right = check.sample_id(left_id, "left sample id"), check.sample_id(right_id, "right sample id")
+        outcome = check.choice(outcome, "outcome", OUTCOMES)
+        rt = None if response_time_s in (None, "") else check.real(response_time_s, "response time", 0, 86400)
+        cid = self.store.add_comparison(left, right, outcome, rater, response_time_s=rt,
+                                        submission_id=submission_id, replace=True)
+        self.rounds.maybe_auto_train()
+        return {"comparison_id": cid, **self.comparison_counts(rater)}
+
+    def comparison_counts(self, rater: str | None) -> dict[str, int]:
+        total = self.store.db["comparisons"].count
+        mine = 0
+        if rater:
+            mine = self.store.db.execute("SELECT count(*) FROM comparisons WHERE rater_id = ?",
+                                         [rater]).fetchone()[0]
+        return {"my_comparisons": mine, "all_comparisons": total}
+
+    # ------------------------------------------------------------------ prompt lab (DCoT)
+    def split_prompt(self, prompt: Any) -> dict[str, str]:
+        stages = dcot.split_prompt(self.check_prompt(prompt))
+        return dict(zip(dcot.STAGES, stages.as_list()))
+
+    def stage_settings(self) -> dict[str, Any]:
+        st = self.state.get()
+        return {"boundaries": list(st.boundaries), "focus_stage": st.focus_stage}
+
+    def set_stage_settings(self, mid_start: Any, fine_start: Any, focus_stage: Any) -> dict[str, Any]:
+        bounds = dcot.check_boundaries([check.real(mid_start, "mid stage start", 0, 1),
+                                        check.real(fine_start, "fine stage start", 0, 1)])
+        focus = check.choice(focus_stage, "focus stage", ("all", *dcot.STAGES))
+        self.state.update(boundaries=bounds, focus_stage=focus)
+        return self.stage_settings()
+
+    def save_stage_prompts(self, prompt: Any, coarse: Any, mid: Any, fine: Any, rater: Any) -> dict[str, Any]:
+        """Save a prompt's stage prompts as prompt edits (one per stage); rounds then use them."""
+        rater = check.rater(rater)
+        original = self.check_prompt(prompt)
+        stages = dcot.check_stage_prompts([coarse, mid, fine])
+        ids = [self.store.add_prompt_edit(original, p, stage=i, reason="prompt lab: DCoT stage prompt",
+                                          rater_id=rater)
+               for i, p in enumerate(stages.as_list())]
+        if stages.fine != original:  # the fine prompt rewrote the prompt itself
+            ids.append(self.store.add_prompt_edit(original, stages.fine, reason="prompt lab: edited prompt",
+                                                  rater_id=rater))
+        self.store.add_prompt(original)
+        return {"prompt": original, "stage_prompts": dict(zip(dcot.STAGES, stages.as_list())), "edit_ids": ids}
+
+    def check_preview(self, prompt: Any, coarse: Any, mid: Any, fine: Any, mid_start: Any, fine_start: Any,
+                      seed: Any, steps: Any, guidance: Any = 3.0) -> tuple:
+        original = self.check_prompt(prompt)
+        stages = dcot.check_stage_prompts([coarse, mid, fine])
+        bounds = dcot.check_boundaries([check.real(mid_start, "mid stage start", 0, 1),
+                                        check.real(fine_start, "fine stage start", 0, 1)])
+        return (original, stages, bounds, check.whole(steps, "steps", 3, MAX_STEPS),
+                check.whole(seed, "seed", 0, MAX_SEED), check.real(guidance, "guidance", 1.0, 20.0))
+
+    def preview_stages(self, prompt: Any, coarse: Any, mid: Any, fine: Any, mid_start: Any, fine_start: Any,
+                       seed: Any, steps: Any, guidance: Any = 3.0) -> dict[str, Any]:
+        """Plain prompt versus stage prompts under one seed, with what each stage has decided.
+
+        Returns image tensors (3, H, W) for rows "plain" and "staged", each at the end of the
+        coarse stage, the end of the mid stage, and final."""
+        original, stages, bounds, steps, seed, guidance = self.check_preview(
+            prompt, coarse, mid, fine, mid_start, fine_start, seed, steps, guidance)
+        stage_of = dcot.stage_of_steps(steps, bounds)
+        ends = [max(i for i, s in enumerate(stage_of) if s == k) for k in range(len(dcot.STAGES))]
+        schedule = dcot.step_prompts(stages, steps, bounds)
+        per_step = [[original, p] for p in schedule]  # row 0 plain, row 1 staged: same noise each
+        with self.models.lock:
+            backend = self.models.backend(self.active_version_id)
+            # One batch of two rows would give the rows different noise; two runs share it.
+            plain_final, plain_cap = dcot.sample_staged(backend, [[r[0]] for r in per_step], seed, guidance,
+                                                        capture_steps=ends)
+            staged_final, staged_cap = dcot.sample_staged(backend, [[r[1]] for r in per_step], seed, guidance,
+                                                          capture_steps=ends)
+        return {"plain": [plain_cap[e][0] for e in ends], "staged": [staged_cap[e][0] for e in ends],
+                "stage_steps": [stage_of.count(k) for k in range(3)], "schedule": schedule,
+                "prompt": original, "stages": stages}
+
+    # ------------------------------------------------------------------ data
+    def counts(self) -> dict[str, int]:
+        return self.store.counts()
+
+    def rater_stats(self) -> list[dict[str, Any]]:
+        return self.store.rater_stats()
+
+    def rater_agreement(self) -> list[dict[str, Any]]:
+        return self.store.rater_agreement()
+
+    def export_data(self) -> Path:
+        """Export the store to a zip file (a folder the store can import again, zipped)."""
+        out = Path(tempfile.mkdtemp(prefix="rlr-export-"))
+        folder = self.store.export_folder(out / "export")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        archive = shutil.make_archive(str(out / f"rlr-feedback-{stamp}"), "zip", root_dir=folder)
+        shutil.rmtree(folder)
+        return Path(archive)
+
+    def import_data(self, archive: Any, password: Any = None) -> dict[str, int]:
+        self.check_admin(password)
+        if not archive:
+            raise AppError("choose an export (.zip) to import")
+        path = Path(str(archive))
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            raise AppError("the file to import must be a .zip made by this app's export")
+        with tempfile.TemporaryDirectory(prefix="rlr-import-") as tmp:
+            with zipfile.ZipFile(path) as zf:
+                for name in zf.namelist():  # refuse paths that would escape the folder
+                    if name.startswith("/") or ".." in Path(name).parts:
+                        raise AppError(f"refusing to import: unsafe path {name!r} in the archive")
+                zf.extractall(tmp)
+            return self.store.import_folder(tmp)
+
+    # ------------------------------------------------------------------ misc
+    @staticmethod
+    def describe_prompt(prompt: str) -> str:
+        """A live note under the prompt box: fine, or which words the model does not know."""
+        if not prompt or not prompt.strip():
+            return ""
+        try:
+            canonical = text.check_prompt(prompt)
+        except text.UnknownWordsError as err:
+            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
+        except text.PromptError as err:
+            return f"⚠️ {err}"
+        return f"✓ the model reads: *{canonical}*"
+
+    def device_summary(self) -> str:
+        return f"{self.base_backend.name} on {self.config.device} ({torch.get_num_threads()} torch thread(s))"

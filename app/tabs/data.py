@@ -1,0 +1,70 @@
+"""Data: what has been collected, who rated how, and export/import of the whole store."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from app.errors import user_errors
+from app.services import AppServices
+from app.tabs.common import PRIVATE, QUICK, Session, fmt
+
+RATER_COLUMNS = ["rater_id", "kind", "n_ratings", "mean_stars", "n_comparisons", "tie_rate", "skip_rate",
+                 "median_response_time_s"]
+AGREEMENT_COLUMNS = ["rater_a", "rater_b", "n_common_ratings", "stars_mean_abs_diff", "n_common_pairs",
+                     "pair_agreement"]
+
+
+def counts_table(services: AppServices) -> pd.DataFrame:
+    return pd.DataFrame([{"what": k.replace("_", " "), "count": v} for k, v in services.counts().items()])
+
+
+def rater_table(services: AppServices) -> pd.DataFrame:
+    rows = [{c: fmt(r.get(c)) for c in RATER_COLUMNS} for r in services.rater_stats()]
+    return pd.DataFrame(rows, columns=RATER_COLUMNS)
+
+
+def agreement_table(services: AppServices) -> pd.DataFrame:
+    rows = [{c: fmt(r.get(c)) for c in AGREEMENT_COLUMNS} for r in services.rater_agreement()]
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+def build(services: AppServices, session: Session) -> None:
+    with gr.Column(elem_id="data-panel"):
+        refresh = gr.Button("Refresh", size="sm", elem_id="data-refresh")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=220):
+                counts = gr.Dataframe(counts_table(services), label="Counts", interactive=False,
+                                      elem_id="data-counts")
+            with gr.Column(scale=3):
+                raters = gr.Dataframe(rater_table(services), label="Per rater", interactive=False,
+                                      elem_id="data-raters", wrap=True)
+        agreement = gr.Dataframe(agreement_table(services), label="Agreement between raters (same samples / "
+                                 "same pairs)", interactive=False, elem_id="data-agreement")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                export = gr.Button("Export everything (.zip)", elem_id="data-export")
+                exported = gr.File(label="Export", interactive=False, elem_id="data-export-file", height=90)
+            with gr.Column():
+                upload = gr.File(label="Import an export (.zip) into an empty data directory",
+                                 file_types=[".zip"], elem_id="data-import-file", height=90)
+                do_import = gr.Button("Import", elem_id="data-import")
+        status = gr.Markdown(elem_id="data-status")
+
+    def tables():
+        return counts_table(services), rater_table(services), agreement_table(services)
+
+    @user_errors
+    def on_export():
+        path = services.export_data()
+        return str(path), f"Exported to `{path.name}`: ratings, comparisons, prompts, images, versions."
+
+    @user_errors
+    def on_import(file, password):
+        added = services.import_data(file, password)
+        summary = ", ".join(f"{v} {k}" for k, v in added.items() if v) or "nothing new"
+        return (*tables(), f"Imported: {summary}.")
+
+    refresh.click(tables, None, [counts, raters, agreement], **QUICK, **PRIVATE)
+    export.click(on_export, None, [exported, status], **QUICK, **PRIVATE)
+    do_import.click(on_import, [upload, session.password], [counts, raters, agreement, status], **QUICK, **PRIVATE)

@@ -1,0 +1,146 @@
+"""Train: start, watch and stop a fine-tuning round; it runs in the background worker."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.errors import user_errors
+from app.rounds import ESTIMATOR_CHOICES, REST_CHOICES, RoundSettings
+from app.services import AppServices
+from app.tabs.common import PRIVATE, QUICK, Session
+
+INTRO = ("A round fits the reward proxy to everyone's ratings and comparisons, then fine-tunes a LoRA "
+         "adapter on the prompts people used (with their prompt-lab stage prompts) to raise the proxy's "
+         "reward. The page stays usable while it runs: keep rating in other tabs.")
+POLL_SECONDS = 1.0
+
+
+def progress_html(status: dict[str, Any]) -> str:
+    pct = int(round(100 * status["progress"]))
+    state = status["state"]
+    colour = {"failed": "#d9534f", "stopped": "#f0ad4e", "finished": "#5cb85c"}.get(state, "#4a7bd0")
+    text = html.escape(status["message"] or state)
+    return (f'<div class="rlr-progress" data-state="{state}"><div class="rlr-bar" '
+            f'style="width:{pct}%;background:{colour}"></div></div>'
+            f'<div class="rlr-progress-text"><b>{html.escape(state)}</b> · {pct}% · {text}</div>')
+
+
+def plots(history: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # Numeric dtypes matter: an object column (a None among the floats) becomes a categorical axis.
+    frame = pd.DataFrame(history, columns=["step", "reward", "uncertainty"]).apply(pd.to_numeric, errors="coerce")
+    return (frame[["step", "reward"]].dropna().astype(float), frame[["step", "uncertainty"]].dropna().astype(float))
+
+
+def summary(status: dict[str, Any]) -> str:
+    lines = []
+    if status.get("round_id"):
+        lines.append(f"Round **{status['round_id']}** · estimator **{status.get('estimator', '?')}**")
+    acc = status.get("proxy_heldout_accuracy")
+    if "proxy_heldout_accuracy" in status:
+        acc_text = f"{acc:.0%}" if acc is not None else "n/a (too few comparisons to hold some out)"
+        lines.append(f"Reward proxy held-out accuracy: **{acc_text}** on {status.get('proxy_heldout_pairs', 0)} "
+                     f"pairs ({status.get('proxy_comparisons', 0)} comparisons, "
+                     f"{status.get('proxy_ratings', 0)} ratings)")
+    if status.get("window"):
+        a, b = status["window"]
+        lines.append(f"HO block restricted to the **{status.get('focus_stage')}** stage: k = {a} .. {b}")
+    if status.get("version_name"):
+        lines.append(f"Made **{status['version_name']}**; its samples are in the rating queue and "
+                     f"{status.get('before_after_pairs', 0)} before/after pairs in the comparison queue.")
+    if status.get("error"):
+        lines.append(f"⚠️ {status['error']}")
+    return "  \n".join(lines)
+
+
+def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
+    rows = [{"prompt": p["prompt"], "stage prompts": " → ".join(p["stages"]) if p.get("stages") else "",
+             "source": p.get("source", "")} for p in status.get("prompts", [])]
+    return pd.DataFrame(rows, columns=["prompt", "stage prompts", "source"])
+
+
+def build(services: AppServices, session: Session) -> gr.Timer:
+    d = RoundSettings()
+    with gr.Column(elem_id="train-panel"):
+        gr.Markdown(INTRO)
+        with gr.Row():
+            estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d.estimator, label="Gradient estimator",
+                                    elem_id="train-estimator", scale=2)
+            steps = gr.Number(value=d.steps, precision=0, label="Optimiser steps", minimum=1, elem_id="train-steps")
+            batch = gr.Number(value=d.batch_size, precision=0, label="Batch size", minimum=2,
+                              elem_id="train-batch")
+            sampling = gr.Number(value=d.sampling_steps, precision=0, label="Sampling steps", minimum=3,
+                                 elem_id="train-sampling-steps")
+            lr = gr.Number(value=d.learning_rate, label="Learning rate", elem_id="train-lr")
+        with gr.Accordion("More settings", open=False):
+            with gr.Row():
+                rank = gr.Number(value=d.lora_rank, precision=0, label="LoRA rank", elem_id="train-rank")
+                block = gr.Number(value=d.block, precision=0, label="RLR: HO block length h",
+                                  elem_id="train-block")
+                rest = gr.Dropdown(REST_CHOICES, value=d.rest, label="RLR: rest of the chain", elem_id="train-rest")
+                truncation = gr.Number(value=d.truncation, precision=0, label="Truncated BP: last K' steps",
+                                       elem_id="train-truncation")
+                n_prompts = gr.Number(value=d.max_prompts, precision=0, label="Prompts per round",
+                                      elem_id="train-prompts")
+                guidance = gr.Number(value=d.guidance, label="Guidance while training (1 = off, 2x faster)",
+                                     elem_id="train-guidance")
+                sample_steps = gr.Number(value=d.sample_steps, precision=0, label="New version's samples: steps",
+                                         elem_id="train-sample-steps")
+        with gr.Row():
+            start = gr.Button("Start a round", variant="primary", elem_id="train-start")
+            stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+            auto = gr.Number(value=services.state.get().auto_train_every, precision=0, minimum=0,
+                             label="Train automatically every N new judgements (0 = off)", elem_id="train-auto")
+        bar = gr.HTML(progress_html(services.rounds.status()), elem_id="train-progress")
+        info = gr.Markdown(elem_id="train-summary")
+        with gr.Row():
+            reward_plot = gr.LinePlot(x="step", y="reward", title="Proxy reward of the round's samples",
+                                      height=260, elem_id="train-reward-plot")
+            unc_plot = gr.LinePlot(x="step", y="uncertainty", title="Proxy uncertainty (ensemble spread)",
+                                   height=260, elem_id="train-uncertainty-plot")
+        used = gr.Dataframe(headers=["prompt", "stage prompts", "source"], label="Prompts this round trains on",
+                            interactive=False, elem_id="train-prompts-used", wrap=True)
+        timer = gr.Timer(POLL_SECONDS)
+        seen = gr.State(None)  # what the page shows, to skip re-sending unchanged plots
+
+    setting_inputs = [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts, guidance,
+                      sample_steps]
+
+    @user_errors
+    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, password):
+        settings = RoundSettings.parse(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
+                                       learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
+                                       max_prompts=k, guidance=g, sample_steps=s_steps)
+        services.rounds.start(settings, password)
+        gr.Info("Training round started: watch it here, keep rating elsewhere.")
+        return poll(None)
+
+    @user_errors
+    def on_stop(password):
+        if not services.rounds.stop(password):
+            gr.Info("No round is running.")
+        return poll(None)
+
+    @user_errors
+    def on_auto(every, password):
+        services.rounds.set_auto_train(every, password)
+
+    def poll(last: Any):
+        status = services.rounds.status()
+        key = (status.get("job_id"), status["state"], round(status["progress"], 3), len(status["history"]),
+               status["message"])
+        if key == last:
+            return (gr.skip(),) * 5 + (last,)
+        rewards, spread = plots(status["history"])
+        return progress_html(status), summary(status), rewards, spread, prompts_table(status), key
+
+    poll_outputs = [bar, info, reward_plot, unc_plot, used, seen]
+    start.click(on_start, [*setting_inputs, session.password], poll_outputs, **QUICK, **PRIVATE)
+    stop.click(on_stop, session.password, poll_outputs, **QUICK, **PRIVATE)
+    auto.submit(on_auto, [auto, session.password], None, **QUICK, **PRIVATE)
+    auto.blur(on_auto, [auto, session.password], None, **QUICK, **PRIVATE)
+    timer.tick(poll, seen, poll_outputs, **QUICK, **PRIVATE)
+    return timer

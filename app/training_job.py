@@ -1,0 +1,84 @@
+"""The app's bridge to ``rlr_core.training``: settings in, a version folder and live metrics out.
+
+The reward a round maximises is the reward proxy's ensemble mean; the same forward pass gives
+the ensemble's spread, which the Train tab plots as the proxy's uncertainty on the round's
+own samples (rising uncertainty = the model is drifting where the proxy has no data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.prompts import RoundPrompt
+from app.worker import JobContext, JobStopped
+from rlr_core import lora, training
+from rlr_core.backend import DiffusionBackend
+from rlr_core.sampler import SamplerSettings
+
+
+@dataclass
+class Trained:
+    weights_path: Path
+    metrics: dict
+
+
+class ProxyReward:
+    """The proxy as a training reward, remembering the ensemble spread of its last batch."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.last_uncertainty: float | None = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
+        self.last_uncertainty = float(heads.detach().std(0).mean())
+        return heads.mean(0)
+
+
+def estimator_options(settings, window: tuple[int, int] | None) -> dict:
+    """The estimator's own settings from the Train tab's (only those it takes)."""
+    if settings.estimator == "rlr":
+        return {"block": settings.block, "rest": settings.rest, "window": window}
+    if settings.estimator == "truncated-bp":
+        return {"steps": min(settings.truncation, settings.sampling_steps)}
+    return {}
+
+
+def _freeze_base(backend: DiffusionBackend) -> None:
+    # A loaded version's base weights still have requires_grad=True; the estimators treat every
+    # parameter that requires grad as theta, so only the adapter may.
+    if lora.has_lora(backend):
+        for name, p in backend.denoiser.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+
+def train_lora(backend: DiffusionBackend, proxy, prompts: Sequence[RoundPrompt], settings, seed: int,
+               window: tuple[int, int] | None, out_dir: Path, ctx: JobContext,
+               on_progress: Callable[[float], None]) -> Trained:
+    """Fine-tune ``backend`` (a private copy) in place; write the version folder ``out_dir``."""
+    reward = ProxyReward(proxy)
+    config = training.TrainConfig(
+        estimator=settings.estimator, estimator_options=estimator_options(settings, window),
+        steps=settings.steps, batch=settings.batch_size, prompts=[p.prompt for p in prompts],
+        stage_prompts={p.prompt: p.stages.as_list() for p in prompts if p.stages} or None,
+        sampler=SamplerSettings(steps=settings.sampling_steps, eta=1.0, guidance=settings.guidance),
+        lora_rank=settings.lora_rank, lr=settings.learning_rate, seed=seed)
+    _freeze_base(backend)
+
+    def progress(p: training.Progress) -> bool:
+        ctx.log_step(step=p.step, reward=p.reward_mean, uncertainty=reward.last_uncertainty,
+                     reward_std=p.reward_std, grad_norm=p.grad_norm)
+        ctx.report(message=f"step {p.step}/{p.total} · proxy reward {p.reward_mean:.3f} · "
+                           f"{p.elapsed:.0f} s")
+        on_progress(p.step / p.total)
+        return ctx.stopped
+
+    result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
+    if result.stopped or result.version is None:
+        raise JobStopped()
+    metrics = {k: v for k, v in result.metrics.items() if k != "history"}
+    return Trained(result.version, metrics)

@@ -1,0 +1,59 @@
+"""Checks on values that come from the browser or the API, each with a message for the user.
+
+Browsers send numbers as floats (a seed of 3 arrives as 3.0) and API clients send whatever
+they like, so every number is checked for type, wholeness and range before it is used.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from app.errors import AppError
+
+RATER_RE = re.compile(r"^[\w .@+-]{1,64}$")
+
+
+def whole(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or value is None or value == "":
+        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
+        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+    return int(number)
+
+
+def real(value: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or value is None or value == "":
+        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}") from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return number
+
+
+def sample_id(value: Any, name: str = "sample id") -> int:
+    return whole(value, name, 1, 2**62)
+
+
+def choice(value: Any, name: str, options: tuple[str, ...] | list[str]) -> str:
+    if value not in options:
+        raise AppError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+    return value
+
+
+def rater(value: Any) -> str:
+    """A rater id: the name a person typed (letters, digits, spaces, . @ + - _)."""
+    if not isinstance(value, str) or not value.strip():
+        raise AppError("enter your name (top of the page) before rating, so ratings can be told apart")
+    name = value.strip()
+    if not RATER_RE.match(name):
+        raise AppError("a rater name may hold up to 64 letters, digits, spaces and . @ + - _")
+    return name

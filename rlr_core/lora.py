@@ -1,0 +1,138 @@
+"""LoRA adapters on a backend's denoiser (through peft), and model versions on disk.
+
+A version folder holds what one training round produced:
+
+    adapter_model.safetensors + adapter_config.json    (LoRA: peft's file names and config)
+    or denoiser.safetensors                            (full fine-tuning: every denoiser weight)
+    config.json                                        (kind, base model, the round's settings)
+    metrics.json                                       (what the round measured)
+
+Versions are written to a temporary folder and renamed into place, so a folder that exists is
+always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from rlr_core.backend import DiffusionBackend
+
+ADAPTER_NAME = "rlr"
+LORA_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "denoiser.safetensors"
+
+
+def add_lora(backend: DiffusionBackend, rank: int = 4, alpha: float | None = None,
+             adapter_name: str = ADAPTER_NAME, seed: int | None = None) -> list[torch.nn.Parameter]:
+    """Freeze the denoiser and wrap its attention projections with a fresh LoRA adapter.
+
+    peft's "gaussian" init draws A and zeroes B, so the model is unchanged until trained.
+    Returns the adapter's (trainable) parameters."""
+    unet = backend.denoiser
+    if has_lora(backend, adapter_name):
+        remove_lora(backend, adapter_name)
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+                        target_modules=backend.lora_target_modules)
+    if seed is not None:
+        torch.manual_seed(seed)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+    return lora_parameters(backend, adapter_name)
+
+
+def lora_parameters(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME) -> list[torch.nn.Parameter]:
+    """The adapter's weights (lora_A / lora_B of every wrapped layer)."""
+    return [p for n, p in backend.denoiser.named_parameters()
+            if f"lora_A.{adapter_name}." in n or f"lora_B.{adapter_name}." in n]
+
+
+def has_lora(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME) -> bool:
+    return adapter_name in getattr(backend.denoiser, "peft_config", {})
+
+
+def remove_lora(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME) -> None:
+    """Drop the adapter: the denoiser is the base model again."""
+    if has_lora(backend, adapter_name):
+        backend.denoiser.delete_adapters(adapter_name)
+
+
+def lora_state_dict(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(backend.denoiser, adapter_name=adapter_name)
+
+
+def save_weights(backend: DiffusionBackend, folder: Path, kind: str, adapter_name: str = ADAPTER_NAME) -> None:
+    """Write the trainable weights of ``kind`` ("lora" or "full") into ``folder``."""
+    if kind == "lora":
+        state = lora_state_dict(backend, adapter_name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / LORA_WEIGHTS)
+        backend.denoiser.peft_config[adapter_name].save_pretrained(str(folder))
+    elif kind == "full":
+        state = backend.denoiser.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / FULL_WEIGHTS)
+    else:
+        raise ValueError(f"unknown version kind {kind!r}")
+
+
+def write_version(backend: DiffusionBackend, folder: str | Path, kind: str, config: dict, metrics: dict,
+                  adapter_name: str = ADAPTER_NAME) -> Path:
+    """Save a complete version folder atomically (temporary folder, then rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(backend, tmp, kind, adapter_name)
+    meta = {"kind": kind, "base_model": backend.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **config}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def read_version(folder: str | Path) -> tuple[dict, dict]:
+    folder = Path(folder)
+    return (json.loads((folder / "config.json").read_text()), json.loads((folder / "metrics.json").read_text()))
+
+
+def load_lora(backend: DiffusionBackend, folder: str | Path, adapter_name: str = ADAPTER_NAME) -> None:
+    """Attach the LoRA adapter saved in ``folder`` (replacing one of the same name)."""
+    folder = Path(folder)
+    remove_lora(backend, adapter_name)
+    backend.denoiser.requires_grad_(False)  # only the adapter is trainable, as after add_lora
+    config = LoraConfig.from_pretrained(str(folder))
+    backend.denoiser.add_adapter(config, adapter_name=adapter_name)
+    backend.denoiser.set_adapter(adapter_name)
+    state = load_file(folder / LORA_WEIGHTS, device=str(backend.device))
+    result = set_peft_model_state_dict(backend.denoiser, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{folder}: adapter weights do not fit this model ({len(unexpected)} unexpected keys)")
+
+
+def apply_version(backend: DiffusionBackend, folder: str | Path, adapter_name: str = ADAPTER_NAME) -> dict:
+    """Make ``backend`` the model saved in the version ``folder``; returns the version's config.
+
+    LoRA versions replace the current adapter. Full versions overwrite the denoiser's weights
+    (reload the base model to undo)."""
+    folder = Path(folder)
+    config, _ = read_version(folder)
+    if config["kind"] == "lora":
+        load_lora(backend, folder, adapter_name)
+    elif config["kind"] == "full":
+        remove_lora(backend, adapter_name)
+        state = load_file(folder / FULL_WEIGHTS, device=str(backend.device))
+        backend.denoiser.load_state_dict(state, strict=True)
+    else:
+        raise ValueError(f"{folder}: unknown version kind {config['kind']!r}")
+    backend.denoiser.eval()
+    return config

@@ -1,0 +1,135 @@
+"""Headless training rounds.
+
+    python -m rlr_core.train --estimator rlr --block 2 --rest lr --steps 20 --batch 4 \\
+        --prompts "a red circle" "a blue square" --reward fidelity --out runs/versions/v1
+
+Works as is on one CPU process and under ``accelerate launch`` (gradients are averaged over
+processes; the main process writes the version). See docs/parts/rlr_core.md for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlr_core.builtin_model import DEFAULT_MODEL_DIR
+from rlr_core.sampler import SamplerSettings
+from rlr_core.training import DEFAULT_PROMPTS, Progress, TrainConfig, TrainingDiverged, run_round
+
+
+def estimator_options(args: argparse.Namespace) -> dict:
+    """The settings of the chosen estimator, from the flags that apply to it."""
+    if args.estimator == "rlr":
+        opts = {"block": args.block if args.block == "auto" else int(args.block), "rest": args.rest,
+                "tail": args.tail, "min_sigma_ratio": args.min_sigma_ratio, "block_start": args.block_start,
+                "rest_steps": args.rest_steps, "zo_scale": args.zo_scale,
+                "memory_budget_gb": args.memory_budget_gb}
+        if args.window:
+            opts["window"] = tuple(args.window)
+        return opts
+    if args.estimator == "truncated-bp":
+        return {"steps": args.truncate, "randomize": args.randomize_truncation}
+    if args.estimator == "ddpo":
+        return {"inner_epochs": args.inner_epochs, "clip_range": args.clip_range, "whiten": args.whiten}
+    return {}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rlr_core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("estimator")
+    g.add_argument("--estimator", default="rlr", choices=["rlr", "full-bp", "truncated-bp", "lr", "ddpo"])
+    g.add_argument("--block", default="2", help="RLR: HO block size h, or 'auto' (from --memory-budget-gb)")
+    g.add_argument("--rest", default="lr", choices=["lr", "zo", "none"], help="RLR: rest-of-chain term")
+    g.add_argument("--tail", type=int, default=None, help="RLR: FO tail L (default: from the sigma schedule)")
+    g.add_argument("--min-sigma-ratio", type=float, default=0.1, help="RLR: sigma threshold for the default L")
+    g.add_argument("--block-start", default="uniform", choices=["uniform", "grad-norm"])
+    g.add_argument("--window", type=int, nargs=2, metavar=("A", "B"), help="RLR: block starts j in [A, B] (DCoT)")
+    g.add_argument("--rest-steps", type=int, default=None, help="RLR 'lr': m random steps, rescaled by |C|/m")
+    g.add_argument("--zo-scale", type=float, default=1e-3, help="RLR 'zo': perturbation std s")
+    g.add_argument("--memory-budget-gb", type=float, default=None)
+    g.add_argument("--truncate", type=int, default=1, help="truncated-bp: K' final steps")
+    g.add_argument("--randomize-truncation", action="store_true")
+    g.add_argument("--inner-epochs", type=int, default=4, help="ddpo: optimiser steps per batch")
+    g.add_argument("--clip-range", type=float, default=1e-4, help="ddpo: PPO clip range")
+    g.add_argument("--whiten", action="store_true", help="ddpo: divide advantages by the reward std")
+    g = p.add_argument_group("round")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
+    g.add_argument("--prompts-file", type=Path, help="one prompt per line (overrides --prompts)")
+    g.add_argument("--reward", default="fidelity",
+                   help="fidelity | prefer-large | prefer-small | prefer-<attr>:<value> | a+b")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--finetune", default="lora", choices=["lora", "full"])
+    g.add_argument("--lora-rank", type=int, default=4)
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model and sampler")
+    g.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="built-in model folder")
+    g.add_argument("--latent-model", default=None, help="a Stable-Diffusion-like pipeline folder or id instead")
+    g.add_argument("--perception", type=Path, default=None, help="perception model folder (rewards)")
+    g.add_argument("--start-from", type=Path, default=None, help="a version folder to continue from")
+    g.add_argument("--sampling-steps", type=int, default=20)
+    g.add_argument("--eta", type=float, default=1.0)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--out", type=Path, required=True, help="the version folder to write")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    g.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+
+    from rlr_core import lora, rewards
+    from rlr_core.backend import BuiltinBackend
+
+    accelerator = Accelerator(cpu=args.cpu)
+    if args.latent_model:
+        from rlr_core.latent_backend import DiffusersLatentBackend
+
+        backend = DiffusersLatentBackend.from_pretrained(args.latent_model, device=accelerator.device)
+    else:
+        backend = BuiltinBackend.load(args.model, device=accelerator.device)
+    if args.start_from:
+        lora.apply_version(backend, args.start_from)
+    reward_fn = rewards.make_reward(args.reward, rewards.load_perception(args.perception, accelerator.device))
+    prompts = args.prompts_file.read_text().splitlines() if args.prompts_file else args.prompts
+    config = TrainConfig(
+        estimator=args.estimator, estimator_options=estimator_options(args), steps=args.steps,
+        batch=args.batch, prompts=[p for p in prompts if p.strip()],
+        sampler=SamplerSettings(args.sampling_steps, args.eta, args.guidance), finetune=args.finetune,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, seed=args.seed,
+    )
+    bar = tqdm(total=args.steps, desc=f"{args.estimator} round", disable=not accelerator.is_main_process)
+
+    def progress(p: Progress) -> None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{p.reward_mean:.3f}+-{p.reward_std:.3f}", grad=f"{p.grad_norm:.3g}")
+
+    try:
+        result = run_round(backend, reward_fn, config, args.out, progress=progress, accelerator=accelerator)
+    except TrainingDiverged as err:
+        bar.close()
+        print(f"training stopped: {err}")
+        return 1
+    bar.close()
+    if accelerator.is_main_process:
+        summary = {k: v for k, v in result.metrics.items() if k != "history"}
+        print(json.dumps({"version": str(result.version), **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""Training rounds: fine-tune a backend's denoiser on a differentiable reward with one estimator.
+
+    result = run_round(backend, reward_fn, TrainConfig(...), "versions/v3",
+                       progress=callback, stop=threading.Event())
+
+A round builds the LoRA adapter (or unfreezes the denoiser for full fine-tuning), runs
+``config.steps`` AdamW steps with gradient clipping, and writes one version folder (weights,
+config.json, metrics.json; see :mod:`rlr_core.lora`). It can be stopped cleanly between steps
+(``stop`` event set, or the progress callback returning True): the version then holds what was
+trained so far. A non-finite reward, loss or gradient, or a gradient norm far above the round's
+running median, raises :class:`TrainingDiverged`: the trainable weights are restored to their
+state at the start of the round and no version is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlr_core import dcot, lora
+from rlr_core.backend import DiffusionBackend
+from rlr_core.estimators import DDPO, Estimate, Estimator, make_estimator
+from rlr_core.estimators.backend_chain import BackendChain, RewardFn
+from rlr_core.sampler import SamplerSettings
+
+DEFAULT_PROMPTS = [
+    "a red circle", "a blue square", "a yellow triangle", "a large green circle",
+    "a small purple square", "an orange triangle on the left",
+]
+
+
+@dataclass
+class TrainConfig:
+    estimator: str = "rlr"
+    estimator_options: dict = field(default_factory=dict)  # keyword settings of the estimator
+    steps: int = 20  # optimiser steps (DDPO: sample batches; it takes inner_epochs steps each)
+    batch: int = 4  # trajectories per step (>= 2: the leave-one-out baseline needs others)
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    stage_prompts: dict[str, list[str]] | None = None  # DCoT: prompt -> [coarse, mid, fine]
+    stage_boundaries: tuple[float, float] = dcot.DEFAULT_BOUNDARIES  # where mid and fine start
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clipping threshold (the unclipped norm is reported)
+    explode_factor: float = 1e3  # abort when grad norm > factor x running median
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        if isinstance(d.get("sampler"), dict):
+            d["sampler"] = SamplerSettings(**d["sampler"])
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclass
+class Progress:
+    step: int  # steps done
+    total: int
+    reward_mean: float
+    reward_std: float
+    loss: float
+    grad_norm: float
+    elapsed: float  # seconds since the round started
+    samples: int  # trajectories drawn so far
+
+
+@dataclass
+class RoundResult:
+    version: Path | None  # the version folder written (None when nothing was written)
+    metrics: dict
+    stopped: bool
+
+
+class TrainingDiverged(RuntimeError):
+    """The round hit a NaN/inf or an exploding gradient; the last good version is untouched."""
+
+
+ProgressFn = Callable[[Progress], bool | None]
+
+
+def trainable_parameters(backend: DiffusionBackend, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """LoRA: continue the backend's adapter if it has one (a loaded version), else add a fresh one.
+    Full: every denoiser weight."""
+    if config.finetune == "lora":
+        if lora.has_lora(backend):
+            backend.denoiser.requires_grad_(False)
+            params = lora.lora_parameters(backend)
+            for p in params:
+                p.requires_grad_(True)
+            return params
+        return lora.add_lora(backend, config.lora_rank, config.lora_alpha, seed=config.seed)
+    if config.finetune == "full":
+        lora.remove_lora(backend)
+        backend.denoiser.requires_grad_(True)
+        return list(backend.denoiser.parameters())
+    raise ValueError(f"finetune must be 'lora' or 'full', not {config.finetune!r}")
+
+
+class _Guard:
+    """Checks each step's numbers; keeps a copy of the weights to restore on divergence."""
+
+    def __init__(self, params: list[torch.nn.Parameter], explode_factor: float):
+        self.params = params
+        self.explode_factor = explode_factor
+        self.norms: list[float] = []
+        self.snapshot = [p.detach().clone() for p in params]
+
+    def check(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{what} is {value}: stopping the round; the last good version is kept")
+
+    def check_grad_norm(self, norm: float) -> None:
+        self.check("the gradient norm", norm)
+        if len(self.norms) >= 5:
+            median = statistics.median(self.norms)
+            if median > 0 and norm > self.explode_factor * median:
+                raise TrainingDiverged(
+                    f"the gradient norm exploded ({norm:.3g}, {norm / median:.0f}x the round's median "
+                    f"{median:.3g}): stopping the round; the last good version is kept")
+        self.norms.append(norm)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, s in zip(self.params, self.snapshot):
+            p.copy_(s)
+
+
+def _batch_prompts(rng: random.Random, prompts: list[str], batch: int) -> list[str]:
+    return [rng.choice(prompts) for _ in range(batch)]
+
+
+def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
+              progress: ProgressFn | None = None, stop: threading.Event | None = None,
+              accelerator=None, estimator: Estimator | None = None) -> RoundResult:
+    """Run one training round and write its version folder ``out`` (see the module docstring).
+
+    ``accelerator``: an ``accelerate.Accelerator`` (the CLI passes one); gradients are averaged
+    over its processes and only the main process writes the version."""
+    if config.batch < 2:
+        raise ValueError("batch must be at least 2 (the leave-one-out baseline needs other samples)")
+    if not config.prompts:
+        raise ValueError("no prompts to train on")
+    for p in config.prompts:
+        backend.check_prompt(p)
+    rank = accelerator.process_index if accelerator is not None else 0
+    torch.manual_seed(config.seed)
+    generator = torch.Generator("cpu").manual_seed(config.seed * 1000 + rank)
+    rng = random.Random(config.seed * 1000 + rank)
+
+    params = trainable_parameters(backend, config)
+    backend.denoiser.eval()  # no dropout in the denoiser; eval keeps sampling deterministic per seed
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if accelerator is not None:
+        optimizer = accelerator.prepare(optimizer)
+    estimator = estimator or make_estimator(config.estimator, **config.estimator_options)
+    chain = BackendChain(backend, reward_fn, config.sampler)
+    guard = _Guard(params, config.explode_factor)
+
+    def zero_grad() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step() -> float:
+        if accelerator is not None and accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        guard.check_grad_norm(norm)
+        optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise TrainingDiverged("the weights became non-finite: stopping the round; the last good version is kept")
+        return norm
+
+    history: list[dict] = []
+    start = time.perf_counter()
+    stopped = False
+    try:
+        for step in range(config.steps):
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            prompts = _batch_prompts(rng, config.prompts, config.batch)
+            ctx = chain.context(prompts, *_stage_plan(config, prompts))
+            if isinstance(estimator, DDPO):  # DDPO takes its own (inner-epoch) optimiser steps
+                est = estimator.update(chain, ctx, generator, optimizer_step, zero_grad)
+                _check_estimate(guard, est)
+                norm = est.stats["grad_norm"]
+            else:
+                zero_grad()
+                est = estimator.accumulate(chain, ctx, generator)
+                _check_estimate(guard, est)
+                norm = optimizer_step()
+            row = {"step": step + 1, "reward_mean": est.reward_mean, "reward_std": est.reward_std,
+                   "loss": est.loss, "grad_norm": norm, "elapsed": time.perf_counter() - start,
+                   "samples": (step + 1) * config.batch, **{k: v for k, v in est.stats.items() if k != "grad_norm"}}
+            history.append(row)
+            if progress is not None:
+                keys = ("reward_mean", "reward_std", "loss", "grad_norm", "elapsed", "samples")
+                if progress(Progress(step + 1, config.steps, **{k: row[k] for k in keys})):
+                    stopped = True
+                    break
+    except TrainingDiverged:
+        guard.restore()
+        zero_grad()
+        raise
+    finally:
+        for p in params:
+            p.grad = None
+
+    metrics = _summarise(history, stopped, time.perf_counter() - start, estimator)
+    version = None
+    if history and (accelerator is None or accelerator.is_main_process):
+        version = lora.write_version(backend, out, config.finetune,
+                                     {"training": config.to_dict(), "estimator": estimator.name,
+                                      "estimator_settings": estimator.settings()}, metrics)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return RoundResult(version, metrics, stopped)
+
+
+def _stage_plan(config: TrainConfig, prompts: list[str]) -> tuple[list[list[str]] | None, list[int] | None]:
+    """DCoT: per-stage prompt lists for this batch (prompts without stages keep their own prompt
+    at every stage) and the stage of each sampling step, as the app samples them."""
+    if not config.stage_prompts:
+        return None, None
+    per_stage = [[config.stage_prompts.get(p, [p] * 3)[s] for p in prompts] for s in range(3)]
+    return per_stage, dcot.stage_of_steps(config.sampler.steps, config.stage_boundaries)
+
+
+def _check_estimate(guard: _Guard, est: Estimate) -> None:
+    guard.check("the reward", float(est.rewards.float().mean()))
+    guard.check("the loss", est.loss)
+
+
+def _summarise(history: list[dict], stopped: bool, elapsed: float, estimator: Estimator) -> dict:
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    return {
+        "steps_done": len(history), "stopped_early": stopped, "elapsed_s": elapsed,
+        "samples": last.get("samples", 0), "estimator": estimator.name,
+        "reward_mean_first": first.get("reward_mean"), "reward_mean_last": last.get("reward_mean"),
+        "history": history,
+    }
