@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 ESTIMATOR_CHOICES = [("RLR (recommended)", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "truncated-bp"),
                      ("Full backprop", "full-bp")]
-REST_CHOICES = [("likelihood ratio (lr)", "lr"), ("zeroth order (zo)", "zo"), ("none (biased)", "none")]
+REST_CHOICES = [("lr", "lr"), ("zo", "zo"), ("none (biased)", "none")]
 PROXY_DIR = "reward_proxy"
 VERSIONS_DIR = "versions"
 
@@ -146,7 +146,10 @@ class RoundRunner:
     def set_auto_train(self, every: Any, password: Any = None) -> int:
         self.services.check_admin(password)
         n = check.whole(every, "auto-train interval", 0, 100_000)
-        self.services.state.update(auto_train_every=n)
+        counts = self.store.counts()
+        # Count from now: switching it on must not start a round for judgements made long ago.
+        self.services.state.update(auto_train_every=n,
+                                   ratings_at_last_round=counts["ratings"] + counts["comparisons"])
         return n
 
     def maybe_auto_train(self) -> bool:
@@ -158,7 +161,8 @@ class RoundRunner:
         total = counts["ratings"] + counts["comparisons"]
         if total - state.ratings_at_last_round < state.auto_train_every:
             return False
-        settings = RoundSettings.parse(**state.extra.get("last_settings", {}))
+        last = {k: v for k, v in state.extra.get("last_settings", {}).items() if k != "seed"}
+        settings = RoundSettings.parse(**last)  # the settings of the last round started by hand
         try:
             self.start(settings, auto=True)
         except AppError:

@@ -54,15 +54,15 @@ def create_app(config: AppConfig, backend: BuiltinBackend | None = None) -> tupl
             with gr.Tab("Generate & rate", id="rate", elem_id="tab-rate"):
                 rate.build(services, session)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
-                compare.build(services, session)
+                compare.build(services, session, compare_tab)
             with gr.Tab("Prompt lab", id="lab", elem_id="tab-lab"):
                 prompt_lab.build(services, session)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train.build(services, session)
             with gr.Tab("Model versions", id="versions", elem_id="tab-versions") as versions_tab:
-                version_table, version_pick = versions.build(services, session)
-            with gr.Tab("Data", id="data", elem_id="tab-data"):
-                data.build(services, session)
+                versions.build(services, session, versions_tab)
+            with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
+                data.build(services, session, data_tab)
 
         def on_load(saved: str) -> tuple[str, str, str]:
             name = saved or f"guest-{secrets.token_hex(2)}"
@@ -73,10 +73,7 @@ def create_app(config: AppConfig, backend: BuiltinBackend | None = None) -> tupl
 
         demo.load(on_load, saved_name, [rater, saved_name, active], **QUICK, **PRIVATE)
         rater.change(remember, rater, saved_name, **QUICK, **PRIVATE)
-        versions_tab.select(lambda: versions.refresh_outputs(services), None,
-                            [version_table, version_pick], **QUICK, **PRIVATE)
-        compare_tab.select(lambda: active_text(services), None, active, **QUICK, **PRIVATE)
-        gr.Timer(5.0).tick(lambda: active_text(services), None, active,
+        gr.Timer(2.0).tick(lambda: active_text(services), None, active,
                            **QUICK, **PRIVATE)
         api.register(services)
     demo.queue(default_concurrency_limit=1, max_size=256)

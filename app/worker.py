@@ -9,7 +9,9 @@ event between steps (stopping is cooperative; nothing is killed mid-write).
 from __future__ import annotations
 
 import copy
+import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -79,7 +81,8 @@ class JobContext:
 class Worker:
     """``submit`` a job; the worker thread runs it; ``status`` is a snapshot any thread can read."""
 
-    def __init__(self, name: str = "rlr-worker"):
+    def __init__(self, name: str = "rlr-worker", nice: int = 10):
+        self._nice = nice
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -122,6 +125,7 @@ class Worker:
         return self._idle.wait(timeout)
 
     def _loop(self) -> None:
+        _lower_priority(self._nice)
         while True:
             job_id, fn, on_finish = self._jobs.get()
             with self._lock:
@@ -153,3 +157,18 @@ class Worker:
                 except Exception:
                     traceback.print_exc()
             self._idle.set()
+
+
+def _lower_priority(nice: int) -> None:
+    """Make this thread (only this one: Linux schedules threads as tasks) yield the CPU to the
+    UI threads, and make threads waiting for the GIL get it sooner.
+
+    Why: a training step keeps one core busy; on a small machine the request handlers must
+    not wait behind it. A waiting thread takes the GIL after ``switchinterval`` (default 5 ms),
+    and answering one request takes the GIL many times."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass  # not allowed here (some containers); the thread keeps the normal priority
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,6 +128,8 @@ def main() -> None:
     p.add_argument("--admin-password", default="", help="only for a public app")
     args = p.parse_args()
     torch.set_num_threads(1)
+    # The simulated rater comes from this repository (run from anywhere: python examples/api_loop.py).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from rlr_core import simulated_raters
     from rlr_core.perception import load
 

@@ -73,15 +73,16 @@ def save_checkpoint(out: Path, model: BuiltinModel, ema: EMAModel, opt, step: in
     plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     meta = {"step": step, "ema_optimization_step": ema.optimization_step, "args": plain_args}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    # Keep the previous checkpoint as checkpoint.prev: a run that went bad between two
+    # checkpoints can still be resumed from the one before.
+    prev = out / "checkpoint.prev"
     if ckpt.exists():
-        old = out / "checkpoint.old"
-        ckpt.rename(old)
-        tmp.rename(ckpt)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(ckpt)
+        if prev.exists():
+            for f in prev.iterdir():
+                f.unlink()
+            prev.rmdir()
+        ckpt.rename(prev)
+    tmp.rename(ckpt)
 
 
 def ema_model(model: BuiltinModel, ema: EMAModel) -> BuiltinModel:
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this model folder's weights (fresh optimizer and EMA) instead of random")
+    p.add_argument("--spike-factor", type=float, default=4.0,
+                   help="stop when the smoothed loss exceeds this multiple of its best value (divergence)")
     p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
     p.add_argument("--export-only", action="store_true",
                    help="with --resume and --export: export the latest checkpoint's EMA model and exit")
@@ -131,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
     ema = EMAModel(modules.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     start = 0
+    if args.init and not args.resume:
+        init = builtin_model.load_model(args.init)
+        model.unet.load_state_dict(init.unet.state_dict())
+        model.text_encoder.load_state_dict(init.text_encoder.state_dict())
+        ema = EMAModel(modules.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+        print(f"initialised from {args.init}")
     ckpt = args.out / "checkpoint"
     if args.resume and ckpt.exists():
         modules.load_state_dict(load_file(ckpt / "model.safetensors"))
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = batch_stream(args.seed, args.batch, start)
     gen = torch.Generator().manual_seed(args.seed * 7919 + start)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
-    t0, running = time.time(), None
+    t0, running, best = time.time(), None, float("inf")
     for step in bar:
         model.unet.train()
         model.text_encoder.train()
@@ -181,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         ema.step(modules.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
+        if step > start + args.warmup:
+            best = min(best, running)
+            if running > args.spike_factor * best:
+                raise FloatingPointError(
+                    f"training diverged at step {step}: smoothed loss {running:.4f} is over "
+                    f"{args.spike_factor}x its best {best:.4f}; lower --lr and resume from the last checkpoint")
         done = step + 1
         if done % 25 == 0:
             log.write(json.dumps({"step": done, "loss": running, "lr": lr_at(step),

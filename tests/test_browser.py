@@ -46,8 +46,16 @@ def page(running):
         browser.close()
 
 
-def shot(page, name: str) -> None:
+def dismiss_messages(page) -> None:
+    for button in page.locator(".toast-close").all():
+        if button.is_visible():
+            button.click()
+
+
+def shot(page, name: str, keep_messages: bool = False) -> None:
     SHOTS.mkdir(exist_ok=True)
+    if not keep_messages:
+        dismiss_messages(page)
     page.wait_for_timeout(400)  # let transitions settle
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -94,10 +102,14 @@ def test_full_loop_in_the_browser(running, page):
 
     # --- rate with the keyboard: 1-5 rates and moves on, arrows move -------------------------
     page.locator("#current-info").click()  # focus the page, not a text field
-    for i, key in enumerate(["4", "5", "2"]):
+    for i, key in enumerate(["4", "5"]):
         page.keyboard.press(key)  # rates the shown sample, then shows the next one
         expect_text(page, "#current-info", f"{i + 2} / 4")
         assert count(store, "ratings") == i + 1
+    page.dblclick("#star-2")  # a double click: one rating, and it moves on once
+    expect_text(page, "#current-info", "4 / 4")
+    page.wait_for_timeout(500)
+    assert count(store, "ratings") == 3
     page.keyboard.press("ArrowLeft")
     expect_text(page, "#current-info", "3 / 4")
     expect_text(page, "#current-info", "★★☆☆☆")  # what you gave this one
@@ -110,12 +122,20 @@ def test_full_loop_in_the_browser(running, page):
     expect_text(page, "#gallery", "4★")
     shot(page, "02-rated")
 
-    # --- unknown words are shown, and generation refuses them --------------------------------
+    # --- bad input: clear messages, the gallery and the store stay as they were --------------
+    for bad, message in [("a red dragon on the left", "unknown word: dragon"), ("   ", "the prompt is empty"),
+                         ("a " * 5000, "the limit is 500")]:
+        page.locator("#prompt textarea").fill(bad)
+        page.click("#generate")
+        page.get_by_text(re.compile(message)).first.wait_for()
+        dismiss_messages(page)
     page.locator("#prompt textarea").fill("a red dragon on the left")
-    expect_text(page, "#prompt-note", "dragon")
+    expect_text(page, "#prompt-note", "dragon")  # unknown words are shown while typing
     page.click("#generate")
     page.get_by_text(re.compile("unknown word: dragon")).first.wait_for()
-    shot(page, "03-unknown-word")
+    assert page.locator("#gallery img").count() == 4 and count(store, "samples") == 4
+    shot(page, "03-unknown-word", keep_messages=True)
+    dismiss_messages(page)
     page.locator("#prompt textarea").fill("a large red circle on the left, black background")
 
     # --- compare -----------------------------------------------------------------------------

@@ -20,9 +20,9 @@ BUTTONS = [("← Left is better", "left", "cmp-left"), ("↑ Both good", "tie-bo
            ("Right is better →", "right", "cmp-right")]
 
 
-def build(services: AppServices, session: Session) -> gr.Column:
+def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     pair = gr.State(None)  # {"left": id, "right": id, "shown_at": time, "token": str}
-    with gr.Column(elem_id="compare-panel") as panel:
+    with gr.Column(elem_id="compare-panel"):
         question = gr.Markdown("Press *Load a pair* to start.", elem_id="cmp-prompt")
         with gr.Row():
             left = gr.Image(label="Left", height=300, interactive=False, elem_id="cmp-left-img",
@@ -68,7 +68,11 @@ def build(services: AppServices, session: Session) -> gr.Column:
             return show_next(rater)
         return handler
 
+    @user_errors
+    def on_enter(state: dict | None, rater: str):
+        return show_next(rater) if not state else (gr.skip(),) * 4 + (counts_text(rater),)
+
     load.click(on_load, session.rater, outputs, **QUICK, **PRIVATE)
+    tab.select(on_enter, [pair, session.rater], outputs, **QUICK, **PRIVATE)
     for button, outcome in buttons:
         button.click(answer(outcome), [pair, session.rater], outputs, **QUICK, **PRIVATE)
-    return panel

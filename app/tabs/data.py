@@ -29,7 +29,7 @@ def agreement_table(services: AppServices) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
 
-def build(services: AppServices, session: Session) -> None:
+def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     with gr.Column(elem_id="data-panel"):
         refresh = gr.Button("Refresh", size="sm", elem_id="data-refresh")
         with gr.Row():
@@ -41,13 +41,15 @@ def build(services: AppServices, session: Session) -> None:
                                       elem_id="data-raters", wrap=True)
         agreement = gr.Dataframe(agreement_table(services), label="Agreement between raters (same samples / "
                                  "same pairs)", interactive=False, elem_id="data-agreement")
-        with gr.Row(equal_height=True):
+        gr.Markdown("**Export** writes every rating, comparison, prompt, prompt edit, version and image to "
+                    "one .zip. **Import** reads such a .zip into an app started on an empty data directory.")
+        with gr.Row(equal_height=False):
             with gr.Column():
                 export = gr.Button("Export everything (.zip)", elem_id="data-export")
-                exported = gr.File(label="Export", interactive=False, elem_id="data-export-file", height=90)
+                exported = gr.File(label="Export", interactive=False, elem_id="data-export-file", visible=False)
             with gr.Column():
-                upload = gr.File(label="Import an export (.zip) into an empty data directory",
-                                 file_types=[".zip"], elem_id="data-import-file", height=90)
+                upload = gr.File(label="An export (.zip) to import", file_types=[".zip"], height=120,
+                                 elem_id="data-import-file")
                 do_import = gr.Button("Import", elem_id="data-import")
         status = gr.Markdown(elem_id="data-status")
 
@@ -57,7 +59,8 @@ def build(services: AppServices, session: Session) -> None:
     @user_errors
     def on_export():
         path = services.export_data()
-        return str(path), f"Exported to `{path.name}`: ratings, comparisons, prompts, images, versions."
+        return (gr.File(value=str(path), visible=True),
+                f"Exported to `{path.name}`: ratings, comparisons, prompts, images, versions.")
 
     @user_errors
     def on_import(file, password):
@@ -66,5 +69,6 @@ def build(services: AppServices, session: Session) -> None:
         return (*tables(), f"Imported: {summary}.")
 
     refresh.click(tables, None, [counts, raters, agreement], **QUICK, **PRIVATE)
+    tab.select(tables, None, [counts, raters, agreement], **QUICK, **PRIVATE)
     export.click(on_export, None, [exported, status], **QUICK, **PRIVATE)
     do_import.click(on_import, [upload, session.password], [counts, raters, agreement, status], **QUICK, **PRIVATE)

@@ -50,7 +50,7 @@ def build(services: AppServices, session: Session) -> None:
             save = gr.Button("Save stage prompts", elem_id="lab-save")
         schedule = gr.Markdown(elem_id="lab-schedule")
         images = gr.Gallery(label="Top: plain prompt · bottom: stage prompts · columns: end of coarse, "
-                            "end of mid, final", columns=3, height="auto", format="png",
+                            "end of mid, final", columns=3, height=680, format="png",
                             allow_preview=False, object_fit="contain", elem_id="lab-gallery")
         status = gr.Markdown(elem_id="lab-status")
         with gr.Group():

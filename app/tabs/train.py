@@ -80,7 +80,8 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 rank = gr.Number(value=d.lora_rank, precision=0, label="LoRA rank", elem_id="train-rank")
                 block = gr.Number(value=d.block, precision=0, label="RLR: HO block length h",
                                   elem_id="train-block")
-                rest = gr.Dropdown(REST_CHOICES, value=d.rest, label="RLR: rest of the chain", elem_id="train-rest")
+                rest = gr.Dropdown(REST_CHOICES, value=d.rest, label="RLR: rest of the chain",
+                                   info="lr: likelihood ratio; zo: zeroth order", elem_id="train-rest")
                 truncation = gr.Number(value=d.truncation, precision=0, label="Truncated BP: last K' steps",
                                        elem_id="train-truncation")
                 n_prompts = gr.Number(value=d.max_prompts, precision=0, label="Prompts per round",

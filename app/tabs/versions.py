@@ -35,7 +35,7 @@ def table(services: AppServices) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def build(services: AppServices, session: Session) -> tuple[gr.Dataframe, gr.Dropdown]:
+def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     with gr.Column(elem_id="versions-panel"):
         gr.Markdown(INTRO)
         versions = gr.Dataframe(table(services), interactive=False, elem_id="versions-table", wrap=True)
@@ -72,7 +72,7 @@ def build(services: AppServices, session: Session) -> tuple[gr.Dataframe, gr.Dro
     rollback.click(on_rollback, session.password, outs, **QUICK, **PRIVATE)
     export.click(on_export, pick, [download, status], **QUICK, **PRIVATE)
     refresh.click(refreshed, None, outs, **QUICK, **PRIVATE)
-    return versions, pick
+    tab.select(refreshed, None, outs, **QUICK, **PRIVATE)
 
 
 def version_choices(services: AppServices) -> list[tuple[str, int]]:
