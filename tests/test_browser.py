@@ -182,7 +182,7 @@ def test_full_loop_in_the_browser(running, page):
     page.get_by_text("More settings").click()
     set_number(page, "train-sample-steps", 6)
     page.click("#train-start")
-    expect_text(page, "#train-progress", "running", timeout=30_000)
+    expect_text(page, "#train-progress", re.compile("queued|running|finished"), timeout=30_000)
     expect_text(page, "#train-progress", "finished", timeout=SLOW)
     expect_text(page, "#train-summary", "Made v1")
     expect_text(page, "#train-prompts-used", "a large red circle on the left, black background")
@@ -200,8 +200,9 @@ def test_full_loop_in_the_browser(running, page):
     expect_text(page, "#gallery", "v1")
     shot(page, "08-new-version-in-queue")
     open_tab(page, "Compare")
+    shown = image_src(page, "#cmp-left-img")
     page.click("#cmp-next")
-    page.wait_for_selector("#cmp-left-img img")
+    wait_until(lambda: image_src(page, "#cmp-left-img") != shown, what="a new pair")
     after_round = [r["model_version_id"] for r in store.db.query(
         "SELECT model_version_id FROM samples WHERE json_extract(sampler_settings, '$.origin') = 'round'")]
     assert sorted(set(after_round)) == [1, 2]  # the same prompts and noise through parent and child
@@ -218,7 +219,12 @@ def test_full_loop_in_the_browser(running, page):
     shot(page, "09-data")
 
 
-def expect_text(page, selector: str, text: str, timeout: float = 30_000) -> None:
+def image_src(page, selector: str) -> str | None:
+    img = page.locator(f"{selector} img")
+    return img.first.get_attribute("src") if img.count() else None
+
+
+def expect_text(page, selector: str, text, timeout: float = 30_000) -> None:
     from playwright.sync_api import expect
 
     expect(page.locator(selector).first).to_contain_text(text, timeout=timeout)

@@ -49,9 +49,13 @@ def build(services: AppServices, session: Session) -> None:
             preview = gr.Button("Preview", variant="primary", elem_id="lab-preview")
             save = gr.Button("Save stage prompts", elem_id="lab-save")
         schedule = gr.Markdown(elem_id="lab-schedule")
-        images = gr.Gallery(label="Top: plain prompt · bottom: stage prompts · columns: end of coarse, "
-                            "end of mid, final", columns=3, height=680, format="png",
-                            allow_preview=False, object_fit="contain", elem_id="lab-gallery")
+        with gr.Column(elem_id="lab-gallery"):
+            gallery_args = {"columns": 3, "height": 320, "format": "png", "allow_preview": False,
+                            "object_fit": "contain"}
+            plain_images = gr.Gallery(label="Plain prompt, same seed: end of coarse · end of mid · final",
+                                      elem_id="lab-plain", **gallery_args)
+            staged_images = gr.Gallery(label="Stage prompts, same seed: end of coarse · end of mid · final",
+                                       elem_id="lab-staged", **gallery_args)
         status = gr.Markdown(elem_id="lab-status")
         with gr.Group():
             focus = gr.Radio(FOCUS_CHOICES, value=settings["focus_stage"], elem_id="lab-focus",
@@ -77,14 +81,14 @@ def build(services: AppServices, session: Session) -> None:
     def on_preview(text, c, m, f, lo, hi, seed_value, n_steps):
         out = services.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
         names = ["end of coarse", "end of mid", "final"]
-        items = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"plain · {name}")
+        plain = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"plain · {name}")
                  for im, name in zip(out["plain"], names)]
-        items += [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"stages · {name}")
+        staged = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"stages · {name}")
                   for im, name in zip(out["staged"], names)]
         n = out["stage_steps"]
         table = (f"Steps per stage: coarse **{n[0]}**, mid **{n[1]}**, fine **{n[2]}** · "
                  f"plain prompt: *{out['prompt']}*")
-        return items, table
+        return plain, staged, table
 
     @user_errors
     def on_save(text, c, m, f, lo, hi, stage, rater):
@@ -105,7 +109,7 @@ def build(services: AppServices, session: Session) -> None:
 
     preview_inputs = [prompt, coarse, mid, fine, mid_start, fine_start, seed, steps]
     preview.click(check_preview, preview_inputs, None, **QUICK, **PRIVATE).success(
-        on_preview, preview_inputs, [images, schedule], **MODEL, **PRIVATE)
+        on_preview, preview_inputs, [plain_images, staged_images, schedule], **MODEL, **PRIVATE)
     save.click(on_save, [prompt, coarse, mid, fine, mid_start, fine_start, focus, session.rater], status,
                **QUICK, **PRIVATE)
     for control in (focus, mid_start, fine_start):
