@@ -12,3 +12,14 @@ def builtin_backend():
     from rlr_core.backend import BuiltinBackend
 
     return BuiltinBackend.load()
+
+
+@pytest.fixture(scope="module")
+def running_app(tmp_path_factory, builtin_backend):
+    """The app served in-process on a free port, with its own temporary data folder."""
+    from app.config import AppConfig
+    from app.server import start
+
+    app = start(AppConfig(data_dir=tmp_path_factory.mktemp("app-data"), port=0), builtin_backend)
+    yield app
+    app.close()

@@ -15,13 +15,8 @@ AppError = gradio_client.exceptions.AppError
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, builtin_backend):
-    from app.config import AppConfig
-    from app.server import start
-
-    running = start(AppConfig(data_dir=tmp_path_factory.mktemp("api-data"), port=0), builtin_backend)
-    yield running
-    running.close()
+def app(running_app):
+    return running_app
 
 
 @pytest.fixture(scope="module")

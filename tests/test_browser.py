@@ -23,13 +23,8 @@ SLOW = 120_000  # ms: generation and training on two shared CPU cores
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, builtin_backend):
-    from app.config import AppConfig
-    from app.server import start
-
-    app = start(AppConfig(data_dir=tmp_path_factory.mktemp("browser-data"), port=0), builtin_backend)
-    yield app
-    app.close()
+def running(running_app):
+    return running_app
 
 
 @pytest.fixture(scope="module")
