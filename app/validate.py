@@ -15,27 +15,32 @@ from app.errors import AppError
 RATER_RE = re.compile(r"^[\w .@+-]{1,64}$")
 
 
-def whole(value: Any, name: str, lo: int, hi: int) -> int:
+def _number(value: Any, message: str) -> float:
+    """``value`` as a finite float, or AppError(message) for anything else (bools included)."""
     if isinstance(value, bool) or value is None or value == "":
-        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        raise AppError(message)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
-        raise AppError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        raise AppError(message) from None
+    if not math.isfinite(number):
+        raise AppError(message)
+    return number
+
+
+def whole(value: Any, name: str, lo: int, hi: int) -> int:
+    message = f"{name} must be a whole number from {lo} to {hi}, got {value!r}"
+    number = _number(value, message)
+    if number != int(number) or not lo <= number <= hi:
+        raise AppError(message)
     return int(number)
 
 
 def real(value: Any, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or value is None or value == "":
-        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}") from None
-    if not math.isfinite(number) or not lo <= number <= hi:
-        raise AppError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
+    message = f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}"
+    number = _number(value, message)
+    if not lo <= number <= hi:
+        raise AppError(message)
     return number
 
 
