@@ -221,7 +221,8 @@ class RoundRunner:
         started = time.time()
         out_dir = self.services.data_dir / VERSIONS_DIR / f"round-{round_id}"
         trained = train_lora(backend, proxy, prompts, settings, seed, window, out_dir, ctx,
-                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac))
+                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac),
+                             boundaries=self.services.state.get().boundaries)
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")

@@ -15,7 +15,7 @@ import torch
 
 from app.prompts import RoundPrompt
 from app.worker import JobContext, JobStopped
-from rlr_core import lora, training
+from rlr_core import dcot, training
 from rlr_core.backend import DiffusionBackend
 from rlr_core.sampler import SamplerSettings
 
@@ -48,26 +48,19 @@ def estimator_options(settings, window: tuple[int, int] | None) -> dict:
     return {}
 
 
-def _freeze_base(backend: DiffusionBackend) -> None:
-    # A loaded version's base weights still have requires_grad=True; the estimators treat every
-    # parameter that requires grad as theta, so only the adapter may.
-    if lora.has_lora(backend):
-        for name, p in backend.denoiser.named_parameters():
-            p.requires_grad_("lora_" in name)
-
-
 def train_lora(backend: DiffusionBackend, proxy, prompts: Sequence[RoundPrompt], settings, seed: int,
                window: tuple[int, int] | None, out_dir: Path, ctx: JobContext,
-               on_progress: Callable[[float], None]) -> Trained:
+               on_progress: Callable[[float], None],
+               boundaries: tuple[float, float] = dcot.DEFAULT_BOUNDARIES) -> Trained:
     """Fine-tune ``backend`` (a private copy) in place; write the version folder ``out_dir``."""
     reward = ProxyReward(proxy)
     config = training.TrainConfig(
         estimator=settings.estimator, estimator_options=estimator_options(settings, window),
         steps=settings.steps, batch=settings.batch_size, prompts=[p.prompt for p in prompts],
         stage_prompts={p.prompt: p.stages.as_list() for p in prompts if p.stages} or None,
+        stage_boundaries=tuple(boundaries),  # the prompt lab's, so training samples as the app does
         sampler=SamplerSettings(steps=settings.sampling_steps, eta=1.0, guidance=settings.guidance),
         lora_rank=settings.lora_rank, lr=settings.learning_rate, seed=seed)
-    _freeze_base(backend)
 
     def progress(p: training.Progress) -> bool:
         ctx.log_step(step=p.step, reward=p.reward_mean, uncertainty=reward.last_uncertainty,

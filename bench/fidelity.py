@@ -22,7 +22,8 @@ from rlr_core import perception
 from rlr_core import shapes_world as sw
 from rlr_core.backend import BuiltinBackend
 from rlr_core.builtin_model import DEFAULT_MODEL_DIR
-from rlr_core.sampling import generate
+from rlr_core.diffusers_loop import generate as diffusers_generate
+from rlr_core.sampler import SamplerSettings, generate
 
 
 def benchmark_prompts(n: int, seed: int = 2024) -> list[sw.Scene]:
@@ -50,10 +51,11 @@ def run(model_dir: str, n: int, steps: int, guidance: float, eta: float, batch: 
     for start in tqdm(range(0, n, batch), desc="fidelity"):
         chunk = scenes[start:start + batch]
         t0 = time.perf_counter()
-        images = generate(backend.model, [sw.caption(s) for s in chunk], steps=steps,
-                          guidance=guidance, eta=eta, seed=seed + start)
+        images = generate(backend, [sw.caption(s) for s in chunk], SamplerSettings(steps, eta, guidance),
+                          seed=seed + start)
         gen_seconds += time.perf_counter() - t0
         predicted += judge.predict(images)
+    plain_s, ours_s = speed_against_diffusers(backend, [sw.caption(s) for s in scenes[:8]], steps, guidance, eta)
     seen_idx = [i for i, s in enumerate(scenes) if not s.held_out]
     held_idx = [i for i, s in enumerate(scenes) if s.held_out]
     groups = {
@@ -67,8 +69,26 @@ def run(model_dir: str, n: int, steps: int, guidance: float, eta: float, batch: 
         "accuracy": groups,
         "images_per_s": n / gen_seconds,
         "seconds_per_batch_of_8": 8 * gen_seconds / n,
+        "speed_check": {"sampler_s_per_8": ours_s, "diffusers_loop_s_per_8": plain_s},
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def speed_against_diffusers(backend: BuiltinBackend, prompts: list[str], steps: int, guidance: float,
+                            eta: float, repeats: int = 3) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds for 8 images: diffusers' own loop, then our sampler (no record)."""
+    def best(fn) -> float:
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            fn(r)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    plain = best(lambda r: diffusers_generate(backend.model, prompts, steps=steps, guidance=guidance, eta=eta,
+                                              seed=r))
+    ours = best(lambda r: generate(backend, prompts, SamplerSettings(steps, eta, guidance), seed=r))
+    return plain, ours
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"per-attribute accuracy (%), {n} prompts, {args.steps} DDIM steps, guidance {guidance}, eta {eta}")
     print(f"\ngeneration: {result['images_per_s']:.2f} images/s "
           f"({result['seconds_per_batch_of_8']:.2f} s per 8 images), peak RSS {result['peak_rss_mb']:.0f} MB")
+    check = result["speed_check"]
+    print(f"8 images, best of 3: our sampler {check['sampler_s_per_8']:.2f} s, "
+          f"diffusers' DDIMScheduler loop {check['diffusers_loop_s_per_8']:.2f} s")
     write_json(args.json, result)
     return result
 

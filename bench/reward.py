@@ -228,7 +228,14 @@ def store_repeated(repeats: int, **kw) -> dict:
     return summary
 
 
-def print_tables(reward: dict, stores: list[dict]) -> None:
+def print_tables(reward: dict | None, stores: list[dict] | None) -> None:
+    if reward:
+        print_reward_table(reward)
+    if stores:
+        print_store_table(stores)
+
+
+def print_reward_table(reward: dict) -> None:
     cols = reward["config"]["report_at"]
     print("\nHeld-out pairwise accuracy vs number of ratings (mean over seeds)")
     print(f"| rater | selection | {' | '.join(str(n) for n in cols)} |")
@@ -241,6 +248,9 @@ def print_tables(reward: dict, stores: list[dict]) -> None:
     for name, r in reward["raters"].items():
         print(f"  {name}: " + ", ".join(f"random@{n} -> active@{m}" for n, m
                                         in r["active_ratings_to_match_random"].items()))
+
+
+def print_store_table(stores: list[dict]) -> None:
     print("\nStore: 8 writer threads adding star ratings (median over runs; p99 range in brackets)")
     print("| synchronous | pacing | runs x ratings | ratings/s | p50 ms | p99 ms | max ms | errors | lost |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer raters, seeds and ratings (~1-2 minutes)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--part", choices=("all", "reward", "store"), default="all",
+                   help="run one half only; with --json, the other half already in the file is kept")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.raters = ["bold", "fidelity"] if args.quick else list(RATERS)
@@ -265,18 +277,23 @@ def main(argv: list[str] | None = None) -> None:
     args.report_at = [n for n in (25, 50, 100, 200, 400) if n <= args.max_ratings]
     args.batch, args.prompts, args.pool, args.test_pool = 25, 16, 30, 20
     t0 = time.perf_counter()
-    reward = reward_benchmark(args)
-    n, repeats = (60, 3) if args.quick else (150, 5)
-    stores = [store_repeated(repeats, per_writer=n, synchronous="NORMAL"),
-              store_repeated(repeats, per_writer=n, synchronous="NORMAL", pace_s=0.05)]
-    if not args.quick:
-        stores.append(store_repeated(repeats, per_writer=n, synchronous="FULL"))
+    reward = stores = None
+    if args.part in ("all", "reward"):
+        reward = reward_benchmark(args)
+        reward["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in reward["config"].items()}
+    if args.part in ("all", "store"):
+        n, repeats = (60, 3) if args.quick else (150, 5)
+        stores = [store_repeated(repeats, per_writer=n, synchronous="NORMAL"),
+                  store_repeated(repeats, per_writer=n, synchronous="NORMAL", pace_s=0.05)]
+        if not args.quick:
+            stores.append(store_repeated(repeats, per_writer=n, synchronous="FULL"))
     print_tables(reward, stores)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     if args.json:
-        reward["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in reward["config"].items()}
+        old = json.loads(args.json.read_text()) if args.json.exists() and args.part != "all" else {}
+        result = {"reward": reward or old.get("reward"), "store": stores or old.get("store")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"reward": reward, "store": stores}, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

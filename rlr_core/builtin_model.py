@@ -64,7 +64,11 @@ def new_scheduler() -> DDIMScheduler:
 def new_unet() -> UNet2DConditionModel:
     # Attention only at 16x16 and 8x8: the 32x32 level is convolution-only, which keeps
     # a 20-step sample of 8 images within a few seconds on two CPU cores.
-    return UNet2DConditionModel(
+    # addition_embed_type="text" attention-pools the caption into the timestep embedding, so
+    # every ResNet block sees the global attributes (kind, colour, background, position), not
+    # only the cross-attention layers: the scene-level choices are made at high noise, where
+    # the spatial features are still mostly noise.
+    unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE,
         in_channels=3,
         out_channels=3,
@@ -76,7 +80,14 @@ def new_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=16,
         norm_num_groups=16,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
     )
+    # Zero-initialised output (as in adaLN-zero): a new pooled-text path starts as a no-op, so
+    # weights from a model without it load unchanged and it is learned from there.
+    torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
+    torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
+    return unet
 
 
 def new_text_encoder(tokenizer: PreTrainedTokenizerFast) -> CLIPTextModel:

@@ -3,7 +3,7 @@
     python -m rlr_core.pretrain --out runs/pretrain [--resume] [--steps N] [--batch 32]
 
 Recipe (chosen to learn fast on two CPU cores): v-prediction on a cosine noise schedule,
-min-SNR-5 loss weighting (Hang et al. 2023), AdamW with warm-up then a constant rate, EMA of
+Min-SNR-5 loss weighting (Hang et al. 2023) kept at 1 at high noise, AdamW with warm-up then a constant rate, EMA of
 the weights (the EMA copy is what ships), 10% empty captions for classifier-free guidance.
 Data is rendered on the fly, so there is no data set to download or store.
 Checkpoints (safetensors + a small JSON) and a PNG sample grid are written every
@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rlr_core import builtin_model, shapes_world
+from rlr_core.backend import BuiltinBackend
 from rlr_core.builtin_model import BuiltinModel
-from rlr_core.sampling import generate
+from rlr_core.sampler import SamplerSettings, generate
 
 GRID_PROMPTS = [
     "a large red circle on the left, black background",
@@ -51,10 +52,19 @@ def batch_stream(seed: int, batch: int, start_step: int):
         yield images * 2 - 1, [cap for _, cap, _ in items]
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights on the v-prediction MSE: Min-SNR-gamma capped at 1 below SNR 1.
+
+    The v-loss is (SNR + 1) times the x0-loss. Min-SNR (Hang et al. 2023) weights the x0-loss
+    by min(SNR, gamma), which on the v-loss is min(SNR, gamma) / (SNR + 1): close to 0 at high
+    noise. But the high-noise steps are where a sample's layout (position, background, kind)
+    is decided; the first recipe used that form and the model never learned position. Here the
+    x0-weight is min(SNR + 1, gamma): plain v-loss (weight 1) at high noise, Min-SNR's cap on
+    the nearly clean steps.
+    """
     alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / (snr + 1)  # the v-prediction form
+    return torch.clamp(snr + 1, max=gamma) / (snr + 1)
 
 
 def trainable_modules(model: BuiltinModel) -> torch.nn.ModuleDict:
@@ -96,7 +106,7 @@ def ema_model(model: BuiltinModel, ema: EMAModel) -> BuiltinModel:
 
 def write_grid(model: BuiltinModel, path: Path, seed: int = 0) -> None:
     model.unet.eval()
-    images = generate(model, GRID_PROMPTS, steps=20, guidance=3.0, seed=seed)
+    images = generate(BuiltinBackend(model), GRID_PROMPTS, SamplerSettings(steps=20, guidance=3.0), seed=seed)
     tiles = [shapes_world.to_pil(im.permute(1, 2, 0).numpy(), scale=4) for im in images]
     from PIL import Image
 
@@ -138,7 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     start = 0
     if args.init and not args.resume:
         init = builtin_model.load_model(args.init)
-        model.unet.load_state_dict(init.unet.state_dict())
+        # Non-strict for the UNet: a folder from before a module was added (the pooled-text
+        # embedding) loads, and the new module keeps its zero-initialised no-op start.
+        missing, unexpected = model.unet.load_state_dict(init.unet.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"{args.init} has UNet weights this architecture lacks: {unexpected}")
+        if missing:
+            print(f"new modules (not in {args.init}): {sorted({k.rsplit('.', 2)[0] for k in missing})}")
         model.text_encoder.load_state_dict(init.text_encoder.state_dict())
         ema = EMAModel(modules.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
         print(f"initialised from {args.init}")
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         cond = model.text_encoder(ids).last_hidden_state
         pred = model.unet(noisy, t, cond).sample
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(sched, t) * per_sample).mean()
+        loss = (loss_weights(sched, t) * per_sample).mean()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; resume from the last checkpoint")
         for group in opt.param_groups:

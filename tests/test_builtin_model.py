@@ -1,7 +1,8 @@
 import torch
 
 from rlr_core import builtin_model
-from rlr_core.sampling import generate
+from rlr_core.backend import BuiltinBackend
+from rlr_core.sampler import SamplerSettings, generate
 
 
 def test_shipped_model_folder_is_small_and_safetensors():
@@ -22,16 +23,16 @@ def test_save_load_round_trip_reproduces_outputs(tmp_path):
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert again.scheduler.config.prediction_type == "v_prediction"
-    x1 = generate(model, ["a red circle"], steps=3, seed=5)
-    x2 = generate(again, ["a red circle"], steps=3, seed=5)
+    x1 = generate(BuiltinBackend(model), ["a red circle"], SamplerSettings(steps=3), seed=5)
+    x2 = generate(BuiltinBackend(again), ["a red circle"], SamplerSettings(steps=3), seed=5)
     assert torch.equal(x1, x2)
 
 
 def test_generation_is_deterministic_under_a_seed(builtin_backend):
     prompts = ["a large red circle on the left, black background", "a blue square"]
-    a = generate(builtin_backend.model, prompts, steps=4, seed=11)
-    b = generate(builtin_backend.model, prompts, steps=4, seed=11)
-    c = generate(builtin_backend.model, prompts, steps=4, seed=12)
+    a = generate(builtin_backend, prompts, SamplerSettings(steps=4), seed=11)
+    b = generate(builtin_backend, prompts, SamplerSettings(steps=4), seed=11)
+    c = generate(builtin_backend, prompts, SamplerSettings(steps=4), seed=12)
     assert a.shape == (2, 3, 32, 32)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rlr_core import dcot, text
-from rlr_core.sampling import generate
+from rlr_core.sampler import SamplerSettings, generate
 
 
 def test_split_gives_layout_then_kind_then_everything():
@@ -65,7 +65,7 @@ def test_stage_windows_use_the_method_docs_numbering():
 
 def test_staged_sampling_with_one_prompt_matches_plain_sampling(builtin_backend):
     prompt = "a small blue square in the center, white background"
-    plain = generate(builtin_backend.model, [prompt], steps=4, seed=7)
+    plain = generate(builtin_backend, [prompt], SamplerSettings(steps=4), seed=7)
     staged, captured = dcot.sample_staged(builtin_backend, [[prompt]] * 4, seed=7, capture_steps=[1, 3])
     assert torch.allclose(plain, staged, atol=1e-5)
     assert set(captured) == {1, 3} and torch.allclose(captured[3], staged, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rlr_core import builtin_model, sampling
+from rlr_core import builtin_model, diffusers_loop
 from rlr_core.backend import BuiltinBackend
 from rlr_core.sampler import (
     Conditioning,
@@ -71,7 +71,7 @@ def test_sampling_without_record_equals_the_plain_diffusers_loop(backend: Builti
     calls = []
     hook = backend.denoiser.register_forward_hook(lambda *a: calls.append(1))
     try:
-        want = sampling.generate(backend.model, PROMPTS, steps=4, guidance=3.0, eta=1.0, seed=7)
+        want = diffusers_loop.generate(backend.model, PROMPTS, steps=4, guidance=3.0, eta=1.0, seed=7)
         n_plain = len(calls)
         cond = prompt_conditioning(backend, PROMPTS, 4, guidance=3.0)
         got = sample(backend, cond, settings, torch.Generator().manual_seed(7)).x0

@@ -1,7 +1,8 @@
-"""Plain text-to-image sampling for the built-in model (no trajectory record).
+"""The plain diffusers sampling loop (``DDIMScheduler.step``) for the built-in model.
 
-The full sampler with per-step log-probabilities lives in :mod:`rlr_core.sampler`; this is the
-fast path the pretraining grids, the fidelity benchmark and the app use to draw images.
+Nothing in the app samples with this: :mod:`rlr_core.sampler` is the one sampler. This loop is
+the reference it is checked against: the tests require the same images from the same seed, and
+``bench.fidelity`` times both, since sampling without a record must cost no more than this.
 """
 
 from __future__ import annotations
