@@ -8,7 +8,6 @@ default order.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 
@@ -19,15 +18,8 @@ BEFORE_AFTER_BONUS = 1e3  # larger than any active-selection log-score
 
 def noise_keys(store: FeedbackStore, ids: Sequence[int]) -> dict[int, tuple]:
     """sample id -> (seed, batch size, batch index, steps): equal keys mean equal starting noise."""
-    if not ids:
-        return {}
-    marks = ", ".join("?" for _ in ids)
-    rows = store.db.query(f"SELECT id, seed, sampler_settings FROM samples WHERE id IN ({marks})", list(ids))
-    out = {}
-    for row in rows:
-        s = json.loads(row["sampler_settings"] or "{}")
-        out[row["id"]] = (row["seed"], s.get("batch_size"), s.get("batch_index"), s.get("steps"))
-    return out
+    return {sid: (seed, s.get("batch_size"), s.get("batch_index"), s.get("steps"))
+            for sid, (seed, s) in store.noise_settings(ids).items()}
 
 
 def is_before_after(c: PairCandidate, keys: dict[int, tuple], parents: dict[int, int | None]) -> bool:

@@ -27,12 +27,8 @@ class RoundPrompt:
 
 def stage_prompts_by_prompt(store: FeedbackStore) -> dict[str, dcot.StagePrompts]:
     """prompt -> its latest saved stage prompts (only prompts with all three stages saved)."""
-    latest: dict[str, dict[int, str]] = {}
-    for row in store.db.query("SELECT original, edited, stage FROM prompt_edits "
-                              "WHERE stage IS NOT NULL ORDER BY id"):
-        latest.setdefault(row["original"], {})[row["stage"]] = row["edited"]
     out = {}
-    for prompt, stages in latest.items():
+    for prompt, stages in store.saved_stage_prompts().items():
         if set(stages) >= {0, 1, 2}:
             out[prompt] = dcot.StagePrompts(stages[0], stages[1], stages[2])
     return out
@@ -40,12 +36,8 @@ def stage_prompts_by_prompt(store: FeedbackStore) -> dict[str, dcot.StagePrompts
 
 def round_prompts(store: FeedbackStore, limit: int) -> list[RoundPrompt]:
     """Up to ``limit`` prompts, most recently used first; edited prompts are included."""
-    used = [(row["text"], "generated") for row in store.db.query(
-        """SELECT p.text, max(s.id) AS last FROM samples s JOIN prompts p ON p.id = s.prompt_id
-           WHERE json_extract(s.sampler_settings, '$.origin') IS NOT 'round'
-           GROUP BY p.id ORDER BY last DESC""")]
-    edited = [(row["edited"], "edited") for row in store.db.query(
-        "SELECT edited, max(id) AS last FROM prompt_edits WHERE stage IS NULL GROUP BY edited ORDER BY last DESC")]
+    used = [(prompt, "generated") for prompt in store.prompts_people_used()]
+    edited = [(prompt, "edited") for prompt in store.edited_prompts()]
     staged = stage_prompts_by_prompt(store)
     out: list[RoundPrompt] = []
     seen: set[str] = set()

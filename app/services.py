@@ -184,9 +184,7 @@ class AppServices:
                 "image_file": row["image_file"]}
 
     def my_rating(self, sample_id: int, rater: str) -> int | None:
-        rows = list(self.store.db.query("SELECT stars FROM ratings WHERE sample_id = ? AND rater_id = ?",
-                                        [sample_id, rater]))
-        return rows[0]["stars"] if rows else None
+        return self.store.star_rating(sample_id, rater)
 
     def rate(self, sample_id: Any, rater: Any, stars: Any) -> dict[str, Any]:
         """Record (or change) this rater's stars for a sample."""
@@ -227,12 +225,7 @@ class AppServices:
         return {"comparison_id": cid, **self.comparison_counts(rater)}
 
     def comparison_counts(self, rater: str | None) -> dict[str, int]:
-        total = self.store.db["comparisons"].count
-        mine = 0
-        if rater:
-            mine = self.store.db.execute("SELECT count(*) FROM comparisons WHERE rater_id = ?",
-                                         [rater]).fetchone()[0]
-        return {"my_comparisons": mine, "all_comparisons": total}
+        return self.store.comparison_counts(rater)
 
     # ------------------------------------------------------------------ prompt lab (DCoT)
     def split_prompt(self, prompt: Any) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import random
 import statistics
 from collections import Counter, defaultdict
@@ -217,3 +218,49 @@ def preference_records(db: Database, image_root: Path, rater_ids: Sequence[str] 
                                ON p.id = s.prompt_id WHERE s.id IN ({', '.join(map(str, sorted(ids)))})"""):
             samples[r["id"]] = {"prompt": r["text"], "path": image_root / r["image_path"]}
     return PreferenceRecords(samples, comparisons, ratings)
+
+
+def star_rating(db: Database, sample_id: int, rater_id: str) -> int | None:
+    """This rater's stars for this sample, or None."""
+    row = db.execute("SELECT stars FROM ratings WHERE sample_id = ? AND rater_id = ?",
+                     [sample_id, rater_id]).fetchone()
+    return row[0] if row else None
+
+
+def comparison_counts(db: Database, rater_id: str | None) -> dict[str, int]:
+    """Comparisons by this rater (0 without one) and by everyone."""
+    mine = 0
+    if rater_id:
+        mine = db.execute("SELECT count(*) FROM comparisons WHERE rater_id = ?", [rater_id]).fetchone()[0]
+    return {"my_comparisons": mine, "all_comparisons": db["comparisons"].count}
+
+
+def noise_settings(db: Database, sample_ids: Sequence[int]) -> dict[int, tuple[int | None, dict[str, Any]]]:
+    """sample id -> (seed, sampler settings): what decides a sample's starting noise."""
+    if not sample_ids:
+        return {}
+    marks = ", ".join("?" for _ in sample_ids)
+    rows = db.query(f"SELECT id, seed, sampler_settings FROM samples WHERE id IN ({marks})", list(sample_ids))
+    return {row["id"]: (row["seed"], json.loads(row["sampler_settings"] or "{}")) for row in rows}
+
+
+def saved_stage_prompts(db: Database) -> dict[str, dict[int, str]]:
+    """prompt -> {stage: its latest stage prompt}, from the prompt edits, oldest prompt first."""
+    latest: dict[str, dict[int, str]] = {}
+    for row in db.query("SELECT original, edited, stage FROM prompt_edits WHERE stage IS NOT NULL ORDER BY id"):
+        latest.setdefault(row["original"], {})[row["stage"]] = row["edited"]
+    return latest
+
+
+def prompts_people_used(db: Database) -> list[str]:
+    """Prompts of samples people drew (not a round's own samples), most recently used first."""
+    return [row["text"] for row in db.query(
+        """SELECT p.text, max(s.id) AS last FROM samples s JOIN prompts p ON p.id = s.prompt_id
+           WHERE json_extract(s.sampler_settings, '$.origin') IS NOT 'round'
+           GROUP BY p.id ORDER BY last DESC""")]
+
+
+def edited_prompts(db: Database) -> list[str]:
+    """Prompts people rewrote (whole-prompt edits, not stage prompts), most recent first."""
+    return [row["edited"] for row in db.query(
+        "SELECT edited, max(id) AS last FROM prompt_edits WHERE stage IS NULL GROUP BY edited ORDER BY last DESC")]

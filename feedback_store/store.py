@@ -466,6 +466,24 @@ class FeedbackStore:
         best = cands[max(range(len(cands)), key=scores.__getitem__)]
         return best.swapped() if rng.random() < 0.5 else best
 
+    def star_rating(self, sample_id: int, rater_id: str) -> int | None:
+        return queries.star_rating(self.db, sample_id, rater_id)
+
+    def comparison_counts(self, rater_id: str | None = None) -> dict[str, int]:
+        return queries.comparison_counts(self.db, rater_id)
+
+    def noise_settings(self, sample_ids: Sequence[int]) -> dict[int, tuple[int | None, dict[str, Any]]]:
+        return queries.noise_settings(self.db, sample_ids)
+
+    def saved_stage_prompts(self) -> dict[str, dict[int, str]]:
+        return queries.saved_stage_prompts(self.db)
+
+    def prompts_people_used(self) -> list[str]:
+        return queries.prompts_people_used(self.db)
+
+    def edited_prompts(self) -> list[str]:
+        return queries.edited_prompts(self.db)
+
     def version_stats(self) -> list[dict[str, Any]]:
         return queries.version_stats(self.db)
 

@@ -245,3 +245,24 @@ def test_preference_records(world):
     assert rec.ratings == [(c, 2)]
     assert set(rec.samples) == {a, b, c} and rec.samples[a]["path"].exists()
     assert store.preference_records(["bob"]).comparisons == []
+
+
+def test_small_lookups_the_app_reads(world):
+    store, base, child, samples = world
+    s0, s1 = samples[base][0], samples[child][0]
+    store.add_rating(s0, "ann", 4)
+    assert store.star_rating(s0, "ann") == 4 and store.star_rating(s0, "bob") is None
+    store.add_comparison(s0, s1, "left", "ann")
+    assert store.comparison_counts("ann") == {"my_comparisons": 1, "all_comparisons": 1}
+    assert store.comparison_counts(None) == {"my_comparisons": 0, "all_comparisons": 1}
+    assert store.noise_settings([s0, s1]) == {s0: (0, {"steps": 20}), s1: (0, {"steps": 20})}
+    assert store.noise_settings([]) == {}
+
+    store.add_sample(image(99), "a blue square", seed=1, settings={"origin": "round"})
+    assert store.prompts_people_used() == ["a red circle"]  # a round's own samples are not people's
+    store.add_prompt_edit("a red circle", "a shape", stage=0)
+    store.add_prompt_edit("a red circle", "a circle", stage=1)
+    store.add_prompt_edit("a red circle", "a round shape", stage=0)  # the latest edit of a stage wins
+    store.add_prompt_edit("a red circle", "a big red circle")
+    assert store.saved_stage_prompts() == {"a red circle": {0: "a round shape", 1: "a circle"}}
+    assert store.edited_prompts() == ["a big red circle"]
