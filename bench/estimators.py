@@ -1,14 +1,23 @@
 """Benchmark: gradient estimators against the exact gradient on the built-in model.
 
-    python -m bench.estimators [--quick] [--json OUT] [--model DIR] [--device cuda]
+    python -m bench.estimators [--quick] [--json OUT] [--cache DIR] [--model DIR] [--device cuda]
 
 Setting: the built-in model with a fresh LoRA adapter (rank 4, as a first training round
-starts), a fixed differentiable reward (perception-model fidelity of the prompt), fixed prompts.
-The reference gradient is the mean of ``--n-ref`` full-backprop gradients (exact per trajectory,
-so their mean is the truth up to its own reported standard error). Each estimator setting is
-drawn ``--n-est`` times (one batch each, fresh seeds), and reports:
+starts), a fixed differentiable reward (a perception-model score), fixed prompts, and the
+app's training sampler (K = 10 steps, eta 1, no guidance). The reference gradient is the mean
+of ``--n-ref`` full-backprop gradients (exact per trajectory, so their mean is the truth up to
+its own reported standard error).
 
-    bias/SE     ||mean - ref|| / sqrt(sum of both means' squared SEs): about 1 when unbiased
+Paired draws (common random numbers): estimate i of every setting starts from the generator
+seed of reference draw i, and every estimator except ZO-RLR then samples exactly the reference's
+trajectories (checked: their rewards must match). The bias of such a setting is measured on the
+per-trajectory differences d_i = estimate_i - full-BP_i, whose spread excludes what the two
+share (the sampling noise of the trajectories themselves). ZO-RLR samples its own perturbed
+trajectories and is compared unpaired, with both means' standard errors.
+
+    bias/SE     ||mean d|| / ||SE(mean d)||: about 1 when unbiased; grows like sqrt(n) when biased
+    bias_n      estimated ||bias|| = sqrt(max(||mean d||^2 - ||SE||^2, 0)) from the first n/4, n/2
+                and n draws: shrinks toward 0 when unbiased, stays put when biased
     variance    trace of the per-sample covariance (batch x covariance of batch estimates)
     cosine      mean cosine similarity of one batch's estimate to the reference
     time_s      wall time per estimate;  mem_mb  peak memory per estimate above the baseline
@@ -16,8 +25,8 @@ drawn ``--n-est`` times (one batch each, fresh seeds), and reports:
                 sqrt(bias^2 + tr Cov_batch * time_s / 1 s) / ||ref||  (lower is better;
                 the equal-compute comparison the method doc asks for)
 
-The rows: full BP, truncated BP (K' = 1, 2), LR (= DDPO's first inner step), and RLR over
-h in {1, 2, 4} and rest-of-chain term in {lr, zo, none}, plus lr subsampled to m = 4 steps.
+Draws are cached per setting in ``--cache`` (safetensors), so an interrupted run resumes
+where it stopped and a rerun with a larger ``--n-ref`` only draws the new ones.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from bench.common import print_table, write_json
@@ -45,27 +55,48 @@ PROMPTS = ["a large red circle on the left, black background", "a small blue squ
 
 def settings_grid(quick: bool) -> list[tuple[str, str, dict]]:
     """(label, estimator, settings) rows."""
-    rows = [("full-bp", "full-bp", {}), ("truncated-bp K'=1", "truncated-bp", {"steps": 1}),
-            ("truncated-bp K'=2", "truncated-bp", {"steps": 2}), ("lr (=ddpo step 1)", "lr", {})]
+    # truncated BP through h+1 steps is RLR's memory yardstick (method doc section 3)
+    rows = [("full-bp", "full-bp", {}), *[(f"truncated-bp K'={k}", "truncated-bp", {"steps": k})
+                                          for k in ((1, 2) if quick else (1, 2, 3, 5))],
+            ("lr (=ddpo step 1)", "lr", {})]
     blocks, rests = ([1, 2], ["lr", "zo", "none"]) if quick else ([1, 2, 4], ["lr", "zo", "none"])
     for rest in rests:
         for h in blocks:
             rows.append((f"rlr h={h} rest={rest}", "rlr", {"block": h, "rest": rest}))
     rows.append(("rlr h=2 rest=lr m=4", "rlr", {"block": 2, "rest": "lr", "rest_steps": 4}))
-    if quick:
-        rows = [r for r in rows if r[0] not in ("truncated-bp K'=2",)]
     return rows
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc serve every allocation of 64 KiB or more with its own mmap, freed on release.
+
+    By default glibc raises that threshold as a process frees large blocks, and later tensors
+    then come from its heap, which it keeps: RSS stops tracking what is live and a peak above
+    an earlier peak goes unseen. A fixed threshold (mallopt M_MMAP_THRESHOLD) keeps RSS honest."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: the RSS peaks may then undercount
 
 
 class PeakMemory:
     """Peak memory of a block of code above what was in use when it started, in MB.
 
     CUDA: the allocator's peak. CPU (Linux): the process's peak RSS (VmHWM), reset on entry
-    through /proc/self/clear_refs; elsewhere 0 (not measured)."""
+    through /proc/self/clear_refs, with large blocks returned to the OS as soon as they are
+    freed (see :func:`return_freed_memory_to_the_os`); elsewhere 0 (not measured)."""
+
+    _cpu_ready = False
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mb = 0.0
+        if device.type == "cpu" and not PeakMemory._cpu_ready:
+            return_freed_memory_to_the_os()
+            PeakMemory._cpu_ready = True
 
     @staticmethod
     def _status(key: str) -> float:
@@ -100,12 +131,50 @@ class Draws:
     grads: torch.Tensor  # (n, P): one batch-mean estimate of grad J per row
     seconds: list[float]
     memory_mb: list[float]
+    rewards: torch.Tensor  # (n, batch): each trajectory's reward (pairing check)
+
+    def first(self, n: int) -> Draws:
+        return Draws(self.grads[:n], self.seconds[:n], self.memory_mb[:n], self.rewards[:n])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"grads": self.grads.contiguous(), "seconds": torch.tensor(self.seconds, dtype=torch.float64),
+                   "memory_mb": torch.tensor(self.memory_mb, dtype=torch.float64),
+                   "rewards": self.rewards.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Draws | None:
+        if not path.exists():
+            return None
+        t = load_file(str(path))
+        return cls(t["grads"], t["seconds"].tolist(), t["memory_mb"].tolist(), t["rewards"])
+
+    @classmethod
+    def concat(cls, a: Draws | None, b: Draws) -> Draws:
+        if a is None or len(a.grads) == 0:
+            return b
+        return cls(torch.cat([a.grads, b.grads]), a.seconds + b.seconds, a.memory_mb + b.memory_mb,
+                   torch.cat([a.rewards, b.rewards]))
 
 
-def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, desc: str) -> Draws:
+def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, desc: str,
+         cache: Path | None = None, save_every: int = 8) -> Draws:
+    """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache``."""
+    done = Draws.load(cache) if cache else None
+    if done is not None and len(done.grads) >= n:
+        return done.first(n)
     params = chain.parameters()
-    rows, secs, mems = [], [], []
-    for i in tqdm(range(n), desc=desc, leave=False):
+    rows, secs, mems, rewards = [], [], [], []
+    start_i = len(done.grads) if done is not None else 0
+
+    def so_far() -> Draws:
+        new = Draws(torch.stack(rows) if rows else torch.zeros(0), secs, mems,
+                    torch.stack(rewards) if rewards else torch.zeros(0))
+        return Draws.concat(done, new) if rows else done
+
+    for i in tqdm(range(start_i, n), desc=desc, leave=False, initial=start_i, total=n):
         for p in params:
             p.grad = None
         prompts = [PROMPTS[(i * batch + b) % len(PROMPTS)] for b in range(batch)]
@@ -113,36 +182,64 @@ def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, des
         gen = torch.Generator("cpu").manual_seed(seed + i)
         with PeakMemory(chain.backend.device) as mem:
             start = time.perf_counter()
-            est.accumulate(chain, ctx, gen)
+            result = est.accumulate(chain, ctx, gen)
             if chain.backend.device.type == "cuda":
                 torch.cuda.synchronize()
             secs.append(time.perf_counter() - start)
         mems.append(mem.mb)
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        rows.append(-g.detach().double().cpu())  # .grad holds -grad J
+        rows.append(-g.detach().float().cpu())  # .grad holds -grad J
+        rewards.append(result.rewards.detach().float().cpu())
+        if cache and len(rows) % save_every == 0:
+            so_far().save(cache)
     for p in params:
         p.grad = None
-    return Draws(torch.stack(rows), secs, mems)
+    out = so_far()
+    if cache:
+        out.save(cache)
+    return out
 
 
-def compare(d: Draws, ref: torch.Tensor, ref_se2: torch.Tensor, batch: int) -> dict:
+def is_paired(d: Draws, ref: Draws) -> bool:
+    """Did draw i sample the reference's trajectories i (equal rewards, up to float noise)?"""
+    n = len(d.rewards)
+    return n <= len(ref.rewards) and torch.allclose(d.rewards, ref.rewards[:n], rtol=1e-4, atol=1e-5)
+
+
+def bias_norm(diff: torch.Tensor, se2: torch.Tensor) -> float:
+    """||bias|| estimated from a mean difference: the part of ||diff||^2 its noise does not explain."""
+    return math.sqrt(max(float((diff**2).sum() - se2.sum()), 0.0))
+
+
+def compare(d: Draws, ref: Draws, batch: int) -> dict:
     n = len(d.grads)
-    mean = d.grads.mean(0)
-    cov_trace = float(d.grads.var(0).sum()) if n > 1 else float("nan")
-    se2 = d.grads.var(0) / n if n > 1 else torch.full_like(mean, float("nan"))
-    noise2 = float((se2 + ref_se2).sum())
-    diff2 = float(((mean - ref) ** 2).sum())
-    bias2 = max(diff2 - noise2, 0.0)  # the part of ||mean - ref||^2 noise does not explain
+    G, R = d.grads.double(), ref.grads.double()
+    ref_mean = R.mean(0)
+    paired = is_paired(d, ref)
+
+    def mean_diff(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean difference to the reference, its squared SE per coordinate) from the first m draws."""
+        if paired:
+            dd = G[:m] - R[:m]
+            return dd.mean(0), dd.var(0) / m
+        return G[:m].mean(0) - ref_mean, G[:m].var(0) / m + R.var(0) / len(R)
+
+    diff, se2 = mean_diff(n)
+    cov_trace = float(G.var(0).sum())
     t = sum(d.seconds) / n
-    ref_norm = float(ref.norm())
-    cos = torch.nn.functional.cosine_similarity(d.grads, ref[None], dim=1)
+    ref_norm = float(ref_mean.norm())
+    cos = torch.nn.functional.cosine_similarity(G, ref_mean[None], dim=1)
+    by_n = {m: bias_norm(*mean_diff(m)) for m in sorted({max(n // 4, 2), max(n // 2, 2), n})}
     return {
-        "bias_over_se": math.sqrt(diff2 / noise2) if noise2 > 0 else float("nan"),
+        "paired": paired,
+        "bias_over_se": float(diff.norm() / se2.sum().sqrt()),
+        "bias_n": "/".join(f"{v:.3g}" for v in by_n.values()),
         "variance": cov_trace * batch,
         "cosine": float(cos.mean()),
         "time_s": t,
         "mem_mb": max(d.memory_mb),
-        "err_1s": math.sqrt(bias2 + cov_trace * t / 1.0) / ref_norm if ref_norm > 0 else float("nan"),
+        "err_1s": math.sqrt(bias_norm(diff, se2) ** 2 + cov_trace * t / 1.0) / ref_norm,
+        "bias_norm_by_n": by_n,
     }
 
 
@@ -162,16 +259,22 @@ def run(args: argparse.Namespace) -> dict:
     reward = rewards.make_reward(args.reward, rewards.load_perception(device=args.device))
     chain = BackendChain(backend, reward, SamplerSettings(args.steps, 1.0, args.guidance))
     print(f"sigma schedule: {[round(float(s), 3) for s in chain.sigma[1:]]}")
-    ref_draws = draw(chain, make_estimator("full-bp"), args.n_ref, args.batch, seed=10_000, desc="reference")
-    ref = ref_draws.grads.mean(0)
-    ref_se2 = ref_draws.grads.var(0) / args.n_ref
+    cache = (lambda label: args.cache / f"{label.replace(' ', '_')}.safetensors") if args.cache else (
+        lambda label: None)
+    ref_draws = draw(chain, make_estimator("full-bp"), args.n_ref, args.batch, seed=10_000, desc="reference",
+                     cache=cache("full-bp"))
+    ref = ref_draws.grads.double().mean(0)
+    ref_se2 = ref_draws.grads.double().var(0) / args.n_ref
     print(f"reference: ||grad J|| = {float(ref.norm()):.4g}, its SE norm = {float(ref_se2.sum().sqrt()):.3g}"
           f" ({args.n_ref} x batch {args.batch} full-BP trajectories)")
     rows = []
     for label, name, settings in settings_grid(args.quick):
         est = make_estimator(name, **settings)
-        d = draw(chain, est, args.n_est, args.batch, seed=20_000, desc=label)
-        row = {"estimator": label, **compare(d, ref, ref_se2, args.batch)}
+        if name == "full-bp":  # its own reference: a second, independent set of draws
+            d = draw(chain, est, args.n_est, args.batch, seed=20_000, desc=label, cache=cache("full-bp-2"))
+        else:
+            d = draw(chain, est, args.n_est, args.batch, seed=10_000, desc=label, cache=cache(label))
+        row = {"estimator": label, **compare(d, ref_draws, args.batch)}
         if name == "rlr":
             row["tail_L"] = est.tail_length(chain)
         rows.append(row)
@@ -186,8 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--reward", default="fidelity")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps K")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=10, help="sampling steps K (the app trains with 10)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (the app trains without: 1)")
+    p.add_argument("--cache", type=Path, default=None, help="keep every draw here; a rerun resumes from it")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--n-ref", type=int, default=64, help="full-BP batches averaged for the reference")
     p.add_argument("--n-est", type=int, default=16, help="batches drawn per estimator setting")
@@ -196,10 +300,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.guidance, args.batch, args.n_ref, args.n_est = 5, 1.0, 2, 4, 3
+    if args.n_est > args.n_ref:
+        p.error("--n-est must not exceed --n-ref: estimate i is paired with reference draw i")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
-    print_table(result["rows"], ["estimator", "bias_over_se", "variance", "cosine", "time_s", "mem_mb", "err_1s"],
+    print_table(result["rows"], ["estimator", "paired", "bias_over_se", "bias_n", "variance", "cosine", "time_s",
+                                 "mem_mb", "err_1s"],
                 title=f"estimators vs exact gradient (K={args.steps}, batch {args.batch}, {args.n_est} draws each)")
     write_json(args.json, result)
 

@@ -160,3 +160,20 @@ def test_default_tail_covers_the_near_deterministic_steps(chain: ToyChain) -> No
     # sigma: ..., 0.15 (step 3), 0.01 (step 2), 0 (step 1): steps 1 and 2 go pathwise.
     assert fo_tail_length(chain.sigma, 0.1) == 2
     assert RLR().tail_length(chain) == 2
+
+
+def test_estimators_share_the_trajectory_of_a_generator_state(chain):
+    """From one generator state every estimator but ZO-RLR samples the same trajectories (the
+    estimator benchmark pairs estimates on them); ZO-RLR's perturbed steps change its own."""
+    def rewards(est: Estimator) -> torch.Tensor:
+        chain.theta.grad = None
+        out = est.accumulate(chain, ToyContext(8), torch.Generator().manual_seed(123)).rewards
+        chain.theta.grad = None
+        return out
+
+    reference = rewards(FullBackprop(use_checkpoint=False))
+    for est in (TruncatedBackprop(steps=2), LikelihoodRatio(chunk=BIG_CHUNK), DDPO(chunk=BIG_CHUNK),
+                RLR(rest="lr", chunk=BIG_CHUNK), RLR(rest="lr", rest_steps=3, chunk=BIG_CHUNK),
+                RLR(rest="none")):
+        torch.testing.assert_close(rewards(est), reference, msg=f"{est.name} sampled another trajectory")
+    assert not torch.allclose(rewards(RLR(rest="zo", zo_scale=0.5)), reference)

@@ -52,7 +52,10 @@ class RLR(Estimator):
     zo_scale: float = 1e-3  # s: std of the ZO parameter perturbation
     memory_budget_gb: float | None = None  # for block="auto"; default: free memory
     temperature: float = 1.0  # grad-norm block start: p_j proportional to norm_j^(1/T)
-    chunk: int = 16
+    # (k, row) pairs per denoiser call in the "lr" term. None: the batch size, so the term holds
+    # one sampling step's graph at a time, the memory the method doc's budget for h assumes;
+    # larger chunks trade memory for fewer, bigger calls (faster on a GPU).
+    chunk: int | None = None
     use_checkpoint: bool = True
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
@@ -115,21 +118,30 @@ class RLR(Estimator):
 
     # --- the estimate -------------------------------------------------------------------------
 
-    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
-        tail = self.tail_length(chain)
-        h = self.block_size(chain, ctx, tail)
+    def plan(self, chain: Chain, ctx: ChainContext, generator: torch.Generator, tail: int,
+             h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block starts j (B,), the rest-of-chain mask C (K+1, B) and its per-row rescaling."""
         if h > 0:
             lo, hi = self.start_range(chain, tail, h)
             starts = self.draw_starts(chain, ctx, generator, lo, hi)
         else:  # the FO tail covers the whole chain
             starts = torch.full((ctx.batch,), chain.num_steps + 1)
         rest, scale = self._rest_plan(chain, tail, starts, h, generator)
+        return starts, rest, scale
+
+    def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
+        tail = self.tail_length(chain)
+        h = self.block_size(chain, ctx, tail)
         perturb = None
-        if self.rest == "zo":
+        if self.rest == "zo":  # C's perturbations shape the rollout, so the plan comes first
+            starts, rest, scale = self.plan(chain, ctx, generator, tail, h)
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
             perturb = ZOPerturbation(chain, rest, self.zo_scale, seed)
-
-        traj = chain.rollout(ctx, generator, perturb=perturb)
+            traj = chain.rollout(ctx, generator, perturb=perturb)
+        else:  # rollout first: from one generator state, the same trajectory as every other
+            # estimator draws (the estimator benchmark pairs estimates on common trajectories)
+            traj = chain.rollout(ctx, generator)
+            starts, rest, scale = self.plan(chain, ctx, generator, tail, h)
         R = fo_backward(chain, ctx, traj, tail, self.use_checkpoint)  # FO, steps L..1
         A = leave_one_out(R)
         loss = -float(R.mean())
@@ -137,7 +149,7 @@ class RLR(Estimator):
             loss += self.ho_backward(chain, ctx, traj, starts, h, A)
         if self.rest == "lr":
             ks, rows = rest.nonzero(as_tuple=True)
-            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows].to(A), self.chunk)
+            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows].to(A), self.chunk or ctx.batch)
         elif self.rest == "zo":
             zo_accumulate(chain, perturb, A)
         return Estimate(R, loss, {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())})
