@@ -24,9 +24,36 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapesworld-tiny"
 TEXT_DIM = 64
 
 
+COORD_CHANNELS = 2
+
+
+def with_coordinates(sample: torch.Tensor) -> torch.Tensor:
+    """Append two channels holding each pixel's x and y in [-1, 1]."""
+    b, _, h, w = sample.shape
+    ys = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype)
+    xs = torch.linspace(-1, 1, w, device=sample.device, dtype=sample.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, h, w): x then y
+    return torch.cat([sample, grid.expand(b, -1, -1, -1)], dim=1)
+
+
+class PositionAwareUNet(UNet2DConditionModel):
+    """A ``UNet2DConditionModel`` that knows where each pixel is (CoordConv, Liu et al. 2018).
+
+    "On the left" must become a shape on the left at the very first sampling step, when the
+    input is pure noise: a plain UNet has no positional signal there but zero-padding effects,
+    and the first model trained without one placed shapes wherever the noise did, whatever
+    the prompt said. Two coordinate channels are appended to the input (``in_channels`` counts
+    them); callers pass 3-channel images as usual. Saved and loaded with diffusers' own
+    ``save_pretrained`` / ``from_pretrained``; LoRA (peft) sees the same module tree.
+    """
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
+        return super().forward(with_coordinates(sample), timestep, encoder_hidden_states, *args, **kwargs)
+
+
 @dataclass
 class BuiltinModel:
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel  # a PositionAwareUNet, or a plain one in older model folders
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerFast
     scheduler: DDIMScheduler
@@ -61,16 +88,16 @@ def new_scheduler() -> DDIMScheduler:
     )
 
 
-def new_unet() -> UNet2DConditionModel:
+def new_unet() -> PositionAwareUNet:
     # Attention only at 16x16 and 8x8: the 32x32 level is convolution-only, which keeps
     # a 20-step sample of 8 images within a few seconds on two CPU cores.
     # addition_embed_type="text" attention-pools the caption into the timestep embedding, so
     # every ResNet block sees the global attributes (kind, colour, background, position), not
     # only the cross-attention layers: the scene-level choices are made at high noise, where
     # the spatial features are still mostly noise.
-    unet = UNet2DConditionModel(
+    unet = PositionAwareUNet(
         sample_size=IMAGE_SIZE,
-        in_channels=3,
+        in_channels=3 + COORD_CHANNELS,
         out_channels=3,
         block_out_channels=(32, 64, 96),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -117,11 +144,18 @@ def load_model(path: str | Path = DEFAULT_MODEL_DIR) -> BuiltinModel:
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"{path} is not a built-in model folder (no model_index.json)")
     return BuiltinModel(
-        unet=UNet2DConditionModel.from_pretrained(path / "unet"),
+        unet=_unet_class(path / "unet").from_pretrained(path / "unet"),
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
         tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
         scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
     )
+
+
+def _unet_class(folder: Path) -> type[UNet2DConditionModel]:
+    """The class the folder was saved from: model folders from before the coordinate channels
+    hold a plain ``UNet2DConditionModel`` and still load."""
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    return PositionAwareUNet if name == PositionAwareUNet.__name__ else UNet2DConditionModel
 
 
 def read_card(path: str | Path = DEFAULT_MODEL_DIR) -> dict:

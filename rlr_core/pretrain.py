@@ -67,6 +67,19 @@ def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torc
     return torch.clamp(snr + 1, max=gamma) / (snr + 1)
 
 
+def widen_input(state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
+    """Warm start across added input channels (the coordinate channels): the old conv_in
+    weights keep their channels, the new ones start at zero, so the model is unchanged."""
+    key = "conv_in.weight"
+    want = unet.conv_in.weight.shape
+    if key in state and state[key].shape != want and state[key].shape[1] < want[1]:
+        old = state[key]
+        wide = torch.zeros(want, dtype=old.dtype)
+        wide[:, : old.shape[1]] = old
+        state = {**state, key: wide}
+    return state
+
+
 def trainable_modules(model: BuiltinModel) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict({"unet": model.unet, "text_encoder": model.text_encoder})
 
@@ -146,11 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
     ema = EMAModel(modules.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     start = 0
+    run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.init and not args.resume:
         init = builtin_model.load_model(args.init)
         # Non-strict for the UNet: a folder from before a module was added (the pooled-text
         # embedding) loads, and the new module keeps its zero-initialised no-op start.
-        missing, unexpected = model.unet.load_state_dict(init.unet.state_dict(), strict=False)
+        missing, unexpected = model.unet.load_state_dict(widen_input(init.unet.state_dict(), model.unet), strict=False)
         if unexpected:
             raise ValueError(f"{args.init} has UNet weights this architecture lacks: {unexpected}")
         if missing:
@@ -166,11 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         meta = json.loads((ckpt / "state.json").read_text())
         start, ema.optimization_step = meta["step"], meta["ema_optimization_step"]
+        run_args = meta["args"]  # the card records the run's recipe, not this command line's
         print(f"resumed from step {start}")
     if args.export_only:
         if not args.export:
             p.error("--export-only needs --export DIR")
-        export(model, ema, args.export, start, args)
+        export(model, ema, args.export, start, run_args)
         return
     model.to(device)
     ema.to(device)
@@ -223,15 +238,14 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(args.out, model, ema, opt, done, args)
             write_grid(ema_model(model, ema), args.out / f"grid_{done:06d}.png")
     if args.export:
-        export(model, ema, args.export, args.steps, args)
+        export(model, ema, args.export, args.steps, run_args)
 
 
-def export(model: BuiltinModel, ema: EMAModel, folder: Path, step: int, args) -> None:
+def export(model: BuiltinModel, ema: EMAModel, folder: Path, step: int, run_args: dict) -> None:
     """Write the EMA weights as a model folder; keeps the card's other fields if present."""
     card_path = folder / "model_index.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    card.update({"pretrain_steps": step, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                 "ema_decay": args.ema_decay})
+    card.update({"pretrain_steps": step, **{k: run_args.get(k) for k in ("batch", "lr", "seed", "ema_decay", "init")}})
     ema_model(model, ema).to("cpu").save(folder, card=card)
     print(f"exported the EMA model at step {step} to {folder}")
 

@@ -49,3 +49,28 @@ def test_backend_interface_on_builtin(builtin_backend):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     names = {n.split(".")[-1] for n, _ in builtin_backend.denoiser.named_modules()}
     assert {"to_q", "to_k", "to_v"} <= names
+
+
+def test_the_unet_sees_pixel_coordinates():
+    from rlr_core.builtin_model import with_coordinates
+
+    x = torch.zeros(2, 3, 4, 5)
+    out = with_coordinates(x)
+    assert out.shape == (2, 5, 4, 5)
+    assert torch.equal(out[:, 3, 0], torch.linspace(-1, 1, 5).expand(2, 5))  # x runs left to right
+    assert torch.equal(out[:, 4, :, 0], torch.linspace(-1, 1, 4).expand(2, 4))  # y runs top to bottom
+    unet = builtin_model.new_unet()
+    assert unet.config.in_channels == 5 and unet.conv_in.weight.shape[1] == 5
+
+
+def test_warm_start_from_a_unet_without_coordinate_channels_changes_nothing():
+    from diffusers import UNet2DConditionModel
+
+    from rlr_core.pretrain import widen_input
+
+    torch.manual_seed(0)
+    new = builtin_model.new_unet()
+    old = UNet2DConditionModel.from_config({**new.config, "in_channels": 3})
+    new.load_state_dict(widen_input(old.state_dict(), new))
+    x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([5, 700]), torch.randn(2, 16, 64)
+    torch.testing.assert_close(new(x, t, c).sample, old(x, t, c).sample)
