@@ -67,17 +67,38 @@ def loss_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torc
     return torch.clamp(snr + 1, max=gamma) / (snr + 1)
 
 
-def widen_input(state: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
-    """Warm start across added input channels (the coordinate channels): the old conv_in
-    weights keep their channels, the new ones start at zero, so the model is unchanged."""
+def widen_input(state: dict[str, torch.Tensor], unet, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Warm start across added input channels (the coordinate channels): conv_in keeps the old
+    channels' weights; the new ones are drawn at the old weights' scale. Not zeros: a zero
+    coordinate path next to text that barely tells "left" from "right" is a saddle (each side's
+    gradient is proportional to the other), and a first attempt sat on it for 500 steps."""
     key = "conv_in.weight"
     want = unet.conv_in.weight.shape
     if key in state and state[key].shape != want and state[key].shape[1] < want[1]:
         old = state[key]
-        wide = torch.zeros(want, dtype=old.dtype)
+        gen = torch.Generator().manual_seed(seed)
+        wide = torch.randn(want, generator=gen, dtype=old.dtype) * old.std()
         wide[:, : old.shape[1]] = old
         state = {**state, key: wide}
     return state
+
+
+def redraw_token_embeddings(model: BuiltinModel, words: list[str], scale: float, seed: int = 0) -> None:
+    """Give ``words`` fresh, distinct input embeddings of norm ``scale`` x the vocabulary's mean.
+
+    For a warm start where the text encoder learned to ignore words the denoiser could not use
+    (position words, before the UNet saw coordinates): their outputs then differ by far less
+    than other attributes', and nothing downstream pulls them apart."""
+    table = model.text_encoder.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    mean_norm = table.detach().norm(dim=1).mean()
+    with torch.no_grad():
+        for word in words:
+            index = model.tokenizer.convert_tokens_to_ids(word)
+            if index == model.tokenizer.unk_token_id:
+                raise ValueError(f"--redraw-tokens: {word!r} is not in the vocabulary")
+            fresh = torch.randn(table.shape[1], generator=gen)
+            table[index] = fresh / fresh.norm() * mean_norm * scale
 
 
 def trainable_modules(model: BuiltinModel) -> torch.nn.ModuleDict:
@@ -143,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this model folder's weights (fresh optimizer and EMA) instead of random")
+    p.add_argument("--redraw-tokens", nargs="+", default=[],
+                   help="with --init: fresh input embeddings for these words (see redraw_token_embeddings)")
+    p.add_argument("--redraw-scale", type=float, default=3.0,
+                   help="their norm, in multiples of the vocabulary's mean embedding norm")
     p.add_argument("--spike-factor", type=float, default=4.0,
                    help="stop when the smoothed loss exceeds this multiple of its best value (divergence)")
     p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
@@ -170,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             print(f"new modules (not in {args.init}): {sorted({k.rsplit('.', 2)[0] for k in missing})}")
         model.text_encoder.load_state_dict(init.text_encoder.state_dict())
+        if args.redraw_tokens:
+            redraw_token_embeddings(model, args.redraw_tokens, args.redraw_scale, seed=args.seed)
+            print(f"re-drew the token embeddings of {args.redraw_tokens}")
         ema = EMAModel(modules.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
         print(f"initialised from {args.init}")
     ckpt = args.out / "checkpoint"

@@ -63,7 +63,7 @@ def test_the_unet_sees_pixel_coordinates():
     assert unet.config.in_channels == 5 and unet.conv_in.weight.shape[1] == 5
 
 
-def test_warm_start_from_a_unet_without_coordinate_channels_changes_nothing():
+def test_warm_start_from_a_unet_without_coordinate_channels():
     from diffusers import UNet2DConditionModel
 
     from rlr_core.pretrain import widen_input
@@ -72,5 +72,23 @@ def test_warm_start_from_a_unet_without_coordinate_channels_changes_nothing():
     new = builtin_model.new_unet()
     old = UNet2DConditionModel.from_config({**new.config, "in_channels": 3})
     new.load_state_dict(widen_input(old.state_dict(), new))
-    x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([5, 700]), torch.randn(2, 16, 64)
-    torch.testing.assert_close(new(x, t, c).sample, old(x, t, c).sample)
+    assert torch.equal(new.conv_in.weight[:, :3], old.conv_in.weight)  # the old channels kept
+    coords = new.conv_in.weight[:, 3:]
+    assert 0.5 < float(coords.std() / old.conv_in.weight.std()) < 2  # new ones at the same scale
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items() if k != "conv_in.weight")
+
+
+def test_redrawn_token_embeddings_are_distinct_and_scaled():
+    from rlr_core.pretrain import redraw_token_embeddings
+
+    model = builtin_model.new_model(seed=1)
+    table = model.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    redraw_token_embeddings(model, ["left", "right"], scale=3.0)
+    ids = [model.tokenizer.convert_tokens_to_ids(w) for w in ("left", "right")]
+    changed = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted(ids)
+    mean_norm = before.norm(dim=1).mean()
+    for i in ids:
+        assert abs(float(table[i].norm() / mean_norm) - 3.0) < 0.1
+    assert float((table[ids[0]] - table[ids[1]]).norm()) > mean_norm
