@@ -42,9 +42,16 @@ def page(running):
 
 
 def dismiss_messages(page) -> None:
+    """Close the toasts still showing (only so they do not cover the screenshot). A toast can
+    time out and leave the page between finding it and clicking it: that one needs no click."""
+    from playwright.sync_api import Error as PlaywrightError
+
     for button in page.locator(".toast-close").all():
-        if button.is_visible():
-            button.click()
+        try:
+            if button.is_visible():
+                button.click(timeout=2_000)
+        except PlaywrightError:
+            pass
 
 
 def shot(page, name: str, keep_messages: bool = False) -> None:
