@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -91,13 +93,19 @@ def test_auto_train_starts_a_round_after_n_new_judgements(services):
 def test_stage_prompts_from_the_prompt_lab_reach_the_round(services):
     judge(services)
     services.save_stage_prompts("a blue circle", "a shape", "a circle", "a blue circle", "ann")
-    services.set_stage_settings(0.3, 0.6, "coarse")
+    services.set_stage_settings(0.3, 0.5, "coarse")  # not the default boundaries (0.3, 0.6)
     services.rounds.start(RoundSettings.parse(**{**TINY, "sampling_steps": 10}))
     status = wait(services)
     assert status["state"] == "finished", status
     assert status["prompts"][0] == {"prompt": "a blue circle", "stages": ["a shape", "a circle", "a blue circle"],
                                     "source": "prompt lab"}
     assert status["window"] == [8, 10]  # the coarse stage of a 10-step chain, in k = K..1
+    # the version records what the round trained with: the lab's stages, boundaries and window
+    version = services.store.get_model_version(status["version_id"])
+    training = json.loads((Path(version["weights_path"]) / "config.json").read_text())["training"]
+    assert training["stage_boundaries"] == [0.3, 0.5]
+    assert training["stage_prompts"] == {"a blue circle": ["a shape", "a circle", "a blue circle"]}
+    assert training["estimator_options"]["window"] == [8, 10]
 
 
 def test_export_and_import_into_a_fresh_data_directory(services, tmp_path, builtin_backend):
@@ -118,23 +126,3 @@ def test_export_and_import_into_a_fresh_data_directory(services, tmp_path, built
     finally:
         fresh.close()
 
-
-def test_round_trains_with_the_prompt_labs_stages_boundaries_and_focus(services):
-    import json
-    from pathlib import Path
-
-    judge(services)
-    services.save_stage_prompts("a blue circle", "a shape", "a circle", "a blue circle", "ann")
-    services.set_stage_settings(0.25, 0.5, "mid")
-    services.rounds.start(RoundSettings.parse(**{**TINY, "sampling_steps": 8}))
-    status = wait(services)
-    assert status["state"] == "finished", status
-    assert status["prompts"][0]["stages"] == ["a shape", "a circle", "a blue circle"]
-    version = services.store.get_model_version(status["version_id"])
-    training = json.loads((Path(version["weights_path"]) / "config.json").read_text())["training"]
-    assert training["stage_boundaries"] == [0.25, 0.5]
-    assert training["stage_prompts"] == {"a blue circle": ["a shape", "a circle", "a blue circle"]}
-    # the mid stage of 8 steps with boundaries (0.25, 0.5) is the 3rd and 4th sampling steps,
-    # k = 6 and 5 in the method doc's numbering (k = K .. 1): the HO block's window [a, b]
-    assert status["window"] == [5, 6]
-    assert training["estimator_options"]["window"] == [5, 6]
