@@ -40,9 +40,9 @@ class PositionAwareUNet(UNet2DConditionModel):
     """A ``UNet2DConditionModel`` that knows where each pixel is (CoordConv, Liu et al. 2018).
 
     "On the left" must become a shape on the left at the very first sampling step, when the
-    input is pure noise: a plain UNet has no positional signal there but zero-padding effects,
-    and the first model trained without one placed shapes wherever the noise did, whatever
-    the prompt said. Two coordinate channels are appended to the input (``in_channels`` counts
+    input is pure noise: a plain UNet has no positional signal there but zero-padding effects.
+    (Added to a model trained without it, it has not yet made position words work: see the
+    model card's "Known problem".) Two coordinate channels are appended to the input (``in_channels`` counts
     them); callers pass 3-channel images as usual. Saved and loaded with diffusers' own
     ``save_pretrained`` / ``from_pretrained``; LoRA (peft) sees the same module tree.
     """
