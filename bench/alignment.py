@@ -17,6 +17,7 @@ improving.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -29,7 +30,7 @@ from bench.estimators import load_backend
 from rlr_core import rewards
 from rlr_core.builtin_model import DEFAULT_MODEL_DIR
 from rlr_core.sampler import SamplerSettings, generate
-from rlr_core.training import Progress, TrainConfig, run_round
+from rlr_core.training import Progress, TrainConfig, TrainingDiverged, run_round
 
 TRAIN_PROMPTS = ["a red circle", "a blue square on the left", "a large yellow triangle",
                  "a small green circle, black background", "a purple square in the center",
@@ -85,8 +86,17 @@ def run_method(args: argparse.Namespace, method: str, seed: int, judge) -> list[
             point(p.step, p.samples, p.elapsed - eval_time, p.reward_mean)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_round(backend, reward_fn, config, Path(tmp) / "version", progress=progress)
+        try:
+            run_round(backend, reward_fn, config, Path(tmp) / "version", progress=progress)
+        except TrainingDiverged as err:  # a run that diverges is a result, not a crash of the benchmark
+            curve[-1]["diverged"] = str(err)
     return curve
+
+
+def run_key(args: argparse.Namespace) -> dict:
+    """The settings a cached run must match to be reused."""
+    skip = {"json", "plot", "cache", "methods", "seeds", "threads", "quick"}
+    return {k: str(v) for k, v in sorted(vars(args).items()) if k not in skip}
 
 
 def summarise(curves: dict[str, list[list[dict]]]) -> list[dict]:
@@ -103,7 +113,8 @@ def summarise(curves: dict[str, list[list[dict]]]) -> list[dict]:
         rows.append({"method": method, "start eval reward": ms("eval_reward", [r[0] for r in runs]),
                      "final eval reward": ms("eval_reward", finals), "best eval reward": f"{statistics.mean(best):.3f}",
                      "final fidelity": ms("eval_fidelity", finals), "final train reward": ms("train_reward", finals),
-                     "train seconds": f"{statistics.mean(f['train_seconds'] for f in finals):.0f}"})
+                     "train seconds": f"{statistics.mean(f['train_seconds'] for f in finals):.0f}",
+                     "diverged runs": sum("diverged" in f for f in finals)})
     return rows
 
 
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-seeds", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep each finished run's curve here (JSON); a rerun with the same settings resumes")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.batch, args.steps, args.guidance = 2, 2, 2, 4, 1.0
@@ -168,10 +181,18 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         curves[method] = []
         for seed in range(args.seeds):
+            cached = args.cache / f"{method}-seed{seed}.json" if args.cache else None
+            if cached and cached.exists() and json.loads(cached.read_text())["settings"] == run_key(args):
+                curves[method].append(json.loads(cached.read_text())["curve"])
+                continue
             start = time.perf_counter()
             curves[method].append(run_method(args, method, seed, judge))
             print(f"{method} seed {seed}: {time.perf_counter() - start:.0f} s, final eval reward "
-                  f"{curves[method][-1][-1]['eval_reward']:.3f}")
+                  f"{curves[method][-1][-1]['eval_reward']:.3f}"
+                  + (" (diverged)" if "diverged" in curves[method][-1][-1] else ""))
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"settings": run_key(args), "curve": curves[method][-1]}))
     rows = summarise(curves)
     title = (f"alignment: reward {args.reward}, {args.rounds} steps x batch {args.batch}, K={args.steps}, "
              f"{args.seeds} seeds")

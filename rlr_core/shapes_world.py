@@ -169,21 +169,26 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     return np.clip(image, 0, 1).astype(np.float32)
 
 
-def random_partial(rng: random.Random, scene: Scene, drop_prob: float) -> PartialScene:
-    """Forget each attribute of ``scene`` with probability ``drop_prob`` (varied captions)."""
-    kept = {k: v for k, v in scene.as_dict().items() if rng.random() >= drop_prob}
+def random_partial(rng: random.Random, scene: Scene, drop_prob: float,
+                   drop_overrides: dict[str, float] | None = None) -> PartialScene:
+    """Forget each attribute of ``scene`` with probability ``drop_prob`` (varied captions);
+    ``drop_overrides`` gives some attributes their own probability."""
+    probs = drop_overrides or {}
+    kept = {k: v for k, v in scene.as_dict().items() if rng.random() >= probs.get(k, drop_prob)}
     return PartialScene(**kept)
 
 
 def training_examples(
-    seed: int, drop_prob: float = 0.3, allow_held_out: bool = False
+    seed: int, drop_prob: float = 0.3, allow_held_out: bool = False,
+    drop_overrides: dict[str, float] | None = None, fixed: dict[str, str] | None = None,
 ) -> Iterator[tuple[np.ndarray, str, Scene]]:
-    """An endless stream of (image, caption, scene); captions omit attributes at random."""
+    """An endless stream of (image, caption, scene); captions omit attributes at random.
+    ``fixed`` pins attributes of every scene (a curriculum's narrow first stages)."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     while True:
-        scene = PartialScene().complete(rng, allow_held_out=allow_held_out)
-        yield render(scene, nrng), caption(random_partial(rng, scene, drop_prob)), scene
+        scene = PartialScene(**(fixed or {})).complete(rng, allow_held_out=allow_held_out)
+        yield render(scene, nrng), caption(random_partial(rng, scene, drop_prob, drop_overrides)), scene
 
 
 def all_scenes(include_held_out: bool = True) -> list[Scene]:

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--block", default="2", help="RLR: HO block size h, or 'auto' (from --memory-budget-gb)")
     g.add_argument("--rest", default="lr", choices=["lr", "zo", "none"], help="RLR: rest-of-chain term")
     g.add_argument("--tail", type=int, default=None, help="RLR: FO tail L (default: from the sigma schedule)")
-    g.add_argument("--min-sigma-ratio", type=float, default=0.1, help="RLR: sigma threshold for the default L")
+    g.add_argument("--min-sigma-ratio", type=float, default=0.3, help="RLR: sigma threshold for the default L")
     g.add_argument("--block-start", default="uniform", choices=["uniform", "grad-norm"])
     g.add_argument("--window", type=int, nargs=2, metavar=("A", "B"), help="RLR: block starts j in [A, B] (DCoT)")
     g.add_argument("--rest-steps", type=int, default=None, help="RLR 'lr': m random steps, rescaled by |C|/m")

@@ -55,7 +55,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clipping threshold (the unclipped norm is reported)
-    explode_factor: float = 1e3  # abort when grad norm > factor x running median
+    # Optional: abort when the grad norm exceeds factor x the round's running median. Off by default:
+    # likelihood-ratio terms (LR, DDPO, RLR's rest of chain) are heavy-tailed, and bench.alignment
+    # measured single batches 1e4x (RLR) and 2.5e6x (DDPO, whose clipped epochs have ~0 gradient)
+    # the median in healthy runs. Clipping bounds every step; non-finite values always stop a round.
+    explode_factor: float | None = None
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -116,7 +120,7 @@ def trainable_parameters(backend: DiffusionBackend, config: TrainConfig) -> list
 class _Guard:
     """Checks each step's numbers; keeps a copy of the weights to restore on divergence."""
 
-    def __init__(self, params: list[torch.nn.Parameter], explode_factor: float):
+    def __init__(self, params: list[torch.nn.Parameter], explode_factor: float | None):
         self.params = params
         self.explode_factor = explode_factor
         self.norms: list[float] = []
@@ -128,7 +132,7 @@ class _Guard:
 
     def check_grad_norm(self, norm: float) -> None:
         self.check("the gradient norm", norm)
-        if len(self.norms) >= 5:
+        if self.explode_factor is not None and len(self.norms) >= 5:
             median = statistics.median(self.norms)
             if median > 0 and norm > self.explode_factor * median:
                 raise TrainingDiverged(

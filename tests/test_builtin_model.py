@@ -92,3 +92,34 @@ def test_redrawn_token_embeddings_are_distinct_and_scaled():
     for i in ids:
         assert abs(float(table[i].norm() / mean_norm) - 3.0) < 0.1
     assert float((table[ids[0]] - table[ids[1]]).norm()) > mean_norm
+
+
+def test_high_noise_timesteps_take_their_fraction_and_range():
+    from rlr_core.pretrain import sample_timesteps
+
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, 1000, gen, high_frac=0.5, high_min=900)
+    assert 0 <= int(t.min()) and int(t.max()) <= 999
+    assert abs(float((t >= 900).float().mean()) - (0.5 + 0.5 * 0.1)) < 0.03  # 0.5 forced + 10% of the rest
+    plain = sample_timesteps(50, 1000, torch.Generator().manual_seed(1), 0.0, 900)
+    assert torch.equal(plain, torch.randint(0, 1000, (50,), generator=torch.Generator().manual_seed(1)))
+
+
+def test_pretraining_resumes_bit_for_bit_and_logs_the_position_gap(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from rlr_core import pretrain
+
+    common = ["--batch", "2", "--every", "2", "--threads", "1", "--warmup", "2", "--high-noise-frac", "0.5"]
+    pretrain.main(["--out", str(tmp_path / "straight"), "--steps", "4", *common])
+    pretrain.main(["--out", str(tmp_path / "resumed"), "--steps", "2", *common])
+    pretrain.main(["--out", str(tmp_path / "resumed"), "--steps", "4", "--resume", *common])
+    a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gaps = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    gaps = [g["position_gap"] for g in gaps if "position_gap" in g]
+    assert len(gaps) == 2 and all(g >= 0 for g in gaps)
+    assert (tmp_path / "straight" / "grid_000004.png").exists()

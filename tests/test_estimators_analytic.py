@@ -157,9 +157,9 @@ def test_ddpo_update_takes_inner_steps(chain: ToyChain) -> None:
 
 
 def test_default_tail_covers_the_near_deterministic_steps(chain: ToyChain) -> None:
-    # sigma: ..., 0.15 (step 3), 0.01 (step 2), 0 (step 1): steps 1 and 2 go pathwise.
-    assert fo_tail_length(chain.sigma, 0.1) == 2
-    assert RLR().tail_length(chain) == 2
+    # sigma: ..., 0.24 (step 4), 0.15 (step 3), 0.01 (step 2), 0 (step 1); max 0.78.
+    assert fo_tail_length(chain.sigma, 0.1) == 2  # below 0.078: steps 1 and 2 go pathwise
+    assert RLR().tail_length(chain) == 3  # the default ratio 0.3 (below 0.234): step 3 too
 
 
 def test_estimators_share_the_trajectory_of_a_generator_state(chain):
@@ -177,3 +177,11 @@ def test_estimators_share_the_trajectory_of_a_generator_state(chain):
                 RLR(rest="none")):
         torch.testing.assert_close(rewards(est), reference, msg=f"{est.name} sampled another trajectory")
     assert not torch.allclose(rewards(RLR(rest="zo", zo_scale=0.5)), reference)
+
+
+def test_a_window_at_the_end_of_the_chain_shortens_the_default_tail(chain: ToyChain) -> None:
+    # DCoT's fine stage at the end: the default L = 3 would leave no block start in [1, 3].
+    rlr = RLR(block=2, window=(1, 3))
+    L = rlr.tail_length(chain)
+    assert L == 2
+    assert rlr.start_range(chain, L, 2) == (3, 3)

@@ -75,3 +75,17 @@ def test_complete_respects_specified_attributes():
         assert scene.kind != "triangle"  # green triangle is held out
     with pytest.raises(ValueError):
         sw.PartialScene(colour="green", kind="triangle").complete(rng, allow_held_out=False)
+
+
+def test_drop_overrides_keep_one_attribute_while_others_drop():
+    stream = sw.training_examples(seed=2, drop_prob=0.5, drop_overrides={"position": 0.0})
+    captions = [next(stream)[1] for _ in range(100)]
+    assert all(any(p in c for p in ("left", "center", "right")) for c in captions)
+    assert sum("background" in c for c in captions) < 80  # the others still drop at 0.5
+
+
+def test_fixed_attributes_pin_every_scene_of_a_curriculum_stage():
+    stream = sw.training_examples(seed=3, fixed={"background": "black", "size": "large"})
+    scenes = [next(stream)[2] for _ in range(50)]
+    assert all(s.background == "black" and s.size == "large" for s in scenes)
+    assert len({s.colour for s in scenes}) > 3  # the rest still vary
