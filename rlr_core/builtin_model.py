@@ -41,8 +41,8 @@ class PositionAwareUNet(UNet2DConditionModel):
 
     "On the left" must become a shape on the left at the very first sampling step, when the
     input is pure noise: a plain UNet has no positional signal there but zero-padding effects.
-    (Added to a model trained without it, it has not yet made position words work: see the
-    model card's "Known problem".) Two coordinate channels are appended to the input (``in_channels`` counts
+    (Added to a model trained without it, it was not enough on its own: position words took a
+    curriculum too; see the model card.) Two coordinate channels are appended to the input (``in_channels`` counts
     them); callers pass 3-channel images as usual. Saved and loaded with diffusers' own
     ``save_pretrained`` / ``from_pretrained``; LoRA (peft) sees the same module tree.
     """

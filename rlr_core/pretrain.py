@@ -75,8 +75,8 @@ def sample_timesteps(n: int, num_train: int, gen: torch.Generator, high_frac: fl
     Why: where the shape goes is decided at the first sampling steps, at noise levels so high
     (t >= ~900 on the cosine schedule: SNR < 0.025) that a 32x32 image no longer shows it; only
     there must position come from the caption. Those steps are ~10% of uniform draws, and the
-    position words sat on a plateau for 7,750 steps. With every timestep at t = 999 the shipped
-    model broke through in ~55 steps on one caption pair (model card).
+    position words sat on a plateau for 7,750 steps (the model card has the measurements, and the
+    curriculum in scripts/position_curriculum.sh that got past it).
     """
     t = torch.randint(0, num_train, (n,), generator=gen)
     if high_frac > 0:  # extra draws only then, so runs without it keep their random stream
