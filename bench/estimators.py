@@ -311,6 +311,8 @@ def run(args: argparse.Namespace) -> dict:
           f" ({args.n_ref} x batch {args.batch} full-BP trajectories)")
     rows = []
     for label, name, settings in settings_grid(args.quick):
+        if args.rows and not any(pattern == label for pattern in args.rows):
+            continue
         est = make_estimator(name, **settings)
         if name == "full-bp":  # its own reference: a second, independent set of draws
             d = draw(chain, est, args.n_est, args.batch, seed=20_000, desc=label, cache=cache("full-bp-2"))
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-est", type=int, default=16, help="batches drawn per estimator setting")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                   help="run only these rows of the grid (labels as printed, e.g. \"truncated-bp K'=1\")")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.guidance, args.batch, args.n_ref, args.n_est = 5, 1.0, 2, 4, 3
