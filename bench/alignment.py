@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         curves[method] = []
         for seed in range(args.seeds):
             cached = args.cache / f"{method}-seed{seed}.json" if args.cache else None
-            if cached and cached.exists() and json.loads(cached.read_text())["settings"] == run_key(args):
-                curves[method].append(json.loads(cached.read_text())["curve"])
+            saved = json.loads(cached.read_text()) if cached and cached.exists() else None
+            if saved and saved["settings"] == run_key(args):
+                curves[method].append(saved["curve"])
                 continue
             start = time.perf_counter()
             curves[method].append(run_method(args, method, seed, judge))

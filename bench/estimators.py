@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
           f" ({args.n_ref} x batch {args.batch} full-BP trajectories)")
     rows = []
     for label, name, settings in settings_grid(args.quick):
-        if args.rows and not any(pattern == label for pattern in args.rows):
+        if args.rows and label not in args.rows:
             continue
         est = make_estimator(name, **settings)
         if name == "full-bp":  # its own reference: a second, independent set of draws

@@ -90,18 +90,16 @@ POSITION_PROBES = ["a small blue square {}, white background", "a yellow triangl
 
 
 @torch.no_grad()
-def position_gap(model: BuiltinModel, device: torch.device | str = "cpu") -> float:
+def position_gap(model: BuiltinModel) -> float:
     """Mean |denoiser output| difference between "on the left" and "on the right" prompts at
     t = T-1 from the same noise (0 when position words are ignored; ~0.3 when obeyed)."""
     model.unet.eval()
-    x = torch.randn(4, 3, shapes_world.IMAGE_SIZE, shapes_world.IMAGE_SIZE,
-                    generator=torch.Generator().manual_seed(5)).to(device)
-    t = torch.full((4,), model.scheduler.config.num_train_timesteps - 1, device=device)
+    backend = BuiltinBackend(model)
+    x = torch.randn(4, *backend.state_shape, generator=torch.Generator().manual_seed(5)).to(backend.device)
+    t = torch.full((4,), model.scheduler.config.num_train_timesteps - 1, device=backend.device)
 
     def out(prompt: str) -> torch.Tensor:
-        ids = model.tokenizer([prompt] * 4, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids.to(device)
-        return model.unet(x, t, model.text_encoder(ids).last_hidden_state).sample
+        return backend.model_output(x, t, backend.encode_prompts([prompt] * 4))
 
     gaps = [(out(p.format("on the left")) - out(p.format("on the right"))).abs().mean() for p in POSITION_PROBES]
     return float(torch.stack(gaps).mean())
@@ -320,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(args.out, model, ema, opt, done, args)
             ema_copy = ema_model(model, ema)
             write_grid(ema_copy, args.out / f"grid_{done:06d}.png")
-            gap = position_gap(ema_copy, device)
+            gap = position_gap(ema_copy)
             log.write(json.dumps({"step": done, "position_gap": gap}) + "\n")
             log.flush()
             tqdm.write(f"step {done}: position gap {gap:.4f} (0 = position words ignored)")
