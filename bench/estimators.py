@@ -32,12 +32,15 @@ where it stopped and a rerun with a larger ``--n-ref`` only draws the new ones.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -59,15 +62,19 @@ def settings_grid(quick: bool) -> list[tuple[str, str, dict]]:
     rows = [("full-bp", "full-bp", {}), *[(f"truncated-bp K'={k}", "truncated-bp", {"steps": k})
                                           for k in ((1, 2) if quick else (1, 2, 3, 5))],
             ("lr (=ddpo step 1)", "lr", {})]
+    # Every RLR label names its FO tail L: L=1 is the paper's, L=3 the default at K = 10.
     if quick:
-        rows += [(f"rlr h={h} rest={rest}", "rlr", {"block": h, "rest": rest}) for rest in ("lr", "zo", "none")
-                 for h in (1, 2)]
+        rows += [(f"rlr h={h} rest={rest} L=1", "rlr", {"block": h, "rest": rest, "tail": 1})
+                 for rest in ("lr", "zo", "none") for h in (1, 2)]
     else:  # h over the lr rest; every rest-of-chain option at the paper's h = 2 (CPU budget: ~5 min a row)
-        rows += [(f"rlr h={h} rest=lr", "rlr", {"block": h, "rest": "lr"}) for h in (1, 2, 4)]
-        rows += [(f"rlr h=2 rest={rest}", "rlr", {"block": 2, "rest": rest}) for rest in ("zo", "none")]
+        rows += [(f"rlr h={h} rest=lr L=1", "rlr", {"block": h, "rest": "lr", "tail": 1}) for h in (1, 2, 4)]
+        rows += [(f"rlr h=2 rest={rest} L=1", "rlr", {"block": 2, "rest": rest, "tail": 1}) for rest in ("zo", "none")]
         # a longer FO tail: the likelihood ratios at the smallest sigmas carry most of LR's variance
         rows += [(f"rlr h=2 rest=lr L={tail}", "rlr", {"block": 2, "rest": "lr", "tail": tail}) for tail in (2, 3)]
-    rows.append(("rlr h=2 rest=lr m=4", "rlr", {"block": 2, "rest": "lr", "rest_steps": 4}))
+    rows.append(("rlr h=2 rest=lr m=4 L=1", "rlr", {"block": 2, "rest": "lr", "rest_steps": 4, "tail": 1}))
+    # the paper's memory accounting: every kept step holds its graph (no checkpointing)
+    rows += [("truncated-bp K'=3 no-ckpt", "truncated-bp", {"steps": 3, "use_checkpoint": False}),
+             ("rlr h=2 rest=lr L=3 no-ckpt", "rlr", {"block": 2, "rest": "lr", "tail": 3, "use_checkpoint": False})]
     return rows
 
 
@@ -140,18 +147,24 @@ class Draws:
     def first(self, n: int) -> Draws:
         return Draws(self.grads[:n], self.seconds[:n], self.memory_mb[:n], self.rewards[:n])
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, tag: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"grads": self.grads.contiguous(), "seconds": torch.tensor(self.seconds, dtype=torch.float64),
                    "memory_mb": torch.tensor(self.memory_mb, dtype=torch.float64),
-                   "rewards": self.rewards.contiguous()}, str(tmp))
+                   "rewards": self.rewards.contiguous()}, str(tmp), metadata={"drawn_with": tag})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> Draws | None:
+    def load(cls, path: Path, tag: str) -> Draws | None:
+        """The cached draws, if they were made with exactly this setting (``tag``)."""
         if not path.exists():
             return None
+        with safe_open(str(path), "pt") as f:
+            found = (f.metadata() or {}).get("drawn_with")
+        if found != tag:
+            raise ValueError(f"{path} was drawn with another setting ({found}), not {tag}; "
+                             "delete it or use another --cache")
         t = load_file(str(path))
         return cls(t["grads"], t["seconds"].tolist(), t["memory_mb"].tolist(), t["rewards"])
 
@@ -163,10 +176,22 @@ class Draws:
                    torch.cat([a.rewards, b.rewards]))
 
 
+def draw_tag(chain: BackendChain, est: Estimator, batch: int, seed: int, reward: str) -> str:
+    """What a cache of draws must have been made with: estimator settings, reward, sampler,
+    batch, seeds and the model's weights."""
+    weights = hashlib.sha256()
+    for p in chain.backend.denoiser.parameters():
+        weights.update(p.detach().float().cpu().numpy().tobytes())
+    return json.dumps({"estimator": repr(est), "reward": reward, "sampler": repr(chain.settings), "batch": batch,
+                       "seed": seed, "model": weights.hexdigest()[:16]})
+
+
 def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, desc: str,
-         cache: Path | None = None, save_every: int = 8) -> Draws:
-    """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache``."""
-    done = Draws.load(cache) if cache else None
+         cache: Path | None = None, save_every: int = 8, reward: str = "") -> Draws:
+    """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache`` (which
+    must have been drawn with the same setting: see :func:`draw_tag`)."""
+    tag = draw_tag(chain, est, batch, seed, reward)
+    done = Draws.load(cache, tag) if cache else None
     if done is not None and len(done.grads) >= n:
         return done.first(n)
     params = chain.parameters()
@@ -195,12 +220,12 @@ def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, des
         rows.append(-g.detach().float().cpu())  # .grad holds -grad J
         rewards.append(result.rewards.detach().float().cpu())
         if cache and len(rows) % save_every == 0:
-            so_far().save(cache)
+            so_far().save(cache, tag)
     for p in params:
         p.grad = None
     out = so_far()
     if cache:
-        out.save(cache)
+        out.save(cache, tag)
     return out
 
 
@@ -272,10 +297,11 @@ def issue_targets(rows: list[dict], limit: float = 3.0) -> list[dict]:
                 factor = lr_var / r["variance"]
                 out.append({"check": f"{name}: variance >= 2x below LR/DDPO", "value": f"{factor:.3g}x",
                             "met": factor >= 2.0})
-            trunc = by.get(f"truncated-bp K'={h + 1}")
+            suffix = " no-ckpt" if name.endswith("no-ckpt") else ""
+            trunc = by.get(f"truncated-bp K'={h + 1}{suffix}")
             if trunc and trunc["mem_mb"] > 0:
                 ratio = r["mem_mb"] / trunc["mem_mb"]
-                out.append({"check": f"{name}: memory <= 1.5x truncated K'={h + 1}", "value": f"{ratio:.2f}x",
+                out.append({"check": f"{name}: memory <= 1.5x truncated K'={h + 1}{suffix}", "value": f"{ratio:.2f}x",
                             "met": ratio <= 1.5})
         elif name.startswith("truncated-bp"):
             first, *_, last = r["bias_norm_by_n"].values()
@@ -304,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     cache = (lambda label: args.cache / f"{label.replace(' ', '_')}.safetensors") if args.cache else (
         lambda label: None)
     ref_draws = draw(chain, make_estimator("full-bp"), args.n_ref, args.batch, seed=10_000, desc="reference",
-                     cache=cache("full-bp"))
+                     cache=cache("full-bp"), reward=args.reward)
     ref = ref_draws.grads.double().mean(0)
     ref_se2 = ref_draws.grads.double().var(0) / args.n_ref
     print(f"reference: ||grad J|| = {float(ref.norm()):.4g}, its SE norm = {float(ref_se2.sum().sqrt()):.3g}"
@@ -315,9 +341,11 @@ def run(args: argparse.Namespace) -> dict:
             continue
         est = make_estimator(name, **settings)
         if name == "full-bp":  # its own reference: a second, independent set of draws
-            d = draw(chain, est, args.n_est, args.batch, seed=20_000, desc=label, cache=cache("full-bp-2"))
+            d = draw(chain, est, args.n_est, args.batch, seed=20_000, desc=label, cache=cache("full-bp-2"),
+                     reward=args.reward)
         else:
-            d = draw(chain, est, args.n_est, args.batch, seed=10_000, desc=label, cache=cache(label))
+            d = draw(chain, est, args.n_est, args.batch, seed=10_000, desc=label, cache=cache(label),
+                     reward=args.reward)
         row = {"estimator": label, **compare(d, ref_draws, args.batch)}
         if name == "rlr":
             row["tail_L"] = est.tail_length(chain)

@@ -11,7 +11,7 @@ differentiable in the images. Named rewards for the CLI and the benchmarks:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -89,13 +89,30 @@ def make_reward(spec: str, perception: PerceptionNet | None = None) -> RewardFn:
                      "prefer-<attribute>:<value>, or a sum like fidelity+prefer-colour:red")
 
 
+def targeted_attributes(spec: str) -> set[str]:
+    """The attributes a named reward asks for regardless of the prompt ("prefer-colour:red" ->
+    {"colour"}); "fidelity" targets none."""
+    out: set[str] = set()
+    for part in (s.strip() for s in spec.split("+")):
+        if part in ("prefer-large", "prefer-small"):
+            out.add("size")
+        elif part.startswith("prefer-") and ":" in part:
+            attribute = part.removeprefix("prefer-").split(":", 1)[0]
+            out.add(_ALIASES.get(attribute, attribute))
+    return out
+
+
 @torch.no_grad()
-def fidelity_accuracy(perception: PerceptionNet, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def fidelity_accuracy(perception: PerceptionNet, images: torch.Tensor, prompts: list[str],
+                      ignore: Collection[str] = ()) -> torch.Tensor:
     """Per image, the fraction of attributes named in its prompt that the perception model reads
-    back (1 when the prompt names none). The benchmarks' prompt-fidelity metric."""
+    back (1 when the prompt names none). The benchmarks' prompt-fidelity metric.
+
+    ``ignore`` leaves attributes out, e.g. the one a reward asks for whatever the prompt says
+    (see :func:`targeted_attributes`): what is left shows reward hacking, not the reward's aim."""
     preds = perception.predict(images.to(perception.coords.device))
     out = []
     for pred, prompt in zip(preds, prompts):
-        wanted = sw.parse_caption(prompt).specified()
+        wanted = {a: v for a, v in sw.parse_caption(prompt).specified().items() if a not in ignore}
         out.append(sum(pred[a] == v for a, v in wanted.items()) / len(wanted) if wanted else 1.0)
     return torch.tensor(out)
