@@ -70,7 +70,7 @@ def evaluate(backend, reward_fn, judge, settings: SamplerSettings, n_seeds: int,
 
 def run_key(args: argparse.Namespace) -> dict:
     """The settings a cached run must match to be reused."""
-    skip = {"json", "plot", "cache", "methods", "seeds", "threads", "quick", "jobs", "from_cache"}
+    skip = {"json", "plot", "cache", "methods", "seeds", "first_seed", "threads", "quick", "jobs", "from_cache"}
     return {k: str(v) for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -151,7 +151,8 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, list[Curve]], int]:
 
     With ``--from-cache`` nothing is trained and unfinished cached runs count as they stand.
     Returns the curves and how many of them are partial."""
-    runs = [(m, s) for m in args.methods for s in range(args.seeds)]
+    # seed-major: with fewer --jobs than runs, every method gets its first seeds early
+    runs = [(m, s) for s in range(args.first_seed, args.first_seed + args.seeds) for m in args.methods]
     found = {run: load_curve(cache_path(args, *run), args) for run in runs}
     todo = [] if args.from_cache else [run for run in runs if not (found[run] and found[run][1])]
     if todo and args.jobs > 1:
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--reward", default="fidelity")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--rounds", type=int, default=40, help="training steps (sample batches) per run")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="sampling steps K")

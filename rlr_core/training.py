@@ -164,6 +164,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     for p in config.prompts:
         backend.check_prompt(p)
     rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1  # each process draws its own batch
     torch.manual_seed(config.seed)
     generator = torch.Generator("cpu").manual_seed(config.seed * 1000 + rank)
     rng = random.Random(config.seed * 1000 + rank)
@@ -213,7 +214,8 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                 norm = optimizer_step()
             row = {"step": step + 1, "reward_mean": est.reward_mean, "reward_std": est.reward_std,
                    "loss": est.loss, "grad_norm": norm, "elapsed": time.perf_counter() - start,
-                   "samples": (step + 1) * config.batch, **{k: v for k, v in est.stats.items() if k != "grad_norm"}}
+                   "samples": (step + 1) * config.batch * world,
+                   **{k: v for k, v in est.stats.items() if k != "grad_norm"}}
             history.append(row)
             if progress is not None:
                 keys = ("reward_mean", "reward_std", "loss", "grad_norm", "elapsed", "samples")

@@ -135,3 +135,28 @@ def test_cli_runs_a_round(tmp_path: Path) -> None:
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["estimator_settings"]["block"] == 1 and cfg["training"]["sampler"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_cli_runs_data_parallel_in_two_processes(tmp_path: Path) -> None:
+    """The multi-GPU path, run as two CPU processes (gloo) under torchrun, the launcher that
+    ``accelerate launch --multi_gpu`` uses (its ``--cpu`` mode runs a single process): gradients
+    are averaged across them, the main process writes the version, and the sample count covers
+    both processes' batches."""
+    import subprocess
+    import sys
+
+    builtin_model.new_model(seed=0).save(tmp_path / "model")
+    torch.manual_seed(0)
+    perception.save(PerceptionNet(), tmp_path / "perception", {"note": "random"})
+    out = tmp_path / "two-process-version"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlr_core.train",
+           "--cpu", "--threads", "1", "--estimator", "rlr", "--block", "1",
+           "--steps", "2", "--batch", "2", "--prompts", "a red circle", "a blue square",
+           "--reward", "prefer-colour:red", "--sampling-steps", "3", "--guidance", "1",
+           "--model", str(tmp_path / "model"), "--perception", str(tmp_path / "perception"), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_done"] == 2 and metrics["samples"] == 2 * 2 * 2
+    assert (out / "adapter_model.safetensors").exists()
