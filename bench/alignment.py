@@ -109,7 +109,7 @@ def run_method(args: argparse.Namespace, method: str, seed: int, judge=None) -> 
         options = {**options, "steps": args.truncate}
     backend = load_backend(args.model, args.device)
     reward_fn = rewards.make_reward(args.reward, judge)
-    ignore = rewards.targeted_attributes(args.reward)
+    ignore = rewards.targeted_attributes(reward_fn)
     sampler = SamplerSettings(args.steps, 1.0, args.guidance)
     config = TrainConfig(estimator=name, estimator_options=options, steps=args.rounds, batch=args.batch,
                          prompts=TRAIN_PROMPTS, sampler=sampler, lr=args.lr, seed=seed,

@@ -190,7 +190,7 @@ def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, des
          cache: Path | None = None, save_every: int = 8, reward: str = "") -> Draws:
     """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache`` (which
     must have been drawn with the same setting: see :func:`draw_tag`)."""
-    tag = draw_tag(chain, est, batch, seed, reward)
+    tag = draw_tag(chain, est, batch, seed, reward) if cache else ""
     done = Draws.load(cache, tag) if cache else None
     if done is not None and len(done.grads) >= n:
         return done.first(n)

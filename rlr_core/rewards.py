@@ -34,6 +34,8 @@ def load_perception(path: str | Path | None = None, device: str | torch.device =
 class FidelityReward:
     """log p(every attribute the prompt names | image): 'does the image show the prompt'."""
 
+    targets: frozenset[str] = frozenset()  # follows the prompt
+
     def __init__(self, perception: PerceptionNet):
         self.perception = perception
 
@@ -56,6 +58,7 @@ class AttributeReward:
                              + "; ".join(f"{a}: {', '.join(v)}" for a, v in sw.ATTRIBUTES.items()))
         self.perception = perception
         self.attribute = attribute
+        self.targets = frozenset({attribute})
         self.index = sw.ATTRIBUTES[attribute].index(value)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -67,6 +70,7 @@ class AttributeReward:
 class SumReward:
     def __init__(self, parts: list[RewardFn]):
         self.parts = parts
+        self.targets = frozenset().union(*(targeted_attributes(p) for p in parts))
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return sum(part(images, prompts) for part in self.parts)
@@ -89,17 +93,10 @@ def make_reward(spec: str, perception: PerceptionNet | None = None) -> RewardFn:
                      "prefer-<attribute>:<value>, or a sum like fidelity+prefer-colour:red")
 
 
-def targeted_attributes(spec: str) -> set[str]:
-    """The attributes a named reward asks for regardless of the prompt ("prefer-colour:red" ->
-    {"colour"}); "fidelity" targets none."""
-    out: set[str] = set()
-    for part in (s.strip() for s in spec.split("+")):
-        if part in ("prefer-large", "prefer-small"):
-            out.add("size")
-        elif part.startswith("prefer-") and ":" in part:
-            attribute = part.removeprefix("prefer-").split(":", 1)[0]
-            out.add(_ALIASES.get(attribute, attribute))
-    return out
+def targeted_attributes(reward_fn: RewardFn) -> frozenset[str]:
+    """The attributes a reward asks for regardless of the prompt (``prefer-colour:red`` ->
+    {"colour"}); rewards that follow the prompt, or that say nothing, target none."""
+    return getattr(reward_fn, "targets", frozenset())
 
 
 @torch.no_grad()

@@ -13,10 +13,15 @@ from rlr_core import shapes_world as sw
 
 
 def test_targeted_attributes_names_what_a_reward_asks_for_regardless_of_prompt():
-    assert rewards.targeted_attributes("fidelity") == set()
-    assert rewards.targeted_attributes("prefer-colour:red") == {"colour"}
-    assert rewards.targeted_attributes("prefer-color:red") == {"colour"}
-    assert rewards.targeted_attributes("prefer-large+fidelity") == {"size"}
+    judge = perception.load()
+
+    def targets(spec: str) -> set[str]:
+        return rewards.targeted_attributes(rewards.make_reward(spec, judge))
+
+    assert targets("fidelity") == set()
+    assert targets("prefer-colour:red") == {"colour"}
+    assert targets("prefer-color:red") == {"colour"}
+    assert targets("prefer-large+fidelity") == {"size"}
 
 
 def test_fidelity_can_leave_out_the_rewarded_attribute():

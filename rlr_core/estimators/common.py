@@ -76,9 +76,11 @@ def deterministic_tail(sigma: torch.Tensor) -> int:
     return L
 
 
-def _mean_checkpointed(chain: Chain, x: torch.Tensor, k: int, ctx: ChainContext) -> torch.Tensor:
-    # Per-step checkpointing: keep only x_k per step, recompute the UNet's activations in backward.
-    return checkpoint(chain.mean, x, k, ctx, use_reentrant=False)
+def mean_with_graph(chain: Chain, x: torch.Tensor, k: int | torch.Tensor, ctx: ChainContext,
+                    use_checkpoint: bool = True) -> torch.Tensor:
+    """mu_theta(x_k, k) kept in the graph. Checkpointed: only x_k is saved per step, and the
+    UNet's activations are recomputed in backward (one step's graph alive at a time)."""
+    return checkpoint(chain.mean, x, k, ctx, use_reentrant=False) if use_checkpoint else chain.mean(x, k, ctx)
 
 
 def pathwise(chain: Chain, ctx: ChainContext, x_start: torch.Tensor, k_start: int,
@@ -89,7 +91,7 @@ def pathwise(chain: Chain, ctx: ChainContext, x_start: torch.Tensor, k_start: in
     Noise comes from ``noise[k]`` (a recorded trajectory) or is drawn from ``generator``."""
     x = x_start
     for k in range(k_start, 0, -1):
-        mu = _mean_checkpointed(chain, x, k, ctx) if use_checkpoint else chain.mean(x, k, ctx)
+        mu = mean_with_graph(chain, x, k, ctx, use_checkpoint)
         eps = noise[k] if noise is not None else chain.noise(x, generator)
         x = mu + chain.sigma[k].to(x) * eps
     return x

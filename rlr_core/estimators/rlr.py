@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from rlr_core.estimators.chain import Chain, ChainContext, ZOPerturbation
 from rlr_core.estimators.common import (
@@ -35,6 +34,7 @@ from rlr_core.estimators.common import (
     leave_one_out,
     log_prob_terms,
     lr_backward,
+    mean_with_graph,
 )
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
 from rlr_core.sampler import Trajectory
@@ -173,13 +173,12 @@ class RLR(Estimator):
         top = starts + h - 1
         # Checkpointed like truncated BP's steps: the block then holds one step's graph at a time
         # (plus each step's input) instead of h graphs; the gradient is the same.
-        mean = (lambda x, k: checkpoint(chain.mean, x, k, ctx, use_reentrant=False)) if self.use_checkpoint \
-            else (lambda x, k: chain.mean(x, k, ctx))
         x = traj.x[top, rows].detach()
         for u in range(h - 1):  # inner steps top..j+1: graph kept, their noise held fixed
             k = top - u
-            x = mean(x, k) + chain.sigma[k].to(x).reshape(-1, *[1] * (x.ndim - 1)) * traj.noise[k, rows]
-        m = mean(x, starts)
+            x = (mean_with_graph(chain, x, k, ctx, self.use_checkpoint)
+                 + chain.sigma[k].to(x).reshape(-1, *[1] * (x.ndim - 1)) * traj.noise[k, rows])
+        m = mean_with_graph(chain, x, starts, ctx, self.use_checkpoint)
         sigma2 = chain.sigma[starts].to(m).reshape(-1, *[1] * (m.ndim - 1)) ** 2
         score = ((traj.x[starts - 1, rows] - m) / sigma2).detach()
         loss = -(A.to(m) * (m * score).flatten(1).sum(1)).sum() / ctx.batch
