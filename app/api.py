@@ -25,7 +25,7 @@ from app.errors import user_errors
 from app.rounds import RoundSettings
 from app.services import AppServices
 from app.tabs.common import MODEL_API, QUICK_API
-from rlr_core.shapes_world import to_pil
+from rlr_core.shapesworld.world import to_pil
 
 
 def png_b64(image: Any) -> str:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# Not imported from rlr_core.builtin_model: `python app.py --help` should not wait for torch.
+# Not imported from rlr_core.shapesworld.model: `python app.py --help` should not wait for torch.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapesworld-tiny"
 
 

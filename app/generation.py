@@ -14,7 +14,7 @@ import torch
 
 from feedback_store import FeedbackStore
 from rlr_core import dcot, sampler
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 
 
 @dataclass(frozen=True)

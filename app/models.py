@@ -16,23 +16,23 @@ from pathlib import Path
 
 from app.errors import AppError
 from feedback_store import FeedbackStore
-from rlr_core import lora
-from rlr_core.backend import BuiltinBackend
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.training import lora
 
 
 class ModelRegistry:
-    def __init__(self, base: BuiltinBackend, store: FeedbackStore, cache_size: int = 3):
+    def __init__(self, base: DiffusionBackend, store: FeedbackStore, cache_size: int = 3):
         self.base = base
         self.store = store
         self.cache_size = cache_size
         self.lock = threading.RLock()
-        self._cache: OrderedDict[int, BuiltinBackend] = OrderedDict()
+        self._cache: OrderedDict[int, DiffusionBackend] = OrderedDict()
 
     def weights_path(self, version_id: int) -> Path | None:
         path = self.store.get_model_version(version_id)["weights_path"]
         return Path(path) if path else None
 
-    def _load(self, version_id: int) -> BuiltinBackend:
+    def _load(self, version_id: int) -> DiffusionBackend:
         path = self.weights_path(version_id)
         if path is None:
             return self.base
@@ -42,7 +42,7 @@ class ModelRegistry:
         lora.apply_version(backend, path)
         return backend
 
-    def backend(self, version_id: int) -> BuiltinBackend:
+    def backend(self, version_id: int) -> DiffusionBackend:
         """The backend that draws ``version_id`` (loaded once, then cached)."""
         with self.lock:
             if version_id in self._cache:
@@ -54,7 +54,7 @@ class ModelRegistry:
                 self._cache.popitem(last=False)
             return backend
 
-    def training_copy(self, version_id: int) -> BuiltinBackend:
+    def training_copy(self, version_id: int) -> DiffusionBackend:
         """A private copy of ``version_id`` for a training round to change as it likes."""
         with self.lock:
             served = self.backend(version_id)

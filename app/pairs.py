@@ -2,7 +2,7 @@
 
 After a round, the new version and its parent draw the same prompts from the same noise
 (same seed, batch size and index). Those pairs measure the round, so they jump the queue;
-the rest follows ``rlr_core.active_selection`` when a reward proxy exists, else the store's
+the rest follows ``rlr_core.feedback.active_selection`` when a reward proxy exists, else the store's
 default order.
 """
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedback_store import FeedbackStore
-from rlr_core import dcot, text
+from rlr_core import dcot
+from rlr_core.shapesworld import text
 
 
 @dataclass(frozen=True)

@@ -104,14 +104,14 @@ class RoundRunner:
         if not (self.proxy_dir / "reward_proxy.json").exists():
             return
         try:
-            from rlr_core.reward_proxy import RewardProxy
+            from rlr_core.feedback.reward_proxy import RewardProxy
 
             self._set_proxy(RewardProxy.load(self.proxy_dir))
         except Exception as err:  # an unreadable proxy only costs active selection until the next round
             print(f"warning: could not load the reward proxy in {self.proxy_dir}: {err}")
 
     def _set_proxy(self, proxy) -> None:
-        from rlr_core.active_selection import DisagreementScorer
+        from rlr_core.feedback.active_selection import DisagreementScorer
 
         with self._lock:
             self._proxy = proxy
@@ -199,7 +199,7 @@ class RoundRunner:
 
     def _train_round(self, ctx: JobContext, settings: RoundSettings, base_version: int, round_id: int,
                      seed: int, window: tuple[int, int] | None) -> dict[str, Any]:
-        from rlr_core import reward_proxy
+        from rlr_core.feedback import reward_proxy
 
         proxy, report = reward_proxy.train_from_store(self.store)
         proxy.save(self.proxy_dir)

@@ -16,7 +16,7 @@ import gradio as gr
 from app.config import AppConfig
 from app.services import AppServices
 from app.ui import create_app, launch_kwargs
-from rlr_core.backend import BuiltinBackend
+from rlr_core.backends.base import DiffusionBackend
 
 
 @dataclass
@@ -36,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(config: AppConfig, backend: BuiltinBackend | None = None) -> RunningApp:
+def start(config: AppConfig, backend: DiffusionBackend | None = None) -> RunningApp:
     demo, services = create_app(config, backend)
     port = config.port if config.port else free_port()
     _, url, _ = demo.launch(server_name=config.host, server_port=port, prevent_thread_lock=True, quiet=True,
@@ -45,7 +45,7 @@ def start(config: AppConfig, backend: BuiltinBackend | None = None) -> RunningAp
 
 
 @contextlib.contextmanager
-def serve(config: AppConfig, backend: BuiltinBackend | None = None) -> Iterator[RunningApp]:
+def serve(config: AppConfig, backend: DiffusionBackend | None = None) -> Iterator[RunningApp]:
     running = start(config, backend)
     try:
         yield running

@@ -28,8 +28,10 @@ from app.rounds import RoundRunner
 from app.state import StateFile
 from app.worker import Worker
 from feedback_store import OUTCOMES, FeedbackStore
-from rlr_core import dcot, text
-from rlr_core.backend import BuiltinBackend
+from rlr_core import dcot
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.backends.loading import load_backend
+from rlr_core.shapesworld import text
 
 MAX_IMAGES = 16
 MAX_STEPS = 100
@@ -38,7 +40,7 @@ BASE_VERSION_NAME = "v0 (base)"
 
 
 class AppServices:
-    def __init__(self, config: AppConfig, backend: BuiltinBackend | None = None):
+    def __init__(self, config: AppConfig, backend: DiffusionBackend | None = None):
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.store = FeedbackStore(self.data_dir)
@@ -46,7 +48,7 @@ class AppServices:
         interrupted = self.store.mark_interrupted_rounds_failed()
         if interrupted:
             print(f"marked {interrupted} interrupted training round(s) as failed")
-        self.base_backend = backend or BuiltinBackend.load(config.model, device=config.device)
+        self.base_backend = backend or load_backend(config.model, device=config.device)
         self.models = ModelRegistry(self.base_backend, self.store)
         self.worker = Worker()
         self._version_lock = threading.Lock()

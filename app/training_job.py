@@ -16,7 +16,7 @@ import torch
 from app.prompts import RoundPrompt
 from app.worker import JobContext, JobStopped
 from rlr_core import dcot, training
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 from rlr_core.sampler import SamplerSettings
 
 

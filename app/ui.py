@@ -17,7 +17,7 @@ from app.config import AppConfig
 from app.services import AppServices
 from app.tabs import compare, data, prompt_lab, rate, train, versions
 from app.tabs.common import PRIVATE, QUICK, Session
-from rlr_core.backend import BuiltinBackend
+from rlr_core.backends.base import DiffusionBackend
 
 STATIC = Path(__file__).parent / "static"
 CSS = """
@@ -37,7 +37,7 @@ def header_text(services: AppServices) -> str:
             f"with RLR in the background. Model: **{services.device_summary()}**{public}")
 
 
-def create_app(config: AppConfig, backend: BuiltinBackend | None = None) -> tuple[gr.Blocks, AppServices]:
+def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tuple[gr.Blocks, AppServices]:
     services = AppServices(config, backend)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(header_text(services))

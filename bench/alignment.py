@@ -38,8 +38,8 @@ import torch
 from bench.common import print_table, write_json
 from bench.estimators import load_backend
 from rlr_core import rewards
-from rlr_core.builtin_model import DEFAULT_MODEL_DIR
 from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
 from rlr_core.training import Progress, TrainConfig, TrainingDiverged, run_round
 
 TRAIN_PROMPTS = ["a red circle", "a blue square on the left", "a large yellow triangle",

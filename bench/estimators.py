@@ -45,12 +45,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from bench.common import print_table, write_json
-from rlr_core import builtin_model, lora, rewards
-from rlr_core.backend import BuiltinBackend
-from rlr_core.builtin_model import DEFAULT_MODEL_DIR
+from rlr_core import rewards
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.estimators import Estimator, make_estimator
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.sampler import SamplerSettings
+from rlr_core.shapesworld import model as builtin_model
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
+from rlr_core.training import lora
 
 PROMPTS = ["a large red circle on the left, black background", "a small blue square in the center",
            "a yellow triangle on the right, navy background", "a large green circle, white background"]

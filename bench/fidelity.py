@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 from bench.common import peak_rss_mb, print_table, write_json
-from rlr_core import perception
-from rlr_core import shapes_world as sw
-from rlr_core.backend import BuiltinBackend
-from rlr_core.builtin_model import DEFAULT_MODEL_DIR
-from rlr_core.diffusers_loop import generate as diffusers_generate
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
+from tests.oracles.diffusers_loop import generate as diffusers_generate
 
 
 def benchmark_prompts(n: int, seed: int = 2024) -> list[sw.Scene]:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from rlr_core.builtin_model import read_card
+    from rlr_core.shapesworld.model import read_card
 
     card = read_card(args.model)
     guidance = args.guidance if args.guidance is not None else card.get("default_guidance", 3.0)

@@ -30,10 +30,8 @@ import numpy as np
 import torch
 
 from feedback_store import OUTCOME_LABEL, FeedbackStore
-from rlr_core import perception
-from rlr_core import shapes_world as sw
-from rlr_core.active_selection import SelectionPolicy, disagreement_from_features
-from rlr_core.reward_proxy import (
+from rlr_core.feedback.active_selection import SelectionPolicy, disagreement_from_features
+from rlr_core.feedback.reward_proxy import (
     BagOfWordsPromptEncoder,
     Features,
     FitConfig,
@@ -43,7 +41,9 @@ from rlr_core.reward_proxy import (
     fit_features,
     pairwise_accuracy,
 )
-from rlr_core.simulated_raters import RATERS, SimulatedRater
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.raters import RATERS, SimulatedRater
 
 CLEAR_MARGIN = 0.1
 EMPTY = torch.zeros(0, dtype=torch.long)

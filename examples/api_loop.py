@@ -3,7 +3,7 @@
     python app.py &                                   # the app, on http://127.0.0.1:7860/
     python examples/api_loop.py --rounds 2            # generate, rate, compare, train, repeat
 
-A simulated rater (``rlr_core.simulated_raters``: it sees images through the perception model
+A simulated rater (``rlr_core.shapesworld.raters``: it sees images through the perception model
 and has a taste, here "bold": large, warm-coloured shapes on dark backgrounds) plays the
 person. Each round: draw samples of a few prompts, rate them, answer the comparisons the app
 asks for, train a round and wait for it; then draw fresh samples with fixed seeds and report
@@ -130,8 +130,8 @@ def main() -> None:
     torch.set_num_threads(1)
     # The simulated rater comes from this repository (run from anywhere: python examples/api_loop.py).
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from rlr_core import simulated_raters
-    from rlr_core.perception import load
+    from rlr_core.shapesworld import raters as simulated_raters
+    from rlr_core.shapesworld.perception import load
 
     rater = simulated_raters.bold_taste(load(), seed=0)
     client = Client(args.url, verbose=False)

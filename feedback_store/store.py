@@ -454,7 +454,7 @@ class FeedbackStore:
         """The next pair to compare (two samples of one prompt this rater has not compared), or None.
 
         ``scorer`` maps candidates to scores (higher = ask sooner; it owns any randomness), e.g.
-        ``rlr_core.active_selection.DisagreementScorer``. Without one, pairs across model versions
+        ``rlr_core.feedback.active_selection.DisagreementScorer``. Without one, pairs across model versions
         come first, then prompts the rater saw least recently, at random. Sides are shuffled."""
         rng = rng or random.Random()
         cands = queries.pair_candidates(self.db, v.rater(rater_id), self.images.root, prompt)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlr_core import shapes_world as sw
-from rlr_core import text
+from rlr_core.shapesworld import text
+from rlr_core.shapesworld import world as sw
 
 STAGES: tuple[str, ...] = ("coarse", "mid", "fine")
 # Where the mid and the fine stage begin, as fractions of the chain. Layout settles in the

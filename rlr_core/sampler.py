@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 
 StepIndex = int | torch.Tensor  # one step k for the whole batch, or a (B,) tensor of per-sample k
 
@@ -259,7 +259,7 @@ def sample(backend: DiffusionBackend, cond: Conditioning, settings: SamplerSetti
            schedule: StepSchedule | None = None) -> SampleResult:
     """Run the chain from x_K (drawn from ``generator`` unless given) to x_0.
 
-    The noise is drawn in the same order as the plain loop in :mod:`rlr_core.diffusers_loop` (x_K,
+    The noise is drawn in the same order as the plain loop in :mod:`tests.oracles.diffusers_loop` (x_K,
     then one draw per step, also at sigma = 0), so the same seed gives the same images."""
     schedule = schedule or make_schedule(backend.scheduler, settings.steps, settings.eta)
     K = schedule.num_steps

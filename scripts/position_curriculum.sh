@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 START=${1:-models/shapesworld-tiny}
 WORK=${2:-runs/curriculum}
 PY=${PYTHON:-.venv/bin/python}
-TRAIN="$PY -m rlr_core.pretrain --lr 5e-4 --batch 16 --warmup 20"
+TRAIN="$PY -m rlr_core.shapesworld.pretrain --lr 5e-4 --batch 16 --warmup 20"
 
 stage() {  # name, init, steps, seed, extra arguments...
   local name=$1 init=$2 steps=$3 seed=$4; shift 4

@@ -9,7 +9,7 @@ torch.set_num_threads(int(os.environ.get("RLR_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def builtin_backend():
-    from rlr_core.backend import BuiltinBackend
+    from rlr_core.backends.builtin import BuiltinBackend
 
     return BuiltinBackend.load()
 

@@ -39,8 +39,8 @@ def load_example():
 def test_simulated_rater_preference_rises_after_rounds(tmp_path, builtin_backend):
     from app.config import AppConfig
     from app.server import serve
-    from rlr_core import simulated_raters
-    from rlr_core.perception import DEFAULT_PERCEPTION_DIR, load
+    from rlr_core.shapesworld import raters as simulated_raters
+    from rlr_core.shapesworld.perception import DEFAULT_PERCEPTION_DIR, load
 
     if not (DEFAULT_PERCEPTION_DIR / "model.safetensors").exists():
         pytest.skip("the simulated rater needs the perception model in models/perception")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from bench import alignment
-from rlr_core import perception, rewards
-from rlr_core import shapes_world as sw
+from rlr_core import rewards
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
 
 
 def test_targeted_attributes_names_what_a_reward_asks_for_regardless_of_prompt():
@@ -89,10 +90,10 @@ def test_estimator_benchmark_cache_refuses_draws_of_another_setting(tmp_path):
     """A cache of gradient draws is reused only for the exact setting that made it (a changed
     default once relabelled cached rows silently)."""
     from bench import estimators as bench_est
-    from rlr_core import lora
     from rlr_core.estimators import make_estimator
     from rlr_core.estimators.backend_chain import BackendChain
     from rlr_core.sampler import SamplerSettings
+    from rlr_core.training import lora
 
     backend = bench_est.load_backend(bench_est.DEFAULT_MODEL_DIR, "cpu")
     lora.add_lora(backend, rank=4, seed=0)

@@ -1,8 +1,8 @@
 import torch
 
-from rlr_core import builtin_model
-from rlr_core.backend import BuiltinBackend
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld import model as builtin_model
 
 
 def test_shipped_model_folder_is_small_and_safetensors():
@@ -52,7 +52,7 @@ def test_backend_interface_on_builtin(builtin_backend):
 
 
 def test_the_unet_sees_pixel_coordinates():
-    from rlr_core.builtin_model import with_coordinates
+    from rlr_core.shapesworld.model import with_coordinates
 
     x = torch.zeros(2, 3, 4, 5)
     out = with_coordinates(x)
@@ -66,7 +66,7 @@ def test_the_unet_sees_pixel_coordinates():
 def test_warm_start_from_a_unet_without_coordinate_channels():
     from diffusers import UNet2DConditionModel
 
-    from rlr_core.pretrain import widen_input
+    from rlr_core.shapesworld.pretrain import widen_input
 
     torch.manual_seed(0)
     new = builtin_model.new_unet()
@@ -79,7 +79,7 @@ def test_warm_start_from_a_unet_without_coordinate_channels():
 
 
 def test_redrawn_token_embeddings_are_distinct_and_scaled():
-    from rlr_core.pretrain import redraw_token_embeddings
+    from rlr_core.shapesworld.pretrain import redraw_token_embeddings
 
     model = builtin_model.new_model(seed=1)
     table = model.text_encoder.get_input_embeddings().weight
@@ -95,7 +95,7 @@ def test_redrawn_token_embeddings_are_distinct_and_scaled():
 
 
 def test_high_noise_timesteps_take_their_fraction_and_range():
-    from rlr_core.pretrain import sample_timesteps
+    from rlr_core.shapesworld.pretrain import sample_timesteps
 
     gen = torch.Generator().manual_seed(0)
     t = sample_timesteps(4000, 1000, gen, high_frac=0.5, high_min=900)
@@ -110,7 +110,7 @@ def test_pretraining_resumes_bit_for_bit_and_logs_the_position_gap(tmp_path):
 
     from safetensors.torch import load_file
 
-    from rlr_core import pretrain
+    from rlr_core.shapesworld import pretrain
 
     common = ["--batch", "2", "--every", "2", "--threads", "1", "--warmup", "2", "--high-noise-frac", "0.5"]
     pretrain.main(["--out", str(tmp_path / "straight"), "--steps", "4", *common])

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from rlr_core import dcot, text
+from rlr_core import dcot
 from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld import text
 
 
 def test_split_gives_layout_then_kind_then_everything():

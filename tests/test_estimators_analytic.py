@@ -15,7 +15,7 @@ import torch
 
 from rlr_core.estimators import DDPO, RLR, FullBackprop, LikelihoodRatio, TruncatedBackprop
 from rlr_core.estimators.common import Estimate, Estimator, fo_tail_length
-from rlr_core.toy_chain import ToyChain, ToyContext
+from rlr_core.estimators.toy_chain import ToyChain, ToyContext
 
 BIG_CHUNK = 1 << 20  # the toy is vectorised: all (k, row) pairs in one call
 TOL_SE = 4.0

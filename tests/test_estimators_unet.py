@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlr_core import builtin_model, lora, rewards
-from rlr_core.backend import BuiltinBackend
+from rlr_core import rewards
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.estimators import DDPO, RLR, FullBackprop, LikelihoodRatio, TruncatedBackprop
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.estimators.chain import ZOPerturbation
 from rlr_core.estimators.memory import auto_block_size, measure_step_memory
-from rlr_core.perception import PerceptionNet
 from rlr_core.sampler import SamplerSettings
+from rlr_core.shapesworld import model as builtin_model
+from rlr_core.shapesworld.perception import PerceptionNet
+from rlr_core.training import lora
 
 PROMPTS = ["a red circle", "a blue square"]
 

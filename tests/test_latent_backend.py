@@ -10,12 +10,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from rlr_core import lora
+from rlr_core.backends.latent import DiffusersLatentBackend
 from rlr_core.estimators import RLR
 from rlr_core.estimators.backend_chain import BackendChain
-from rlr_core.latent_backend import DiffusersLatentBackend
 from rlr_core.sampler import SamplerSettings, prompt_conditioning, sample
-from rlr_core.training import TrainConfig, run_round
+from rlr_core.training import TrainConfig, lora, run_round
 
 PROMPTS = ["a red cat", "a blue dog"]
 SETTINGS = SamplerSettings(steps=4, eta=1.0, guidance=2.0)

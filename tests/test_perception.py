@@ -3,8 +3,8 @@ import random
 import numpy as np
 import torch
 
-from rlr_core import perception
-from rlr_core import shapes_world as sw
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
 
 
 def test_perception_reads_fresh_renders_at_99_percent():

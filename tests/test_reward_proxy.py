@@ -14,10 +14,8 @@ from safetensors.torch import load_file
 
 from bench.reward import clear_test_pairs, learning_curve, make_pool, make_prompts
 from feedback_store import FeedbackStore
-from rlr_core import perception
-from rlr_core import shapes_world as sw
-from rlr_core.active_selection import DisagreementScorer, SelectionPolicy, pair_disagreement
-from rlr_core.reward_proxy import (
+from rlr_core.feedback.active_selection import DisagreementScorer, SelectionPolicy, pair_disagreement
+from rlr_core.feedback.reward_proxy import (
     BagOfWordsPromptEncoder,
     FitConfig,
     ImageEncoder,
@@ -27,7 +25,9 @@ from rlr_core.reward_proxy import (
     fit,
     train_from_store,
 )
-from rlr_core.simulated_raters import RATERS
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.raters import RATERS
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def _all_candidates(store, rater):
 
 
 def _images(store, cands):
-    from rlr_core.reward_proxy import load_image_tensor
+    from rlr_core.feedback.reward_proxy import load_image_tensor
 
     return load_image_tensor([c.left_path for c in cands]), load_image_tensor([c.right_path for c in cands])
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rlr_core import builtin_model, diffusers_loop
-from rlr_core.backend import BuiltinBackend
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import (
     Conditioning,
     SamplerSettings,
@@ -19,6 +18,8 @@ from rlr_core.sampler import (
     step_log_prob,
     step_mean,
 )
+from rlr_core.shapesworld import model as builtin_model
+from tests.oracles import diffusers_loop
 
 PROMPTS = ["a red circle", "a small blue square on the left"]
 

@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from rlr_core import shapes_world as sw
+from rlr_core.shapesworld import world as sw
 
 
 def test_render_shape_range_and_jitter():

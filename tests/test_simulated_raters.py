@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlr_core import perception
-from rlr_core import shapes_world as sw
-from rlr_core.simulated_raters import RATERS, SimulatedRater, attribute_preference, bold_taste, stickler
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.raters import RATERS, SimulatedRater, attribute_preference, bold_taste, stickler
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from rlr_core import text
+from rlr_core.shapesworld import text
 
 
 def test_known_prompt_is_canonicalised():

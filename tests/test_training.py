@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlr_core import builtin_model, lora, perception, rewards, train
-from rlr_core.backend import BuiltinBackend
-from rlr_core.perception import PerceptionNet
+from rlr_core import rewards
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings, generate
-from rlr_core.training import Progress, TrainConfig, TrainingDiverged, _Guard, run_round
+from rlr_core.shapesworld import model as builtin_model
+from rlr_core.shapesworld import perception
+from rlr_core.shapesworld.perception import PerceptionNet
+from rlr_core.training import Progress, TrainConfig, TrainingDiverged, lora, run_round
+from rlr_core.training import cli as train
+from rlr_core.training.round import _Guard
 
 FAST = SamplerSettings(steps=3, eta=1.0, guidance=1.0)
 PROMPTS = ["a red circle", "a blue square"]
@@ -150,7 +154,7 @@ def test_cli_runs_data_parallel_in_two_processes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     perception.save(PerceptionNet(), tmp_path / "perception", {"note": "random"})
     out = tmp_path / "two-process-version"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlr_core.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlr_core.training",
            "--cpu", "--threads", "1", "--estimator", "rlr", "--block", "1",
            "--steps", "2", "--batch", "2", "--prompts", "a red circle", "a blue square",
            "--reward", "prefer-colour:red", "--sampling-steps", "3", "--guidance", "1",

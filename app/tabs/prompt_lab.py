@@ -13,7 +13,7 @@ from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
 from rlr_core import dcot
-from rlr_core.shapes_world import to_pil
+from rlr_core.shapesworld.world import to_pil
 
 INTRO = ("**Diffusive Chain-of-Thought.** Early sampling steps fix the layout, middle steps the shape, "
          "late steps colour and detail. Give each stage its own prompt; *Preview* shows the plain prompt "

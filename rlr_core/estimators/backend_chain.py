@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 from rlr_core.estimators.chain import Chain
 from rlr_core.sampler import (
     Conditioning,

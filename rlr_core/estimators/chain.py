@@ -3,7 +3,7 @@
 A chain is a stochastic sampler x_{k-1} = mu_theta(x_k, k, c) + sigma_k eps_k, k = K..1, plus a
 reward on x_0. The same estimator code runs on the UNet backends
 (:class:`rlr_core.estimators.backend_chain.BackendChain`) and on the linear-Gaussian test bed
-(:class:`rlr_core.toy_chain.ToyChain`), so the analytic tests test the real estimators.
+(:class:`rlr_core.estimators.toy_chain.ToyChain`), so the analytic tests test the real estimators.
 """
 
 from __future__ import annotations

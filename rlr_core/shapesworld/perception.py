@@ -4,7 +4,7 @@ Two jobs: (a) the fidelity evaluator (which attributes of a generated image matc
 prompt) and (b) a frozen, differentiable image encoder whose embeddings the reward proxy
 uses (the built-in counterpart of CLIP image features). Trained on fresh renders only.
 
-    python -m rlr_core.perception --steps 3000   # trains and writes models/perception
+    python -m rlr_core.shapesworld.perception --steps 3000   # trains and writes models/perception
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from rlr_core import shapes_world as sw
-from rlr_core.builtin_model import REPO_ROOT
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.model import REPO_ROOT
 
 DEFAULT_PERCEPTION_DIR = REPO_ROOT / "models" / "perception"
 EMBED_DIM = 128

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 
 ADAPTER_NAME = "rlr"
 LORA_WEIGHTS = "adapter_model.safetensors"

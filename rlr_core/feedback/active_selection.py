@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from feedback_store.queries import PairCandidate
-from rlr_core.reward_proxy import RewardProxy, load_image_tensor
+from rlr_core.feedback.reward_proxy import RewardProxy, load_image_tensor
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import re
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rlr_core import shapes_world as sw
+from rlr_core.shapesworld import world as sw
 
 MAX_TOKENS = 16  # bos + up to 14 words + eos; the grammar needs at most 12
 MAX_PROMPT_CHARS = 500

@@ -5,7 +5,7 @@
 
 A round builds the LoRA adapter (or unfreezes the denoiser for full fine-tuning), runs
 ``config.steps`` AdamW steps with gradient clipping, and writes one version folder (weights,
-config.json, metrics.json; see :mod:`rlr_core.lora`). It can be stopped cleanly between steps
+config.json, metrics.json; see :mod:`rlr_core.training.lora`). It can be stopped cleanly between steps
 (``stop`` event set, or the progress callback returning True): the version then holds what was
 trained so far. A non-finite reward, loss or gradient, or a gradient norm far above the round's
 running median, raises :class:`TrainingDiverged`: the trainable weights are restored to their
@@ -27,11 +27,12 @@ from typing import Literal
 
 import torch
 
-from rlr_core import dcot, lora
-from rlr_core.backend import DiffusionBackend
+from rlr_core import dcot
+from rlr_core.backends.base import DiffusionBackend
 from rlr_core.estimators import DDPO, Estimate, Estimator, make_estimator
 from rlr_core.estimators.backend_chain import BackendChain, RewardFn
 from rlr_core.sampler import SamplerSettings
+from rlr_core.training import lora
 
 DEFAULT_PROMPTS = [
     "a red circle", "a blue square", "a yellow triangle", "a large green circle",

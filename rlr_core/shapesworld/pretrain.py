@@ -1,6 +1,6 @@
 """Pretrain the built-in ShapesWorld model from scratch.
 
-    python -m rlr_core.pretrain --out runs/pretrain [--resume] [--steps N] [--batch 32]
+    python -m rlr_core.shapesworld.pretrain --out runs/pretrain [--resume] [--steps N] [--batch 32]
 
 Recipe (chosen to learn fast on two CPU cores): v-prediction on a cosine noise schedule,
 Min-SNR-5 loss weighting (Hang et al. 2023) kept at 1 at high noise, AdamW with warm-up then a constant rate, EMA of
@@ -24,10 +24,11 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from rlr_core import builtin_model, shapes_world
-from rlr_core.backend import BuiltinBackend
-from rlr_core.builtin_model import BuiltinModel
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld import model as builtin_model
+from rlr_core.shapesworld import world as shapes_world
+from rlr_core.shapesworld.model import BuiltinModel
 
 GRID_PROMPTS = [
     "a large red circle on the left, black background",

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rlr_core import shapes_world as sw
-from rlr_core.perception import PerceptionNet
+from rlr_core.shapesworld import world as sw
+from rlr_core.shapesworld.perception import PerceptionNet
 
 Probs = dict[str, torch.Tensor]  # attribute -> (B, n_values) probabilities
 Utility = Callable[[Probs, Sequence[sw.PartialScene]], torch.Tensor]  # -> (B,) in [0, 1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from rlr_core.backend import DiffusionBackend
+from rlr_core.backends.base import DiffusionBackend
 
 
 class DiffusersLatentBackend(DiffusionBackend):

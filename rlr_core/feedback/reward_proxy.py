@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from feedback_store import FeedbackStore
-    from rlr_core.perception import PerceptionNet
+    from rlr_core.shapesworld.perception import PerceptionNet
 
 FORMAT = "rlr-reward-proxy"
 FORMAT_VERSION = 1
@@ -62,7 +62,7 @@ class PerceptionImageEncoder:
     name = "shapesworld-perception"
 
     def __init__(self, model: PerceptionNet | None = None):
-        from rlr_core import perception
+        from rlr_core.shapesworld import perception
 
         self.model = model if model is not None else perception.load()
         self.model.eval().requires_grad_(False)
@@ -102,7 +102,7 @@ class BagOfWordsPromptEncoder:
     kind = "bag-of-words"
 
     def __init__(self, vocabulary: Sequence[str] | None = None, bigram_buckets: int = 32):
-        from rlr_core import text
+        from rlr_core.shapesworld import text
 
         if vocabulary is None:
             vocabulary = [w for w in text.vocabulary() if w not in text.SPECIAL_TOKENS and w.isalnum()]

@@ -1,6 +1,6 @@
 """Headless training rounds.
 
-    python -m rlr_core.train --estimator rlr --block 2 --rest lr --steps 20 --batch 4 \\
+    python -m rlr_core.training --estimator rlr --block 2 --rest lr --steps 20 --batch 4 \\
         --prompts "a red circle" "a blue square" --reward fidelity --out runs/versions/v1
 
 Works as is on one CPU process and under ``accelerate launch`` (gradients are averaged over
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlr_core.builtin_model import DEFAULT_MODEL_DIR
 from rlr_core.sampler import SamplerSettings
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
 from rlr_core.training import DEFAULT_PROMPTS, Progress, TrainConfig, TrainingDiverged, run_round
 
 
@@ -39,7 +39,7 @@ def estimator_options(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rlr_core.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rlr_core.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("estimator")
     g.add_argument("--estimator", default="rlr", choices=["rlr", "full-bp", "truncated-bp", "lr", "ddpo"])
@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
 
-    from rlr_core import lora, rewards
-    from rlr_core.backend import BuiltinBackend
+    from rlr_core import rewards
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.training import lora
 
     accelerator = Accelerator(cpu=args.cpu)
     if args.latent_model:
-        from rlr_core.latent_backend import DiffusersLatentBackend
+        from rlr_core.backends.latent import DiffusersLatentBackend
 
         backend = DiffusersLatentBackend.from_pretrained(args.latent_model, device=accelerator.device)
     else:

@@ -1,7 +1,7 @@
 """The built-in ShapesWorld model: its architecture, and its folder on disk.
 
 A pixel-space diffusers ``UNet2DConditionModel``, a 2-layer transformers ``CLIPTextModel``
-over the word-level tokenizer of :mod:`rlr_core.text`, and a diffusers ``DDIMScheduler``.
+over the word-level tokenizer of :mod:`rlr_core.shapesworld.text`, and a diffusers ``DDIMScheduler``.
 Each part is saved by its own library's ``save_pretrained`` (safetensors) in a sub-folder,
 the way a diffusers pipeline folder is laid out.
 """
@@ -16,10 +16,10 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from rlr_core import text
-from rlr_core.shapes_world import IMAGE_SIZE
+from rlr_core.shapesworld import text
+from rlr_core.shapesworld.world import IMAGE_SIZE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapesworld-tiny"
 TEXT_DIM = 64
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from rlr_core.builtin_model import BuiltinModel
-from rlr_core.shapes_world import IMAGE_SIZE
+from rlr_core.shapesworld.model import BuiltinModel
+from rlr_core.shapesworld.world import IMAGE_SIZE
 
 
 @torch.no_grad()

@@ -1,0 +1,54 @@
+"""The built-in pixel-space ShapesWorld model behind the backend interface (the app's default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.shapesworld import text
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR, BuiltinModel, load_model
+from rlr_core.shapesworld.world import IMAGE_SIZE
+
+
+class BuiltinBackend(DiffusionBackend):
+    """The built-in pixel-space ShapesWorld model (the app's default)."""
+
+    name = "shapesworld-tiny"
+
+    def __init__(self, model: BuiltinModel, path: Path | None = None):
+        self.model = model
+        self.scheduler = model.scheduler
+        self.path = path
+        self._uncond_cache: torch.Tensor | None = None
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_MODEL_DIR, device: str | torch.device = "cpu") -> BuiltinBackend:
+        model = load_model(path).to(device)
+        model.unet.eval()
+        model.text_encoder.eval()
+        model.text_encoder.requires_grad_(False)
+        return cls(model, Path(path))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.model.unet
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def check_prompt(self, prompt: str) -> str:
+        return text.check_prompt(prompt, allow_empty=False)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.model.tokenizer
+        canonical = [text.check_prompt(p, allow_empty=True) for p in prompts]
+        ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.model.text_encoder(ids).last_hidden_state
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0.clamp(-1, 1) + 1) / 2

@@ -1,0 +1,15 @@
+"""Training rounds (:mod:`.round`), LoRA adapters and version folders (:mod:`.lora`), and the
+command line (``python -m rlr_core.training``, :mod:`.cli`)."""
+
+from rlr_core.training.round import (
+    DEFAULT_PROMPTS,
+    Progress,
+    RoundResult,
+    TrainConfig,
+    TrainingDiverged,
+    run_round,
+    trainable_parameters,
+)
+
+__all__ = ["DEFAULT_PROMPTS", "Progress", "RoundResult", "TrainConfig", "TrainingDiverged", "run_round",
+           "trainable_parameters"]

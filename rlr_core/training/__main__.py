@@ -1,0 +1,3 @@
+from rlr_core.training.cli import main
+
+main()
