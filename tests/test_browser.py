@@ -7,6 +7,8 @@ steps, a 2-step round at batch 2) keep it to about a minute on two busy CPU core
 
 from __future__ import annotations
 
+import os
+
 import re
 import time
 from pathlib import Path
@@ -18,7 +20,9 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).parent / "screenshots"
+# Written to an ignored folder, so a test run leaves the tree clean; scripts/screenshots.sh
+# copies them into docs/images (the README's tour) when the UI changes on purpose.
+SHOTS = Path(os.environ.get("RLR_SCREENSHOTS", Path(__file__).parent / "artifacts" / "screenshots"))
 SLOW = 120_000  # ms: generation and training on two shared CPU cores
 
 
@@ -55,7 +59,7 @@ def dismiss_messages(page) -> None:
 
 
 def shot(page, name: str, keep_messages: bool = False) -> None:
-    SHOTS.mkdir(exist_ok=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
     if not keep_messages:
         dismiss_messages(page)
     page.wait_for_timeout(400)  # let transitions settle
