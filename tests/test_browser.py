@@ -1,14 +1,13 @@
 """The whole loop in a real browser: generate, rate, compare, prompt lab, train, new version.
 
 Drives Debian's Chromium with Playwright (sync API) against the app started in this process on
-a temporary data directory; screenshots go to tests/screenshots/. Tiny settings (6 sampling
+a temporary data directory; screenshots go to tests/artifacts/screenshots/ (ignored). Tiny settings (6 sampling
 steps, a 2-step round at batch 2) keep it to about a minute on two busy CPU cores.
 """
 
 from __future__ import annotations
 
 import os
-
 import re
 import time
 from pathlib import Path
