@@ -4,7 +4,7 @@ Thread- and process-safe: every thread gets its own SQLite connection, every wri
 short ``BEGIN IMMEDIATE`` transaction (retried on SQLITE_BUSY), and any number of processes
 may open the same data directory.
 
-Duplicate submissions (decided here, documented in docs/parts/store_and_proxy.md):
+Duplicate submissions (decided here, documented in docs/store.md):
 - A rater has at most one star rating per sample and one comparison per unordered pair.
   A second one raises ``DuplicateError`` unless ``replace=True`` (a rater changing their mind).
 - A client may pass ``submission_id`` (e.g. a UUID made when the widget is shown). Resending

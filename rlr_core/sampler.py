@@ -1,6 +1,6 @@
 """The stochastic DDIM sampler over the backend interface, with an optional trajectory record.
 
-Numbering follows docs/rlr-method.md section 1: the chain runs steps k = K .. 1, step k maps
+Numbering follows docs/method.md section 1: the chain runs steps k = K .. 1, step k maps
 x_k to x_{k-1} = mu_theta(x_k, k, c) + sigma_k * eps_k; x_K is pure noise, x_0 the output.
 Every per-step table here (timesteps, alphas, sigma, the recorded trajectory) is indexed by
 that k, with entry 0 unused, so code reads like the formulas.

@@ -23,8 +23,8 @@ MIN_GAIN = 0.03
 # The loop is what this test checks, so its rounds use the lowest-variance estimator: full
 # backprop (cheap at 10 steps on the built-in model). With RLR, the app's default, the first
 # run on the retrained model (7,750 pretraining steps) went 0.239 -> 0.196 -> 0.220: at 6
-# optimiser steps of batch 8 its estimate is dominated by likelihood-ratio noise (README,
-# "Benchmarks"). RLR itself is measured by bench.estimators and bench.alignment.
+# optimiser steps of batch 8 its estimate is dominated by likelihood-ratio noise (docs/benchmarks.md,
+# "Alignment"). RLR itself is measured by bench.estimators and bench.alignment.
 ESTIMATOR = "full-bp"
 
 

@@ -1,6 +1,6 @@
 """Gradient estimators for E[R(x_0)] over a stochastic diffusion sampler.
 
-Each estimator is one small module citing the formula of docs/rlr-method.md it implements, and
+Each estimator is one small module citing the formula of docs/method.md it implements, and
 each works on any :class:`~rlr_core.estimators.chain.Chain` (the UNet backends and the toy chain).
 ``accumulate(chain, ctx, generator)`` adds an estimate of -grad J into ``.grad``; DDPO also has
 ``update(...)``, which takes its own optimiser steps.

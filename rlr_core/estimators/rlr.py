@@ -49,7 +49,7 @@ class RLR(Estimator):
     tail: int | None = None  # L; None: derived from the sigma schedule (min_sigma_ratio)
     # 0.3: on the built-in model at K = 10 (sigmas 0, 0.144, 0.243, 0.327, ...) this gives L = 3,
     # which cut the per-sample variance 4.1x below LR's (L = 1: 1.2x higher; L = 2: 2.2x lower;
-    # bench.estimators, README). The likelihood ratios at the smallest sigmas carry most of it.
+    # bench.estimators, docs/benchmarks.md). The likelihood ratios at the smallest sigmas carry most of it.
     min_sigma_ratio: float = 0.3
     block_start: Literal["uniform", "grad-norm"] = "uniform"
     window: tuple[int, int] | None = None  # allowed block starts j in [a, b] (DCoT stage)

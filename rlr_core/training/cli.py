@@ -4,7 +4,7 @@
         --prompts "a red circle" "a blue square" --reward fidelity --out runs/versions/v1
 
 Works as is on one CPU process and under ``accelerate launch`` (gradients are averaged over
-processes; the main process writes the version). See docs/parts/rlr_core.md for every option.
+processes; the main process writes the version). See docs/training.md for every option.
 """
 
 from __future__ import annotations
