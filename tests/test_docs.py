@@ -1,7 +1,7 @@
 """The docs hold together: links resolve, and every repository path or module they name exists.
 
-Checked in README.md, docs/ and the model cards (Markdown), and in the comments and strings of
-every Python file and the comments of the shell scripts:
+Checked in README.md, docs/ and the model cards (Markdown), and in the comments and docstrings
+of every Python file and the comments of the shell scripts:
 - every relative link (and image) points to a file in the repository, and its #anchor to a
   heading of that file (GitHub's heading slugs); no link leaves the repository (``../`` past the
   root, absolute paths, ``file:``). Web links (http, https, mailto) are not followed;
@@ -58,12 +58,14 @@ def source_files(suffix: str) -> list[Path]:
 
 
 def python_text(path: Path) -> str:
-    """The comments and string literals of a Python file (docstrings included), one per line."""
-    parts = []
-    with open(path, "rb") as f:
-        for tok in tokenize.tokenize(f.readline):
-            if tok.type in (tokenize.COMMENT, tokenize.STRING):
-                parts.append(tok.string)
+    """The comments and docstrings of a Python file, one per line. (Other string literals are
+    left alone: a test may name a missing file on purpose.)"""
+    source = path.read_text()
+    parts = [tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            parts.append(ast.get_docstring(node, clean=False) or "")
     return "\n".join(parts)
 
 
