@@ -10,7 +10,9 @@ of every Python file and the comments of the shell scripts:
   the code creates, such as ``tests/artifacts/``);
 - every dotted module name of the project (``rlr_core.training.lora.apply_version``) is a module,
   and a name after it is defined there;
-- every "docs/method.md section N" or "method doc section N" cites a numbered section that exists.
+- every "docs/method.md section N" or "method doc section N" cites a numbered section that exists;
+- every ``Class.member`` of a project class named in the docs exists (the architecture's data path
+  names real methods).
 """
 
 from __future__ import annotations
@@ -161,6 +163,43 @@ def unknown_modules(text: str) -> list[str]:
     return bad
 
 
+def project_classes() -> dict[str, set[str]]:
+    """Every class of the project's packages -> the names it defines or inherits from another
+    project class (methods, class attributes, dataclass fields, attributes set on self)."""
+    own: dict[str, set[str]] = {}
+    bases: dict[str, list[str]] = {}
+    for path in source_files(".py"):
+        if path.relative_to(ROOT).parts[0] not in PACKAGES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            names = own.setdefault(node.name, set())
+            bases.setdefault(node.name, []).extend(b.id for b in node.bases if isinstance(b, ast.Name))
+            for item in ast.walk(node):
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and item is not node:
+                    names.add(item.name)
+                elif isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store):
+                    names.add(item.id)
+                elif isinstance(item, ast.Attribute) and isinstance(item.ctx, ast.Store):
+                    names.add(item.attr)
+
+    def members(cls: str, seen: frozenset = frozenset()) -> set[str]:
+        out = set(own.get(cls, ()))
+        for base in bases.get(cls, []):
+            if base in own and base not in seen:
+                out |= members(base, seen | {cls})
+        return out
+
+    return {cls: members(cls) for cls in own}
+
+
+def unknown_members(text: str, classes: dict[str, set[str]]) -> list[str]:
+    """``Class.member`` names in ``text`` whose class is a project class without that member."""
+    return [f"{c}.{m}" for c, m in re.findall(r"(?<![\w.])([A-Z]\w*)\.([a-z_]\w*)", text)
+            if c in classes and m not in classes[c]]
+
+
 def github_slug(heading: str) -> str:
     """GitHub's anchor for a heading: the text lowercased, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links and images: their text
@@ -250,6 +289,16 @@ def test_method_doc_sections_cited_in_code_exist():
     assert bad == []
 
 
+def test_classes_and_members_named_in_docs_exist():
+    """The architecture's data path (and every other page) names real methods: AppServices.rate,
+    FeedbackStore.add_rating, ModelRegistry.training_copy..."""
+    classes = project_classes()
+    assert {"AppServices", "FeedbackStore", "DiffusionBackend", "RLR"} <= set(classes)
+    bad = {str(doc.relative_to(ROOT)): found for doc in markdown_files()
+           if (found := unknown_members(doc.read_text(), classes))}
+    assert bad == {}
+
+
 def test_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
 
@@ -271,6 +320,10 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert len(link_problems(fake)) == 3
     assert "#1-setting-and-notation" not in " ".join(link_problems(doc))
     assert "1-setting-and-notation" in anchors(doc) and "no-such-heading" not in anchors(doc)
+    classes = project_classes()
+    assert unknown_members("FeedbackStore.add_rating, BuiltinBackend.unconditional, Path.exists", classes) == []
+    assert unknown_members("FeedbackStore.add_star, RoundRunner.no_such_step", classes) == [
+        "FeedbackStore.add_star", "RoundRunner.no_such_step"]
     source = io.StringIO("x = 1  # see docs/rlr-method.md section 3\n")
     comments = [t.string for t in tokenize.generate_tokens(source.readline) if t.type == tokenize.COMMENT]
     assert missing_paths("\n".join(comments), patterns) == ["docs/rlr-method.md"]
