@@ -258,6 +258,9 @@ def run(args: argparse.Namespace) -> dict:
     for i, batch in enumerate(args.batches):
         run_rows(chain, report, batch, args.budget_s)
         if i == 0 and args.round_steps:  # the round before the larger batch: it matters more if time runs out
+            if report.elapsed() > args.budget_s:
+                report.data["round"] = {"skipped": "time budget"}
+                continue
             try:
                 report.data["round"] = training_round(backend, sampler, args.round_steps, args.round_batch)
             except Exception as err:  # noqa: BLE001
