@@ -57,3 +57,32 @@ def test_gpu_check_tiny_writes_every_measurement(tmp_path):
     assert all(set(t) == {"check", "value", "met"} and isinstance(t["met"], bool) for t in data["targets"])
     assert "B_h (batch 1) within 2x of the paper's ~8 GB" in checks  # memory ratios need CUDA's allocator
     assert "targets" in log and "rlr h=4" in log  # the printed table
+
+
+def _run_module(args: list[str], out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", *args, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_paper_accounting_rows_without_checkpointing(tmp_path):
+    data = _run_module(["bench.gpu_sd15", "--tiny", "--no-checkpoint", "--batches", "1", "--round-steps", "0",
+                        "--steps", "4", "--threads", "1"], tmp_path / "nockpt.json")
+    assert data["complete"] and data["step_checkpointing"] is False and data["round"] is None
+    assert [r["row"] for r in data["rows"]] == ["full-bp no-ckpt", "truncated-bp K'=1 no-ckpt",
+                                                "truncated-bp K'=3 no-ckpt", "rlr h=1 L=1 no-ckpt",
+                                                "rlr h=2 L=1 no-ckpt", "rlr h=4 L=1 no-ckpt"]
+    for r in data["rows"]:
+        assert _number(r["time_s"]) and _number(r["grad_norm"]) and r["settings"]["use_checkpoint"] is False
+    assert [r["block_used"] for r in data["rows"] if r["estimator"] == "rlr"] == [1, 2, 3]  # K - L = 3 fits
+    assert all(r["tail_L"] == 1 for r in data["rows"] if r["estimator"] == "rlr")
+
+
+def test_video_rows_on_a_tiny_animatediff(tmp_path):
+    data = _run_module(["bench.gpu_video", "--tiny", "--threads", "1"], tmp_path / "video.json")
+    assert data["complete"] and data["model"]["frames"] == 4 and data["model"]["latent_shape"] == [4, 4, 8, 8]
+    assert [r["row"] for r in data["rows"]] == ["truncated-bp K'=1", "ddpo (1 inner epoch)", "rlr h=1", "rlr h=2"]
+    for r in data["rows"]:
+        assert _number(r["time_s"]) and _number(r["reward_mean"]) and _number(r["grad_norm"]), r
+    assert data["rows"][0]["grad_norm"] > 0  # the pathwise step reaches the motion UNet's adapter
