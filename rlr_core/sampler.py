@@ -38,7 +38,7 @@ from rlr_core.rollout import (
     rollout,
 )
 
-__all__ = [  # Trajectory, draw_noise, gaussian_log_prob and StepIndex live in rlr_core.rollout
+__all__ = [  # Trajectory, draw_noise, gaussian_log_prob, StepIndex: re-exported from rlr_core.rollout
     "Conditioning", "Prediction", "SampleResult", "SamplerSettings", "StepIndex", "StepSchedule", "Trajectory",
     "ddim_mean", "ddim_step", "draw_noise", "gaussian_log_prob", "generate", "guided_output", "make_schedule",
     "prompt_conditioning", "sample", "sample_prompts", "stage_schedule", "step_log_prob", "step_mean",
