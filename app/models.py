@@ -3,8 +3,8 @@
 Generation asks for a version's backend; a few are kept loaded (the active one, its parent
 for before/after pairs). Training never touches these: it gets its own deep copy, because the
 estimators change weights in place (ZO perturbations, optimiser steps) while people keep
-generating with the served ones. ``lock`` serialises sampling (the diffusers scheduler object
-is shared state: ``set_timesteps`` mutates it).
+generating with the served ones. Sampling needs no lock (it never mutates a backend: the
+sampler computes its step tables on private scheduler copies); ``lock`` guards the cache.
 """
 
 from __future__ import annotations

@@ -257,7 +257,6 @@ class RoundRunner:
         gen = GenerationSettings(steps=settings.sample_steps, guidance=settings.sample_guidance)
         sample_seed = (seed + 1) % (2**31)
         for vid in (version_id, parent_id):
-            with self.services.models.lock:
-                images = draw(self.services.models.backend(vid), texts, sample_seed, gen)
+            images = draw(self.services.models.backend(vid), texts, sample_seed, gen)
             store_images(self.store, images, texts, sample_seed, gen, vid, origin="round")
         return len(texts)

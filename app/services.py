@@ -172,9 +172,8 @@ class AppServices:
         """Draw ``n`` images of ``prompt`` with a version (default: the active one) and store them."""
         canonical, n, seed, settings, vid = self.check_generation(prompt, n, seed, steps, guidance, version_id)
         vid = vid if vid is not None else self.active_version_id
-        with self.models.lock:
-            backend = self.models.backend(vid)
-            images = draw(backend, [canonical] * n, seed, settings)
+        backend = self.models.backend(vid)
+        images = draw(backend, [canonical] * n, seed, settings)
         ids = store_images(self.store, images, [canonical] * n, seed, settings, vid)
         return [self.sample(i) for i in ids]
 
@@ -280,13 +279,12 @@ class AppServices:
         ends = [max(i for i, s in enumerate(stage_of) if s == k) for k in range(len(dcot.STAGES))]
         schedule = dcot.step_prompts(stages, steps, bounds)
         per_step = [[original, p] for p in schedule]  # row 0 plain, row 1 staged: same noise each
-        with self.models.lock:
-            backend = self.models.backend(self.active_version_id)
-            # One batch of two rows would give the rows different noise; two runs share it.
-            plain_final, plain_cap = dcot.sample_staged(backend, [[r[0]] for r in per_step], seed, guidance,
-                                                        capture_steps=ends)
-            staged_final, staged_cap = dcot.sample_staged(backend, [[r[1]] for r in per_step], seed, guidance,
-                                                          capture_steps=ends)
+        backend = self.models.backend(self.active_version_id)
+        # One batch of two rows would give the rows different noise; two runs share it.
+        plain_final, plain_cap = dcot.sample_staged(backend, [[r[0]] for r in per_step], seed, guidance,
+                                                    capture_steps=ends)
+        staged_final, staged_cap = dcot.sample_staged(backend, [[r[1]] for r in per_step], seed, guidance,
+                                                      capture_steps=ends)
         return {"plain": [plain_cap[e][0] for e in ends], "staged": [staged_cap[e][0] for e in ends],
                 "stage_steps": [stage_of.count(k) for k in range(3)], "schedule": schedule,
                 "prompt": original, "stages": stages}

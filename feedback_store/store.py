@@ -1,25 +1,15 @@
 """FeedbackStore: the app's one door to prompts, samples, ratings, comparisons and models.
 
-Thread- and process-safe: every thread gets its own SQLite connection, every write is one
-short ``BEGIN IMMEDIATE`` transaction (retried on SQLITE_BUSY), and any number of processes
-may open the same data directory.
-
-Duplicate submissions (decided here, documented in docs/store.md):
-- A rater has at most one star rating per sample and one comparison per unordered pair.
-  A second one raises ``DuplicateError`` unless ``replace=True`` (a rater changing their mind).
-- A client may pass ``submission_id`` (e.g. a UUID made when the widget is shown). Resending
-  the same submission with the same answer returns the original row id and changes nothing
-  (safe network retries and double clicks); reusing it for a different answer raises
-  ``DuplicateError``.
+Thread- and process-safe (see :mod:`feedback_store.base`). The class is assembled from parts
+by concern: connections and shared helpers (:mod:`.base`), ratings, comparisons and prompt
+edits with their duplicate rules (:mod:`.judgements`), training rounds (:mod:`.rounds`); this
+module holds prompts, samples, model versions, the UI's queries and integrity/export/import.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import random
-import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,132 +18,22 @@ from typing import Any
 from PIL import Image
 from sqlite_utils import Database
 
-from feedback_store import db as dbmod
 from feedback_store import queries
 from feedback_store import validation as v
-from feedback_store.errors import DuplicateError, NotFoundError, StateError
-from feedback_store.images import ImageFiles, encode_png, to_pil
+from feedback_store.base import DB_NAME, TABLES, StoreBase, decode_row
+from feedback_store.errors import NotFoundError
+from feedback_store.images import encode_png, to_pil
+from feedback_store.judgements import JudgementsMixin
 from feedback_store.queries import PairCandidate, PreferenceRecords
-from feedback_store.schema import migrate, schema_version
+from feedback_store.rounds import TrainingRoundsMixin
 
-DB_NAME = "feedback.db"
-
-
-class _FifoLock:
-    """A first-come-first-served lock that hands ownership straight to the next waiter.
-    (``threading.Lock`` is not fair: under load some writers starve, which shows in p99.)"""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._waiters: collections.deque[threading.Event] = collections.deque()
-        self._held = False
-
-    def __enter__(self) -> None:
-        with self._guard:
-            if not self._held:
-                self._held = True
-                return
-            turn = threading.Event()
-            self._waiters.append(turn)
-        turn.wait()
-
-    def __exit__(self, *exc: object) -> None:
-        with self._guard:
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._held = False
+__all__ = ["DB_NAME", "TABLES", "FeedbackStore", "StoreBase", "decode_row"]
 
 
-# One write lock per database file per process: threads of one process queue here (woken at
-# once on release) instead of polling in SQLite's busy handler, which sleeps up to 100 ms per try.
-# Other processes still queue through SQLite's own lock (busy_timeout + retry).
-_WRITE_LOCKS: dict[Path, _FifoLock] = {}
-_WRITE_LOCKS_GUARD = threading.Lock()
-TABLES = ("raters", "prompts", "model_versions", "samples", "ratings", "comparisons",
-          "prompt_edits", "training_rounds")
-_JSON_COLUMNS = ("config", "metrics", "sampler_settings")
-
-
-def _insert(db: Database, table: str, row: dict[str, Any]) -> int:
-    """Plain INSERT for the hot paths (ratings, comparisons): sqlite-utils' ``insert`` runs about
-    ten schema-introspection queries per call, which made up two thirds of a rating's write time."""
-    cols = ", ".join(row)
-    marks = ", ".join("?" for _ in row)
-    return db.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values())).lastrowid
-
-
-def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Turn a row's JSON text columns back into Python values."""
-    out = dict(row)
-    for key in _JSON_COLUMNS:
-        if isinstance(out.get(key), str):
-            out[key] = json.loads(out[key])
-    if isinstance(out.get("stage_prompts"), str):
-        out["stage_prompts"] = json.loads(out["stage_prompts"])
-    return out
-
-
-class FeedbackStore:
+class FeedbackStore(JudgementsMixin, TrainingRoundsMixin):
     """``FeedbackStore(data_dir)``: ``data_dir/feedback.db`` plus ``data_dir/images/``."""
 
-    def __init__(self, data_dir: str | Path, synchronous: str = "NORMAL"):
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.data_dir / DB_NAME
-        self.images = ImageFiles(self.data_dir)
-        self._synchronous = synchronous
-        self._local = threading.local()
-        self._conns: list[Database] = []
-        self._conns_lock = threading.Lock()
-        with _WRITE_LOCKS_GUARD:
-            self._write_lock = _WRITE_LOCKS.setdefault(self.db_path.resolve(), _FifoLock())
-        dbmod.enable_wal(self.db)
-        migrate(self.db)
-
-    # ----------------------------------------------------------------- connections
-    @property
-    def db(self) -> Database:
-        """This thread's connection (sqlite3 connections must not be shared between threads)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = dbmod.connect(self.db_path, self._synchronous)
-            self._local.db = db
-            with self._conns_lock:
-                self._conns.append(db)
-        return db
-
-    def close(self) -> None:
-        with self._conns_lock:
-            for db in self._conns:
-                db.close()
-            self._conns.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> FeedbackStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, fn: Callable[[Database], Any]) -> Any:
-        try:
-            with self._write_lock:
-                return dbmod.write(self.db, fn)
-        except sqlite3.IntegrityError as err:  # a CHECK/FK the Python checks should have caught
-            raise v.ValidationError(f"the database refused this change: {err}") from err
-
-    @property
-    def schema_version(self) -> int:
-        return schema_version(self.db)
-
     # ----------------------------------------------------------------- lookups
-    def _require(self, db: Database, table: str, row_id: Any, what: str) -> dict[str, Any]:
-        rows = list(db[table].rows_where("id = ?", [row_id], limit=1))
-        if not rows:
-            raise NotFoundError(f"there is no {what} with id {row_id!r}")
-        return rows[0]
-
     def get_sample(self, sample_id: int) -> dict[str, Any]:
         """A sample with its prompt text, decoded settings and absolute image path."""
         v.identifier(sample_id, "sample id")
@@ -180,23 +60,10 @@ class FeedbackStore:
     def model_versions(self) -> list[dict[str, Any]]:
         return [decode_row(r) for r in self.db["model_versions"].rows_where(order_by="id")]
 
-    def get_training_round(self, round_id: int) -> dict[str, Any]:
-        return decode_row(self._require(self.db, "training_rounds", v.identifier(round_id, "round id"),
-                                        "training round"))
-
-    def training_rounds(self, state: str | None = None) -> list[dict[str, Any]]:
-        where, args = ("state = ?", [state]) if state else (None, None)
-        return [decode_row(r) for r in self.db["training_rounds"].rows_where(where, args, order_by="id")]
-
     def counts(self) -> dict[str, int]:
         return {t: self.db[t].count for t in TABLES}
 
     # ----------------------------------------------------------------- raters, prompts, versions
-    @staticmethod
-    def _ensure_rater(db: Database, rater_id: str, kind: str = "person", name: str | None = None) -> None:
-        db.conn.execute("INSERT OR IGNORE INTO raters (id, kind, name, created_at) VALUES (?, ?, ?, ?)",
-                        [rater_id, kind, name, v.now()])
-
     def add_rater(self, rater_id: str, kind: str = "person", name: str | None = None) -> str:
         """Register a rater (a person, an anonymous session, or a simulated one). Idempotent."""
         v.rater(rater_id)
@@ -204,13 +71,6 @@ class FeedbackStore:
             raise v.ValidationError(f"rater kind must be person, session or simulated; got {kind!r}")
         self._write(lambda db: self._ensure_rater(db, rater_id, kind, v.optional_text(name, "rater name")))
         return rater_id
-
-    @staticmethod
-    def _prompt_id(db: Database, text: str) -> int:
-        rows = list(db["prompts"].rows_where("text = ?", [text], select="id", limit=1))
-        if rows:
-            return rows[0]["id"]
-        return db["prompts"].insert({"text": text, "created_at": v.now()}).last_pk
 
     def add_prompt(self, text: str) -> int:
         """The id of ``text`` in the prompts table, adding it if new."""
@@ -274,170 +134,6 @@ class FeedbackStore:
                 **row, "uid": uuid.uuid4().hex, "prompt_id": self._prompt_id(db, prompt),
                 "image_sha256": digest, "image_path": rel, "width": pil.width, "height": pil.height,
                 "created_at": v.now()}).last_pk
-
-        return self._write(tx)
-
-    # ----------------------------------------------------------------- judgements
-    @staticmethod
-    def _by_submission(db: Database, table: str, submission_id: str | None) -> dict | None:
-        if submission_id is None:
-            return None
-        rows = list(db[table].rows_where("submission_id = ?", [submission_id], limit=1))
-        return rows[0] if rows else None
-
-    def add_rating(self, sample_id: int, rater_id: str, stars: int, submission_id: str | None = None,
-                   replace: bool = False) -> int:
-        """Record ``stars`` (1-5) from ``rater_id`` for a sample; return the rating's id."""
-        v.identifier(sample_id, "sample id")
-        v.rater(rater_id)
-        v.stars(stars)
-        v.optional_text(submission_id, "submission id", 200)
-
-        def tx(db: Database) -> int:
-            prior = self._by_submission(db, "ratings", submission_id)
-            if prior is not None:
-                if (prior["sample_id"], prior["rater_id"], prior["stars"]) == (sample_id, rater_id, stars):
-                    return prior["id"]  # a resend of the same answer: nothing to do
-                raise DuplicateError(f"submission {submission_id!r} was already used for a different "
-                                     "rating; nothing was changed", prior["id"])
-            self._require(db, "samples", sample_id, "sample")
-            self._ensure_rater(db, rater_id)
-            existing = list(db["ratings"].rows_where("rater_id = ? AND sample_id = ?",
-                                                     [rater_id, sample_id], limit=1))
-            now = v.now()
-            if existing:
-                old = existing[0]
-                if not replace:
-                    raise DuplicateError(
-                        f"rater {rater_id!r} already gave sample {sample_id} {old['stars']} stars; "
-                        "nothing was changed (pass replace=True to change a rating)", old["id"])
-                db["ratings"].update(old["id"], {
-                    "stars": stars, "updated_at": now,
-                    "submission_id": old["submission_id"] if submission_id is None else submission_id})
-                return old["id"]
-            return _insert(db, "ratings", {"sample_id": sample_id, "rater_id": rater_id, "stars": stars,
-                                           "submission_id": submission_id, "created_at": now,
-                                           "updated_at": now})
-
-        return self._write(tx)
-
-    def add_comparison(self, left_id: int, right_id: int, outcome: str, rater_id: str,
-                       response_time_s: float | None = None, submission_id: str | None = None,
-                       replace: bool = False) -> int:
-        """Record a pairwise judgement: outcome is left, right, tie-both-good, tie-both-bad or skip."""
-        v.identifier(left_id, "left sample id")
-        v.identifier(right_id, "right sample id")
-        if left_id == right_id:
-            raise v.ValidationError("a comparison needs two different samples")
-        v.outcome(outcome)
-        v.rater(rater_id)
-        rt = v.response_time(response_time_s)
-        v.optional_text(submission_id, "submission id", 200)
-        answer = (left_id, right_id, outcome, rater_id)
-
-        def tx(db: Database) -> int:
-            prior = self._by_submission(db, "comparisons", submission_id)
-            if prior is not None:
-                if (prior["left_id"], prior["right_id"], prior["outcome"], prior["rater_id"]) == answer:
-                    return prior["id"]
-                raise DuplicateError(f"submission {submission_id!r} was already used for a different "
-                                     "comparison; nothing was changed", prior["id"])
-            self._require(db, "samples", left_id, "sample (left)")
-            self._require(db, "samples", right_id, "sample (right)")
-            self._ensure_rater(db, rater_id)
-            existing = list(db["comparisons"].rows_where(
-                "rater_id = ? AND min(left_id, right_id) = ? AND max(left_id, right_id) = ?",
-                [rater_id, min(left_id, right_id), max(left_id, right_id)], limit=1))
-            now = v.now()
-            row = {"left_id": left_id, "right_id": right_id, "outcome": outcome, "rater_id": rater_id,
-                   "response_time_s": rt, "submission_id": submission_id, "updated_at": now}
-            if existing:
-                old = existing[0]
-                if not replace:
-                    raise DuplicateError(
-                        f"rater {rater_id!r} already compared samples {left_id} and {right_id} "
-                        f"({old['outcome']}); nothing was changed (pass replace=True to change it)",
-                        old["id"])
-                if submission_id is None:
-                    row["submission_id"] = old["submission_id"]
-                db["comparisons"].update(old["id"], row)
-                return old["id"]
-            return _insert(db, "comparisons", {**row, "created_at": now})
-
-        return self._write(tx)
-
-    def add_prompt_edit(self, original: str, edited: str, stage: int | None = None,
-                        reason: str | None = None, rater_id: str | None = None,
-                        sample_id: int | None = None) -> int:
-        """Record that a person rewrote a prompt (optionally one DCoT stage of it), and why."""
-        row = {"original": v.text(original, "original prompt"), "edited": v.text(edited, "edited prompt"),
-               "stage": None if stage is None else v.identifier(stage, "stage"),
-               "reason": v.optional_text(reason, "reason"),
-               "rater_id": None if rater_id is None else v.rater(rater_id),
-               "sample_id": None if sample_id is None else v.identifier(sample_id, "sample id"),
-               "created_at": v.now()}
-
-        def tx(db: Database) -> int:
-            if sample_id is not None:
-                self._require(db, "samples", sample_id, "sample")
-            if rater_id is not None:
-                self._ensure_rater(db, rater_id)
-            return db["prompt_edits"].insert(row).last_pk
-
-        return self._write(tx)
-
-    # ----------------------------------------------------------------- training rounds
-    def start_training_round(self, base_version_id: int | None = None, config: dict | None = None) -> int:
-        now = v.now()
-        row = {"base_version_id": base_version_id, "state": "running", "progress": 0.0,
-               "config": v.json_object(config, "training config"), "metrics": "{}",
-               "started_at": now, "updated_at": now}
-
-        def tx(db: Database) -> int:
-            if base_version_id is not None:
-                self._require(db, "model_versions", v.identifier(base_version_id, "version id"),
-                              "model version")
-            return db["training_rounds"].insert(row).last_pk
-
-        return self._write(tx)
-
-    def _update_running(self, round_id: int, updates: dict[str, Any], merge_metrics: dict | None) -> None:
-        v.identifier(round_id, "round id")
-        v.json_object(merge_metrics, "training metrics")
-
-        def tx(db: Database) -> None:
-            row = self._require(db, "training_rounds", round_id, "training round")
-            if row["state"] != "running":
-                raise StateError(f"training round {round_id} is {row['state']}, not running")
-            if updates.get("output_version_id") is not None:
-                self._require(db, "model_versions", updates["output_version_id"], "model version")
-            metrics = {**json.loads(row["metrics"]), **(merge_metrics or {})}
-            db["training_rounds"].update(round_id, {**updates, "metrics": json.dumps(metrics, sort_keys=True),
-                                                    "updated_at": v.now()})
-
-        self._write(tx)
-
-    def update_training_round(self, round_id: int, progress: float, metrics: dict | None = None) -> None:
-        self._update_running(round_id, {"progress": v.progress(progress)}, metrics)
-
-    def finish_training_round(self, round_id: int, output_version_id: int | None = None,
-                              metrics: dict | None = None) -> None:
-        self._update_running(round_id, {"state": "finished", "progress": 1.0,
-                                        "output_version_id": output_version_id,
-                                        "finished_at": v.now()}, metrics)
-
-    def fail_training_round(self, round_id: int, error: str) -> None:
-        self._update_running(round_id, {"state": "failed", "error": v.text(error, "error message"),
-                                        "finished_at": v.now()}, None)
-
-    def mark_interrupted_rounds_failed(self, error: str = "interrupted: the app stopped while this "
-                                       "round was running") -> int:
-        """On app start: no round can still be running, so mark any 'running' one failed."""
-        def tx(db: Database) -> int:
-            now = v.now()
-            cur = db.execute("UPDATE training_rounds SET state = 'failed', error = ?, updated_at = ?, "
-                             "finished_at = ? WHERE state = 'running'", [error, now, now])
-            return cur.rowcount
 
         return self._write(tx)
 

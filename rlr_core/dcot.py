@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.sampler import SamplerSettings, sample_prompts
 from rlr_core.shapesworld import text
 from rlr_core.shapesworld import world as sw
 
@@ -121,9 +123,8 @@ def stage_window(
     return num_steps - steps[-1], num_steps - steps[0]
 
 
-@torch.no_grad()
 def sample_staged(
-    backend,
+    backend: DiffusionBackend,
     prompts_per_step: Sequence[Sequence[str]],
     seed: int,
     guidance: float = 3.0,
@@ -135,29 +136,7 @@ def sample_staged(
     ``prompts_per_step[i][b]`` conditions image b at step i. Returns the images (B, 3, H, W) in
     [0, 1] and, for each step in ``capture_steps``, the model's prediction of the final image
     after that step: what the chain has decided so far. Same seed, same noise: two schedules
-    drawn with one seed differ only by their prompts."""
-    num_steps = len(prompts_per_step)
-    batch = len(prompts_per_step[0])
-    scheduler = backend.scheduler
-    scheduler.set_timesteps(num_steps)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    x = backend.initial_noise(batch, generator)
-    uncond = backend.unconditional(batch)
-    cache: dict[tuple[str, ...], torch.Tensor] = {}
-    captured: dict[int, torch.Tensor] = {}
-    for i, t in enumerate(scheduler.timesteps):
-        key = tuple(prompts_per_step[i])
-        if key not in cache:
-            cache[key] = backend.encode_prompts(list(key))
-        cond = cache[key]
-        if guidance == 1.0:
-            out = backend.model_output(x, t, cond)
-        else:
-            out_u, out_c = backend.model_output(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
-        step = scheduler.step(out, t, x, eta=eta, variance_noise=noise)
-        x = step.prev_sample
-        if i in capture_steps:
-            captured[i] = backend.decode(step.pred_original_sample).cpu()
-    return backend.decode(x).cpu(), captured
+    drawn with one seed differ only by their prompts. (The sampler's one loop runs it:
+    :func:`rlr_core.sampler.sample_prompts`.)"""
+    settings = SamplerSettings(steps=len(prompts_per_step), eta=eta, guidance=guidance)
+    return sample_prompts(backend, prompts_per_step, settings, seed, capture_steps)

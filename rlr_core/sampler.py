@@ -1,5 +1,8 @@
 """The stochastic DDIM sampler over the backend interface, with an optional trajectory record.
 
+The steps themselves run in :func:`rlr_core.rollout.rollout`, the project's one sampling loop;
+this module supplies the DDIM step table, the step's mean and the conditioning.
+
 Numbering follows docs/method.md section 1: the chain runs steps k = K .. 1, step k maps
 x_k to x_{k-1} = mu_theta(x_k, k, c) + sigma_k * eps_k; x_K is pure noise, x_0 the output.
 Every per-step table here (timesteps, alphas, sigma, the recorded trajectory) is indexed by
@@ -15,7 +18,9 @@ timesteps and a differentiable mean; tests check it against ``DDIMScheduler.step
 
 from __future__ import annotations
 
-import math
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,8 +28,22 @@ import torch
 from diffusers import DDIMScheduler
 
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.rollout import (
+    Prediction,
+    Step,
+    StepIndex,
+    Trajectory,
+    draw_noise,
+    gaussian_log_prob,
+    rollout,
+)
 
-StepIndex = int | torch.Tensor  # one step k for the whole batch, or a (B,) tensor of per-sample k
+__all__ = [  # Trajectory, draw_noise, gaussian_log_prob, StepIndex: re-exported from rlr_core.rollout
+    "Conditioning", "Prediction", "SampleResult", "SamplerSettings", "StepIndex", "StepSchedule", "Trajectory",
+    "ddim_mean", "ddim_step", "draw_noise", "gaussian_log_prob", "generate", "guided_output", "make_schedule",
+    "prompt_conditioning", "sample", "sample_prompts", "stage_schedule", "step_log_prob", "step_mean",
+    "step_prediction",
+]
 
 
 @dataclass(frozen=True)
@@ -50,13 +69,39 @@ class StepSchedule:
         return len(self.timesteps) - 1
 
 
+# Schedules by (scheduler config, steps, eta). Each is computed on a private copy of the
+# scheduler, so a backend's scheduler is never mutated and sampling needs no lock; the entries
+# are shared read-only (nobody writes into a StepSchedule's tensors).
+_SCHEDULES: OrderedDict[tuple[str, int, float], StepSchedule] = OrderedDict()
+_SCHEDULES_LOCK = threading.Lock()
+_SCHEDULES_MAX = 64
+
+
 def make_schedule(scheduler: DDIMScheduler, steps: int, eta: float) -> StepSchedule:
-    """The step table of ``scheduler`` for ``steps`` steps, exactly as ``DDIMScheduler.step`` computes it."""
+    """The step table of ``scheduler`` for ``steps`` steps, exactly as ``DDIMScheduler.step`` computes it.
+
+    ``scheduler`` itself is left untouched (its ``set_timesteps`` state is shared by everyone
+    who holds the backend)."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    config = scheduler.config
-    if config.thresholding:
+    if scheduler.config.thresholding:
         raise ValueError("dynamic thresholding is not supported by the sampler")
+    key = (json.dumps(dict(scheduler.config), sort_keys=True, default=str), int(steps), float(eta))
+    with _SCHEDULES_LOCK:
+        if key in _SCHEDULES:
+            _SCHEDULES.move_to_end(key)
+            return _SCHEDULES[key]
+    schedule = _compute_schedule(DDIMScheduler.from_config(scheduler.config), int(steps), float(eta))
+    with _SCHEDULES_LOCK:
+        _SCHEDULES[key] = schedule
+        while len(_SCHEDULES) > _SCHEDULES_MAX:
+            _SCHEDULES.popitem(last=False)
+    return schedule
+
+
+def _compute_schedule(scheduler: DDIMScheduler, steps: int, eta: float) -> StepSchedule:
+    """The step table from ``scheduler``, a private copy this call may mutate."""
+    config = scheduler.config
     scheduler.set_timesteps(steps)
     ts = scheduler.timesteps.long().cpu()  # sampling order: ts[0] is step K
     prev = ts - config.num_train_timesteps // steps
@@ -83,7 +128,7 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *[1] * (like.ndim - 1)) if v.ndim == 1 else v
 
 
-def ddim_mean(
+def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     alpha_prod: torch.Tensor,
@@ -91,8 +136,10 @@ def ddim_mean(
     sigma: torch.Tensor,
     prediction_type: str,
     clip_range: float | None,
-) -> torch.Tensor:
-    """mu of one DDIM step (DDIM paper eq. 12), differentiable; coefficients scalar or per sample."""
+) -> Prediction:
+    """mu of one DDIM step (DDIM paper eq. 12), differentiable, with the predicted x_0 it is built on.
+
+    Coefficients are scalars or per sample."""
     a_t, a_prev, s = (_per_sample(v, sample) for v in (alpha_prod, alpha_prod_prev, sigma))
     b_t = 1 - a_t
     if prediction_type == "epsilon":
@@ -108,17 +155,20 @@ def ddim_mean(
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)  # as diffusers: eps is not re-derived from the clipped x_0
-    return a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps
+    return Prediction(a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps, x0)
 
 
-def gaussian_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """log N(x_prev; mean, sigma^2 I) per sample (B,), constants included (method doc section 1).
-
-    ``sigma`` is a scalar or a (B,) tensor of per-sample noise scales."""
-    sigma = torch.as_tensor(sigma, dtype=mean.dtype, device=mean.device)
-    sigma = sigma.expand(len(mean)) if sigma.ndim == 0 else sigma
-    sq = ((x_prev - mean) ** 2).flatten(1).sum(1)
-    return -sq / (2 * sigma**2) - mean[0].numel() * (sigma.log() + 0.5 * math.log(2 * math.pi))
+def ddim_mean(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    alpha_prod_prev: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """mu of one DDIM step (see :func:`ddim_step`)."""
+    return ddim_step(model_output, sample, alpha_prod, alpha_prod_prev, sigma, prediction_type, clip_range).mean
 
 
 class Conditioning:
@@ -192,9 +242,9 @@ def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, c
     return out_u + guidance * (out_c - out_u)
 
 
-def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
-              cond: Conditioning, guidance: float) -> torch.Tensor:
-    """mu_theta(x_k, k, c): the mean of step k, differentiable in the denoiser's parameters.
+def step_prediction(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+                    cond: Conditioning, guidance: float) -> Prediction:
+    """mu_theta(x_k, k, c) and the predicted x_0 of step k, differentiable in the denoiser's parameters.
 
     ``k`` may be a (B,) tensor: each sample then takes its own step (timestep, coefficients
     and per-step conditioning)."""
@@ -205,8 +255,14 @@ def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor
         kk = int(k)
         t = schedule.timesteps[kk].to(x.device)
     out = guided_output(backend, x, t, cond.at(k), cond.uncond, guidance)
-    return ddim_mean(out, x, schedule.alpha_prod[kk], schedule.alpha_prod_prev[kk], schedule.sigma[kk],
+    return ddim_step(out, x, schedule.alpha_prod[kk], schedule.alpha_prod_prev[kk], schedule.sigma[kk],
                      schedule.prediction_type, schedule.clip_range)
+
+
+def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+              cond: Conditioning, guidance: float) -> torch.Tensor:
+    """mu_theta(x_k, k, c): the mean of step k (see :func:`step_prediction`)."""
+    return step_prediction(backend, schedule, x, k, cond, guidance).mean
 
 
 def step_log_prob(backend: DiffusionBackend, schedule: StepSchedule, x_k: torch.Tensor, x_prev: torch.Tensor,
@@ -220,70 +276,28 @@ def step_log_prob(backend: DiffusionBackend, schedule: StepSchedule, x_k: torch.
 
 
 @dataclass
-class Trajectory:
-    """A recorded chain, indexed by step number k (entry 0 unused where it has no meaning).
-
-    x[k] = x_k for k = 0..K; noise[k] = eps_k, mean[k] = mu_theta(x_k, k, c), log_prob[k] =
-    log p(x_{k-1} | x_k) for k = 1..K (0 at deterministic steps, where sigma_k = 0); sigma[k]."""
-
-    x: torch.Tensor  # (K+1, B, *state)
-    noise: torch.Tensor  # (K+1, B, *state)
-    mean: torch.Tensor  # (K+1, B, *state)
-    log_prob: torch.Tensor  # (K+1, B)
-    sigma: torch.Tensor  # (K+1,)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.sigma) - 1
-
-    @property
-    def x0(self) -> torch.Tensor:
-        return self.x[0]
-
-
-@dataclass
 class SampleResult:
     x0: torch.Tensor
     trajectory: Trajectory | None
 
 
-def draw_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # Drawn on the generator's device (CPU) and moved, like the plain diffusers loop: same seeds,
-    # same images on every device.
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-
-
 @torch.no_grad()
 def sample(backend: DiffusionBackend, cond: Conditioning, settings: SamplerSettings, generator: torch.Generator,
            record: bool = False, x_init: torch.Tensor | None = None,
-           schedule: StepSchedule | None = None) -> SampleResult:
+           schedule: StepSchedule | None = None, on_step: Sequence[Callable[[Step], None]] = ()) -> SampleResult:
     """Run the chain from x_K (drawn from ``generator`` unless given) to x_0.
 
     The noise is drawn in the same order as the plain loop in :mod:`tests.oracles.diffusers_loop` (x_K,
-    then one draw per step, also at sigma = 0), so the same seed gives the same images."""
+    then one draw per step, also at sigma = 0), so the same seed gives the same images. ``on_step``
+    hooks see each step (see :mod:`rlr_core.rollout`)."""
     schedule = schedule or make_schedule(backend.scheduler, settings.steps, settings.eta)
-    K = schedule.num_steps
     x = x_init if x_init is not None else backend.initial_noise(cond.batch, generator)
-    xs, noises, means, logps = [x], [], [], []
-    for k in range(K, 0, -1):
-        mu = step_mean(backend, schedule, x, k, cond, settings.guidance)
-        eps = draw_noise(x, generator)
-        sigma = schedule.sigma[k]
-        x = mu + sigma.to(x.device) * eps if sigma > 0 else mu
-        if record:
-            xs.append(x)
-            noises.append(eps)
-            means.append(mu)
-            logps.append(gaussian_log_prob(x, mu, sigma) if sigma > 0 else torch.zeros(len(x), device=x.device))
-    if not record:
-        return SampleResult(x, None)
 
-    def by_k(seq: list[torch.Tensor]) -> torch.Tensor:  # sampling order -> entry k, entry 0 a zero pad
-        return torch.stack([torch.zeros_like(seq[0]), *seq[::-1]])
+    def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
+        return step_prediction(backend, schedule, x, k, cond, settings.guidance)
 
-    traj = Trajectory(x=torch.stack(xs[::-1]), noise=by_k(noises), mean=by_k(means), log_prob=by_k(logps),
-                      sigma=schedule.sigma.clone())
-    return SampleResult(x, traj)
+    run = rollout(predict, x, schedule.sigma, generator, start=schedule.num_steps, record=record, on_step=on_step)
+    return SampleResult(run.x, run.trajectory)
 
 
 def prompt_conditioning(backend: DiffusionBackend, prompts: list[str], num_steps: int,
@@ -305,3 +319,35 @@ def generate(backend: DiffusionBackend, prompts: list[str], settings: SamplerSet
     result = sample(backend, cond, settings, torch.Generator("cpu").manual_seed(seed))
     with torch.no_grad():
         return backend.decode(result.x0).cpu()
+
+
+@torch.no_grad()
+def sample_prompts(backend: DiffusionBackend, prompts_per_step: Sequence[Sequence[str]], settings: SamplerSettings,
+                   seed: int, capture_steps: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Images in [0, 1] where ``prompts_per_step[i][b]`` conditions image b at sampling step i
+    (i = 0 .. K-1, noise first; the DCoT schedules), and, for each i in ``capture_steps``, the
+    decoded prediction of the final image made at step i: what the chain has decided so far.
+
+    With one prompt at every step this is :func:`generate` (same seed, same images)."""
+    K = len(prompts_per_step)
+    if K != settings.steps:
+        raise ValueError(f"need one prompt list per step ({settings.steps}), got {K}")
+    encoded: dict[tuple[str, ...], torch.Tensor] = {}
+    for step_prompts in prompts_per_step:  # each distinct prompt list encoded once
+        key = tuple(step_prompts)
+        if key not in encoded:
+            encoded[key] = backend.encode_prompts(list(key))
+    per_step = [encoded[tuple(p)] for p in prompts_per_step]
+    batch = len(prompts_per_step[0])
+    uncond = backend.unconditional(batch) if settings.guidance != 1.0 else None
+    cond = Conditioning(per_step[0] if len(encoded) == 1 else per_step, K, uncond)
+    captured: dict[int, torch.Tensor] = {}
+    wanted = set(capture_steps)
+
+    def capture(step: Step) -> None:
+        i = K - int(step.k)
+        if i in wanted:
+            captured[i] = backend.decode(step.prediction.x0).cpu()
+
+    result = sample(backend, cond, settings, torch.Generator("cpu").manual_seed(int(seed)), on_step=[capture])
+    return backend.decode(result.x0).cpu(), captured

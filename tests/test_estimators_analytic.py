@@ -185,3 +185,29 @@ def test_a_window_at_the_end_of_the_chain_shortens_the_default_tail(chain: ToyCh
     L = rlr.tail_length(chain)
     assert L == 2
     assert rlr.start_range(chain, L, 2) == (3, 3)
+
+
+@pytest.mark.parametrize("est", [RLR(chunk=BIG_CHUNK), RLR(rest="zo"), FullBackprop(use_checkpoint=False),
+                                 TruncatedBackprop(steps=2), LikelihoodRatio(chunk=BIG_CHUNK),
+                                 DDPO(inner_epochs=2, chunk=BIG_CHUNK)], ids=lambda e: e.name)
+def test_every_estimator_trains_through_one_step_interface(est: Estimator) -> None:
+    """``step`` is the training loop's one call: clear, estimate, check, then each optimiser step."""
+    toy = ToyChain(dim=4, steps=6)
+    events: list[str] = []
+
+    def zero_grad() -> None:
+        events.append("zero")
+        toy.theta.grad = None
+
+    def optimizer_step() -> float:
+        events.append("step")
+        norm = float(toy.theta.grad.norm())
+        with torch.no_grad():
+            toy.theta -= 0.1 * toy.theta.grad
+        return norm
+
+    out = est.step(toy, ToyContext(8), torch.Generator().manual_seed(0), optimizer_step, zero_grad,
+                   check=lambda e: events.append("check"))
+    inner = est.inner_epochs if isinstance(est, DDPO) else 1
+    assert events == ["zero", "check", "step"] * inner
+    assert out.stats["grad_norm"] > 0 and toy.theta.abs().sum() > 0

@@ -12,6 +12,7 @@ from rlr_core.sampler import (
     SamplerSettings,
     ddim_mean,
     gaussian_log_prob,
+    generate,
     make_schedule,
     prompt_conditioning,
     sample,
@@ -144,3 +145,28 @@ def test_dcot_schedule_matches_the_staged_preview_sampler(backend: BuiltinBacken
                                stages=dcot.stage_of_steps(4))
     got = sample(backend, cond, SamplerSettings(4, 1.0, 3.0), torch.Generator().manual_seed(3)).x0
     torch.testing.assert_close(backend.decode(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_schedules_leave_the_backends_scheduler_alone(backend: BuiltinBackend) -> None:
+    scheduler = backend.scheduler
+    before = (scheduler.num_inference_steps, scheduler.timesteps.clone())
+    first = make_schedule(scheduler, 7, 1.0)
+    make_schedule(scheduler, 3, 0.5)
+    assert scheduler.num_inference_steps == before[0] and torch.equal(scheduler.timesteps, before[1])
+    assert make_schedule(scheduler, 7, 1.0) is first  # computed once per (config, steps, eta)
+    other = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    assert make_schedule(other, 7, 1.0) is not first  # another config, another table
+
+
+def test_concurrent_sampling_on_one_backend_gives_the_serial_images(backend: BuiltinBackend) -> None:
+    # No lock around sampling: runs of different lengths interleave on one backend.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def draw(steps: int) -> torch.Tensor:
+        return generate(backend, PROMPTS[:1], SamplerSettings(steps=steps, guidance=2.0), seed=steps)
+
+    jobs = [2, 3, 5] * 3
+    serial = {steps: draw(steps) for steps in set(jobs)}
+    with ThreadPoolExecutor(3) as pool:
+        for steps, image in zip(jobs, pool.map(draw, jobs)):
+            torch.testing.assert_close(image, serial[steps], rtol=0, atol=1e-6)

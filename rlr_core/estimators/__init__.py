@@ -2,8 +2,9 @@
 
 Each estimator is one small module citing the formula of docs/method.md it implements, and
 each works on any :class:`~rlr_core.estimators.chain.Chain` (the UNet backends and the toy chain).
-``accumulate(chain, ctx, generator)`` adds an estimate of -grad J into ``.grad``; DDPO also has
-``update(...)``, which takes its own optimiser steps.
+``accumulate(chain, ctx, generator)`` adds an estimate of -grad J into ``.grad``;
+``step(chain, ctx, generator, optimizer_step, zero_grad)`` is one training step with it (DDPO's
+takes several optimiser steps per batch).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from rlr_core.sampler import StepIndex, Trajectory, draw_noise
+from rlr_core.rollout import Prediction, StepIndex, Trajectory, rollout
 
 
 class ChainContext(Protocol):
@@ -57,33 +57,25 @@ class Chain(abc.ABC):
     def reward(self, x0: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
         """R(x_0) per row, differentiable in x_0 (for latent models: R(decode(x_0)))."""
 
-    def noise(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return draw_noise(like, generator)
-
     # --- derived operations shared by every chain -------------------------------------------
 
     @torch.no_grad()
     def rollout(self, ctx: ChainContext, generator: torch.Generator, until: int = 0,
                 perturb: ZOPerturbation | None = None) -> Trajectory:
-        """Sample x_K .. x_until without a graph, recording every state, noise and mean.
+        """Sample x_K .. x_until without a graph (the one loop, :func:`rlr_core.rollout.rollout`),
+        recording every state, noise, mean and log p(x_{k-1} | x_k).
 
-        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it.
-        ``log_prob`` is left at 0: each estimator recomputes the log-densities it needs."""
-        K = self.num_steps
-        x = self.initial(ctx, generator)
-        xs = torch.zeros((K + 1, *x.shape), dtype=x.dtype, device=x.device)
-        noises, means = torch.zeros_like(xs), torch.zeros_like(xs)
-        xs[K] = x
-        for k in range(K, until, -1):
+        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it."""
+
+        def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
             if perturb is not None and bool(perturb.active[k].any()):
-                mu = self.perturbed_mean(x, k, ctx, perturb.deltas(k))
-            else:
-                mu = self.mean(x, k, ctx)
-            eps = self.noise(x, generator)
-            x = mu + self.sigma[k].to(x) * eps
-            xs[k - 1], noises[k], means[k] = x, eps, mu
-        return Trajectory(x=xs, noise=noises, mean=means, log_prob=torch.zeros(K + 1, len(x), device=x.device),
-                          sigma=self.sigma.clone())
+                return Prediction(self.perturbed_mean(x, k, ctx, perturb.deltas(k)))
+            return Prediction(self.mean(x, k, ctx))
+
+        x_K = self.initial(ctx, generator)
+        run = rollout(predict, x_K, self.sigma, generator, start=self.num_steps, steps=self.num_steps - until,
+                      record=True)
+        return run.trajectory
 
 
 class ZOPerturbation:

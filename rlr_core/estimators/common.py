@@ -8,13 +8,14 @@ step then increases the expected reward. Each estimate is a batch mean of per-sa
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlr_core.estimators.chain import Chain, ChainContext
-from rlr_core.sampler import Trajectory, gaussian_log_prob
+from rlr_core.rollout import Prediction, StepIndex, Trajectory, gaussian_log_prob, rollout
 
 
 @dataclass
@@ -35,12 +36,29 @@ class Estimate:
 
 
 class Estimator(abc.ABC):
-    """A gradient estimator: ``accumulate`` adds an estimate of -grad J into ``.grad``."""
+    """A gradient estimator: ``accumulate`` adds an estimate of -grad J into ``.grad``; ``step``
+    is one training step with it (the same call for every estimator)."""
 
     name: str
 
     @abc.abstractmethod
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate: ...
+
+    def step(self, chain: Chain, ctx: ChainContext, generator: torch.Generator,
+             optimizer_step: Callable[[], float], zero_grad: Callable[[], None],
+             check: Callable[[Estimate], None] | None = None) -> Estimate:
+        """One training step on one batch: clear the gradients, accumulate an estimate, step.
+
+        ``optimizer_step()`` applies the gradients and returns their norm (stored in the
+        estimate's ``stats["grad_norm"]``); ``check(estimate)``, if given, runs before any
+        optimiser step the estimate leads to (e.g. to stop on a non-finite reward). Estimators
+        that take several optimiser steps per batch (DDPO) override this."""
+        zero_grad()
+        est = self.accumulate(chain, ctx, generator)
+        if check is not None:
+            check(est)
+        est.stats["grad_norm"] = optimizer_step()
+        return est
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -83,18 +101,19 @@ def mean_with_graph(chain: Chain, x: torch.Tensor, k: int | torch.Tensor, ctx: C
     return checkpoint(chain.mean, x, k, ctx, use_reentrant=False) if use_checkpoint else chain.mean(x, k, ctx)
 
 
-def pathwise(chain: Chain, ctx: ChainContext, x_start: torch.Tensor, k_start: int,
+def pathwise(chain: Chain, ctx: ChainContext, x_start: torch.Tensor, k_start: StepIndex,
              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             use_checkpoint: bool = True) -> torch.Tensor:
+             use_checkpoint: bool = True, steps: int | None = None) -> torch.Tensor:
     """Run steps k_start .. 1 keeping the graph (the FO term, doc section 2): x_0 as a function of theta.
 
-    Noise comes from ``noise[k]`` (a recorded trajectory) or is drawn from ``generator``."""
-    x = x_start
-    for k in range(k_start, 0, -1):
-        mu = mean_with_graph(chain, x, k, ctx, use_checkpoint)
-        eps = noise[k] if noise is not None else chain.noise(x, generator)
-        x = mu + chain.sigma[k].to(x) * eps
-    return x
+    Noise comes from ``noise[k]`` (a recorded trajectory) or is drawn from ``generator``. With
+    ``steps``, only that many steps are run (``k_start`` may then be a per-row (B,) tensor)."""
+
+    def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
+        return Prediction(mean_with_graph(chain, x, k, ctx, use_checkpoint))
+
+    source = noise if noise is not None else generator
+    return rollout(predict, x_start, chain.sigma, source, start=k_start, steps=steps).x
 
 
 def fo_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, tail: int,

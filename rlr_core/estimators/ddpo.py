@@ -8,7 +8,7 @@ With r_{b,k} = p_theta(x_{k-1} | x_k) / p_theta_old(x_{k-1} | x_k) and A_b = R_b
 At the first inner step theta = theta_old, r = 1 and grad(loss) = -(1/B) sum A_b sum_k grad log p:
 exactly the LR gradient (``accumulate`` returns that step). Deterministic final steps
 (sigma_k = 0) have no ratio; they are credited pathwise, as in :mod:`.likelihood_ratio`.
-Because DDPO takes its own optimiser steps, training calls ``update`` instead of ``accumulate``.
+Because DDPO takes its own optimiser steps, it overrides ``Estimator.step`` (the training step).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rlr_core.estimators.common import (
     leave_one_out,
 )
 from rlr_core.estimators.likelihood_ratio import stochastic_pairs
-from rlr_core.sampler import Trajectory
+from rlr_core.rollout import Trajectory
 
 
 @dataclass
@@ -44,14 +44,31 @@ class DDPO(Estimator):
         batch = self._collect(chain, ctx, generator)
         return self._inner_step(chain, ctx, *batch)
 
+    def step(self, chain: Chain, ctx: ChainContext, generator: torch.Generator,
+             optimizer_step: Callable[[], float], zero_grad: Callable[[], None],
+             check: Callable[[Estimate], None] | None = None) -> Estimate:
+        """Sample one batch, then ``inner_epochs`` optimiser steps on it (see ``Estimator.step``).
+
+        Returns the first inner step's estimate, with the first step's gradient norm and the
+        mean clip fraction over the inner steps in its stats."""
+        batch = self._collect(chain, ctx, generator)
+        first: Estimate | None = None
+        clipped = []
+        for _ in range(self.inner_epochs):
+            zero_grad()
+            est = self._inner_step(chain, ctx, *batch)
+            if check is not None:
+                check(est)
+            est.stats["grad_norm"] = optimizer_step()
+            clipped.append(est.stats["clip_fraction"])
+            first = first or est
+        first.stats["clip_fraction"] = sum(clipped) / len(clipped)
+        return first
+
     def update(self, chain: Chain, ctx: ChainContext, generator: torch.Generator,
                optimizer_step: Callable[[], float] | torch.optim.Optimizer,
                zero_grad: Callable[[], None] | None = None) -> Estimate:
-        """Sample one batch, then ``inner_epochs`` optimiser steps on it.
-
-        Pass a torch optimizer, or two callables: ``zero_grad()`` clears the gradients and
-        ``optimizer_step()`` clips, checks and applies them and returns the gradient norm (the
-        training loop does this). Returns the first inner step's estimate, with stats."""
+        """:meth:`step` with a torch optimizer, or with the two callables ``step`` takes."""
         if isinstance(optimizer_step, torch.optim.Optimizer):
             optimizer = optimizer_step
             zero_grad = optimizer.zero_grad
@@ -62,17 +79,7 @@ class DDPO(Estimator):
                 optimizer.step()
                 return float(norm)
 
-        batch = self._collect(chain, ctx, generator)
-        first: Estimate | None = None
-        clipped = []
-        for _ in range(self.inner_epochs):
-            zero_grad()
-            est = self._inner_step(chain, ctx, *batch)
-            est.stats["grad_norm"] = optimizer_step()
-            clipped.append(est.stats["clip_fraction"])
-            first = first or est
-        first.stats["clip_fraction"] = sum(clipped) / len(clipped)
-        return first
+        return self.step(chain, ctx, generator, optimizer_step, zero_grad)
 
     def _collect(self, chain: Chain, ctx: ChainContext, generator: torch.Generator):
         traj = chain.rollout(ctx, generator)

@@ -35,9 +35,10 @@ from rlr_core.estimators.common import (
     log_prob_terms,
     lr_backward,
     mean_with_graph,
+    pathwise,
 )
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
-from rlr_core.sampler import Trajectory
+from rlr_core.rollout import Trajectory
 
 Rest = Literal["lr", "zo", "none"]
 
@@ -173,11 +174,9 @@ class RLR(Estimator):
         top = starts + h - 1
         # Checkpointed like truncated BP's steps: the block then holds one step's graph at a time
         # (plus each step's input) instead of h graphs; the gradient is the same.
-        x = traj.x[top, rows].detach()
-        for u in range(h - 1):  # inner steps top..j+1: graph kept, their noise held fixed
-            k = top - u
-            x = (mean_with_graph(chain, x, k, ctx, self.use_checkpoint)
-                 + chain.sigma[k].to(x).reshape(-1, *[1] * (x.ndim - 1)) * traj.noise[k, rows])
+        # Inner steps top..j+1: graph kept, their noise held fixed.
+        x = pathwise(chain, ctx, traj.x[top, rows].detach(), top, noise=traj.noise,
+                     use_checkpoint=self.use_checkpoint, steps=h - 1)
         m = mean_with_graph(chain, x, starts, ctx, self.use_checkpoint)
         sigma2 = chain.sigma[starts].to(m).reshape(-1, *[1] * (m.ndim - 1)) ** 2
         score = ((traj.x[starts - 1, rows] - m) / sigma2).detach()

@@ -29,7 +29,7 @@ import torch
 
 from rlr_core import dcot
 from rlr_core.backends.base import DiffusionBackend
-from rlr_core.estimators import DDPO, Estimate, Estimator, make_estimator
+from rlr_core.estimators import Estimate, Estimator, make_estimator
 from rlr_core.estimators.backend_chain import BackendChain, RewardFn
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import lora
@@ -204,15 +204,9 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                 break
             prompts = _batch_prompts(rng, config.prompts, config.batch)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
-            if isinstance(estimator, DDPO):  # DDPO takes its own (inner-epoch) optimiser steps
-                est = estimator.update(chain, ctx, generator, optimizer_step, zero_grad)
-                _check_estimate(guard, est)
-                norm = est.stats["grad_norm"]
-            else:
-                zero_grad()
-                est = estimator.accumulate(chain, ctx, generator)
-                _check_estimate(guard, est)
-                norm = optimizer_step()
+            est = estimator.step(chain, ctx, generator, optimizer_step, zero_grad,
+                                 check=lambda e: _check_estimate(guard, e))
+            norm = est.stats["grad_norm"]
             row = {"step": step + 1, "reward_mean": est.reward_mean, "reward_std": est.reward_std,
                    "loss": est.loss, "grad_norm": norm, "elapsed": time.perf_counter() - start,
                    "samples": (step + 1) * config.batch * world,
