@@ -83,17 +83,10 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *[1] * (like.ndim - 1)) if v.ndim == 1 else v
 
 
-def ddim_mean(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    alpha_prod: torch.Tensor,
-    alpha_prod_prev: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction_type: str,
-    clip_range: float | None,
-) -> torch.Tensor:
-    """mu of one DDIM step (DDIM paper eq. 12), differentiable; coefficients scalar or per sample."""
-    a_t, a_prev, s = (_per_sample(v, sample) for v in (alpha_prod, alpha_prod_prev, sigma))
+def predicted_x0_and_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor,
+                         prediction_type: str, clip_range: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The denoiser's x_0 (Tweedie) and noise predictions from its output at a state; differentiable."""
+    a_t = _per_sample(alpha_prod, sample)
     b_t = 1 - a_t
     if prediction_type == "epsilon":
         x0 = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
@@ -108,6 +101,21 @@ def ddim_mean(
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)  # as diffusers: eps is not re-derived from the clipped x_0
+    return x0, eps
+
+
+def ddim_mean(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod: torch.Tensor,
+    alpha_prod_prev: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """mu of one DDIM step (DDIM paper eq. 12), differentiable; coefficients scalar or per sample."""
+    x0, eps = predicted_x0_and_eps(model_output, sample, alpha_prod, prediction_type, clip_range)
+    a_prev, s = (_per_sample(v, sample) for v in (alpha_prod_prev, sigma))
     return a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps
 
 
@@ -192,21 +200,30 @@ def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, c
     return out_u + guidance * (out_c - out_u)
 
 
+def _guided_at(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+               cond: Conditioning, guidance: float) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """The guided denoiser output at step k's timestep, and k as an index into the schedule."""
+    kk = k.cpu() if isinstance(k, torch.Tensor) and k.ndim == 1 else int(k)
+    t = schedule.timesteps[kk].to(x.device)
+    return guided_output(backend, x, t, cond.at(k), cond.uncond, guidance), kk
+
+
 def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
               cond: Conditioning, guidance: float) -> torch.Tensor:
     """mu_theta(x_k, k, c): the mean of step k, differentiable in the denoiser's parameters.
 
     ``k`` may be a (B,) tensor: each sample then takes its own step (timestep, coefficients
     and per-step conditioning)."""
-    if isinstance(k, torch.Tensor) and k.ndim == 1:
-        kk = k.cpu()
-        t = schedule.timesteps[kk].to(x.device)
-    else:
-        kk = int(k)
-        t = schedule.timesteps[kk].to(x.device)
-    out = guided_output(backend, x, t, cond.at(k), cond.uncond, guidance)
+    out, kk = _guided_at(backend, schedule, x, k, cond, guidance)
     return ddim_mean(out, x, schedule.alpha_prod[kk], schedule.alpha_prod_prev[kk], schedule.sigma[kk],
                      schedule.prediction_type, schedule.clip_range)
+
+
+def step_x0(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+            cond: Conditioning, guidance: float) -> torch.Tensor:
+    """The model's prediction of x_0 from the state x at the input of step k (Tweedie)."""
+    out, kk = _guided_at(backend, schedule, x, k, cond, guidance)
+    return predicted_x0_and_eps(out, x, schedule.alpha_prod[kk], schedule.prediction_type, schedule.clip_range)[0]
 
 
 def step_log_prob(backend: DiffusionBackend, schedule: StepSchedule, x_k: torch.Tensor, x_prev: torch.Tensor,
