@@ -74,6 +74,11 @@ def settings_grid(quick: bool) -> list[tuple[str, str, dict]]:
         # a longer FO tail: the likelihood ratios at the smallest sigmas carry most of LR's variance
         rows += [(f"rlr h=2 rest=lr L={tail}", "rlr", {"block": 2, "rest": "lr", "tail": tail}) for tail in (2, 3)]
     rows.append(("rlr h=2 rest=lr m=4 L=1", "rlr", {"block": 2, "rest": "lr", "rest_steps": 4, "tail": 1}))
+    if not quick:  # state-dependent baselines (rlr_core/estimators/baselines.py) against the leave-one-out mean
+        rows += [(f"lr baseline={b}", "lr", {"baseline": b}) for b in ("state", "state+loo")]
+        rows += [(f"rlr h=2 rest=lr L={tail} baseline={b}", "rlr",
+                  {"block": 2, "rest": "lr", "tail": tail, "baseline": b})
+                 for tail in (1, 3) for b in ("state", "state+loo")]
     # the paper's memory accounting: every kept step holds its graph (no checkpointing)
     rows += [("truncated-bp K'=3 no-ckpt", "truncated-bp", {"steps": 3, "use_checkpoint": False}),
              ("rlr h=2 rest=lr L=3 no-ckpt", "rlr", {"block": 2, "rest": "lr", "tail": 3, "use_checkpoint": False})]

@@ -265,6 +265,12 @@ def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor
     return step_prediction(backend, schedule, x, k, cond, guidance).mean
 
 
+def step_x0(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+            cond: Conditioning, guidance: float) -> torch.Tensor:
+    """The model's prediction of x_0 from the state x at the input of step k (Tweedie)."""
+    return step_prediction(backend, schedule, x, k, cond, guidance).x0
+
+
 def step_log_prob(backend: DiffusionBackend, schedule: StepSchedule, x_k: torch.Tensor, x_prev: torch.Tensor,
                   k: StepIndex, cond: Conditioning, guidance: float) -> torch.Tensor:
     """log p_theta(x_{k-1} | x_k, c) per sample (B,), differentiable; needs sigma_k > 0."""

@@ -211,3 +211,51 @@ def test_every_estimator_trains_through_one_step_interface(est: Estimator) -> No
     inner = est.inner_epochs if isinstance(est, DDPO) else 1
     assert events == ["zero", "check", "step"] * inner
     assert out.stats["grad_norm"] > 0 and toy.theta.abs().sum() > 0
+
+
+# --- state-dependent baselines (rlr_core/estimators/baselines.py) ------------------------------
+
+STATE_BASELINES = {
+    "lr-state": lambda: LikelihoodRatio(chunk=BIG_CHUNK, baseline="state"),
+    "lr-state+loo": lambda: LikelihoodRatio(chunk=BIG_CHUNK, baseline="state+loo"),
+    "rlr-lr-state": lambda: RLR(rest="lr", chunk=BIG_CHUNK, baseline="state"),
+    "rlr-lr-state+loo": lambda: RLR(rest="lr", chunk=BIG_CHUNK, baseline="state+loo"),
+    "rlr-lr-h1-state+loo-paper-tail": lambda: RLR(block=1, tail=1, rest="lr", chunk=BIG_CHUNK, baseline="state+loo"),
+    "rlr-zo-state": lambda: RLR(rest="zo", zo_scale=0.1, baseline="state"),  # HO only; ZO keeps LOO
+}
+
+
+@pytest.mark.parametrize("name", list(STATE_BASELINES))
+def test_state_baselines_are_unbiased(chain: ToyChain, name: str) -> None:
+    s = summarise(chain, STATE_BASELINES[name]())
+    assert is_unbiased(s, chain.exact_grad()), f"{name}: max |bias| = {bias_in_se(s, chain.exact_grad()):.1f} SE"
+
+
+def test_a_baseline_that_sees_the_steps_own_noise_is_biased(chain: ToyChain, monkeypatch) -> None:
+    """The broken variant: the baseline of step k looks at x_{k-1} = mu_k + sigma_k eps_k instead of
+    mu_k. It correlates with the score of that very noise, so the check must flag it."""
+    from rlr_core.estimators import baselines
+
+    monkeypatch.setattr(baselines, "baseline_state", lambda traj, ks, rows: traj.x[ks - 1, rows])
+    s = summarise(chain, LikelihoodRatio(chunk=BIG_CHUNK, baseline="state"))
+    assert not is_unbiased(s, chain.exact_grad()), f"bias only {bias_in_se(s, chain.exact_grad()):.1f} SE"
+
+
+def test_state_baselines_cut_the_variance_of_lr(chain: ToyChain) -> None:
+    loo = summarise(chain, LikelihoodRatio(chunk=BIG_CHUNK)).variance
+    state = summarise(chain, LikelihoodRatio(chunk=BIG_CHUNK, baseline="state+loo")).variance
+    assert state < loo / 2, f"state+loo {state:.3g} vs loo {loo:.3g}"
+
+
+def test_state_plus_loo_subtracts_the_other_rows_mean_residual_per_group() -> None:
+    from rlr_core.estimators.baselines import advantages
+
+    R = torch.tensor([1.0, 2.0, 4.0])
+    rows = torch.tensor([0, 1, 2, 0, 1])
+    T = torch.tensor([0.5, 1.0, 3.0, 1.0, 2.0])
+    groups = torch.tensor([5, 5, 5, 4, 4])
+    A = advantages(R, rows, "state+loo", T, groups)
+    # group 5 residuals 0.5, 1, 1; group 4 residuals 0, 0
+    want = torch.tensor([0.5 - 1.0, 1.0 - 0.75, 1.0 - 0.75, 0.0, 0.0])
+    assert torch.allclose(A, want)
+    assert torch.allclose(advantages(R, rows, "state", T), R[rows] - T)

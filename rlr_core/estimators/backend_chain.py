@@ -16,6 +16,7 @@ from rlr_core.sampler import (
     make_schedule,
     prompt_conditioning,
     step_mean,
+    step_x0,
 )
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images in [0, 1], prompts -> (B,)
@@ -60,6 +61,9 @@ class BackendChain(Chain):
 
     def mean(self, x: torch.Tensor, k: StepIndex, ctx: PromptContext) -> torch.Tensor:
         return step_mean(self.backend, self.schedule, x, k, ctx.cond, self.settings.guidance)
+
+    def denoised(self, x: torch.Tensor, k: StepIndex, ctx: PromptContext) -> torch.Tensor:
+        return step_x0(self.backend, self.schedule, x, k, ctx.cond, self.settings.guidance)
 
     @torch.no_grad()
     def perturbed_mean(self, x: torch.Tensor, k: int, ctx: PromptContext,

@@ -57,6 +57,11 @@ class Chain(abc.ABC):
     def reward(self, x0: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
         """R(x_0) per row, differentiable in x_0 (for latent models: R(decode(x_0)))."""
 
+    def denoised(self, x: torch.Tensor, k: StepIndex, ctx: ChainContext) -> torch.Tensor:
+        """The model's own prediction of x_0 (Tweedie) from a state x at the input of step k >= 1;
+        ``k`` an int or a per-row tensor. Only state-dependent baselines need it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot predict x_0 (state baselines need it)")
+
     # --- derived operations shared by every chain -------------------------------------------
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rlr_core.estimators.baselines import leave_one_out  # noqa: F401  (re-exported)
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.rollout import Prediction, StepIndex, Trajectory, gaussian_log_prob, rollout
 
@@ -62,17 +63,6 @@ class Estimator(abc.ABC):
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-
-def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
-    """Advantages R_b - b_b with b_b the mean reward of the *other* samples of the batch.
-
-    b_b does not depend on sample b, so every likelihood-ratio term stays unbiased (doc section 2)."""
-    R = rewards.detach()
-    B = len(R)
-    if B < 2:
-        return R - R  # no other sample: no baseline possible, and no signal either; use batch >= 2
-    return R - (R.sum() - R) / (B - 1)
 
 
 def fo_tail_length(sigma: torch.Tensor, min_sigma_ratio: float) -> int:

@@ -15,13 +15,13 @@ from typing import ClassVar
 
 import torch
 
+from rlr_core.estimators.baselines import Baseline, advantages, state_values
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import (
     Estimate,
     Estimator,
     deterministic_tail,
     fo_backward,
-    leave_one_out,
     lr_backward,
 )
 
@@ -36,6 +36,7 @@ def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, t
 @dataclass
 class LikelihoodRatio(Estimator):
     chunk: int = 16  # (k, row) pairs per batched denoiser call
+    baseline: Baseline = "loo"  # see rlr_core/estimators/baselines.py
     name: ClassVar[str] = "lr"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -47,7 +48,8 @@ class LikelihoodRatio(Estimator):
             loss -= float(R.mean())
         else:
             R = chain.reward(traj.x0, ctx).detach()
-        A = leave_one_out(R)
         ks, rows = stochastic_pairs(tail + 1, chain.num_steps, ctx.batch)
-        loss += lr_backward(chain, ctx, traj, ks, rows, A[rows], self.chunk)
+        values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, self.chunk)
+        A = advantages(R, rows, self.baseline, values, groups=ks)
+        loss += lr_backward(chain, ctx, traj, ks, rows, A, self.chunk)
         return Estimate(R, loss)

@@ -24,6 +24,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from rlr_core.estimators.baselines import Baseline, advantages, state_values
 from rlr_core.estimators.chain import Chain, ChainContext, ZOPerturbation
 from rlr_core.estimators.common import (
     Estimate,
@@ -66,6 +67,9 @@ class RLR(Estimator):
     # block="auto" sizes h by the paper's accounting of kept graphs (use_checkpoint=False's
     # memory), so with checkpointing its h is conservative.
     use_checkpoint: bool = True
+    # What R is compared with in the HO and "lr" terms (rlr_core/estimators/baselines.py); every
+    # choice keeps G unbiased. The ZO term always uses the leave-one-out mean.
+    baseline: Baseline = "loo"
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
     _auto_blocks: dict = field(default_factory=dict, repr=False)  # (K, L, batch) -> measured h
@@ -155,16 +159,26 @@ class RLR(Estimator):
             traj = chain.rollout(ctx, generator)
             starts, rest, scale = self.plan(chain, ctx, generator, tail, h)
         R = fo_backward(chain, ctx, traj, tail, self.use_checkpoint)  # FO, steps L..1
-        A = leave_one_out(R)
         loss = -float(R.mean())
+        chunk = self.chunk or ctx.batch
         if h > 0:
-            loss += self.ho_backward(chain, ctx, traj, starts, h, A)
+            loss += self.ho_backward(chain, ctx, traj, starts, h, self.advantages(chain, ctx, traj, R, starts, chunk))
         if self.rest == "lr":
             ks, rows = rest.nonzero(as_tuple=True)
-            loss += lr_backward(chain, ctx, traj, ks, rows, A[rows] * scale[rows].to(A), self.chunk or ctx.batch)
+            A = self.advantages(chain, ctx, traj, R, ks, chunk, rows)
+            loss += lr_backward(chain, ctx, traj, ks, rows, A * scale[rows].to(A), chunk)
         elif self.rest == "zo":
-            zo_accumulate(chain, perturb, A)
+            zo_accumulate(chain, perturb, leave_one_out(R))
         return Estimate(R, loss, {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())})
+
+    def advantages(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, ks: torch.Tensor,
+                   chunk: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """R - beta for the likelihood-ratio pairs (ks[i], rows[i]); one pair per row when ``rows``
+        is None (the HO term, ks = the block starts j, grouped together for "state+loo")."""
+        per_row = rows is None
+        rows = torch.arange(ctx.batch) if per_row else rows
+        values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, chunk)
+        return advantages(R, rows, self.baseline, values, groups=None if per_row else ks)
 
     def ho_backward(self, chain: Chain, ctx: ChainContext, traj: Trajectory, starts: torch.Tensor, h: int,
                     A: torch.Tensor) -> float:

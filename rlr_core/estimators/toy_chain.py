@@ -60,13 +60,15 @@ class ToyChain(Chain):
         self.a = torch.tensor([0.0] + [float(self._mean(one, 0 * one, k)) for k in ks], dtype=torch.float64)
         self.c = torch.tensor([0.0] + [float(self._mean(0 * one, one, k)) for k in ks], dtype=torch.float64)
 
-    def _mean(self, x: torch.Tensor, theta: torch.Tensor, k: StepIndex) -> torch.Tensor:
-        s = self.schedule
-        abar = s.alpha_prod[k].double()
+    def _x0_hat(self, x: torch.Tensor, theta: torch.Tensor, k: StepIndex) -> torch.Tensor:
+        abar = self.schedule.alpha_prod[k].double()
         abar = abar.reshape(-1, 1) if abar.ndim else abar
         w = abar.sqrt() * self.data_std**2 / (abar * self.data_std**2 + 1 - abar)
-        x0_hat = theta + w * (x - abar.sqrt() * theta)
-        return ddim_mean(x0_hat, x, s.alpha_prod[k].double(), s.alpha_prod_prev[k].double(),
+        return theta + w * (x - abar.sqrt() * theta)
+
+    def _mean(self, x: torch.Tensor, theta: torch.Tensor, k: StepIndex) -> torch.Tensor:
+        s = self.schedule
+        return ddim_mean(self._x0_hat(x, theta, k), x, s.alpha_prod[k].double(), s.alpha_prod_prev[k].double(),
                          s.sigma[k].double(), "sample", None)
 
     # --- the Chain interface ----------------------------------------------------------------
@@ -79,6 +81,9 @@ class ToyChain(Chain):
 
     def mean(self, x: torch.Tensor, k: StepIndex, ctx: ToyContext) -> torch.Tensor:
         return self._mean(x, self.theta, k)
+
+    def denoised(self, x: torch.Tensor, k: StepIndex, ctx: ToyContext) -> torch.Tensor:
+        return self._x0_hat(x, self.theta, k)
 
     @torch.no_grad()
     def perturbed_mean(self, x: torch.Tensor, k: int, ctx: ToyContext, deltas: list[torch.Tensor]) -> torch.Tensor:
