@@ -141,3 +141,13 @@ def test_move_to_moves_a_backend_with_its_caches() -> None:
     move_to({"backend": backend}, "meta")
     assert backend.device.type == "meta" and backend._uncond_cache.device.type == "meta"
     assert all(p.device.type == "meta" for p in backend.model.text_encoder.parameters())
+
+
+def test_move_to_moves_the_reward_proxy_with_its_image_encoder() -> None:
+    from app.training_job import ProxyReward
+    from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, PerceptionImageEncoder, RewardProxy
+
+    proxy = RewardProxy(PerceptionImageEncoder(PerceptionNet()), BagOfWordsPromptEncoder())
+    move_to(ProxyReward(proxy), "meta")
+    assert all(p.device.type == "meta" for p in proxy.parameters())
+    assert all(p.device.type == "meta" for p in proxy.image_encoder.model.parameters())

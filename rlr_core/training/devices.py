@@ -2,7 +2,8 @@
 
 Backends differ in what they hold (a UNet and a text encoder; a VAE too; cached conditioning),
 so this walks the object's attributes: modules move with ``.to``, tensors are replaced, and
-the project's own objects (and plain containers) are walked into. Other library objects (a
+the project's own objects (and plain containers, and the project's objects a module keeps as
+plain attributes) are walked into. Other library objects (a
 diffusers scheduler, a tokenizer) are left alone: the sampling code moves their tensors to the
 state's device itself.
 """
@@ -26,13 +27,18 @@ def move_to(obj: Any, device: str | torch.device) -> Any:
 
 
 def _move(obj: Any, device: torch.device, seen: set[int]) -> Any:
-    if isinstance(obj, torch.nn.Module):
-        return obj.to(device)
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if id(obj) in seen:
         return obj
     seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        obj.to(device)
+        # Frozen helpers kept as plain attributes (e.g. the reward proxy's image encoder)
+        for v in vars(obj).values():
+            if _own(v) and not isinstance(v, torch.nn.Module):
+                _move(v, device, seen)
+        return obj
     if isinstance(obj, dict):
         for k, v in obj.items():
             obj[k] = _move(v, device, seen)
