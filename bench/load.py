@@ -17,9 +17,11 @@ the rater sent. Reported: acknowledged vs stored, errors, latency p50/p95/p99 pe
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = summarise(out, args.raters, args.duration, args.think, args.rounds)
+    # The machine's load says how much of the latency is the app and how much is other work.
+    result["command"] = "python -m bench.load " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
     print_table(result["latency"], ["action", "calls", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms"],
                 title=f"{args.raters} raters for {args.duration:.0f} s "
                       f"({'with' if args.rounds else 'without'} training rounds), latency through gradio_client")
