@@ -6,7 +6,7 @@ configures the Space (Gradio SDK pinned to the Gradio in requirements.txt, sign-
 Face, suggested hardware). Its entry ``space_app.py`` imports ``spaces`` before torch (ZeroGPU
 needs that), listens on 0.0.0.0 and runs ``app.py``. Push it with
 
-    huggingface-cli upload <user>/<space> OUT . --repo-type space
+    hf upload <user>/<space> OUT . --type space
 
 (docs/deploy.md walks through it, with storage, secrets and hardware).
 """
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     out = build(args.out, args.hardware, args.title, args.force)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote the Space to {out} ({size / 2**20:.1f} MiB)\n"
-          f"push it: huggingface-cli upload <user>/<space> {out} . --repo-type space")
+          f"push it: hf upload <user>/<space> {out} . --type space")
 
 
 if __name__ == "__main__":
