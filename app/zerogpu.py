@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from app.errors import AppError
 from rlr_core import dcot
 from rlr_core.training.chunked import run_chunk
 from rlr_core.training.devices import move_to
@@ -50,10 +51,17 @@ def chunk_seconds() -> float:
     try:
         value = float(raw) if raw else DEFAULT_CHUNK_SECONDS
     except ValueError:
-        raise SystemExit(f"RLR_GPU_CHUNK_SECONDS must be a number of seconds, not {raw!r}") from None
+        raise AppError(f"RLR_GPU_CHUNK_SECONDS must be a number of seconds, not {raw!r}") from None
     if not 0 < value <= 3600:
-        raise SystemExit("RLR_GPU_CHUNK_SECONDS must be between 0 and 3600 seconds")
+        raise AppError(f"RLR_GPU_CHUNK_SECONDS must be more than 0 and at most 3600 seconds, not {raw}")
     return value
+
+
+def _declared_chunk_seconds() -> float:
+    try:
+        return chunk_seconds()
+    except AppError:  # said again, as the round's error, when a round starts
+        return DEFAULT_CHUNK_SECONDS
 
 
 def _gpu(duration: float) -> Callable[[Callable], Callable]:
@@ -78,7 +86,7 @@ def _draw_on_gpu(backend, prompts: list[str], seed: int, settings,
 
 
 draw_on_gpu = _gpu(GENERATION_SECONDS)(_draw_on_gpu)
-train_chunk_on_gpu = _gpu(chunk_seconds())(run_chunk)
+train_chunk_on_gpu = _gpu(_declared_chunk_seconds())(run_chunk)
 
 
 def run_round(backend, reward_fn, config, out, progress: Callable, stop, observe: Callable[[], Any] | None = None,

@@ -71,3 +71,21 @@ def test_the_api_endpoint_answers_with_the_message(running_app, monkeypatch) -> 
         client.predict("me/rlr-data", "", api_name="/push_to_hub")
     with pytest.raises(Exception, match="owner/name"):
         client.predict("not a repo", "", api_name="/push_to_hub")
+
+
+def test_zerogpu_detection_and_chunk_seconds(monkeypatch) -> None:
+    from app import zerogpu
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.delenv("RLR_CHUNKED_TRAINING", raising=False)
+    monkeypatch.delenv("RLR_GPU_CHUNK_SECONDS", raising=False)
+    assert not zerogpu.on_zero_gpu() and not zerogpu.chunked_training()
+    assert zerogpu.chunk_seconds() == 60.0
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert zerogpu.on_zero_gpu() and zerogpu.chunked_training()
+    monkeypatch.setenv("RLR_GPU_CHUNK_SECONDS", "45")
+    assert zerogpu.chunk_seconds() == 45.0
+    for bad in ("soon", "0", "-5", "99999"):
+        monkeypatch.setenv("RLR_GPU_CHUNK_SECONDS", bad)
+        with pytest.raises(AppError, match="RLR_GPU_CHUNK_SECONDS"):
+            zerogpu.chunk_seconds()
