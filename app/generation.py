@@ -27,11 +27,23 @@ class GenerationSettings:
         return sampler.SamplerSettings(steps=self.steps, eta=self.eta, guidance=self.guidance)
 
 
-@torch.no_grad()
 def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
          stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
          boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1]; rows with stage prompts follow the DCoT schedule."""
+    """Images (B, 3, H, W) in [0, 1]; rows with stage prompts follow the DCoT schedule.
+    On a ZeroGPU Space they are drawn inside a ``spaces.GPU`` call (:mod:`app.zerogpu`)."""
+    from app import zerogpu
+
+    if zerogpu.on_zero_gpu():
+        return zerogpu.draw_on_gpu(backend, list(prompts), seed, settings, stage_prompts, boundaries)
+    return draw_here(backend, prompts, seed, settings, stage_prompts, boundaries)
+
+
+@torch.no_grad()
+def draw_here(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
+              stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
+              boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
+    """``draw`` in this process, on the backend's device."""
     if stage_prompts is None or not any(stage_prompts):
         return sampler.generate(backend, list(prompts), settings.sampler_settings(), seed=seed)
     per_image = [

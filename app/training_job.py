@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from app import zerogpu
 from app.prompts import RoundPrompt
 from app.worker import JobContext, JobStopped
 from rlr_core import dcot, training
@@ -37,6 +38,9 @@ class ProxyReward:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
         self.last_uncertainty = float(heads.detach().std(0).mean())
         return heads.mean(0)
+
+    def observe(self) -> float | None:  # chunked rounds: read in the GPU worker after each step
+        return self.last_uncertainty
 
 
 def estimator_options(settings, window: tuple[int, int] | None) -> dict:
@@ -70,7 +74,11 @@ def train_lora(backend: DiffusionBackend, proxy, prompts: Sequence[RoundPrompt],
         on_progress(p.step / p.total)
         return ctx.stopped
 
-    result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
+    if zerogpu.chunked_training():  # a ZeroGPU Space: the round as GPU calls of a bounded duration
+        result = zerogpu.run_round(backend, reward, config, out_dir, progress, ctx.stop_event, observe=reward.observe,
+                                   on_observed=lambda u: setattr(reward, "last_uncertainty", u))
+    else:
+        result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
     if result.stopped or result.version is None:
         raise JobStopped()
     metrics = {k: v for k, v in result.metrics.items() if k != "history"}

@@ -12,9 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-from app import api
+from app import api, hub_export
 from app.config import AppConfig
 from app.services import AppServices
+from app.storage import storage_warning
 from app.tabs import compare, data, prompt_lab, rate, train, versions
 from app.tabs.common import PRIVATE, QUICK, Session
 from rlr_core.backends.base import DiffusionBackend
@@ -41,6 +42,8 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
     services = AppServices(config, backend)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(header_text(services))
+        if (warning := storage_warning(services.data_dir)) is not None:
+            gr.Markdown(warning, elem_id="storage-warning")
         with gr.Row():
             rater = gr.Textbox(label="Your name (rater id)", elem_id="rater", max_length=64, scale=2,
                                info="Ratings are stored under this name; each browser gets a guest name.")
@@ -63,6 +66,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
                 versions.build(services, session, versions_tab)
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
                 data.build(services, session, data_tab)
+                hub_export.build(services, session)
 
         def on_load(saved: str) -> tuple[str, str, str]:
             name = saved or f"guest-{secrets.token_hex(2)}"
@@ -76,6 +80,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
         gr.Timer(2.0).tick(lambda: active_text(services), None, active,
                            **QUICK, **PRIVATE)
         api.register(services)
+        hub_export.register_api(services)
     demo.queue(default_concurrency_limit=1, max_size=256)
     return demo, services
 

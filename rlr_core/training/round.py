@@ -33,6 +33,7 @@ from rlr_core.estimators import Estimate, Estimator, make_estimator
 from rlr_core.estimators.backend_chain import BackendChain, RewardFn
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import lora
+from rlr_core.training.resume import RoundState
 
 DEFAULT_PROMPTS = [
     "a red circle", "a blue square", "a yellow triangle", "a large green circle",
@@ -91,6 +92,7 @@ class RoundResult:
     version: Path | None  # the version folder written (None when nothing was written)
     metrics: dict
     stopped: bool
+    state: RoundState | None = None  # set when a time budget paused the round: resume from it
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,17 +155,23 @@ def _batch_prompts(rng: random.Random, prompts: list[str], batch: int) -> list[s
 
 def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
               progress: ProgressFn | None = None, stop: threading.Event | None = None,
-              accelerator=None, estimator: Estimator | None = None) -> RoundResult:
+              accelerator=None, estimator: Estimator | None = None, resume: RoundState | None = None,
+              budget_s: float | None = None) -> RoundResult:
     """Run one training round and write its version folder ``out`` (see the module docstring).
 
     ``accelerator``: an ``accelerate.Accelerator`` (the CLI passes one); gradients are averaged
-    over its processes and only the main process writes the version."""
+    over its processes and only the main process writes the version.
+    ``budget_s``: pause (at least one step in) before a step that would end past this many
+    seconds; the result then has no version and a ``state`` that ``resume`` continues from
+    (:mod:`rlr_core.training.resume`, :mod:`rlr_core.training.chunked`)."""
     if config.batch < 2:
         raise ValueError("batch must be at least 2 (the leave-one-out baseline needs other samples)")
     if not config.prompts:
         raise ValueError("no prompts to train on")
     for p in config.prompts:
         backend.check_prompt(p)
+    if accelerator is not None and (resume is not None or budget_s is not None):
+        raise ValueError("pausing and resuming a round is not supported with an accelerator")
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1  # each process draws its own batch
     torch.manual_seed(config.seed)
@@ -175,9 +183,15 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if accelerator is not None:
         optimizer = accelerator.prepare(optimizer)
+    if resume is not None:
+        estimator = resume.estimator
+        resume.restore(params, optimizer, generator, rng)
     estimator = estimator or make_estimator(config.estimator, **config.estimator_options)
     chain = BackendChain(backend, reward_fn, config.sampler)
     guard = _Guard(params, config.explode_factor)
+    first = resume.step if resume is not None else 0
+    if resume is not None:
+        guard.norms = list(resume.grad_norms)
 
     def zero_grad() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -194,13 +208,18 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
             raise TrainingDiverged("the weights became non-finite: stopping the round; the last good version is kept")
         return norm
 
-    history: list[dict] = []
-    start = time.perf_counter()
-    stopped = False
+    history: list[dict] = list(resume.history) if resume is not None else []
+    start = time.perf_counter() - (resume.elapsed if resume is not None else 0.0)
+    stopped = paused = False
+    chunk_start, longest_step = time.perf_counter(), 0.0
     try:
-        for step in range(config.steps):
+        for step in range(first, config.steps):
             if stop is not None and stop.is_set():
                 stopped = True
+                break
+            now = time.perf_counter()
+            if budget_s is not None and step > first and now - chunk_start + longest_step > budget_s:
+                paused = True  # the next step would not fit in the budget
                 break
             prompts = _batch_prompts(rng, config.prompts, config.batch)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
@@ -212,6 +231,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                    "samples": (step + 1) * config.batch * world,
                    **{k: v for k, v in est.stats.items() if k != "grad_norm"}}
             history.append(row)
+            longest_step = max(longest_step, time.perf_counter() - now)
             if progress is not None:
                 keys = ("reward_mean", "reward_std", "loss", "grad_norm", "elapsed", "samples")
                 if progress(Progress(step + 1, config.steps, **{k: row[k] for k in keys})):
@@ -225,6 +245,9 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
         for p in params:
             p.grad = None
 
+    if paused:
+        return RoundResult(None, {}, False, RoundState.capture(
+            step, params, optimizer, generator, rng, history, time.perf_counter() - start, guard.norms, estimator))
     metrics = _summarise(history, stopped, time.perf_counter() - start, estimator)
     version = None
     if history and (accelerator is None or accelerator.is_main_process):
