@@ -210,7 +210,7 @@ class RoundRunner:
         self.store.update_training_round(round_id, 0.05, proxy_info)
         ctx.check_stop()
 
-        prompts = round_prompts(self.store, settings.max_prompts)
+        prompts = round_prompts(self.store, settings.max_prompts, self.services.base_backend.check_prompt)
         if not prompts:
             raise AppError("no prompts to train on: generate some samples first")
         ctx.report(0.05, "training", prompts=[p.as_dict() for p in prompts], **proxy_info)

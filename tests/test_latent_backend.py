@@ -93,5 +93,5 @@ def test_rlr_and_a_training_step_on_the_latent_backend(backend: DiffusersLatentB
     before = [p.detach().clone() for p in params]
     result = run_round(backend, redness, TrainConfig(estimator="rlr", steps=1, batch=2, prompts=PROMPTS,
                                                      sampler=SETTINGS, lr=1e-2), tmp_path / "v1")
-    assert result.metrics["steps_done"] == 1 and (result.version / "adapter_model.safetensors").exists()
+    assert result.metrics["steps_done"] == 1 and (result.version / "pytorch_lora_weights.safetensors").exists()
     assert any(not torch.equal(p, b) for p, b in zip(lora.lora_parameters(backend), before))

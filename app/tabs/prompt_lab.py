@@ -13,7 +13,7 @@ from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
 from rlr_core import dcot
-from rlr_core.shapesworld.world import to_pil
+from rlr_core.images import display_scale, to_pil
 
 INTRO = ("**Diffusive Chain-of-Thought.** Early sampling steps fix the layout, middle steps the shape, "
          "late steps colour and detail. Give each stage its own prompt; *Preview* shows the plain prompt "
@@ -81,10 +81,9 @@ def build(services: AppServices, session: Session) -> None:
     def on_preview(text, c, m, f, lo, hi, seed_value, n_steps):
         out = services.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
         names = ["end of coarse", "end of mid", "final"]
-        plain = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"plain · {name}")
-                 for im, name in zip(out["plain"], names)]
-        staged = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"stages · {name}")
-                  for im, name in zip(out["staged"], names)]
+        scale = display_scale(services.base_backend.image_size)
+        plain = [(to_pil(im, scale=scale), f"plain · {name}") for im, name in zip(out["plain"], names)]
+        staged = [(to_pil(im, scale=scale), f"stages · {name}") for im, name in zip(out["staged"], names)]
         n = out["stage_steps"]
         table = (f"Steps per stage: coarse **{n[0]}**, mid **{n[1]}**, fine **{n[2]}** · "
                  f"plain prompt: *{out['prompt']}*")

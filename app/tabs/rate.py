@@ -9,6 +9,7 @@ import gradio as gr
 from app.errors import user_errors
 from app.services import MAX_IMAGES, MAX_SEED, AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session, sample_caption, stars_text
+from rlr_core.images import display_height
 
 EXAMPLES = [
     "a large red circle on the left, black background",
@@ -24,6 +25,7 @@ HELP = ("**Keys:** `1`-`5` rate the big image · `←` `→` previous / next. "
 def build(services: AppServices, session: Session) -> None:
     batch = gr.State([])  # sample ids shown in the gallery
     cursor = gr.State(0)  # index of the sample shown big
+    view_height = display_height(services.base_backend.image_size)
     with gr.Column(elem_id="rate-panel"):
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="prompt", scale=5,
@@ -44,7 +46,7 @@ def build(services: AppServices, session: Session) -> None:
                                      elem_id="gallery")
                 load_queue = gr.Button("Load my queue (unrated samples)", elem_id="load-queue")
             with gr.Column(scale=2, elem_id="rating-box"):
-                current = gr.Image(label="Rate this sample", height=256, interactive=False,
+                current = gr.Image(label="Rate this sample", height=view_height, interactive=False,
                                    elem_id="current", elem_classes="pixelated", buttons=[])
                 info = gr.Markdown("Generate samples or load your queue to start rating.",
                                    elem_id="current-info")
