@@ -50,7 +50,7 @@ class RoundSettings:
     sampling_steps: int = 10
     learning_rate: float = 3e-3
     lora_rank: int = 4
-    block: int = 2
+    block: int | str = 2  # RLR's HO block length h, or "auto": sized from measured memory
     rest: str = "lr"
     truncation: int = 3
     max_prompts: int = 8
@@ -74,7 +74,7 @@ class RoundSettings:
             sampling_steps=check.whole(get("sampling_steps"), "sampling steps", 3, 200),
             learning_rate=check.real(get("learning_rate"), "learning rate", 1e-7, 1.0),
             lora_rank=check.whole(get("lora_rank"), "LoRA rank", 1, 256),
-            block=check.whole(get("block"), "HO block length", 1, 200),
+            block=parse_block(get("block")),
             rest=check.choice(get("rest"), "rest of the chain", [v for _, v in REST_CHOICES]),
             truncation=check.whole(get("truncation"), "truncation length", 1, 200),
             max_prompts=check.whole(get("max_prompts"), "prompts per round", 1, 64),
@@ -84,6 +84,13 @@ class RoundSettings:
             sample_guidance=check.real(get("sample_guidance"), "sample guidance", 1.0, 20.0),
             seed=None if raw.get("seed") in (None, "") else check.whole(raw["seed"], "seed", 0, 2**31 - 1),
         )
+
+
+def parse_block(value: Any) -> int | str:
+    """RLR's block length: a whole number, or "auto" (the paper's closed form from measured memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return check.whole(value, "HO block length (or auto)", 1, 200)
 
 
 class RoundRunner:

@@ -26,7 +26,11 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 def build(services: AppServices, session: Session) -> None:
     settings = services.stage_settings()
     default = "a large red circle on the left, black background"
-    first = services.split_prompt(default)
+    try:
+        first = services.split_prompt(default)
+    except ValueError:  # a model whose prompt check refuses the example (e.g. a short token limit)
+        default = ""
+        first = dict.fromkeys(dcot.STAGES, "")
     with gr.Column(elem_id="lab-panel"):
         gr.Markdown(INTRO)
         with gr.Row():

@@ -72,7 +72,7 @@ class DiffusersLatentBackend(DiffusionBackend):
         return self.tokenizer.model_max_length - 2
 
     def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, truncation=False).input_ids) - 2
+        return len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids) - 2
 
     def check_prompt(self, prompt: str) -> str:
         prompt = prompt.strip()
