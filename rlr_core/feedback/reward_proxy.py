@@ -60,6 +60,7 @@ class PerceptionImageEncoder:
     """The built-in ShapesWorld perception model's embedding as an ``ImageEncoder``."""
 
     name = "shapesworld-perception"
+    spec = "perception"  # what rlr_core.feedback.encoders.make_image_encoder rebuilds it from
 
     def __init__(self, model: PerceptionNet | None = None):
         from rlr_core.shapesworld import perception
@@ -130,6 +131,10 @@ class BagOfWordsPromptEncoder:
 def prompt_encoder_from_config(config: dict[str, Any]) -> PromptEncoder:
     if config.get("kind") == BagOfWordsPromptEncoder.kind:
         return BagOfWordsPromptEncoder(config["vocabulary"], config["bigram_buckets"])
+    from rlr_core.feedback.encoders import HashedWordsPromptEncoder  # free text (real models)
+
+    if config.get("kind") == HashedWordsPromptEncoder.kind:
+        return HashedWordsPromptEncoder(int(config["word_buckets"]), int(config["bigram_buckets"]))
     raise ValueError(f"unknown prompt encoder {config.get('kind')!r}")
 
 
@@ -232,7 +237,8 @@ class RewardProxy(nn.Module):
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "n_heads": self.n_heads,
                 "hidden": self.hidden,
                 "image_encoder": {"name": self.image_encoder.name, "dim": self.image_encoder.dim,
-                                  "fingerprint": self.image_encoder.fingerprint()},
+                                  "fingerprint": self.image_encoder.fingerprint(),
+                                  "spec": getattr(self.image_encoder, "spec", None)},
                 "prompt_encoder": self.prompt_encoder.config(), "training": self.training_info}
         (folder / "reward_proxy.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         return folder
@@ -250,7 +256,8 @@ class RewardProxy(nn.Module):
             raise ValueError(f"proxy was trained on {want['name']} ({want['dim']}-d) features, "
                              f"not {image_encoder.name} ({image_encoder.dim}-d)")
         if check_fingerprint and want["fingerprint"] != image_encoder.fingerprint():
-            raise ValueError("the image encoder's weights changed since this proxy was trained; retrain it")
+            raise ValueError(f"the {want['name']} encoder's weights changed (or were loaded in another dtype) "
+                             "since this proxy was trained; retrain it")
         proxy = cls(image_encoder, prompt_encoder_from_config(meta["prompt_encoder"]), meta["n_heads"],
                     meta["hidden"])
         proxy.load_state_dict(load_file(folder / "reward_proxy.safetensors"))
@@ -402,16 +409,23 @@ def load_image_tensor(paths: Sequence[str | Path]) -> torch.Tensor:
 def train_from_store(store: FeedbackStore, image_encoder: ImageEncoder | None = None,
                      prompt_encoder: PromptEncoder | None = None, rater_ids: Sequence[str] | None = None,
                      n_heads: int = 5, cfg: FitConfig | None = None) -> tuple[RewardProxy, dict[str, Any]]:
-    """Read comparisons (skips excluded) and stars from the store and fit a new proxy."""
+    """Read comparisons (skips excluded) and stars from the store and fit a new proxy.
+
+    Without a ``prompt_encoder``: the ShapesWorld bag of words when every prompt uses only its
+    words, else the free-text hashed-words encoder (see ``encoders.default_prompt_encoder``)."""
     records = store.preference_records(rater_ids)
     if not records.comparisons and not records.ratings:
         raise ValueError("the store has no comparisons or ratings to learn from yet")
     ids = sorted(records.samples)
     index = {sid: i for i, sid in enumerate(ids)}
-    proxy = RewardProxy(image_encoder or PerceptionImageEncoder(), prompt_encoder or BagOfWordsPromptEncoder(),
-                        n_heads=n_heads)
+    prompts = [records.samples[i]["prompt"] for i in ids]
+    if prompt_encoder is None:
+        from rlr_core.feedback.encoders import default_prompt_encoder
+
+        prompt_encoder = default_prompt_encoder(prompts)
+    proxy = RewardProxy(image_encoder or PerceptionImageEncoder(), prompt_encoder, n_heads=n_heads)
     images = load_image_tensor([records.samples[i]["path"] for i in ids])
-    report = fit(proxy, images, [records.samples[i]["prompt"] for i in ids],
+    report = fit(proxy, images, prompts,
                  [(index[a], index[b], y) for a, b, y in records.comparisons],
                  [(index[s], k) for s, k in records.ratings], cfg)
     report["rater_ids"] = list(rater_ids) if rater_ids is not None else None
