@@ -100,6 +100,7 @@ class RoundRunner:
         self._lock = threading.Lock()
         self._proxy = None
         self._scorer = None
+        self.image_encoder = self._make_image_encoder()  # at start-up: a bad --reward-encoder fails early
         self._load_proxy()
 
     # ------------------------------------------------------------------ reward proxy
@@ -107,13 +108,20 @@ class RoundRunner:
     def proxy_dir(self) -> Path:
         return self.services.data_dir / PROXY_DIR
 
+    def _make_image_encoder(self):
+        from rlr_core.feedback.encoders import make_image_encoder
+
+        config = self.services.config
+        return make_image_encoder(config.reward_encoder, self.services.base_backend, config.device)
+
     def _load_proxy(self) -> None:
         if not (self.proxy_dir / "reward_proxy.json").exists():
             return
         try:
             from rlr_core.feedback.reward_proxy import RewardProxy
 
-            self._set_proxy(RewardProxy.load(self.proxy_dir))
+            # With this app's encoder: a proxy trained on other features is refused (and retrained next round).
+            self._set_proxy(RewardProxy.load(self.proxy_dir, image_encoder=self.image_encoder))
         except Exception as err:  # an unreadable proxy only costs active selection until the next round
             print(f"warning: could not load the reward proxy in {self.proxy_dir}: {err}")
 
@@ -208,7 +216,7 @@ class RoundRunner:
                      seed: int, window: tuple[int, int] | None) -> dict[str, Any]:
         from rlr_core.feedback import reward_proxy
 
-        proxy, report = reward_proxy.train_from_store(self.store)
+        proxy, report = reward_proxy.train_from_store(self.store, image_encoder=self.image_encoder)
         proxy.save(self.proxy_dir)
         self._set_proxy(proxy)
         proxy_info = {"proxy_heldout_accuracy": report["heldout_accuracy"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import time
@@ -70,9 +71,11 @@ def wait_round(client, timeout: float = 300) -> dict:
     raise AssertionError("the round did not finish in time")
 
 
-def test_start_up_names_the_model(app):
+def test_start_up_names_the_model_and_the_reward_features(app):
     summary = app.services.device_summary()
     assert summary.startswith("tiny-sd on cpu, float32, 16x16"), summary
+    # --reward-encoder auto with no CLIP in the (empty) local cache: the model's own VAE latents.
+    assert app.services.rounds.image_encoder.name == "vae-latent"
 
 
 def test_generate_rate_compare_at_native_resolution(client):
@@ -121,6 +124,8 @@ def test_a_round_trains_a_new_version_whose_samples_reappear(client, app, estima
     queue = call(client, "samples_to_rate", "carl", 64)
     assert any(s["version_id"] == new for s in queue)  # the new version's samples wait to be rated
     assert call(client, "generate", PROMPT, 1, 3, 3, 3.0)[0]["version_id"] == new
+    proxy = json.loads((app.services.rounds.proxy_dir / "reward_proxy.json").read_text())
+    assert proxy["image_encoder"]["spec"] == "vae"  # the proxy records the features it was trained on
 
 
 def test_exported_lora_loads_in_a_plain_diffusers_pipeline(client, app, sd_folder, tmp_path):
@@ -212,6 +217,13 @@ def test_each_bad_model_gives_one_line_and_exit_code_2(tmp_path, sd_folder, caps
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: --model "), (model, err)
         assert re.search(message, lines[0]), (model, lines[0])
+
+
+def test_a_bad_reward_encoder_gives_one_line_and_exit_code_2(tmp_path, sd_folder, capsys, offline):
+    code, err = run_main(["--model", str(sd_folder), "--reward-encoder", "clip:" + str(tmp_path / "no-clip"),
+                          "--data-dir", str(tmp_path / "data"), "--device", "cpu"], capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error: CLIP model") and "could not be read" in line, err
 
 
 def test_the_process_exits_with_code_2(tmp_path):
