@@ -71,7 +71,8 @@ def load_backend(model: str | Path, device: str | torch.device = "cpu",
         return _load_folder(path, str(model), device, torch_dtype)
     if path.is_file():
         return _load_single_file(path, device, torch_dtype)
-    if HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")):
+    local_parent = path.parent != Path(".") and path.parent.is_dir()  # e.g. models/typo: a path, not org/name
+    if HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")) and not local_parent:
         return _load_folder(_hub_snapshot(str(model)), str(model), device, torch_dtype)
     raise ModelLoadError(f"--model {model}: no such folder or file, and not a hub id (org/name)")
 
@@ -89,8 +90,11 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"--model {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                              f"{fetch} on a machine with hub access, or pass a local folder; {BUILTIN_NOTE}")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                      ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt"]))
+        # The pipeline's own files only: a repository's root often also holds multi-GB single-file
+        # checkpoints, and its subfolders fp16 / non-EMA variants.
+        return Path(snapshot_download(repo_id, allow_patterns=["model_index.json", "*/*.json", "*/*.txt",
+                                                               "*/*.safetensors", "*/*.model"],
+                                      ignore_patterns=["*.fp16.*", "*non_ema*"]))
     except Exception as err:
         raise ModelLoadError(f"--model {repo_id}: not in the local Hugging Face cache and the hub did not answer "
                              f"({type(err).__name__}); {fetch}, or pass a local folder; {BUILTIN_NOTE}") from None
