@@ -13,6 +13,7 @@ from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
 from rlr_core import dcot
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.images import display_scale, to_pil
 
 INTRO = ("**Diffusive Chain-of-Thought.** Early sampling steps fix the layout, middle steps the shape, "
@@ -26,6 +27,8 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 def build(services: AppServices, session: Session) -> None:
     settings = services.stage_settings()
     default = "a large red circle on the left, black background"
+    if not isinstance(services.base_backend, BuiltinBackend):  # free text: the person writes the stages
+        default = "a lighthouse on a cliff at sunset, oil painting"
     try:
         first = services.split_prompt(default)
     except ValueError:  # a model whose prompt check refuses the example (e.g. a short token limit)
@@ -79,7 +82,9 @@ def build(services: AppServices, session: Session) -> None:
     @user_errors
     def on_split(text: str):
         st = services.split_prompt(text)
-        return st["coarse"], st["mid"], st["fine"], "Split with the built-in rules; edit any stage."
+        how = ("Split with the built-in rules" if isinstance(services.base_backend, BuiltinBackend)
+               else "Each stage starts as the prompt itself: write what the layout, shape and detail stages get")
+        return st["coarse"], st["mid"], st["fine"], f"{how}; edit any stage."
 
     @user_errors
     def on_preview(text, c, m, f, lo, hi, seed_value, n_steps):
