@@ -5,7 +5,8 @@
     samples = client.predict("a red circle", 4, 0, 20, 3.0, api_name="/generate")
     client.predict(samples[0]["sample_id"], 5, "alice", api_name="/rate")
 
-Images travel as base64 PNG (``image_png_b64``; 32x32 images are about 1 KB); exports and
+Images travel as base64 PNG (``image_png_b64``; a built-in 32x32 image is about 1 KB, a 512x512 one
+about 400 KB); exports and
 LoRA weights as files. ``examples/api_loop.py`` drives a whole loop. Endpoints that change the
 model or import data take ``admin_password``, which a local app ignores and a public one checks.
 """
@@ -25,7 +26,7 @@ from app.errors import user_errors
 from app.rounds import RoundSettings
 from app.services import AppServices
 from app.tabs.common import MODEL_API, QUICK_API
-from rlr_core.shapesworld.world import to_pil
+from rlr_core.images import to_pil
 
 
 def png_b64(image: Any) -> str:
@@ -108,7 +109,7 @@ def register(services: AppServices) -> None:
                        fine_start: float = 0.6, seed: int = 0, steps: int = 20) -> dict:
         """Plain prompt vs stage prompts from the same noise, at the end of each stage (base64 PNGs)."""
         out = s.preview_stages(prompt, coarse, mid, fine, mid_start, fine_start, seed, steps)
-        enc = lambda ims: [png_b64(to_pil(im.permute(1, 2, 0).numpy())) for im in ims]
+        enc = lambda ims: [png_b64(to_pil(im)) for im in ims]
         return {"plain": enc(out["plain"]), "staged": enc(out["staged"]), "stage_steps": out["stage_steps"],
                 "schedule": out["schedule"]}
 

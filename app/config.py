@@ -19,6 +19,8 @@ class AppConfig:
     port: int = 7860
     share: bool = False
     device: str = "cpu"
+    dtype: str = "auto"  # auto|fp32|fp16|bf16: the weights' precision (rlr_core.backends.loading)
+    reward_encoder: str = "auto"  # the reward proxy's image encoder (rlr_core.feedback.encoders)
     threads: int = 1
     admin_password: str | None = None
     # A public app (--share, or running on a Space) guards model-changing actions.
@@ -49,8 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
         "rating stays open to everyone.",
     )
     p.add_argument("--model", default=_env("MODEL", str(DEFAULT_MODEL_DIR)),
-                   help="built-in model folder [RLR_MODEL] (default: the ShapesWorld model shipped "
+                   help="the model: the built-in model folder, a diffusers Stable Diffusion pipeline folder, "
+                   "a hub id (org/name; taken from the local Hugging Face cache when offline) or a "
+                   "single-file .safetensors checkpoint [RLR_MODEL] (default: the ShapesWorld model shipped "
                    "in models/shapesworld-tiny)")
+    p.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weight precision of a diffusers model [RLR_DTYPE] (default: auto = fp16 or bf16 on "
+                   "CUDA, fp32 on CPU)")
+    p.add_argument("--reward-encoder", default=_env("REWARD_ENCODER", "auto"),
+                   help="image features the reward proxy learns from: perception (the built-in model's), "
+                   "clip:<hub id or folder> (CLIP, from a folder or the local cache), vae (the model's own VAE "
+                   "latents: colour and layout, no meaning) or auto = perception for the built-in model, "
+                   "else a CLIP found in the local cache, else vae [RLR_REWARD_ENCODER] (default: auto)")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", "data")),
                    help="where the ratings database, images and model versions live [RLR_DATA_DIR] "
                    "(default: ./data)")
@@ -79,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         raise SystemExit("--auto-train-every must be 0 (off) or a positive number")
     return AppConfig(
         model=args.model, data_dir=args.data_dir, host=args.host, port=args.port, share=args.share,
-        device=resolve_device(args.device), threads=args.threads,
+        device=resolve_device(args.device), dtype=args.dtype, reward_encoder=args.reward_encoder,
+        threads=args.threads,
         admin_password=os.environ.get("RLR_ADMIN_PASSWORD") or None,
         public=args.share or bool(os.environ.get("SPACE_ID")),
         auto_train_every=args.auto_train_every,

@@ -7,6 +7,7 @@ prompt lab trains with them (the latest saved edit of each stage wins).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,10 @@ def stage_prompts_by_prompt(store: FeedbackStore) -> dict[str, dcot.StagePrompts
     return out
 
 
-def round_prompts(store: FeedbackStore, limit: int) -> list[RoundPrompt]:
-    """Up to ``limit`` prompts, most recently used first; edited prompts are included."""
+def round_prompts(store: FeedbackStore, limit: int,
+                  check: Callable[[str], str] = text.check_prompt) -> list[RoundPrompt]:
+    """Up to ``limit`` prompts, most recently used first; edited prompts are included.
+    ``check``: the served model's prompt check (default: the built-in model's)."""
     used = [(prompt, "generated") for prompt in store.prompts_people_used()]
     edited = [(prompt, "edited") for prompt in store.edited_prompts()]
     staged = stage_prompts_by_prompt(store)
@@ -45,7 +48,7 @@ def round_prompts(store: FeedbackStore, limit: int) -> list[RoundPrompt]:
     lab = [(prompt, "prompt lab") for prompt in reversed(list(staged))]  # latest saved first
     for prompt, source in [*lab, *edited, *used]:
         try:
-            canonical = text.check_prompt(prompt)
+            canonical = check(prompt)
         except text.PromptError:
             continue  # e.g. imported data from another model's vocabulary
         if canonical in seen:

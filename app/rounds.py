@@ -50,7 +50,7 @@ class RoundSettings:
     sampling_steps: int = 10
     learning_rate: float = 3e-3
     lora_rank: int = 4
-    block: int = 2
+    block: int | str = 2  # RLR's HO block length h, or "auto": sized from measured memory
     rest: str = "lr"
     truncation: int = 3
     max_prompts: int = 8
@@ -74,7 +74,7 @@ class RoundSettings:
             sampling_steps=check.whole(get("sampling_steps"), "sampling steps", 3, 200),
             learning_rate=check.real(get("learning_rate"), "learning rate", 1e-7, 1.0),
             lora_rank=check.whole(get("lora_rank"), "LoRA rank", 1, 256),
-            block=check.whole(get("block"), "HO block length", 1, 200),
+            block=parse_block(get("block")),
             rest=check.choice(get("rest"), "rest of the chain", [v for _, v in REST_CHOICES]),
             truncation=check.whole(get("truncation"), "truncation length", 1, 200),
             max_prompts=check.whole(get("max_prompts"), "prompts per round", 1, 64),
@@ -86,6 +86,13 @@ class RoundSettings:
         )
 
 
+def parse_block(value: Any) -> int | str:
+    """RLR's block length: a whole number, or "auto" (the paper's closed form from measured memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return check.whole(value, "HO block length (or auto)", 1, 200)
+
+
 class RoundRunner:
     def __init__(self, services: AppServices):
         self.services = services
@@ -93,6 +100,7 @@ class RoundRunner:
         self._lock = threading.Lock()
         self._proxy = None
         self._scorer = None
+        self.image_encoder = self._make_image_encoder()  # at start-up: a bad --reward-encoder fails early
         self._load_proxy()
 
     # ------------------------------------------------------------------ reward proxy
@@ -100,13 +108,20 @@ class RoundRunner:
     def proxy_dir(self) -> Path:
         return self.services.data_dir / PROXY_DIR
 
+    def _make_image_encoder(self):
+        from rlr_core.feedback.encoders import make_image_encoder
+
+        config = self.services.config
+        return make_image_encoder(config.reward_encoder, self.services.base_backend, config.device)
+
     def _load_proxy(self) -> None:
         if not (self.proxy_dir / "reward_proxy.json").exists():
             return
         try:
             from rlr_core.feedback.reward_proxy import RewardProxy
 
-            self._set_proxy(RewardProxy.load(self.proxy_dir))
+            # With this app's encoder: a proxy trained on other features is refused (and retrained next round).
+            self._set_proxy(RewardProxy.load(self.proxy_dir, image_encoder=self.image_encoder))
         except Exception as err:  # an unreadable proxy only costs active selection until the next round
             print(f"warning: could not load the reward proxy in {self.proxy_dir}: {err}")
 
@@ -201,7 +216,7 @@ class RoundRunner:
                      seed: int, window: tuple[int, int] | None) -> dict[str, Any]:
         from rlr_core.feedback import reward_proxy
 
-        proxy, report = reward_proxy.train_from_store(self.store)
+        proxy, report = reward_proxy.train_from_store(self.store, image_encoder=self.image_encoder)
         proxy.save(self.proxy_dir)
         self._set_proxy(proxy)
         proxy_info = {"proxy_heldout_accuracy": report["heldout_accuracy"],
@@ -210,7 +225,7 @@ class RoundRunner:
         self.store.update_training_round(round_id, 0.05, proxy_info)
         ctx.check_stop()
 
-        prompts = round_prompts(self.store, settings.max_prompts)
+        prompts = round_prompts(self.store, settings.max_prompts, self.services.base_backend.check_prompt)
         if not prompts:
             raise AppError("no prompts to train on: generate some samples first")
         ctx.report(0.05, "training", prompts=[p.as_dict() for p in prompts], **proxy_info)

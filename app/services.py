@@ -31,7 +31,6 @@ from feedback_store import OUTCOMES, FeedbackStore
 from rlr_core import dcot
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.backends.loading import load_backend
-from rlr_core.shapesworld import text
 
 MAX_IMAGES = 16
 MAX_STEPS = 100
@@ -48,7 +47,7 @@ class AppServices:
         interrupted = self.store.mark_interrupted_rounds_failed()
         if interrupted:
             print(f"marked {interrupted} interrupted training round(s) as failed")
-        self.base_backend = backend or load_backend(config.model, device=config.device)
+        self.base_backend = backend or load_backend(config.model, device=config.device, dtype=config.dtype)
         self.models = ModelRegistry(self.base_backend, self.store)
         self.worker = Worker()
         self._version_lock = threading.Lock()
@@ -230,8 +229,8 @@ class AppServices:
 
     # ------------------------------------------------------------------ prompt lab (DCoT)
     def split_prompt(self, prompt: Any) -> dict[str, str]:
-        stages = dcot.split_prompt(self.check_prompt(prompt))
-        return dict(zip(dcot.STAGES, stages.as_list()))
+        """The backend's split (rules for the built-in grammar; the prompt itself three times otherwise)."""
+        return dict(zip(dcot.STAGES, self.base_backend.split_prompt(self.check_prompt(prompt))))
 
     def stage_settings(self) -> dict[str, Any]:
         st = self.state.get()
@@ -248,7 +247,7 @@ class AppServices:
         """Save a prompt's stage prompts as prompt edits (one per stage); rounds then use them."""
         rater = check.rater(rater)
         original = self.check_prompt(prompt)
-        stages = dcot.check_stage_prompts([coarse, mid, fine])
+        stages = dcot.check_stage_prompts([coarse, mid, fine], self.check_prompt)
         ids = [self.store.add_prompt_edit(original, p, stage=i, reason="prompt lab: DCoT stage prompt",
                                           rater_id=rater)
                for i, p in enumerate(stages.as_list())]
@@ -261,7 +260,7 @@ class AppServices:
     def check_preview(self, prompt: Any, coarse: Any, mid: Any, fine: Any, mid_start: Any, fine_start: Any,
                       seed: Any, steps: Any, guidance: Any = 3.0) -> tuple:
         original = self.check_prompt(prompt)
-        stages = dcot.check_stage_prompts([coarse, mid, fine])
+        stages = dcot.check_stage_prompts([coarse, mid, fine], self.check_prompt)
         bounds = dcot.check_boundaries([check.real(mid_start, "mid stage start", 0, 1),
                                         check.real(fine_start, "fine stage start", 0, 1)])
         return (original, stages, bounds, check.whole(steps, "steps", 3, MAX_STEPS),
@@ -324,18 +323,14 @@ class AppServices:
             return self.store.import_folder(tmp)
 
     # ------------------------------------------------------------------ misc
-    @staticmethod
-    def describe_prompt(prompt: str) -> str:
-        """A live note under the prompt box: fine, or which words the model does not know."""
-        if not prompt or not prompt.strip():
+    def describe_prompt(self, prompt: str) -> str:
+        """A live note under the prompt box: fine, or what the model cannot read (the backend's words)."""
+        if not isinstance(prompt, str) or not prompt.strip():
             return ""
-        try:
-            canonical = text.check_prompt(prompt)
-        except text.UnknownWordsError as err:
-            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
-        except text.PromptError as err:
-            return f"⚠️ {err}"
-        return f"✓ the model reads: *{canonical}*"
+        return self.base_backend.describe_prompt(prompt)
 
     def device_summary(self) -> str:
-        return f"{self.base_backend.name} on {self.config.device} ({torch.get_num_threads()} torch thread(s))"
+        b = self.base_backend
+        h, w = b.image_size
+        dtype = str(b.dtype).removeprefix("torch.")
+        return f"{b.name} on {b.device}, {dtype}, {w}x{h} ({torch.get_num_threads()} torch thread(s))"

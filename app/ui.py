@@ -19,10 +19,12 @@ from app.storage import storage_warning
 from app.tabs import compare, data, prompt_lab, rate, train, versions
 from app.tabs.common import PRIVATE, QUICK, Session
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.images import is_pixel_art
 
 STATIC = Path(__file__).parent / "static"
+# Small images (the built-in 32x32) are enlarged without smoothing; large ones render normally.
+PIXEL_ART_CSS = ".pixelated img, #gallery img, #lab-plain img, #lab-staged img { image-rendering: pixelated; }\n"
 CSS = """
-.pixelated img, #gallery img, #lab-plain img, #lab-staged img { image-rendering: pixelated; }
 #current img, #cmp-left-img img, #cmp-right-img img { object-fit: contain; }
 .rlr-progress { width: 100%; height: 14px; background: #e4e7ee; border-radius: 7px; overflow: hidden; }
 .rlr-bar { height: 100%; transition: width 0.4s; }
@@ -96,5 +98,6 @@ def active_text(services: AppServices) -> str:
 
 def launch_kwargs(services: AppServices) -> dict[str, Any]:
     keys = (STATIC / "keys.js").read_text()
-    return {"css": CSS, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),
+    css = (PIXEL_ART_CSS if is_pixel_art(services.base_backend.image_size) else "") + CSS
+    return {"css": css, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),
             "allowed_paths": [str(services.data_dir.resolve())], "footer_links": ["api", "gradio"]}

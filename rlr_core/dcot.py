@@ -16,7 +16,7 @@ doc's ``k`` numbering, because that is what the HO block window ``[a, b]`` is wr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,13 +62,14 @@ def split_prompt(prompt: str) -> StagePrompts:
     return StagePrompts(coarse=coarse, mid=mid, fine=canonical)
 
 
-def check_stage_prompts(prompts: Sequence[str]) -> StagePrompts:
-    """Validate edited stage prompts; each must be a prompt the model can read."""
+def check_stage_prompts(prompts: Sequence[str], check: Callable[[str], str] = text.check_prompt) -> StagePrompts:
+    """Validate edited stage prompts; each must be a prompt the model can read (``check``: the
+    backend's prompt check; the default is the built-in model's)."""
     stages = StagePrompts.from_list(list(prompts))
     checked = []
     for name, prompt in zip(STAGES, stages.as_list()):
         try:
-            checked.append(text.check_prompt(prompt))
+            checked.append(check(prompt))
         except text.PromptError as err:
             raise text.PromptError(f"{name} stage prompt: {err}") from None
     return StagePrompts(*checked)

@@ -64,7 +64,7 @@ def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tm
 
     archive = services.export_lora(v1)
     with zipfile.ZipFile(archive) as zf:
-        assert {"adapter_model.safetensors", "adapter_config.json", "config.json"} <= set(zf.namelist())
+        assert {"pytorch_lora_weights.safetensors", "config.json"} <= set(zf.namelist())
     new = services.generate("a blue circle", 1, 5, 3, 3.0)[0]
     assert new["version"].startswith("v1")
     assert services.rollback()["name"] == "v0 (base)"

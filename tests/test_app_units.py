@@ -111,10 +111,7 @@ def test_rater_names():
             validate.rater(bad)
 
 
-def test_prompt_note_names_unknown_words():
-    from app.services import AppServices
-
-    assert "dragon" in AppServices.describe_prompt("a red dragon")
-    assert "the model reads" in AppServices.describe_prompt("A BIG red circle")
-    assert "limit" in AppServices.describe_prompt("a " * 600)
-    assert AppServices.describe_prompt("") == ""
+def test_prompt_note_names_unknown_words(builtin_backend):
+    assert "dragon" in builtin_backend.describe_prompt("a red dragon")
+    assert "the model reads" in builtin_backend.describe_prompt("A BIG red circle")
+    assert "limit" in builtin_backend.describe_prompt("a " * 600)

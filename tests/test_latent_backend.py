@@ -7,46 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rlr_core.backends.latent import DiffusersLatentBackend
 from rlr_core.estimators import RLR
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.sampler import SamplerSettings, prompt_conditioning, sample
 from rlr_core.training import TrainConfig, lora, run_round
+from tests.tiny_sd import tiny_pipeline, tiny_tokenizer
 
 PROMPTS = ["a red cat", "a blue dog"]
 SETTINGS = SamplerSettings(steps=4, eta=1.0, guidance=2.0)
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    # Byte-pair vocabulary written by hand (no hub): letters, word-final letters, a few merges.
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters), "re", "red</w>"]
-    merges = [("r", "e"), ("re", "d</w>")]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=16)
-
-
-def tiny_pipeline() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=16)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 def redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -93,5 +63,5 @@ def test_rlr_and_a_training_step_on_the_latent_backend(backend: DiffusersLatentB
     before = [p.detach().clone() for p in params]
     result = run_round(backend, redness, TrainConfig(estimator="rlr", steps=1, batch=2, prompts=PROMPTS,
                                                      sampler=SETTINGS, lr=1e-2), tmp_path / "v1")
-    assert result.metrics["steps_done"] == 1 and (result.version / "adapter_model.safetensors").exists()
+    assert result.metrics["steps_done"] == 1 and (result.version / "pytorch_lora_weights.safetensors").exists()
     assert any(not torch.equal(p, b) for p, b in zip(lora.lora_parameters(backend), before))

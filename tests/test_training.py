@@ -47,7 +47,7 @@ def test_round_writes_a_version_that_reloads_exactly(tmp_path: Path, reward_fn) 
     assert all(p.grad_norm > 0 and p.elapsed > 0 for p in seen)
     folder = result.version
     assert {f.name for f in folder.iterdir()} == {
-        "adapter_model.safetensors", "adapter_config.json", "config.json", "metrics.json"}
+        "pytorch_lora_weights.safetensors", "config.json", "metrics.json"}
     cfg, metrics = lora.read_version(folder)
     assert cfg["kind"] == "lora" and cfg["estimator"] == "rlr" and cfg["training"]["batch"] == 2
     assert metrics["steps_done"] == 2 and len(metrics["history"]) == 2 and not metrics["stopped_early"]
@@ -163,4 +163,4 @@ def test_cli_runs_data_parallel_in_two_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_done"] == 2 and metrics["samples"] == 2 * 2 * 2
-    assert (out / "adapter_model.safetensors").exists()
+    assert (out / "pytorch_lora_weights.safetensors").exists()

@@ -11,6 +11,7 @@ import gradio as gr
 from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
+from rlr_core.images import display_height
 
 HELP = ("**Keys:** `←` left is better · `→` right is better · `↑` both good · `↓` both bad · `S` skip. "
         "Pairs come from the reward proxy's active selection (where it is least sure); before/after "
@@ -22,12 +23,13 @@ BUTTONS = [("← Left is better", "left", "cmp-left"), ("↑ Both good", "tie-bo
 
 def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     pair = gr.State(None)  # {"left": id, "right": id, "shown_at": time, "token": str}
+    height = max(300, display_height(services.base_backend.image_size))
     with gr.Column(elem_id="compare-panel"):
         question = gr.Markdown("Press *Load a pair* to start.", elem_id="cmp-prompt")
         with gr.Row():
-            left = gr.Image(label="Left", height=300, interactive=False, elem_id="cmp-left-img",
+            left = gr.Image(label="Left", height=height, interactive=False, elem_id="cmp-left-img",
                             elem_classes="pixelated", buttons=[])
-            right = gr.Image(label="Right", height=300, interactive=False, elem_id="cmp-right-img",
+            right = gr.Image(label="Right", height=height, interactive=False, elem_id="cmp-right-img",
                              elem_classes="pixelated", buttons=[])
         with gr.Row():
             buttons = [(gr.Button(label, elem_id=eid, variant="primary" if outcome in ("left", "right")

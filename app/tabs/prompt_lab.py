@@ -13,7 +13,8 @@ from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
 from rlr_core import dcot
-from rlr_core.shapesworld.world import to_pil
+from rlr_core.backends.builtin import BuiltinBackend
+from rlr_core.images import display_scale, to_pil
 
 INTRO = ("**Diffusive Chain-of-Thought.** Early sampling steps fix the layout, middle steps the shape, "
          "late steps colour and detail. Give each stage its own prompt; *Preview* shows the plain prompt "
@@ -26,7 +27,13 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 def build(services: AppServices, session: Session) -> None:
     settings = services.stage_settings()
     default = "a large red circle on the left, black background"
-    first = services.split_prompt(default)
+    if not isinstance(services.base_backend, BuiltinBackend):  # free text: the person writes the stages
+        default = "a lighthouse on a cliff at sunset, oil painting"
+    try:
+        first = services.split_prompt(default)
+    except ValueError:  # a model whose prompt check refuses the example (e.g. a short token limit)
+        default = ""
+        first = dict.fromkeys(dcot.STAGES, "")
     with gr.Column(elem_id="lab-panel"):
         gr.Markdown(INTRO)
         with gr.Row():
@@ -75,16 +82,17 @@ def build(services: AppServices, session: Session) -> None:
     @user_errors
     def on_split(text: str):
         st = services.split_prompt(text)
-        return st["coarse"], st["mid"], st["fine"], "Split with the built-in rules; edit any stage."
+        how = ("Split with the built-in rules" if isinstance(services.base_backend, BuiltinBackend)
+               else "Each stage starts as the prompt itself: write what the layout, shape and detail stages get")
+        return st["coarse"], st["mid"], st["fine"], f"{how}; edit any stage."
 
     @user_errors
     def on_preview(text, c, m, f, lo, hi, seed_value, n_steps):
         out = services.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
         names = ["end of coarse", "end of mid", "final"]
-        plain = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"plain · {name}")
-                 for im, name in zip(out["plain"], names)]
-        staged = [(to_pil(im.permute(1, 2, 0).numpy(), scale=8), f"stages · {name}")
-                  for im, name in zip(out["staged"], names)]
+        scale = display_scale(services.base_backend.image_size)
+        plain = [(to_pil(im, scale=scale), f"plain · {name}") for im, name in zip(out["plain"], names)]
+        staged = [(to_pil(im, scale=scale), f"stages · {name}") for im, name in zip(out["staged"], names)]
         n = out["stage_steps"]
         table = (f"Steps per stage: coarse **{n[0]}**, mid **{n[1]}**, fine **{n[2]}** · "
                  f"plain prompt: *{out['prompt']}*")

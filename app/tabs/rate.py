@@ -9,12 +9,21 @@ import gradio as gr
 from app.errors import user_errors
 from app.services import MAX_IMAGES, MAX_SEED, AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session, sample_caption, stars_text
+from rlr_core.backends.builtin import BuiltinBackend
+from rlr_core.images import display_height
 
 EXAMPLES = [
     "a large red circle on the left, black background",
     "a small blue square in the center, white background",
     "a yellow triangle, navy background",
     "a large green triangle on the right",
+]
+# For a diffusers model (free text; short enough for any CLIP tokenizer's 75 tokens).
+FREE_TEXT_EXAMPLES = [
+    "a watercolor painting of a red fox in the snow",
+    "a cozy reading nook with a window, warm light",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a bowl of ramen, studio photo",
 ]
 HELP = ("**Keys:** `1`-`5` rate the big image · `←` `→` previous / next. "
         "Click a thumbnail to pick it. *Load my queue* brings samples you have not rated yet, "
@@ -24,19 +33,21 @@ HELP = ("**Keys:** `1`-`5` rate the big image · `←` `→` previous / next. "
 def build(services: AppServices, session: Session) -> None:
     batch = gr.State([])  # sample ids shown in the gallery
     cursor = gr.State(0)  # index of the sample shown big
+    view_height = display_height(services.base_backend.image_size)
+    examples = EXAMPLES if isinstance(services.base_backend, BuiltinBackend) else FREE_TEXT_EXAMPLES
     with gr.Column(elem_id="rate-panel"):
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="prompt", scale=5,
+            prompt = gr.Textbox(label="Prompt", value=examples[0], elem_id="prompt", scale=5,
                                 max_length=10_000)
             go = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
-        note = gr.Markdown(services.describe_prompt(EXAMPLES[0]), elem_id="prompt-note")
+        note = gr.Markdown(services.describe_prompt(examples[0]), elem_id="prompt-note")
         with gr.Row():
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="n-images")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0, maximum=MAX_SEED)
             dice = gr.Button("New seed", size="sm", scale=0, elem_id="new-seed")
             steps = gr.Slider(2, 100, value=20, step=1, label="Sampling steps", elem_id="steps")
             guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="Guidance")
-        gr.Examples(EXAMPLES, inputs=prompt, label="Try")
+        gr.Examples(examples, inputs=prompt, label="Try")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Samples (model version · sample id · your stars)", columns=4,
@@ -44,7 +55,7 @@ def build(services: AppServices, session: Session) -> None:
                                      elem_id="gallery")
                 load_queue = gr.Button("Load my queue (unrated samples)", elem_id="load-queue")
             with gr.Column(scale=2, elem_id="rating-box"):
-                current = gr.Image(label="Rate this sample", height=256, interactive=False,
+                current = gr.Image(label="Rate this sample", height=view_height, interactive=False,
                                    elem_id="current", elem_classes="pixelated", buttons=[])
                 info = gr.Markdown("Generate samples or load your queue to start rating.",
                                    elem_id="current-info")

@@ -12,6 +12,7 @@ from app.errors import user_errors
 from app.rounds import ESTIMATOR_CHOICES, REST_CHOICES, RoundSettings
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
+from rlr_core.backends.builtin import BuiltinBackend
 
 INTRO = ("A round fits the reward proxy to everyone's ratings and comparisons, then fine-tunes a LoRA "
          "adapter on the prompts people used (with their prompt-lab stage prompts) to raise the proxy's "
@@ -78,8 +79,10 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         with gr.Accordion("More settings", open=False):
             with gr.Row():
                 rank = gr.Number(value=d.lora_rank, precision=0, label="LoRA rank", elem_id="train-rank")
-                block = gr.Number(value=d.block, precision=0, label="RLR: HO block length h",
-                                  elem_id="train-block")
+                # auto: the longest block that fits in memory (the default for diffusers models).
+                block = gr.Dropdown(["auto", "1", "2", "3", "4", "6", "8"], allow_custom_value=True,
+                                    value=str(d.block) if isinstance(services.base_backend, BuiltinBackend)
+                                    else "auto", label="RLR: HO block length h", elem_id="train-block")
                 rest = gr.Dropdown(REST_CHOICES, value=d.rest, label="RLR: rest of the chain",
                                    info="lr: likelihood ratio; zo: zeroth order", elem_id="train-rest")
                 truncation = gr.Number(value=d.truncation, precision=0, label="Truncated BP: last K' steps",

@@ -39,9 +39,36 @@ class DiffusionBackend(abc.ABC):
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype (fp16/bf16 models run under autocast on CUDA)."""
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the decoded images."""
+        return tuple(self.state_shape[-2:])  # type: ignore[return-value]
+
     def check_prompt(self, prompt: str) -> str:
         """Validate a prompt; raise ``text.PromptError`` with a message for the user."""
         return prompt
+
+    def describe_prompt(self, prompt: str) -> str:
+        """A short live note on a prompt for the UI (markdown): fine, or what is wrong."""
+        try:
+            return f"✓ the model reads: *{self.check_prompt(prompt)}*"
+        except ValueError as err:
+            return f"⚠️ {err}"
+
+    def split_prompt(self, prompt: str) -> tuple[str, str, str]:
+        """Coarse, mid and fine stage prompts for the prompt lab (DCoT). Without rules for the
+        model's language, every stage starts as the prompt itself, for the person to edit."""
+        canonical = self.check_prompt(prompt)
+        return canonical, canonical, canonical
+
+    def prepare_for_training(self) -> None:
+        """Memory savings for a training copy (e.g. gradient checkpointing); default: none."""
+        return None
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -42,6 +42,20 @@ class BuiltinBackend(DiffusionBackend):
     def check_prompt(self, prompt: str) -> str:
         return text.check_prompt(prompt, allow_empty=False)
 
+    def describe_prompt(self, prompt: str) -> str:
+        try:
+            canonical = text.check_prompt(prompt)
+        except text.UnknownWordsError as err:
+            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
+        except text.PromptError as err:
+            return f"⚠️ {err}"
+        return f"✓ the model reads: *{canonical}*"
+
+    def split_prompt(self, prompt: str) -> tuple[str, str, str]:
+        from rlr_core import dcot  # the rule-based splitter knows the built-in grammar
+
+        return tuple(dcot.split_prompt(prompt).as_list())  # type: ignore[return-value]
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok = self.model.tokenizer

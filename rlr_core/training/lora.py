@@ -2,10 +2,16 @@
 
 A version folder holds what one training round produced:
 
-    adapter_model.safetensors + adapter_config.json    (LoRA: peft's file names and config)
-    or denoiser.safetensors                            (full fine-tuning: every denoiser weight)
-    config.json                                        (kind, base model, the round's settings)
-    metrics.json                                       (what the round measured)
+    pytorch_lora_weights.safetensors    (LoRA, in diffusers' format: "unet."-prefixed keys, the
+                                         LoRA config in the file's metadata)
+    or denoiser.safetensors             (full fine-tuning: every denoiser weight)
+    config.json                         (kind, base model, the round's settings)
+    metrics.json                        (what the round measured)
+
+The LoRA file is what ``StableDiffusionPipeline.save_lora_weights`` writes, so a plain diffusers
+pipeline of the same base model loads a version with ``pipe.load_lora_weights(folder)``, and the
+app loads it the same way (``unet.load_lora_adapter``). Folders from before this format
+(``adapter_model.safetensors`` + ``adapter_config.json``, peft's) still load.
 
 Versions are written to a temporary folder and renamed into place, so a folder that exists is
 always complete.
@@ -26,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from rlr_core.backends.base import DiffusionBackend
 
 ADAPTER_NAME = "rlr"
-LORA_WEIGHTS = "adapter_model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default name
+PEFT_WEIGHTS = "adapter_model.safetensors"  # the older, peft-format version folders
 FULL_WEIGHTS = "denoiser.safetensors"
 
 
@@ -46,7 +53,16 @@ def add_lora(backend: DiffusionBackend, rank: int = 4, alpha: float | None = Non
         torch.manual_seed(seed)
     unet.add_adapter(config, adapter_name=adapter_name)
     unet.set_adapter(adapter_name)
+    _adapter_in_fp32(backend, adapter_name)
     return lora_parameters(backend, adapter_name)
+
+
+def _adapter_in_fp32(backend: DiffusionBackend, adapter_name: str) -> None:
+    """Adapter weights in fp32 over fp16/bf16 base weights: half-precision AdamW updates of small
+    LoRA weights round to nothing (the forward runs under autocast, see backends.latent)."""
+    for p in lora_parameters(backend, adapter_name):
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def lora_parameters(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME) -> list[torch.nn.Parameter]:
@@ -72,9 +88,13 @@ def lora_state_dict(backend: DiffusionBackend, adapter_name: str = ADAPTER_NAME)
 def save_weights(backend: DiffusionBackend, folder: Path, kind: str, adapter_name: str = ADAPTER_NAME) -> None:
     """Write the trainable weights of ``kind`` ("lora" or "full") into ``folder``."""
     if kind == "lora":
-        state = lora_state_dict(backend, adapter_name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / LORA_WEIGHTS)
-        backend.denoiser.peft_config[adapter_name].save_pretrained(str(folder))
+        from diffusers import StableDiffusionPipeline  # its LoRA writer is a classmethod: no pipeline needed
+
+        state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(backend, adapter_name).items()}
+        StableDiffusionPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=state, weight_name=LORA_WEIGHTS, safe_serialization=True,
+            # Without the adapter's config diffusers would reload lora_alpha as the rank.
+            unet_lora_adapter_metadata=backend.denoiser.peft_config[adapter_name].to_dict())
     elif kind == "full":
         state = backend.denoiser.state_dict()
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / FULL_WEIGHTS)
@@ -108,15 +128,25 @@ def load_lora(backend: DiffusionBackend, folder: str | Path, adapter_name: str =
     """Attach the LoRA adapter saved in ``folder`` (replacing one of the same name)."""
     folder = Path(folder)
     remove_lora(backend, adapter_name)
-    backend.denoiser.requires_grad_(False)  # only the adapter is trainable, as after add_lora
-    config = LoraConfig.from_pretrained(str(folder))
-    backend.denoiser.add_adapter(config, adapter_name=adapter_name)
-    backend.denoiser.set_adapter(adapter_name)
-    state = load_file(folder / LORA_WEIGHTS, device=str(backend.device))
-    result = set_peft_model_state_dict(backend.denoiser, state, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{folder}: adapter weights do not fit this model ({len(unexpected)} unexpected keys)")
+    unet = backend.denoiser
+    unet.requires_grad_(False)  # only the adapter is trainable, as after add_lora
+    if (folder / LORA_WEIGHTS).is_file():
+        n_saved = len(load_file(folder / LORA_WEIGHTS))
+        # The loader a plain diffusers pipeline uses (load_lora_weights calls it for the UNet).
+        unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=adapter_name)
+        if len(lora_parameters(backend, adapter_name)) != n_saved:
+            remove_lora(backend, adapter_name)
+            raise ValueError(f"{folder}: adapter weights do not fit this model")
+    else:  # a peft-format folder
+        config = LoraConfig.from_pretrained(str(folder))
+        unet.add_adapter(config, adapter_name=adapter_name)
+        state = load_file(folder / PEFT_WEIGHTS, device=str(backend.device))
+        result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{folder}: adapter weights do not fit this model ({len(unexpected)} unexpected keys)")
+    unet.set_adapter(adapter_name)
+    _adapter_in_fp32(backend, adapter_name)
 
 
 def apply_version(backend: DiffusionBackend, folder: str | Path, adapter_name: str = ADAPTER_NAME) -> dict:

@@ -179,6 +179,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     rng = random.Random(config.seed * 1000 + rank)
 
     params = trainable_parameters(backend, config)
+    backend.prepare_for_training()  # e.g. gradient checkpointing inside a large UNet on CUDA
     backend.denoiser.eval()  # no dropout in the denoiser; eval keeps sampling deterministic per seed
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if accelerator is not None:
