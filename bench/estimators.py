@@ -79,6 +79,10 @@ def settings_grid(quick: bool) -> list[tuple[str, str, dict]]:
         rows += [(f"rlr h=2 rest=lr L={tail} baseline={b}", "rlr",
                   {"block": 2, "rest": "lr", "tail": tail, "baseline": b})
                  for tail in (1, 3) for b in ("state", "state+loo")]
+        # branching at the HO block (M continuations of its last step), alone and with the state baseline
+        rows += [(f"rlr h=2 rest=lr L=3 branches=4{tag}", "rlr",
+                  {"block": 2, "rest": "lr", "tail": 3, "branches": 4, "baseline": b})
+                 for tag, b in (("", "loo"), (" baseline=state+loo", "state+loo"))]
     # the paper's memory accounting: every kept step holds its graph (no checkpointing)
     rows += [("truncated-bp K'=3 no-ckpt", "truncated-bp", {"steps": 3, "use_checkpoint": False}),
              ("rlr h=2 rest=lr L=3 no-ckpt", "rlr", {"block": 2, "rest": "lr", "tail": 3, "use_checkpoint": False})]

@@ -259,3 +259,20 @@ def test_state_plus_loo_subtracts_the_other_rows_mean_residual_per_group() -> No
     want = torch.tensor([0.5 - 1.0, 1.0 - 0.75, 1.0 - 0.75, 0.0, 0.0])
     assert torch.allclose(A, want)
     assert torch.allclose(advantages(R, rows, "state", T), R[rows] - T)
+
+
+@pytest.mark.parametrize("branches", [2, 4])
+def test_branching_at_the_ho_block_is_unbiased(chain: ToyChain, branches: int) -> None:
+    s = summarise(chain, RLR(rest="lr", chunk=BIG_CHUNK, branches=branches))
+    assert is_unbiased(s, chain.exact_grad()), f"M={branches}: max |bias| = {bias_in_se(s, chain.exact_grad()):.1f} SE"
+
+
+def test_branches_that_do_not_redraw_the_block_noise_are_biased(chain: ToyChain, monkeypatch) -> None:
+    """The broken variant: branches that end the block at its mean (no fresh eps_j) carry no score,
+    so averaging over the M branches shrinks the HO term; the check must flag it."""
+    from rlr_core.estimators import rlr as rlr_module
+
+    monkeypatch.setattr(rlr_module, "draw_noise", lambda like, gen: torch.zeros_like(like))
+    est = RLR(rest="lr", chunk=BIG_CHUNK, branches=4, block=3)
+    s = summarise(chain, est)
+    assert not is_unbiased(s, chain.exact_grad()), f"bias only {bias_in_se(s, chain.exact_grad()):.1f} SE"

@@ -71,7 +71,8 @@ def load_backend(model: str | Path, device: str | torch.device = "cpu",
         return _load_folder(path, str(model), device, torch_dtype)
     if path.is_file():
         return _load_single_file(path, device, torch_dtype)
-    local_parent = path.parent != Path(".") and path.parent.is_dir()  # "./x/typo" is a mistyped path, not a hub id org/name
+    # a path whose folder exists ("./x/typo") is a mistyped path, not a hub id org/name
+    local_parent = path.parent != Path(".") and path.parent.is_dir()
     if HUB_ID.match(str(model)) and not str(model).startswith((".", "/", "~")) and not local_parent:
         return _load_folder(_hub_snapshot(str(model)), str(model), device, torch_dtype)
     raise ModelLoadError(f"--model {model}: no such folder or file, and not a hub id (org/name)")

@@ -39,7 +39,7 @@ from rlr_core.estimators.common import (
     pathwise,
 )
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
-from rlr_core.rollout import Trajectory
+from rlr_core.rollout import Prediction, Trajectory, draw_noise, rollout
 
 Rest = Literal["lr", "zo", "none"]
 
@@ -70,6 +70,12 @@ class RLR(Estimator):
     # What R is compared with in the HO and "lr" terms (rlr_core/estimators/baselines.py); every
     # choice keeps G unbiased. The ZO term always uses the leave-one-out mean.
     baseline: Baseline = "loo"
+    # M >= 2 branches at the HO block: its last step's noise is drawn M - 1 more times from the same
+    # mean and each continuation is run to x_0; the branches are each other's leave-one-out
+    # baseline, so the HO advantage carries only the variance of the steps after the block (the
+    # block's graph is shared; M - 1 extra forward rollouts). Unbiased: each branch is an
+    # independent draw given x_j. The HO term then ignores ``baseline``.
+    branches: int = 1
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
     _auto_blocks: dict = field(default_factory=dict, repr=False)  # (K, L, batch) -> measured h
@@ -162,7 +168,12 @@ class RLR(Estimator):
         loss = -float(R.mean())
         chunk = self.chunk or ctx.batch
         if h > 0:
-            loss += self.ho_backward(chain, ctx, traj, starts, h, self.advantages(chain, ctx, traj, R, starts, chunk))
+            if self.branches > 1:
+                ends, A_ho = self.branch(chain, ctx, traj, R, starts, generator)
+            else:
+                ends = traj.x[starts - 1, torch.arange(ctx.batch)][None]
+                A_ho = self.advantages(chain, ctx, traj, R, starts, chunk)[None]
+            loss += self.ho_backward(chain, ctx, traj, starts, h, A_ho, ends)
         if self.rest == "lr":
             ks, rows = rest.nonzero(as_tuple=True)
             A = self.advantages(chain, ctx, traj, R, ks, chunk, rows)
@@ -180,10 +191,30 @@ class RLR(Estimator):
         values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, chunk)
         return advantages(R, rows, self.baseline, values, groups=None if per_row else ks)
 
+    @torch.no_grad()
+    def branch(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, starts: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's end x_{j-1} and advantage for each of M branches: (M, B, *state), (M, B).
+
+        Branch 0 is the recorded trajectory (reward R); branches 1..M-1 re-draw eps_j from the same
+        mean mu(x_j, j) and finish the chain without a graph."""
+        rows = torch.arange(ctx.batch)
+        mean = traj.mean[starts, rows]
+        sigma = chain.sigma[starts].to(mean).reshape(-1, *[1] * (mean.ndim - 1))
+        ends, rewards = [traj.x[starts - 1, rows]], [R.detach()]
+        for _ in range(self.branches - 1):
+            x = mean + sigma * draw_noise(mean, generator)
+            ends.append(x)
+            rewards.append(finish_chain(chain, ctx, x, starts - 1, generator))
+        Rm = torch.stack(rewards)
+        A = Rm - (Rm.sum(0) - Rm) / (len(Rm) - 1)
+        return torch.stack(ends), A
+
     def ho_backward(self, chain: Chain, ctx: ChainContext, traj: Trajectory, starts: torch.Tensor, h: int,
-                    A: torch.Tensor) -> float:
+                    A: torch.Tensor, ends: torch.Tensor) -> float:
         """HO on block j+h-1..j, each row its own j (doc section 2, HO), as the surrogate
-        -(1/B) sum_b (R_b - b_b) <m_theta, ((x_{j-1} - m_theta) / sigma_j^2).detach()>."""
+        -(1/B) sum_b (1/M) sum_m A_mb <m_theta, ((x^m_{j-1} - m_theta) / sigma_j^2).detach()>
+        over the M block ends x^m_{j-1} (one, the recorded one, without branching)."""
         rows = torch.arange(ctx.batch)
         top = starts + h - 1
         # Checkpointed like truncated BP's steps: the block then holds one step's graph at a time
@@ -193,8 +224,9 @@ class RLR(Estimator):
                      use_checkpoint=self.use_checkpoint, steps=h - 1)
         m = mean_with_graph(chain, x, starts, ctx, self.use_checkpoint)
         sigma2 = chain.sigma[starts].to(m).reshape(-1, *[1] * (m.ndim - 1)) ** 2
-        score = ((traj.x[starts - 1, rows] - m) / sigma2).detach()
-        loss = -(A.to(m) * (m * score).flatten(1).sum(1)).sum() / ctx.batch
+        shape = (len(A), ctx.batch, *[1] * (m.ndim - 1))
+        score = ((A.to(m).reshape(shape) * (ends.to(m) - m)).mean(0) / sigma2).detach()
+        loss = -(m * score).sum() / ctx.batch
         loss.backward()
         return float(loss.detach())
 
@@ -216,6 +248,25 @@ class RLR(Estimator):
             norms[k] = torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
         self._step_norms = norms
         return norms
+
+
+@torch.no_grad()
+def finish_chain(chain: Chain, ctx: ChainContext, x: torch.Tensor, ks: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """R(x_0) after running each row b from state x[b] at step ks[b] down to x_0 (fresh noise)."""
+    R: torch.Tensor | None = None
+    for k in sorted(set(ks.tolist())):
+        sel = (ks == k).nonzero().flatten()
+        sub = ctx.take(sel)
+        x0 = x[sel]
+        if k > 0:
+            def predict(s: torch.Tensor, kk: int, sub: ChainContext = sub) -> Prediction:
+                return Prediction(chain.mean(s, kk, sub))
+            x0 = rollout(predict, x0, chain.sigma, generator, start=k).x
+        r = chain.reward(x0, sub).detach()
+        R = torch.empty(len(x), dtype=r.dtype, device=r.device) if R is None else R
+        R[sel.to(r.device)] = r
+    return R
 
 
 @torch.no_grad()
