@@ -55,7 +55,8 @@ class AppServices:
         self._ensure_base_version()
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
-        self.rounds = RoundRunner(self)
+        self.rounds = RoundRunner(self.store, self.worker, self.state, self.models, self.data_dir,
+                                  authorise=self.check_admin, active_version=lambda: self.active_version_id)
 
     def close(self) -> None:
         self.worker.stop()
