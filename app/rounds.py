@@ -28,13 +28,11 @@ from app.errors import AppError
 from app.generation import draw, store_images
 from app.models import ModelRegistry
 from app.prompts import RoundPrompt, round_prompts
-from app.round_config import ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig
+from app.round_config import RoundConfig
 from app.state import StateFile
 from app.worker import JobContext, JobStatus, Worker, WorkerBusy
 from feedback_store import FeedbackStore
 from rlr_core import dcot
-
-__all__ = ["ESTIMATOR_CHOICES", "REST_CHOICES", "RoundConfig", "RoundRunner"]
 
 PROXY_DIR = "reward_proxy"
 VERSIONS_DIR = "versions"
