@@ -117,7 +117,8 @@ def register(services: AppServices) -> None:
     def train_start(settings: dict | None = None, admin_password: str = "") -> dict:
         """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
-        guidance, samples_per_prompt, seed; anything left out takes its default."""
+        guidance, samples_per_prompt, sample_steps, sample_guidance, seed; anything left out takes
+        its default, an unknown name is refused."""
         config = RoundConfig.parse(settings)
         job = s.rounds.start(config, admin_password)
         return {"job_id": job, "settings": config.public()}
