@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from app.config import parse_args
+import sys
+
+from app.config import ConfigError, check_port, parse_args, port_in_use
 
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)  # before the heavy imports: --help and flag errors answer at once
+def main(argv: list[str] | None = None) -> int:
+    try:  # before the heavy imports: --help and setting errors answer at once
+        config = parse_args(argv)
+        check_port(config.host, config.port)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import torch
 
     # One torch thread by default: generation and training then leave a core to the UI threads.
@@ -28,9 +35,28 @@ def main(argv: list[str] | None = None) -> None:
               "and hours per training round; use a CUDA GPU (--device cuda) for real work")
     print(f"reward proxy features: {services.rounds.image_encoder.name} ({services.rounds.image_encoder.dim}-d)")
     print(f"data: {config.data_dir.resolve()}")
-    print(f"open http://{config.host}:{config.port}/ in a browser (API docs: the 'Use via API' link)")
-    demo.launch(server_name=config.host, server_port=config.port, share=config.share,
-                **launch_kwargs(services))
+    try:
+        # quiet: Gradio's own banner advises `share=True` in `launch()`; this app's switch is --share.
+        _, local_url, share_url = demo.launch(server_name=config.host, server_port=config.port, share=config.share,
+                                              quiet=True, prevent_thread_lock=True, **launch_kwargs(services))
+    except OSError as err:
+        if "Cannot find empty port" not in str(err):  # taken since check_port looked
+            raise
+        services.close()
+        print(f"error: {port_in_use(config.host, config.port)}", file=sys.stderr)
+        return 2
+    print(f"open {local_url} in a browser (API docs: the 'Use via API' link at the bottom of the page)")
+    if config.share:
+        print(f"public link: {share_url} (model changes need the admin password)" if share_url
+              else "no public link: Gradio could not make one (see its message above)")
+    else:
+        print("for a public link, start it with --share (model changes then need RLR_ADMIN_PASSWORD)")
+    print("stop it with Ctrl+C")
+    try:
+        demo.block_thread()
+    finally:
+        services.close()
+    return 0
 
 
 def _exit_line(message: str) -> int:
@@ -42,4 +68,4 @@ def _exit_line(message: str) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,7 +23,7 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 from app.errors import user_errors
-from app.rounds import RoundSettings
+from app.round_config import RoundConfig
 from app.services import AppServices
 from app.tabs.common import MODEL_API, QUICK_API
 from rlr_core.images import to_pil
@@ -118,10 +118,11 @@ def register(services: AppServices) -> None:
     def train_start(settings: dict | None = None, admin_password: str = "") -> dict:
         """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
-        guidance, samples_per_prompt, seed; anything left out takes its default."""
-        parsed = RoundSettings.parse(**(settings or {}))
-        job = s.rounds.start(parsed, admin_password)
-        return {"job_id": job, "settings": parsed.__dict__}
+        guidance, samples_per_prompt, sample_steps, sample_guidance, seed; anything left out takes
+        its default, an unknown name is refused."""
+        config = RoundConfig.parse(settings)
+        job = s.rounds.start(config, admin_password)
+        return {"job_id": job, "settings": config.public()}
 
     @user_errors
     def train_status() -> dict:

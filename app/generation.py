@@ -8,7 +8,6 @@ through two versions give two images made from the same noise.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -16,15 +15,8 @@ from feedback_store import FeedbackStore
 from rlr_core import dcot, sampler
 from rlr_core.backends.base import DiffusionBackend
 
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    steps: int = 20
-    guidance: float = 3.0
-    eta: float = 1.0
-
-    def sampler_settings(self) -> sampler.SamplerSettings:
-        return sampler.SamplerSettings(steps=self.steps, eta=self.eta, guidance=self.guidance)
+# The app draws with the sampler's own settings (steps, eta, guidance); one type, not two.
+GenerationSettings = sampler.SamplerSettings
 
 
 def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
@@ -45,7 +37,7 @@ def draw_here(backend: DiffusionBackend, prompts: Sequence[str], seed: int, sett
               boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
     """``draw`` in this process, on the backend's device."""
     if stage_prompts is None or not any(stage_prompts):
-        return sampler.generate(backend, list(prompts), settings.sampler_settings(), seed=seed)
+        return sampler.generate(backend, list(prompts), settings, seed=seed)
     per_image = [
         dcot.step_prompts(st, settings.steps, boundaries) if st else [p] * settings.steps
         for p, st in zip(prompts, stage_prompts)

@@ -19,100 +19,53 @@ import random
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app import validate as check
 from app.errors import AppError
-from app.generation import GenerationSettings, draw, store_images
+from app.generation import draw, store_images
+from app.models import ModelRegistry
 from app.prompts import RoundPrompt, round_prompts
-from app.worker import JobContext, JobStatus, WorkerBusy
+from app.round_config import RoundConfig
+from app.state import StateFile
+from app.worker import JobContext, JobStatus, Worker, WorkerBusy
+from feedback_store import FeedbackStore
 from rlr_core import dcot
 
-if TYPE_CHECKING:
-    from app.services import AppServices
-
-ESTIMATOR_CHOICES = [("RLR (recommended)", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "truncated-bp"),
-                     ("Full backprop", "full-bp")]
-REST_CHOICES = [("lr", "lr"), ("zo", "zo"), ("none (biased)", "none")]
 PROXY_DIR = "reward_proxy"
 VERSIONS_DIR = "versions"
 
 
-@dataclass(frozen=True)
-class RoundSettings:
-    estimator: str = "rlr"
-    steps: int = 20
-    # 8, not 4: RLR's likelihood-ratio terms use the leave-one-out mean as baseline, and at
-    # batch 4 the built-in model's rounds lowered the reward as often as they raised it.
-    batch_size: int = 8
-    sampling_steps: int = 10
-    learning_rate: float = 3e-3
-    lora_rank: int = 4
-    block: int | str = 2  # RLR's HO block length h, or "auto": sized from measured memory
-    rest: str = "lr"
-    truncation: int = 3
-    max_prompts: int = 8
-    # 1 = no classifier-free guidance while training: half the cost, and the adapter carries
-    # over to guided sampling (it shifts the guided and the unguided prediction alike).
-    guidance: float = 1.0
-    samples_per_prompt: int = 2  # after the round: new-version samples per prompt (and as many pairs)
-    sample_steps: int = 20  # ... drawn like the Generate tab draws (20 steps, guidance 3)
-    sample_guidance: float = 3.0
-    seed: int | None = None
-
-    @classmethod
-    def parse(cls, **raw: Any) -> RoundSettings:
-        """Settings from the UI or the API, every value checked (missing ones take defaults)."""
-        d = cls()
-        get = lambda k: raw[k] if raw.get(k) not in (None, "") else getattr(d, k)
-        return cls(
-            estimator=check.choice(get("estimator"), "estimator", [v for _, v in ESTIMATOR_CHOICES]),
-            steps=check.whole(get("steps"), "optimiser steps", 1, 2000),
-            batch_size=check.whole(get("batch_size"), "batch size", 2, 256),
-            sampling_steps=check.whole(get("sampling_steps"), "sampling steps", 3, 200),
-            learning_rate=check.real(get("learning_rate"), "learning rate", 1e-7, 1.0),
-            lora_rank=check.whole(get("lora_rank"), "LoRA rank", 1, 256),
-            block=parse_block(get("block")),
-            rest=check.choice(get("rest"), "rest of the chain", [v for _, v in REST_CHOICES]),
-            truncation=check.whole(get("truncation"), "truncation length", 1, 200),
-            max_prompts=check.whole(get("max_prompts"), "prompts per round", 1, 64),
-            guidance=check.real(get("guidance"), "guidance", 1.0, 20.0),
-            samples_per_prompt=check.whole(get("samples_per_prompt"), "samples per prompt", 1, 16),
-            sample_steps=check.whole(get("sample_steps"), "sample steps", 2, 200),
-            sample_guidance=check.real(get("sample_guidance"), "sample guidance", 1.0, 20.0),
-            seed=None if raw.get("seed") in (None, "") else check.whole(raw["seed"], "seed", 0, 2**31 - 1),
-        )
-
-
-def parse_block(value: Any) -> int | str:
-    """RLR's block length: a whole number, or "auto" (the paper's closed form from measured memory)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    return check.whole(value, "HO block length (or auto)", 1, 200)
-
-
 class RoundRunner:
-    def __init__(self, services: AppServices):
-        self.services = services
-        self.store = services.store
+    """Starts, stops and runs rounds. It is given what it works with: the store, the worker that
+    runs rounds in the background, the app state file, the model registry, the data folder, a
+    check that the caller may change the model (``authorise(password)`` raises when not), and
+    the active version (``active_version()``, which makes the base version on first use), the
+    model's prompt check, and the image encoder the reward proxy learns on."""
+
+    def __init__(self, store: FeedbackStore, worker: Worker, state: StateFile, models: ModelRegistry,
+                 data_dir: Path, authorise: Callable[[Any], None], active_version: Callable[[], int],
+                 check_prompt: Callable[[str], str], image_encoder: Any = None):
+        self.store = store
+        self.worker = worker
+        self.state = state
+        self.models = models
+        self.data_dir = Path(data_dir)
+        self.authorise = authorise
+        self.active_version = active_version
         self._lock = threading.Lock()
         self._proxy = None
         self._scorer = None
-        self.image_encoder = self._make_image_encoder()  # at start-up: a bad --reward-encoder fails early
+        self.check_prompt = check_prompt
+        self.image_encoder = image_encoder  # None: the proxy's default (the built-in perception model)
         self._load_proxy()
 
     # ------------------------------------------------------------------ reward proxy
     @property
     def proxy_dir(self) -> Path:
-        return self.services.data_dir / PROXY_DIR
-
-    def _make_image_encoder(self):
-        from rlr_core.feedback.encoders import make_image_encoder
-
-        config = self.services.config
-        return make_image_encoder(config.reward_encoder, self.services.base_backend, config.device)
+        return self.data_dir / PROXY_DIR
 
     def _load_proxy(self) -> None:
         if not (self.proxy_dir / "reward_proxy.json").exists():
@@ -137,72 +90,71 @@ class RoundRunner:
             return self._scorer
 
     # ------------------------------------------------------------------ control
-    def start(self, settings: RoundSettings, password: Any = None, auto: bool = False) -> int:
+    def start(self, config: RoundConfig, password: Any = None, auto: bool = False) -> int:
         if not auto:
-            self.services.check_admin(password)
+            self.authorise(password)
         counts = self.store.counts()
         if counts["ratings"] + counts["comparisons"] == 0:
             raise AppError("rate or compare a few samples first: the round learns its reward from them")
-        base_version = self.services.active_version_id
+        base_version = self.active_version()
         try:
-            job_id = self.services.worker.submit(
-                f"round on {self.services.version_name(base_version)}",
-                lambda ctx: self._run(ctx, settings, base_version))
+            job_id = self.worker.submit(f"round on {self.store.get_model_version(base_version)['name']}",
+                                        lambda ctx: self._run(ctx, config, base_version))
         except WorkerBusy:
             raise AppError("a training round is already running; stop it or wait for it to finish") from None
-        self.services.state.update(ratings_at_last_round=counts["ratings"] + counts["comparisons"],
-                                   extra={**self.services.state.get().extra, "last_settings": asdict(settings)})
+        self.state.update(ratings_at_last_round=counts["ratings"] + counts["comparisons"],
+                          extra={**self.state.get().extra, "last_settings": config.public()})
         return job_id
 
     def stop(self, password: Any = None) -> bool:
-        self.services.check_admin(password)
-        return self.services.worker.stop()
+        self.authorise(password)
+        return self.worker.stop()
 
     def set_auto_train(self, every: Any, password: Any = None) -> int:
-        self.services.check_admin(password)
+        self.authorise(password)
         n = check.whole(every, "auto-train interval", 0, 100_000)
         counts = self.store.counts()
         # Count from now: switching it on must not start a round for judgements made long ago.
-        self.services.state.update(auto_train_every=n,
-                                   ratings_at_last_round=counts["ratings"] + counts["comparisons"])
+        self.state.update(auto_train_every=n,
+                          ratings_at_last_round=counts["ratings"] + counts["comparisons"])
         return n
 
     def maybe_auto_train(self) -> bool:
         """After each judgement: start a round once N new ones came in (when switched on)."""
-        state = self.services.state.get()
-        if not state.auto_train_every or self.services.worker.status().active:
+        state = self.state.get()
+        if not state.auto_train_every or self.worker.status().active:
             return False
         counts = self.store.counts()
         total = counts["ratings"] + counts["comparisons"]
         if total - state.ratings_at_last_round < state.auto_train_every:
             return False
         last = {k: v for k, v in state.extra.get("last_settings", {}).items() if k != "seed"}
-        settings = RoundSettings.parse(**last)  # the settings of the last round started by hand
         try:
-            self.start(settings, auto=True)
+            config = RoundConfig.parse(last)  # the settings of the last round started by hand
+            self.start(config, auto=True)
         except AppError:
             return False
         return True
 
     def status(self) -> dict[str, Any]:
-        st: JobStatus = self.services.worker.status()
+        st: JobStatus = self.worker.status()
         return {"job_id": st.job_id, "state": st.state, "progress": st.progress, "message": st.message,
                 "history": st.history, "error": st.error, **st.info}
 
     # ------------------------------------------------------------------ the round
-    def _run(self, ctx: JobContext, settings: RoundSettings, base_version: int) -> dict[str, Any]:
-        seed = settings.seed if settings.seed is not None else random.randint(0, 2**31 - 1)
-        app_state = self.services.state.get()
+    def _run(self, ctx: JobContext, config: RoundConfig, base_version: int) -> dict[str, Any]:
+        seed = config.seed if config.seed is not None else random.randint(0, 2**31 - 1)
+        app_state = self.state.get()
         window = None
-        if settings.estimator == "rlr" and app_state.focus_stage != "all":
-            window = dcot.stage_window(app_state.focus_stage, settings.sampling_steps, app_state.boundaries)
-        config = {**asdict(settings), "seed": seed, "focus_stage": app_state.focus_stage,
+        if config.estimator == "rlr" and app_state.focus_stage != "all":
+            window = dcot.stage_window(app_state.focus_stage, config.training.sampler.steps, app_state.boundaries)
+        record = {**config.public(), "seed": seed, "focus_stage": app_state.focus_stage,
                   "boundaries": list(app_state.boundaries), "window": list(window) if window else None}
-        round_id = self.store.start_training_round(base_version, config)
-        ctx.report(0.0, "fitting the reward proxy", round_id=round_id, estimator=settings.estimator,
+        round_id = self.store.start_training_round(base_version, record)
+        ctx.report(0.0, "fitting the reward proxy", round_id=round_id, estimator=config.estimator,
                    focus_stage=app_state.focus_stage, window=list(window) if window else None)
         try:
-            result = self._train_round(ctx, settings, base_version, round_id, seed, window)
+            result = self._train_round(ctx, config, base_version, round_id, seed, window, app_state.boundaries)
         except BaseException as err:
             message = "stopped on request" if ctx.stopped else f"{type(err).__name__}: {err}"
             try:
@@ -212,8 +164,8 @@ class RoundRunner:
             raise
         return result
 
-    def _train_round(self, ctx: JobContext, settings: RoundSettings, base_version: int, round_id: int,
-                     seed: int, window: tuple[int, int] | None) -> dict[str, Any]:
+    def _train_round(self, ctx: JobContext, config: RoundConfig, base_version: int, round_id: int,
+                     seed: int, window: tuple[int, int] | None, boundaries: tuple[float, float]) -> dict[str, Any]:
         from rlr_core.feedback import reward_proxy
 
         proxy, report = reward_proxy.train_from_store(self.store, image_encoder=self.image_encoder)
@@ -225,19 +177,22 @@ class RoundRunner:
         self.store.update_training_round(round_id, 0.05, proxy_info)
         ctx.check_stop()
 
-        prompts = round_prompts(self.store, settings.max_prompts, self.services.base_backend.check_prompt)
+        prompts = round_prompts(self.store, config.max_prompts, self.check_prompt)
         if not prompts:
             raise AppError("no prompts to train on: generate some samples first")
         ctx.report(0.05, "training", prompts=[p.as_dict() for p in prompts], **proxy_info)
 
-        backend = self.services.models.training_copy(base_version)
+        backend = self.models.training_copy(base_version)
         from app.training_job import train_lora
 
         started = time.time()
-        out_dir = self.services.data_dir / VERSIONS_DIR / f"round-{round_id}"
-        trained = train_lora(backend, proxy, prompts, settings, seed, window, out_dir, ctx,
-                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac),
-                             boundaries=self.services.state.get().boundaries)
+        out_dir = self.data_dir / VERSIONS_DIR / f"round-{round_id}"
+        # the prompt lab's boundaries, so training samples as the app does
+        training = config.for_round([p.prompt for p in prompts],
+                                    {p.prompt: p.stages.as_list() for p in prompts if p.stages}, seed,
+                                    boundaries, window)
+        trained = train_lora(backend, proxy, training, out_dir, ctx,
+                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac))
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")
@@ -245,14 +200,14 @@ class RoundRunner:
         n_versions = len(self.store.model_versions())
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
         version_id = self.store.add_model_version(
-            f"v{n_versions} ({settings.estimator})", parent_id=base_version, weights_path=str(trained.weights_path),
-            config={**asdict(settings), "estimator": settings.estimator, "round_id": round_id, "seed": seed,
+            f"v{n_versions} ({config.estimator})", parent_id=base_version, weights_path=str(trained.weights_path),
+            config={**config.public(), "round_id": round_id, "seed": seed,
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)
         ctx.report(0.85, "drawing the new version's samples and before/after pairs")
-        n_pairs = self._draw_after_round(version_id, base_version, prompts, settings, seed)
+        n_pairs = self._draw_after_round(version_id, base_version, prompts, config, seed)
         self.store.finish_training_round(round_id, version_id, {**metrics, "before_after_pairs": n_pairs})
-        self.services.state.update(active_version_id=version_id)  # only now: the round is complete
+        self.state.update(active_version_id=version_id)  # only now: the round is complete
         name = self.store.get_model_version(version_id)["name"]
         ctx.report(1.0, f"finished: {name} is active", version_id=version_id, version_name=name,
                    before_after_pairs=n_pairs)
@@ -266,12 +221,11 @@ class RoundRunner:
             traceback.print_exc()
 
     def _draw_after_round(self, version_id: int, parent_id: int, prompts: list[RoundPrompt],
-                          settings: RoundSettings, seed: int) -> int:
+                          config: RoundConfig, seed: int) -> int:
         """New-version samples for the rating queue, and the parent's from the same noise (pairs)."""
-        texts = [p.prompt for p in prompts for _ in range(settings.samples_per_prompt)]
-        gen = GenerationSettings(steps=settings.sample_steps, guidance=settings.sample_guidance)
+        texts = [p.prompt for p in prompts for _ in range(config.samples_per_prompt)]
         sample_seed = (seed + 1) % (2**31)
         for vid in (version_id, parent_id):
-            images = draw(self.services.models.backend(vid), texts, sample_seed, gen)
-            store_images(self.store, images, texts, sample_seed, gen, vid, origin="round")
+            images = draw(self.models.backend(vid), texts, sample_seed, config.samples)
+            store_images(self.store, images, texts, sample_seed, config.samples, vid, origin="round")
         return len(texts)

@@ -54,7 +54,13 @@ class AppServices:
         self._ensure_base_version()
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
-        self.rounds = RoundRunner(self)
+        from rlr_core.feedback.encoders import make_image_encoder
+
+        # made at start-up, so a bad --reward-encoder fails before the page is served
+        encoder = make_image_encoder(config.reward_encoder, self.base_backend, config.device)
+        self.rounds = RoundRunner(self.store, self.worker, self.state, self.models, self.data_dir,
+                                  authorise=self.check_admin, active_version=lambda: self.active_version_id,
+                                  check_prompt=self.base_backend.check_prompt, image_encoder=encoder)
 
     def close(self) -> None:
         self.worker.stop()

@@ -1,4 +1,4 @@
-"""The app's bridge to ``rlr_core.training``: settings in, a version folder and live metrics out.
+"""The app's bridge to ``rlr_core.training``: a round's config in, a version folder and live metrics out.
 
 The reward a round maximises is the reward proxy's ensemble mean; the same forward pass gives
 the ensemble's spread, which the Train tab plots as the proxy's uncertainty on the round's
@@ -7,18 +7,16 @@ own samples (rising uncertainty = the model is drifting where the proxy has no d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from app import zerogpu
-from app.prompts import RoundPrompt
 from app.worker import JobContext, JobStopped
-from rlr_core import dcot, training
+from rlr_core import training
 from rlr_core.backends.base import DiffusionBackend
-from rlr_core.sampler import SamplerSettings
 
 
 @dataclass
@@ -43,28 +41,10 @@ class ProxyReward:
         return self.last_uncertainty
 
 
-def estimator_options(settings, window: tuple[int, int] | None) -> dict:
-    """The estimator's own settings from the Train tab's (only those it takes)."""
-    if settings.estimator == "rlr":
-        return {"block": settings.block, "rest": settings.rest, "window": window}
-    if settings.estimator == "truncated-bp":
-        return {"steps": min(settings.truncation, settings.sampling_steps)}
-    return {}
-
-
-def train_lora(backend: DiffusionBackend, proxy, prompts: Sequence[RoundPrompt], settings, seed: int,
-               window: tuple[int, int] | None, out_dir: Path, ctx: JobContext,
-               on_progress: Callable[[float], None],
-               boundaries: tuple[float, float] = dcot.DEFAULT_BOUNDARIES) -> Trained:
-    """Fine-tune ``backend`` (a private copy) in place; write the version folder ``out_dir``."""
+def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, out_dir: Path, ctx: JobContext,
+               on_progress: Callable[[float], None]) -> Trained:
+    """Fine-tune ``backend`` (a private copy) in place with ``config``; write the version folder ``out_dir``."""
     reward = ProxyReward(proxy)
-    config = training.TrainConfig(
-        estimator=settings.estimator, estimator_options=estimator_options(settings, window),
-        steps=settings.steps, batch=settings.batch_size, prompts=[p.prompt for p in prompts],
-        stage_prompts={p.prompt: p.stages.as_list() for p in prompts if p.stages} or None,
-        stage_boundaries=tuple(boundaries),  # the prompt lab's, so training samples as the app does
-        sampler=SamplerSettings(steps=settings.sampling_steps, eta=1.0, guidance=settings.guidance),
-        lora_rank=settings.lora_rank, lr=settings.learning_rate, seed=seed)
 
     def progress(p: training.Progress) -> bool:
         ctx.log_step(step=p.step, reward=p.reward_mean, uncertainty=reward.last_uncertainty,

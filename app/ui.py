@@ -65,7 +65,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train.build(services, session)
             with gr.Tab("Model versions", id="versions", elem_id="tab-versions") as versions_tab:
-                versions.build(services, session, versions_tab)
+                versions.build(services, session, versions_tab, demo)
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
                 data.build(services, session, data_tab)
                 hub_export.build(services, session)

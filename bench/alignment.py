@@ -40,7 +40,7 @@ from bench.estimators import load_backend
 from rlr_core import rewards
 from rlr_core.sampler import SamplerSettings, generate
 from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
-from rlr_core.training import Progress, TrainConfig, TrainingDiverged, run_round
+from rlr_core.training import EstimatorConfig, Progress, TrainConfig, TrainingDiverged, run_round
 
 TRAIN_PROMPTS = ["a red circle", "a blue square on the left", "a large yellow triangle",
                  "a small green circle, black background", "a purple square in the center",
@@ -111,7 +111,7 @@ def run_method(args: argparse.Namespace, method: str, seed: int, judge=None) -> 
     reward_fn = rewards.make_reward(args.reward, judge)
     ignore = rewards.targeted_attributes(reward_fn)
     sampler = SamplerSettings(args.steps, 1.0, args.guidance)
-    config = TrainConfig(estimator=name, estimator_options=options, steps=args.rounds, batch=args.batch,
+    config = TrainConfig(estimator=EstimatorConfig(name, options), steps=args.rounds, batch=args.batch,
                          prompts=TRAIN_PROMPTS, sampler=sampler, lr=args.lr, seed=seed,
                          lora_rank=args.lora_rank)
     path = cache_path(args, method, seed)

@@ -98,6 +98,7 @@ def test_versions_data_and_training_guards(client):
     refused(client, "export_lora", versions[0]["version_id"], match="no LoRA weights")
     refused(client, "train_start", {"estimator": "sgd"}, "", match="estimator must be one of")
     refused(client, "train_start", {"batch_size": 1}, "", match="batch size")
+    refused(client, "train_start", {"estimatr": "ddpo"}, "", match="unknown round setting")  # a typo is not ignored
     assert call(client, "train_status")["state"] == "idle"  # nothing started
     path = call(client, "export_data")
     assert str(path).endswith(".zip")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import AppError
-from app.rounds import RoundSettings
+from app.round_config import RoundConfig
 
 TINY = {"steps": 1, "batch_size": 2, "sampling_steps": 4, "samples_per_prompt": 1, "sample_steps": 4, "seed": 0}
 
@@ -40,21 +40,21 @@ def wait(services, timeout: float = 120) -> dict:
 
 def test_a_round_needs_judgements_first(services):
     with pytest.raises(AppError, match="rate or compare a few samples first"):
-        services.rounds.start(RoundSettings.parse(**TINY))
+        services.rounds.start(RoundConfig.parse(TINY))
     assert services.store.training_rounds() == []
 
 
 def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tmp_path):
     judge(services)
-    services.rounds.start(RoundSettings.parse(**TINY))
+    services.rounds.start(RoundConfig.parse(TINY))
     status = wait(services)
     assert status["state"] == "finished", status
     assert status["prompts"] == [{"prompt": "a blue circle", "stages": None, "source": "generated"}]
     v1 = status["version_id"]
     assert services.active_version_id == v1
-    services.rounds.start(RoundSettings.parse(**{**TINY, "steps": 200}))
+    services.rounds.start(RoundConfig.parse({**TINY, "steps": 200}))
     with pytest.raises(AppError, match="already running"):  # one round at a time
-        services.rounds.start(RoundSettings.parse(**TINY))
+        services.rounds.start(RoundConfig.parse(TINY))
     services.rounds.stop()
     stopped = wait(services)
     assert stopped["state"] == "stopped"
@@ -78,7 +78,7 @@ def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tm
 
 def test_auto_train_starts_a_round_after_n_new_judgements(services):
     ids = judge(services)
-    services.rounds.start(RoundSettings.parse(**TINY))
+    services.rounds.start(RoundConfig.parse(TINY))
     assert wait(services)["state"] == "finished"
     assert services.rounds.set_auto_train(2) == 2
     services.rate(ids[0], "bo", 2)
@@ -94,7 +94,7 @@ def test_stage_prompts_from_the_prompt_lab_reach_the_round(services):
     judge(services)
     services.save_stage_prompts("a blue circle", "a shape", "a circle", "a blue circle", "ann")
     services.set_stage_settings(0.3, 0.5, "coarse")  # not the default boundaries (0.3, 0.6)
-    services.rounds.start(RoundSettings.parse(**{**TINY, "sampling_steps": 10}))
+    services.rounds.start(RoundConfig.parse({**TINY, "sampling_steps": 10}))
     status = wait(services)
     assert status["state"] == "finished", status
     assert status["prompts"][0] == {"prompt": "a blue circle", "stages": ["a shape", "a circle", "a blue circle"],
@@ -105,7 +105,7 @@ def test_stage_prompts_from_the_prompt_lab_reach_the_round(services):
     training = json.loads((Path(version["weights_path"]) / "config.json").read_text())["training"]
     assert training["stage_boundaries"] == [0.3, 0.5]
     assert training["stage_prompts"] == {"a blue circle": ["a shape", "a circle", "a blue circle"]}
-    assert training["estimator_options"]["window"] == [8, 10]
+    assert training["estimator"]["options"]["window"] == [8, 10]
 
 
 def test_export_and_import_into_a_fresh_data_directory(services, tmp_path, builtin_backend):

@@ -41,6 +41,84 @@ def test_flags_and_environment(monkeypatch):
     assert parse_args(["--device", "cpu"]).public
 
 
+def start_fails(args: list[str], env: dict[str, str], tmp_path: Path) -> str:
+    """Run app.py as a person would; it must stop with exit code 2 and one line, no traceback."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RLR_")}
+    out = subprocess.run([sys.executable, "app.py", "--data-dir", str(tmp_path / "data"), *args], cwd=ROOT,
+                         env={**clean, **env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert not (tmp_path / "data").exists()  # it stopped before touching the data folder
+    return lines[0]
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"RLR_PORT": "abc"}, ["RLR_PORT", "--port", "'abc'", "whole number"]),
+    ({"RLR_THREADS": "x"}, ["RLR_THREADS", "--threads", "'x'"]),
+    ({"RLR_AUTO_TRAIN_EVERY": "-1"}, ["RLR_AUTO_TRAIN_EVERY", "'-1'"]),
+    ({"RLR_SHARE": "maybe"}, ["RLR_SHARE", "'maybe'"]),
+])
+def test_bad_environment_values_stop_with_one_line(tmp_path, env, words):
+    line = start_fails([], env, tmp_path)
+    assert all(w in line for w in words), line
+
+
+def test_a_port_in_use_names_the_port_setting(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = start_fails(["--port", str(port)], {}, tmp_path)
+    assert f"127.0.0.1:{port}" in line and "--port" in line and "RLR_PORT" in line and "launch()" not in line
+
+
+def test_a_cuda_device_that_is_not_there(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        line = start_fails(["--device", f"cuda:{torch.cuda.device_count()}"], {}, tmp_path)
+        assert f"has {torch.cuda.device_count()} CUDA GPU" in line
+    else:
+        line = start_fails(["--device", "cuda"], {}, tmp_path)
+        assert "--device is cuda" in line and "no CUDA GPU" in line and "--device cpu" in line
+    assert "gpu" in start_fails([], {"RLR_DEVICE": "gpu"}, tmp_path)  # not a device at all
+
+
+def test_the_start_banner_names_the_apps_own_flags(tmp_path):
+    """Gradio's banner says to set `share=True` in `launch()`; the app's own lines say --share."""
+    import os
+
+    from app.server import free_port
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RLR_")}, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+                             "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(240, proc.kill)  # a hung start ends the read below
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl+C" in line:
+                break
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(30)
+    out = "".join(lines)
+    assert "Ctrl+C" in out, out
+    assert f"open http://127.0.0.1:{port}/" in out and "--share" in out
+    assert "launch()" not in out and "share=True" not in out, out
+
+
 def test_state_file_survives_restarts_and_damage(tmp_path):
     state = StateFile(tmp_path)
     assert state.get().active_version_id is None
@@ -115,3 +193,47 @@ def test_prompt_note_names_unknown_words(builtin_backend):
     assert "dragon" in builtin_backend.describe_prompt("a red dragon")
     assert "the model reads" in builtin_backend.describe_prompt("A BIG red circle")
     assert "limit" in builtin_backend.describe_prompt("a " * 600)
+
+
+def test_round_config_nests_the_estimator_options_and_reads_back_its_public_form():
+    from app.round_config import DEFAULTS, RoundConfig
+
+    default = RoundConfig.parse(None)
+    assert default.public() == DEFAULTS == RoundConfig().public()
+    assert default.training.estimator.name == "rlr" and default.training.estimator.options == {"block": 2,
+                                                                                             "rest": "lr"}
+    raw = {"estimator": "truncated-bp", "steps": "3", "batch_size": 4, "sampling_steps": 5, "truncation": 9,
+           "guidance": 2, "sample_steps": 6, "seed": 11}
+    config = RoundConfig.parse(raw)
+    t = config.training
+    assert t.estimator.options == {"steps": 5}  # no more than the chain has
+    assert (t.steps, t.batch, t.sampler.steps, t.sampler.guidance, config.samples.steps) == (3, 4, 5, 2.0, 6)
+    assert RoundConfig.parse(config.public()) == config  # what the store and auto-train keep reads back
+    assert config.public()["truncation"] == 5 and config.public()["seed"] == 11
+
+    run = RoundConfig.parse({"block": 3}).for_round(["a red circle"], {}, 7, (0.25, 0.5), (2, 4))
+    assert run.estimator.options == {"block": 3, "rest": "lr", "window": (2, 4)}
+    assert (run.prompts, run.stage_prompts, run.seed, run.stage_boundaries) == (["a red circle"], None, 7, (0.25, 0.5))
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"estimatr": "ddpo"}, "unknown round setting.*estimatr"), ("steps=3", "object of name: value"),
+    ({"estimator": "sgd"}, "estimator must be one of"), ({"batch_size": 1}, "batch size"),
+    ({"learning_rate": "fast"}, "learning rate"), ({"seed": -1}, "seed"),
+])
+def test_round_config_refuses_bad_settings(raw, match):
+    from app.round_config import RoundConfig
+
+    with pytest.raises(AppError, match=match):
+        RoundConfig.parse(raw)
+
+
+def test_train_config_reads_nested_and_older_flat_estimator_settings():
+    from rlr_core.training import EstimatorConfig, TrainConfig
+
+    config = TrainConfig(estimator=EstimatorConfig("rlr", {"block": 1, "window": (2, 3)}), stage_boundaries=(0.2, 0.5))
+    assert TrainConfig.from_dict(config.to_dict()).estimator == EstimatorConfig("rlr", {"block": 1, "window": (2, 3)})
+    assert TrainConfig.from_dict(config.to_dict()).stage_boundaries == (0.2, 0.5)
+    old = TrainConfig.from_dict({"estimator": "ddpo", "estimator_options": {"inner_epochs": 2}, "steps": 3})
+    assert old.estimator == EstimatorConfig("ddpo", {"inner_epochs": 2}) and old.steps == 3
+    assert TrainConfig(estimator="full-bp").estimator == EstimatorConfig("full-bp")

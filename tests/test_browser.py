@@ -88,6 +88,21 @@ def count(store, table: str) -> int:
     return store.counts()[table]
 
 
+def test_model_versions_show_the_base_version_on_first_load(running, page, recwarn):
+    """A fresh app: the Model versions tab lists v0 and its picker holds it, without Refresh; and
+    looking stores nothing (an export can still be imported into the empty data folder)."""
+    from playwright.sync_api import expect
+
+    store = running.services.store
+    assert store.model_versions() == [] and not any(store.counts().values())
+    open_tab(page, "Model versions")
+    expect_text(page, "#versions-table", "v0 (base)")
+    expect(page.locator("#version-pick input")).to_have_value("v0 (base)")
+    assert store.model_versions() == []
+    assert not [w for w in recwarn if "Dropdown" in str(w.message)], [str(w.message) for w in recwarn]
+    open_tab(page, "Generate & rate")
+
+
 def test_full_loop_in_the_browser(running, page):
     store = running.services.store
     # --- a session gets a guest rater id; a person types a name ------------------------------

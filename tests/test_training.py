@@ -15,7 +15,7 @@ from rlr_core.sampler import SamplerSettings, generate
 from rlr_core.shapesworld import model as builtin_model
 from rlr_core.shapesworld import perception
 from rlr_core.shapesworld.perception import PerceptionNet
-from rlr_core.training import Progress, TrainConfig, TrainingDiverged, lora, run_round
+from rlr_core.training import EstimatorConfig, Progress, TrainConfig, TrainingDiverged, lora, run_round
 from rlr_core.training import cli as train
 from rlr_core.training.round import _Guard
 
@@ -34,7 +34,7 @@ def reward_fn():
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(estimator="rlr", estimator_options={"block": 1}, steps=2, batch=2, prompts=PROMPTS,
+    base = dict(estimator=EstimatorConfig("rlr", {"block": 1}), steps=2, batch=2, prompts=PROMPTS,
                 sampler=FAST, lr=1e-2, seed=0)
     return TrainConfig(**{**base, **kw})
 
@@ -106,8 +106,8 @@ def test_guard_detects_an_exploding_gradient() -> None:
 
 def test_dcot_round_with_a_block_window(tmp_path: Path, reward_fn) -> None:
     stages = {"a red circle": ["a shape", "a circle", "a red circle"]}
-    result = run_round(fresh_backend(), reward_fn,
-                       config(steps=1, stage_prompts=stages, estimator_options={"block": 1, "window": (2, 3)}),
+    rlr = EstimatorConfig("rlr", {"block": 1, "window": (2, 3)})
+    result = run_round(fresh_backend(), reward_fn, config(steps=1, stage_prompts=stages, estimator=rlr),
                        tmp_path / "dcot")
     assert result.metrics["history"][0]["block_start_mean"] in (2.0, 2.5, 3.0)
 
@@ -115,8 +115,9 @@ def test_dcot_round_with_a_block_window(tmp_path: Path, reward_fn) -> None:
 def test_full_finetuning_and_ddpo(tmp_path: Path, reward_fn) -> None:
     backend = fresh_backend()
     before = backend.denoiser.conv_in.weight.detach().clone()
-    result = run_round(backend, reward_fn, config(steps=1, finetune="full", estimator="ddpo", lr=1e-3,
-                                                  estimator_options={"inner_epochs": 2, "clip_range": 0.2}),
+    result = run_round(backend, reward_fn, config(steps=1, finetune="full", lr=1e-3,
+                                                  estimator=EstimatorConfig("ddpo", {"inner_epochs": 2,
+                                                                                     "clip_range": 0.2})),
                        tmp_path / "full")
     assert (result.version / "denoiser.safetensors").exists()
     assert not torch.equal(backend.denoiser.conv_in.weight, before)

@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.errors import user_errors
-from app.rounds import ESTIMATOR_CHOICES, REST_CHOICES, RoundSettings
+from app.round_config import DEFAULTS, ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 from rlr_core.backends.builtin import BuiltinBackend
@@ -64,34 +64,34 @@ def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
 
 
 def build(services: AppServices, session: Session) -> gr.Timer:
-    d = RoundSettings()
+    d = DEFAULTS
     with gr.Column(elem_id="train-panel"):
         gr.Markdown(INTRO)
         with gr.Row():
-            estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d.estimator, label="Gradient estimator",
+            estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"], label="Gradient estimator",
                                     elem_id="train-estimator", scale=2)
-            steps = gr.Number(value=d.steps, precision=0, label="Optimiser steps", minimum=1, elem_id="train-steps")
-            batch = gr.Number(value=d.batch_size, precision=0, label="Batch size", minimum=2,
+            steps = gr.Number(value=d["steps"], precision=0, label="Optimiser steps", minimum=1, elem_id="train-steps")
+            batch = gr.Number(value=d["batch_size"], precision=0, label="Batch size", minimum=2,
                               elem_id="train-batch")
-            sampling = gr.Number(value=d.sampling_steps, precision=0, label="Sampling steps", minimum=3,
+            sampling = gr.Number(value=d["sampling_steps"], precision=0, label="Sampling steps", minimum=3,
                                  elem_id="train-sampling-steps")
-            lr = gr.Number(value=d.learning_rate, label="Learning rate", elem_id="train-lr")
+            lr = gr.Number(value=d["learning_rate"], label="Learning rate", elem_id="train-lr")
         with gr.Accordion("More settings", open=False):
             with gr.Row():
-                rank = gr.Number(value=d.lora_rank, precision=0, label="LoRA rank", elem_id="train-rank")
+                rank = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank", elem_id="train-rank")
                 # auto: the longest block that fits in memory (the default for diffusers models).
                 block = gr.Dropdown(["auto", "1", "2", "3", "4", "6", "8"], allow_custom_value=True,
-                                    value=str(d.block) if isinstance(services.base_backend, BuiltinBackend)
+                                    value=str(d["block"]) if isinstance(services.base_backend, BuiltinBackend)
                                     else "auto", label="RLR: HO block length h", elem_id="train-block")
-                rest = gr.Dropdown(REST_CHOICES, value=d.rest, label="RLR: rest of the chain",
+                rest = gr.Dropdown(REST_CHOICES, value=d["rest"], label="RLR: rest of the chain",
                                    info="lr: likelihood ratio; zo: zeroth order", elem_id="train-rest")
-                truncation = gr.Number(value=d.truncation, precision=0, label="Truncated BP: last K' steps",
+                truncation = gr.Number(value=d["truncation"], precision=0, label="Truncated BP: last K' steps",
                                        elem_id="train-truncation")
-                n_prompts = gr.Number(value=d.max_prompts, precision=0, label="Prompts per round",
+                n_prompts = gr.Number(value=d["max_prompts"], precision=0, label="Prompts per round",
                                       elem_id="train-prompts")
-                guidance = gr.Number(value=d.guidance, label="Guidance while training (1 = off, 2x faster)",
+                guidance = gr.Number(value=d["guidance"], label="Guidance while training (1 = off, 2x faster)",
                                      elem_id="train-guidance")
-                sample_steps = gr.Number(value=d.sample_steps, precision=0, label="New version's samples: steps",
+                sample_steps = gr.Number(value=d["sample_steps"], precision=0, label="New version's samples: steps",
                                          elem_id="train-sample-steps")
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
@@ -115,10 +115,10 @@ def build(services: AppServices, session: Session) -> gr.Timer:
 
     @user_errors
     def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, password):
-        settings = RoundSettings.parse(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
-                                       learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
-                                       max_prompts=k, guidance=g, sample_steps=s_steps)
-        services.rounds.start(settings, password)
+        config = RoundConfig.parse(dict(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
+                                        learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
+                                        max_prompts=k, guidance=g, sample_steps=s_steps))
+        services.rounds.start(config, password)
         gr.Info("Training round started: watch it here, keep rating elsewhere.")
         return poll(None)
 

@@ -6,7 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from app.errors import user_errors
-from app.services import AppServices
+from app.services import BASE_VERSION_NAME, AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 
 COLUMNS = ["active", "id", "name", "parent", "estimator", "samples", "ratings", "mean stars",
@@ -14,11 +14,18 @@ COLUMNS = ["active", "id", "name", "parent", "estimator", "samples", "ratings", 
 INTRO = ("Each finished training round makes a new version and makes it active. Its samples go to the "
          "rating queue, and blind before/after pairs (same prompt and seed, parent vs new) to the "
          "comparison queue: the **win rate vs parent** is what people judged.")
+# The base version is stored on first use (a fresh data folder stays empty, so an export can
+# still be imported into it); until then the tab lists it under this key.
+UNSTORED_BASE = "base"
 
 
-def table(services: AppServices) -> pd.DataFrame:
+def table(services: AppServices, versions: list[dict] | None = None) -> pd.DataFrame:
+    versions = services.versions() if versions is None else versions
+    if not versions:
+        return pd.DataFrame([{**{c: "" for c in COLUMNS}, "active": "●", "name": BASE_VERSION_NAME, "samples": 0,
+                              "ratings": 0}], columns=COLUMNS)
     rows = []
-    for v in services.versions():
+    for v in versions:
         rate = v["win_rate_vs_parent"]
         rows.append({
             "active": "●" if v["active"] else "", "id": v["version_id"], "name": v["name"],
@@ -35,13 +42,14 @@ def table(services: AppServices) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
+def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks) -> None:
     with gr.Column(elem_id="versions-panel"):
         gr.Markdown(INTRO)
-        versions = gr.Dataframe(table(services), interactive=False, elem_id="versions-table", wrap=True)
+        # Filled when the page loads (demo.load below): what was true when the app started is stale.
+        versions = gr.Dataframe(pd.DataFrame(columns=COLUMNS), interactive=False, elem_id="versions-table",
+                                wrap=True)
         with gr.Row():
-            pick = gr.Dropdown(choices=version_choices(services), value=services.state.get().active_version_id,
-                               label="Version", elem_id="version-pick", scale=2)
+            pick = gr.Dropdown(choices=[], value=None, label="Version", elem_id="version-pick", scale=2)
             activate = gr.Button("Make active", elem_id="version-activate")
             rollback = gr.Button("Roll back to the parent", elem_id="version-rollback")
             export = gr.Button("Export LoRA weights", elem_id="version-export")
@@ -52,9 +60,14 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     def refreshed(message: str = ""):
         return (*refresh_outputs(services), message)
 
+    def stored(version: int | str | None) -> int | str | None:
+        """The version id; picking the base version before it is stored stores it (first use)."""
+        return services.active_version_id if version == UNSTORED_BASE else version
+
     @user_errors
-    def on_activate(version: int, password: str):
-        v = services.set_active_version(version, password)
+    def on_activate(version: int | str, password: str):
+        services.check_admin(password)
+        v = services.set_active_version(stored(version), password)
         return refreshed(f"Active version: **{v['name']}**. New samples are drawn with it.")
 
     @user_errors
@@ -63,8 +76,8 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
         return refreshed(f"Rolled back: **{v['name']}** is active again.")
 
     @user_errors
-    def on_export(version: int):
-        path = services.export_lora(version)
+    def on_export(version: int | str):
+        path = services.export_lora(stored(version))
         return gr.File(value=str(path), visible=True), f"Exported `{path.name}`."
 
     outs = [versions, pick, status]
@@ -73,11 +86,17 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     export.click(on_export, pick, [download, status], **QUICK, **PRIVATE)
     refresh.click(refreshed, None, outs, **QUICK, **PRIVATE)
     tab.select(refreshed, None, outs, **QUICK, **PRIVATE)
+    demo.load(refreshed, None, outs, **QUICK, **PRIVATE)
 
 
-def version_choices(services: AppServices) -> list[tuple[str, int]]:
-    return [(f"{v['name']} (id {v['version_id']})", v["version_id"]) for v in services.versions()]
+def version_choices(versions: list[dict]) -> list[tuple[str, int | str]]:
+    if not versions:
+        return [(BASE_VERSION_NAME, UNSTORED_BASE)]
+    return [(f"{v['name']} (id {v['version_id']})", v["version_id"]) for v in versions]
 
 
 def refresh_outputs(services: AppServices) -> tuple[pd.DataFrame, gr.Dropdown]:
-    return table(services), gr.Dropdown(choices=version_choices(services), value=services.active_version_id)
+    """The table and the version picker (on the active version). Reads only: a page load stores nothing."""
+    versions = services.versions()
+    active = next((v["version_id"] for v in versions if v["active"]), UNSTORED_BASE if not versions else None)
+    return table(services, versions), gr.Dropdown(choices=version_choices(versions), value=active)

@@ -3,6 +3,7 @@ command line (``python -m rlr_core.training``, :mod:`.cli`)."""
 
 from rlr_core.training.round import (
     DEFAULT_PROMPTS,
+    EstimatorConfig,
     Progress,
     RoundResult,
     TrainConfig,
@@ -11,5 +12,5 @@ from rlr_core.training.round import (
     trainable_parameters,
 )
 
-__all__ = ["DEFAULT_PROMPTS", "Progress", "RoundResult", "TrainConfig", "TrainingDiverged", "run_round",
-           "trainable_parameters"]
+__all__ = ["DEFAULT_PROMPTS", "EstimatorConfig", "Progress", "RoundResult", "TrainConfig", "TrainingDiverged",
+           "run_round", "trainable_parameters"]

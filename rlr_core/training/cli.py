@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rlr_core.sampler import SamplerSettings
 from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
-from rlr_core.training import DEFAULT_PROMPTS, Progress, TrainConfig, TrainingDiverged, run_round
+from rlr_core.training import DEFAULT_PROMPTS, EstimatorConfig, Progress, TrainConfig, TrainingDiverged, run_round
 
 
 def estimator_options(args: argparse.Namespace) -> dict:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     reward_fn = rewards.make_reward(args.reward, rewards.load_perception(args.perception, accelerator.device))
     prompts = args.prompts_file.read_text().splitlines() if args.prompts_file else args.prompts
     config = TrainConfig(
-        estimator=args.estimator, estimator_options=estimator_options(args), steps=args.steps,
+        estimator=EstimatorConfig(args.estimator, estimator_options(args)), steps=args.steps,
         batch=args.batch, prompts=[p for p in prompts if p.strip()],
         sampler=SamplerSettings(args.sampling_steps, args.eta, args.guidance), finetune=args.finetune,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr, weight_decay=args.weight_decay,

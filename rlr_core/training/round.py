@@ -42,9 +42,17 @@ DEFAULT_PROMPTS = [
 
 
 @dataclass
+class EstimatorConfig:
+    """The gradient estimator a round uses: its name and its own keyword settings."""
+
+    name: str = "rlr"
+    options: dict = field(default_factory=dict)  # e.g. RLR: block, rest, window; truncated-bp: steps
+
+
+@dataclass
 class TrainConfig:
-    estimator: str = "rlr"
-    estimator_options: dict = field(default_factory=dict)  # keyword settings of the estimator
+    # A bare name is accepted as shorthand for that estimator with its default settings.
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     steps: int = 20  # optimiser steps (DDPO: sample batches; it takes inner_epochs steps each)
     batch: int = 4  # trajectories per step (>= 2: the leave-one-out baseline needs others)
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
@@ -64,14 +72,27 @@ class TrainConfig:
     explode_factor: float | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.estimator, str):
+            self.estimator = EstimatorConfig(self.estimator)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of :meth:`to_dict`; also reads the flat form of older version folders
+        (``"estimator": name`` with a separate ``"estimator_options"``)."""
         d = dict(d)
         if isinstance(d.get("sampler"), dict):
             d["sampler"] = SamplerSettings(**d["sampler"])
+        est = d.get("estimator")
+        if isinstance(est, dict):
+            d["estimator"] = EstimatorConfig(**est)
+        elif isinstance(est, str):
+            d["estimator"] = EstimatorConfig(est, dict(d.get("estimator_options") or {}))
+        if d.get("stage_boundaries") is not None:
+            d["stage_boundaries"] = tuple(d["stage_boundaries"])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
@@ -187,7 +208,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     if resume is not None:
         estimator = resume.estimator
         resume.restore(params, optimizer, generator, rng)
-    estimator = estimator or make_estimator(config.estimator, **config.estimator_options)
+    estimator = estimator or make_estimator(config.estimator.name, **config.estimator.options)
     chain = BackendChain(backend, reward_fn, config.sampler)
     guard = _Guard(params, config.explode_factor)
     first = resume.step if resume is not None else 0

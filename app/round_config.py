@@ -1,0 +1,148 @@
+"""One training round's configuration, from the Train tab or the API down to ``rlr_core.training``.
+
+The Train tab and the ``/train_start`` endpoint send a flat dict of settings (the public form:
+``estimator``, ``steps``, ``batch_size``, ... ``seed``; anything left out takes its default).
+:meth:`RoundConfig.parse` checks every value and builds the one configuration a round carries:
+
+- ``training``: the :class:`rlr_core.training.TrainConfig` the round runs, with the estimator and
+  its own options nested (``EstimatorConfig``); the round runner fills in what only it knows
+  (the prompts, their stage prompts, the stage boundaries, the seed, the DCoT block window);
+- the app's part of a round: how many prompts it trains on and how the new version's samples are
+  drawn afterwards (like the Generate tab draws them).
+
+:meth:`RoundConfig.public` gives the flat form back (the API answer, the round's row in the store,
+and the settings auto-train repeats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import validate as check
+from app.errors import AppError
+from rlr_core.sampler import SamplerSettings
+from rlr_core.training import EstimatorConfig, TrainConfig
+
+ESTIMATOR_CHOICES = [("RLR (recommended)", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "truncated-bp"),
+                     ("Full backprop", "full-bp")]
+REST_CHOICES = [("lr", "lr"), ("zo", "zo"), ("none (biased)", "none")]
+
+# The public form's defaults, in the order the API has always answered with.
+DEFAULTS: dict[str, Any] = {
+    "estimator": "rlr",
+    "steps": 20,
+    # 8, not 4: RLR's likelihood-ratio terms use the leave-one-out mean as baseline, and at
+    # batch 4 the built-in model's rounds lowered the reward as often as they raised it.
+    "batch_size": 8,
+    "sampling_steps": 10,
+    "learning_rate": 3e-3,
+    "lora_rank": 4,
+    "block": 2,  # RLR: HO block length h
+    "rest": "lr",  # RLR: the rest-of-chain term
+    "truncation": 3,  # truncated backprop: the last K' steps
+    "max_prompts": 8,
+    # 1 = no classifier-free guidance while training: half the cost, and the adapter carries
+    # over to guided sampling (it shifts the guided and the unguided prediction alike).
+    "guidance": 1.0,
+    "samples_per_prompt": 2,  # after the round: new-version samples per prompt (and as many pairs)
+    "sample_steps": 20,  # ... drawn like the Generate tab draws (20 steps, guidance 3)
+    "sample_guidance": 3.0,
+    "seed": None,  # None: a new random seed each round
+}
+
+
+def _check_values(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Every public setting checked (missing or empty ones take their defaults)."""
+    get = lambda k: raw[k] if raw.get(k) not in (None, "") else DEFAULTS[k]
+    return {
+        "estimator": check.choice(get("estimator"), "estimator", [v for _, v in ESTIMATOR_CHOICES]),
+        "steps": check.whole(get("steps"), "optimiser steps", 1, 2000),
+        "batch_size": check.whole(get("batch_size"), "batch size", 2, 256),
+        "sampling_steps": check.whole(get("sampling_steps"), "sampling steps", 3, 200),
+        "learning_rate": check.real(get("learning_rate"), "learning rate", 1e-7, 1.0),
+        "lora_rank": check.whole(get("lora_rank"), "LoRA rank", 1, 256),
+        "block": parse_block(get("block")),
+        "rest": check.choice(get("rest"), "rest of the chain", [v for _, v in REST_CHOICES]),
+        "truncation": check.whole(get("truncation"), "truncation length", 1, 200),
+        "max_prompts": check.whole(get("max_prompts"), "prompts per round", 1, 64),
+        "guidance": check.real(get("guidance"), "guidance", 1.0, 20.0),
+        "samples_per_prompt": check.whole(get("samples_per_prompt"), "samples per prompt", 1, 16),
+        "sample_steps": check.whole(get("sample_steps"), "sample steps", 2, 200),
+        "sample_guidance": check.real(get("sample_guidance"), "sample guidance", 1.0, 20.0),
+        "seed": None if raw.get("seed") in (None, "") else check.whole(raw["seed"], "seed", 0, 2**31 - 1),
+    }
+
+
+def parse_block(value: Any) -> int | str:
+    """RLR's block length: a whole number, or "auto" (the paper's closed form from measured memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return check.whole(value, "HO block length (or auto)", 1, 200)
+
+
+def _estimator(v: dict[str, Any]) -> EstimatorConfig:
+    """The chosen estimator with the options it takes (and only those)."""
+    if v["estimator"] == "rlr":
+        return EstimatorConfig("rlr", {"block": v["block"], "rest": v["rest"]})
+    if v["estimator"] == "truncated-bp":  # it cannot back-propagate through more steps than the chain has
+        return EstimatorConfig("truncated-bp", {"steps": min(v["truncation"], v["sampling_steps"])})
+    return EstimatorConfig(v["estimator"])
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    training: TrainConfig = field(default_factory=lambda: RoundConfig.parse({}).training)
+    max_prompts: int = DEFAULTS["max_prompts"]
+    samples_per_prompt: int = DEFAULTS["samples_per_prompt"]
+    samples: SamplerSettings = field(default_factory=lambda: SamplerSettings(
+        steps=DEFAULTS["sample_steps"], guidance=DEFAULTS["sample_guidance"]))
+    seed: int | None = None  # None: the runner draws a new one for each round
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None = None) -> RoundConfig:
+        """A round's configuration from the public form, every value checked."""
+        raw = {} if raw is None else raw
+        if not isinstance(raw, Mapping):
+            raise AppError("the round settings must be an object of name: value pairs")
+        unknown = sorted(str(k) for k in raw if k not in DEFAULTS)
+        if unknown:
+            raise AppError(f"unknown round setting(s): {', '.join(unknown)}; the settings are "
+                           f"{', '.join(DEFAULTS)}")
+        v = _check_values(raw)
+        training = TrainConfig(
+            estimator=_estimator(v), steps=v["steps"], batch=v["batch_size"], lr=v["learning_rate"],
+            lora_rank=v["lora_rank"], sampler=SamplerSettings(steps=v["sampling_steps"], eta=1.0,
+                                                              guidance=v["guidance"]))
+        return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
+                   samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
+                   seed=v["seed"])
+
+    @property
+    def estimator(self) -> str:
+        return self.training.estimator.name
+
+    def public(self) -> dict[str, Any]:
+        """The flat form :meth:`parse` reads (settings an estimator does not take show their defaults)."""
+        t, opts = self.training, self.training.estimator.options
+        return {
+            "estimator": t.estimator.name, "steps": t.steps, "batch_size": t.batch,
+            "sampling_steps": t.sampler.steps, "learning_rate": t.lr, "lora_rank": t.lora_rank,
+            "block": opts.get("block", DEFAULTS["block"]), "rest": opts.get("rest", DEFAULTS["rest"]),
+            "truncation": opts["steps"] if t.estimator.name == "truncated-bp" else DEFAULTS["truncation"],
+            "max_prompts": self.max_prompts, "guidance": t.sampler.guidance,
+            "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
+            "sample_guidance": self.samples.guidance, "seed": self.seed,
+        }
+
+    def for_round(self, prompts: Sequence[str], stage_prompts: dict[str, list[str]] | None, seed: int,
+                  boundaries: Sequence[float], window: tuple[int, int] | None) -> TrainConfig:
+        """What ``rlr_core.training.run_round`` runs: this round's prompts, stages, seed and window."""
+        estimator = self.training.estimator
+        if window is not None:  # DCoT: RLR draws its HO block inside the focus stage
+            estimator = EstimatorConfig(estimator.name, {**estimator.options, "window": tuple(window)})
+        return dataclasses.replace(self.training, estimator=estimator, prompts=list(prompts),
+                                   stage_prompts=stage_prompts or None, stage_boundaries=tuple(boundaries),
+                                   seed=seed)
