@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from rlr_core.backends.loading import load_backend  # noqa: E402
 from rlr_core.sampler import SamplerSettings, generate  # noqa: E402
-from rlr_core.training import TrainConfig, lora, run_round  # noqa: E402
+from rlr_core.training import EstimatorConfig, TrainConfig, lora, run_round  # noqa: E402
 
 PROMPT = "a red cat"
 
@@ -144,7 +144,7 @@ def main() -> None:
         options = {"rlr": {"block": arg if arg == "auto" else int(arg or 2)},
                    "truncated-bp": {"steps": 1}}.get(name, {})
         trainee = copy.deepcopy(backend)
-        config = TrainConfig(estimator=name, estimator_options=options, steps=1, batch=2, prompts=[PROMPT],
+        config = TrainConfig(estimator=EstimatorConfig(name, options), steps=1, batch=2, prompts=[PROMPT],
                              sampler=SamplerSettings(steps=args.steps, eta=1.0, guidance=1.0), lr=1e-4)
         try:
             with Meter(device) as m:

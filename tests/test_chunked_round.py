@@ -14,7 +14,7 @@ from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings
 from rlr_core.shapesworld import model as builtin_model
 from rlr_core.shapesworld.perception import PerceptionNet
-from rlr_core.training import TrainConfig, lora, run_round
+from rlr_core.training import EstimatorConfig, TrainConfig, lora, run_round
 from rlr_core.training.chunked import ChunkOutcome, run_chunk, run_chunked_round
 from rlr_core.training.devices import move_to
 
@@ -53,7 +53,7 @@ class RedReward:
 
 def config(estimator: str = "rlr", steps: int = 4) -> TrainConfig:
     options = {"block": 1} if estimator == "rlr" else {"inner_epochs": 2}
-    return TrainConfig(estimator=estimator, estimator_options=options, steps=steps, batch=2, prompts=PROMPTS,
+    return TrainConfig(estimator=EstimatorConfig(estimator, options), steps=steps, batch=2, prompts=PROMPTS,
                        sampler=FAST, lr=1e-2, seed=3)
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from rlr_core.backends.latent import DiffusersLatentBackend
 from rlr_core.backends.loading import ModelLoadError, load_backend, resolve_dtype
 from rlr_core.sampler import SamplerSettings, generate
-from rlr_core.training import TrainConfig, lora, run_round
+from rlr_core.training import EstimatorConfig, TrainConfig, lora, run_round
 from tests.tiny_sd import save_tiny_pipeline
 
 FAST = SamplerSettings(steps=3, eta=1.0, guidance=2.0)
@@ -41,7 +41,7 @@ def test_a_training_step_with_gradient_checkpointing(folder, tmp_path):
     backend.prepare_for_training(gradient_checkpointing=True)
     assert backend.unet.is_gradient_checkpointing
     redness = lambda im, p: (im[:, 0] - im[:, 1]).mean(dim=(1, 2))  # noqa: E731
-    result = run_round(backend, redness, TrainConfig(estimator="rlr", estimator_options={"block": "auto"},
+    result = run_round(backend, redness, TrainConfig(estimator=EstimatorConfig("rlr", {"block": "auto"}),
                                                      steps=1, batch=2, prompts=["a red cat"], sampler=FAST,
                                                      lr=1e-2), tmp_path / "v")
     assert result.metrics["steps_done"] == 1 and result.metrics["history"][0]["block"] >= 1

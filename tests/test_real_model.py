@@ -114,7 +114,8 @@ def test_a_round_trains_a_new_version_whose_samples_reappear(client, app, estima
     before = {v["version_id"] for v in call(client, "versions")}
     settings = {**TINY_ROUND, "estimator": estimator, "block": "auto"}
     started = call(client, "train_start", settings)
-    assert started["settings"]["block"] == "auto"
+    if estimator == "rlr":  # the echo shows only the options the chosen estimator takes
+        assert started["settings"]["block"] == "auto"
     status = wait_round(client)
     assert status["state"] == "finished", status
     assert status["prompts"][0]["stages"] == ["a cat", "a red cat", PROMPT]  # the lab's stage prompts trained
