@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app import round_files
 from app import validate as check
 from app.errors import AppError
 from app.generation import GenerationSettings, draw, store_images
@@ -94,6 +95,7 @@ class RoundRunner:
         self._proxy = None
         self._scorer = None
         self._load_proxy()
+        round_files.discard_orphans(self.store)  # folders of rounds a killed process left behind
 
     # ------------------------------------------------------------------ reward proxy
     @property
@@ -192,6 +194,7 @@ class RoundRunner:
             message = "stopped on request" if ctx.stopped else f"{type(err).__name__}: {err}"
             try:
                 self.store.fail_training_round(round_id, message)
+                round_files.discard(self.store, round_id)  # a stopped round leaves no files behind
             except Exception:
                 traceback.print_exc()
             raise
@@ -230,7 +233,8 @@ class RoundRunner:
         n_versions = len(self.store.model_versions())
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
         version_id = self.store.add_model_version(
-            f"v{n_versions} ({settings.estimator})", parent_id=base_version, weights_path=str(trained.weights_path),
+            f"v{n_versions} ({settings.estimator})", parent_id=base_version,
+            weights_path=str(Path(trained.weights_path).resolve().relative_to(self.services.data_dir.resolve())),
             config={**asdict(settings), "estimator": settings.estimator, "round_id": round_id, "seed": seed,
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)

@@ -17,7 +17,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
@@ -109,6 +109,8 @@ def export_folder(store: FeedbackStore, out_dir: Path) -> Path:
         tables = {t: _rows(db, t) for t in COLUMNS}
     finally:
         db.rollback()
+    for m in tables["model_versions"]:  # older rows hold absolute paths: export them relative
+        m["weights_path"] = _relative_weights(m["weights_path"], store.data_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
@@ -211,7 +213,29 @@ def _read_table(folder: Path, table: str, manifest: dict) -> list[dict[str, Any]
     return rows
 
 
+def _relative_weights(path: str | None, data_dir: Path) -> str | None:
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(data_dir).resolve()).as_posix()
+    except ValueError:
+        return None  # outside the data folder: not something another app could use
+
+
+def check_weights_path(path: str | None) -> None:
+    """A version's weights folder: a relative path inside the data folder's ``versions/``."""
+    if path is None:
+        return
+    parts = PurePosixPath(path).parts
+    if (not path or "\\" in path or ":" in path or path.startswith("/") or ".." in parts
+            or len(parts) < 2 or parts[0] != "versions" or any(ord(c) < 32 for c in path)):
+        raise _fail(f"model_versions.jsonl: weights_path {path!r} is not a folder under versions/ "
+                    "(only relative paths inside the data folder are accepted)")
+
+
 def _check_values(tables: dict[str, list[dict[str, Any]]]) -> None:
+    for m in tables["model_versions"]:
+        check_weights_path(m["weights_path"])
     ids: dict[str, set] = {}
     for table, rows in tables.items():
         ids[table] = {r["id"] for r in rows}
