@@ -101,7 +101,7 @@ def identity_header(services: AppServices):
             gr.LoginButton(elem_id="login")
     token = gr.BrowserState("", storage_key="rlr-rater-token", secret=identity.browser_secret)
 
-    def on_load(saved: str, profile: gr.OAuthProfile | None) -> tuple:
+    def load_identity(saved: str, profile: gr.OAuthProfile | None) -> tuple:
         username = profile.username if profile is not None else None
         rater_id, kept = identity.browser_rater(saved, username)
         if username:
@@ -114,7 +114,7 @@ def identity_header(services: AppServices):
 
     def wire_load(demo: gr.Blocks, password: gr.Textbox, active: gr.Markdown) -> None:
         # A signed-in admin's page gets an admin key in the password box (app/admin_guard.py).
-        demo.load(on_load, token, [rater, token, shown, password, active], **QUICK, **PRIVATE)
+        demo.load(load_identity, token, [rater, token, shown, password, active], **QUICK, **PRIVATE)
 
     return rater, wire_load
 

@@ -223,14 +223,15 @@ def _relative_weights(path: str | None, data_dir: Path) -> str | None:
 
 
 def check_weights_path(path: str | None) -> None:
-    """A version's weights folder: a relative path inside the data folder's ``versions/``."""
+    """A version's weights folder: a relative path inside the data folder (the app loads
+    weights only from its ``versions/`` folder; see app/models.py)."""
     if path is None:
         return
     parts = PurePosixPath(path).parts
-    if (not path or "\\" in path or ":" in path or path.startswith("/") or ".." in parts
-            or len(parts) < 2 or parts[0] != "versions" or any(ord(c) < 32 for c in path)):
-        raise _fail(f"model_versions.jsonl: weights_path {path!r} is not a folder under versions/ "
-                    "(only relative paths inside the data folder are accepted)")
+    if (not parts or "\\" in path or ":" in path or path.startswith("/") or ".." in parts
+            or any(ord(c) < 32 for c in path)):
+        raise _fail(f"model_versions.jsonl: weights_path {path!r} is not a relative path inside the "
+                    "data folder")
 
 
 def _check_values(tables: dict[str, list[dict[str, Any]]]) -> None:
