@@ -21,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from app import files
@@ -196,6 +197,9 @@ def register(services: AppServices) -> None:
         path = archive.get("path") if isinstance(archive, dict) else getattr(archive, "path", None)
         if not isinstance(path, str) or not path:
             raise gr.Error("choose an export (.zip) to import", print_exception=False)
+        if not files.inside(Path(path), Path(get_upload_folder())):  # never a file already on the server
+            raise gr.Error("upload the export .zip with the request (gradio_client: handle_file(path))",
+                           print_exception=False)
         return s.import_data(Path(path), admin_password)
 
     slow = {generate, preview_stages}

@@ -322,6 +322,28 @@ def test_import_is_bounded_before_anything_is_unpacked(tmp_path):
     assert list(dest.iterdir()) == []  # nothing was unpacked
 
 
+def raw_call(app, endpoint: str, data: list) -> str:
+    """An endpoint called over plain HTTP, as any client can (no gradio_client uploads)."""
+    req = urllib.request.Request(f"{app.url}gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        event = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{app.url}gradio_api/call/{endpoint}/{event}", timeout=60) as r:
+        return r.read().decode()
+
+
+def test_api_import_never_opens_a_file_already_on_the_server(public_app, client, tmp_path):
+    before = public_app.services.counts()
+    for path in (public_app.services.store.db_path, Path("/etc/passwd")):
+        answer = raw_call(public_app, "import_data", [{"path": str(path), "meta": {"_type": "gradio.FileData"}},
+                                                      PASSWORD])
+        assert answer.startswith("event: error")
+    assert public_app.services.counts() == before
+    upload = gradio_client.handle_file(str(_zip(tmp_path / "x.zip", {"a.txt": b"x"})))
+    with pytest.raises(ClientError, match="no manifest.json"):  # an upload does reach the import
+        client.predict(upload, PASSWORD, api_name="/import_data")
+
+
 def test_import_refuses_a_zip_bomb_through_the_app(public_app, tmp_path):
     bomb = _zip(tmp_path / "bomb.zip", {"manifest.json": b"{}", "images/zeros.png": b"\0" * (128 << 20)})
     with pytest.raises(AppError, match="compressed"):
