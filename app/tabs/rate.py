@@ -86,10 +86,12 @@ def build(services: AppServices, session: Session) -> None:
             gr.Info("You have rated every sample. Generate more, or wait for the next model version.")
         return (ids, *render(ids, 0, rater))
 
+    @user_errors  # a damaged image file shows a message
     def on_select(ids: list[int], rater: str, evt: gr.SelectData):
         return render(ids, evt.index, rater)
 
     def move(step: int):
+        @user_errors
         def handler(ids: list[int], index: int, rater: str):
             return render(ids, index + step, rater)
         return handler
