@@ -446,3 +446,25 @@ def test_a_stopped_round_leaves_no_files(tmp_path, builtin_backend):
     services = AppServices(AppConfig(data_dir=tmp_path / "data"), builtin_backend)
     services.close()
     assert not orphan.exists()
+
+
+def test_space_and_admins_come_from_the_environment(monkeypatch):
+    from app.config import parse_args
+
+    monkeypatch.setenv("SPACE_ID", "someone/rlr")
+    monkeypatch.setenv("RLR_ADMINS", "carol, dave ,")
+    config = parse_args(["--device", "cpu"])
+    assert config.public and config.space and config.admins == ("carol", "dave")
+    monkeypatch.delenv("SPACE_ID")
+    local = parse_args(["--device", "cpu"])
+    assert not local.public and not local.space
+
+
+def test_server_paths_are_replaced_in_public_answers(tmp_path):
+    from app.files import PathScrubber
+
+    scrub = PathScrubber({"<data>": tmp_path / "data", "<app>": tmp_path})
+    answer = {"error": f"OSError: [Errno 28] No space left on device: '{tmp_path}/data/versions/round-2'",
+              "list": [str(tmp_path / "models" / "x"), 3, None]}
+    assert scrub(answer) == {"error": "OSError: [Errno 28] No space left on device: '<data>/versions/round-2'",
+                             "list": ["<app>/models/x", 3, None]}
