@@ -12,6 +12,7 @@ which do not compress, while a zip bomb unpacks to a thousand times its size.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -56,6 +57,10 @@ def extract(zf: zipfile.ZipFile, dest: Path, max_bytes: int = MAX_BYTES, max_fil
             archive_size: int | None = None) -> None:
     """Check the archive, then unpack it into ``dest`` counting every byte written."""
     check(zf, max_bytes, max_files, archive_size)
+    total = sum(i.file_size for i in zf.infolist())
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise AppError(f"refusing to import: it unpacks to {total:,} bytes and the disk has {free:,} free")
     written = 0
     root = dest.resolve()
     for info in zf.infolist():

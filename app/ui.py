@@ -133,5 +133,6 @@ def launch_kwargs(services: AppServices) -> dict[str, Any]:
     # No allowed_paths: nothing in the data folder is served, and blocking it also keeps anyone
     # from making Gradio open feedback.db (which would drop SQLite's locks in this process).
     return {"css": CSS, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),
-            "blocked_paths": [str(services.data_dir.resolve())], "max_file_size": MAX_BYTES,
+            "blocked_paths": sorted({str(services.data_dir.absolute()), str(services.data_dir.resolve())}),
+            "max_file_size": MAX_BYTES,
             "footer_links": ["api", "gradio"]}

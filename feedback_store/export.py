@@ -258,17 +258,20 @@ def _check_values(tables: dict[str, list[dict[str, Any]]]) -> None:
         raise _fail(str(err)) from err
 
 
-def _check_images(folder: Path, samples: list[dict[str, Any]]) -> dict[str, bytes]:
+def _check_images(folder: Path, samples: list[dict[str, Any]]) -> dict[str, Path]:
+    """Each sample's image file, checked against its hash (read one at a time: an import's
+    memory does not grow with its images)."""
     images = {}
     for s in samples:
         digest = s["image_sha256"]
+        if digest in images:
+            continue
         path = folder / _file_name(digest)
         if not path.is_file():
             raise _fail(f"sample {s['id']}: image file {_file_name(digest)} is missing")
-        data = path.read_bytes()
-        if sha256(data) != digest:
+        if sha256(path.read_bytes()) != digest:
             raise _fail(f"sample {s['id']}: image file {_file_name(digest)} does not match its hash")
-        images[digest] = data
+        images[digest] = path
     return images
 
 
@@ -289,7 +292,7 @@ def import_folder(store: FeedbackStore, folder: Path) -> dict[str, int]:
         raise StateError("import_folder needs a fresh, empty store; nothing was imported")
     created = [d for d in images if not store.images.path(relative_path(d)).exists()]
     for digest in created:
-        store.images.put(images[digest])
+        store.images.put(images[digest].read_bytes())
 
     def tx(db: Database) -> None:
         if any(db[t].count for t in COLUMNS):  # re-check under the write lock
