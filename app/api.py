@@ -8,7 +8,9 @@
 Images travel as base64 PNG (``image_png_b64``; a built-in 32x32 image is about 1 KB, a 512x512 one
 about 400 KB); exports and
 LoRA weights as files. ``examples/api_loop.py`` drives a whole loop. Endpoints that change the
-model or import data take ``admin_password``, which a local app ignores and a public one checks.
+model or import or export data take ``admin_password``, which a local app ignores and a public one
+checks. On a public app, ``rater`` is a rater token from ``/rater_token``, not a name (see
+``app/identity.py`` and docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder
 from PIL import Image
 
+from app import files
 from app.errors import user_errors
+from app.identity import new_token
 from app.round_config import RoundConfig
 from app.services import AppServices
 from app.tabs.common import MODEL_API, QUICK_API
@@ -37,7 +42,7 @@ def png_b64(image: Any) -> str:
 
 def public_sample(sample: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in sample.items() if k != "image_file"}
-    out["image_png_b64"] = png_b64(sample["image_file"])
+    out["image_png_b64"] = base64.b64encode(files.read_image(sample["image_file"])).decode()
     return out
 
 
@@ -55,6 +60,16 @@ def jsonable(value: Any) -> Any:
 def register(services: AppServices) -> None:
     """Add the endpoints to the current ``gr.Blocks``."""
     s = services
+    who = s.identity.api_rater  # public apps: a rater token in, its guest id out
+    public = lambda value: s.scrub(jsonable(value))  # no absolute server paths in answers
+
+    # ------------------------------------------------------------------ identity
+    @user_errors
+    def rater_token() -> dict:
+        """A new rater token (keep it: it is who you are). On a public app, pass it wherever an
+        endpoint asks for ``rater``; locally any name works and tokens are not needed."""
+        token = new_token()
+        return {"rater_token": token, "rater_id": s.identity.from_token(token)}
 
     # ------------------------------------------------------------------ generate & rate
     @user_errors
@@ -65,18 +80,18 @@ def register(services: AppServices) -> None:
     @user_errors
     def samples_to_rate(rater: str, limit: int = 8) -> list[dict]:
         """Samples this rater has not rated yet, newest model version first."""
-        return [public_sample(x) for x in s.to_rate(rater, limit)]
+        return [public_sample(x) for x in s.to_rate(who(rater), limit)]
 
     @user_errors
     def rate(sample_id: int, stars: int, rater: str) -> dict:
         """Give a sample 1-5 stars (a second rating by the same rater replaces the first)."""
-        return s.rate(sample_id, rater, stars)
+        return s.rate(sample_id, who(rater), stars)
 
     # ------------------------------------------------------------------ compare
     @user_errors
     def next_pair(rater: str) -> dict:
         """Two samples of one prompt to compare ({} when there is none); sides are random."""
-        pair = s.next_pair(rater)
+        pair = s.next_pair(who(rater))
         if pair is None:
             return {}
         return {"prompt": pair["prompt"], "left": public_sample(pair["left"]), "right": public_sample(pair["right"])}
@@ -85,7 +100,7 @@ def register(services: AppServices) -> None:
     def compare(left_id: int, right_id: int, outcome: str, rater: str,
                 response_time_s: float | None = None) -> dict:
         """Record a judgement: left, right, tie-both-good, tie-both-bad or skip."""
-        return s.compare(left_id, right_id, outcome, rater, response_time_s)
+        return s.compare(left_id, right_id, outcome, who(rater), response_time_s)
 
     # ------------------------------------------------------------------ prompt lab
     @user_errors
@@ -96,7 +111,7 @@ def register(services: AppServices) -> None:
     @user_errors
     def save_stage_prompts(prompt: str, coarse: str, mid: str, fine: str, rater: str) -> dict:
         """Save a prompt's stage prompts (as prompt edits); training rounds then use them."""
-        out = s.save_stage_prompts(prompt, coarse, mid, fine, rater)
+        out = s.save_stage_prompts(prompt, coarse, mid, fine, who(rater))
         return {"prompt": out["prompt"], "stage_prompts": out["stage_prompts"], "edit_ids": out["edit_ids"]}
 
     @user_errors
@@ -127,7 +142,7 @@ def register(services: AppServices) -> None:
     @user_errors
     def train_status() -> dict:
         """The current (or last) round: state, progress, per-step reward and uncertainty, prompts."""
-        return jsonable(s.rounds.status())
+        return public(s.rounds.status())
 
     @user_errors
     def train_stop(admin_password: str = "") -> dict:
@@ -143,17 +158,17 @@ def register(services: AppServices) -> None:
     @user_errors
     def versions() -> list[dict]:
         """Every model version with mean stars and the human-judged win rate over its parent."""
-        return jsonable(s.versions())
+        return public(s.versions())
 
     @user_errors
     def set_active_version(version_id: int, admin_password: str = "") -> dict:
         """Draw new samples with this version."""
-        return s.set_active_version(version_id, admin_password)
+        return public(s.set_active_version(version_id, admin_password))
 
     @user_errors
     def rollback(admin_password: str = "") -> dict:
         """Make the active version's parent active again."""
-        return s.rollback(admin_password)
+        return public(s.rollback(admin_password))
 
     @user_errors
     def export_lora(version_id: int) -> FileData:
@@ -169,21 +184,27 @@ def register(services: AppServices) -> None:
     @user_errors
     def rater_stats() -> list[dict]:
         """Per rater: ratings, mean stars, comparisons, tie and skip rates, median response time."""
-        return jsonable(s.rater_stats())
+        return public(s.rater_stats())
 
     @user_errors
-    def export_data() -> FileData:
-        """Everything (database rows as JSON, images) as one .zip that import_data reads."""
-        return FileData(path=str(s.export_data()))
+    def export_data(admin_password: str = "") -> FileData:
+        """Everything (database rows as JSON, images) as one .zip that import_data reads
+        (on a public app: admins only, since it holds every rater's answers)."""
+        return FileData(path=str(s.export_data(admin_password)))
 
     @user_errors
     def import_data(archive: FileData, admin_password: str = "") -> dict:
         """Import an export .zip into this app's (empty) data directory."""
-        path = archive["path"] if isinstance(archive, dict) else archive.path
+        path = archive.get("path") if isinstance(archive, dict) else getattr(archive, "path", None)
+        if not isinstance(path, str) or not path:
+            raise gr.Error("choose an export (.zip) to import", print_exception=False)
+        if not files.inside(Path(path), Path(get_upload_folder())):  # never a file already on the server
+            raise gr.Error("upload the export .zip with the request (gradio_client: handle_file(path))",
+                           print_exception=False)
         return s.import_data(Path(path), admin_password)
 
     slow = {generate, preview_stages}
-    for fn in (generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,
+    for fn in (rater_token, generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,
                set_stage_settings, preview_stages, train_start, train_status, train_stop, set_auto_train,
                versions, set_active_version, rollback, export_lora, counts, rater_stats, export_data,
                import_data):

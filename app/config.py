@@ -26,6 +26,9 @@ class AppConfig:
     # A public app (--share, or running on a Space) guards model-changing actions.
     public: bool = False
     auto_train_every: int = 0
+    # Running on a Hugging Face Space (SPACE_ID): raters may sign in with Hugging Face.
+    space: bool = False
+    admins: tuple[str, ...] = ()  # HF usernames with admin rights once signed in (RLR_ADMINS)
 
     @property
     def needs_admin(self) -> bool:
@@ -86,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ratings and fine-tunes the model with RLR in the background. Every flag can also be "
         "set by an environment variable (shown in brackets).",
         epilog="Public apps (--share or a Hugging Face Space) ask for the admin password "
-        "RLR_ADMIN_PASSWORD before training, switching model versions, or importing data; "
-        "rating stays open to everyone.",
+        "RLR_ADMIN_PASSWORD (or, on a Space, sign-in as one of the Hugging Face users listed in "
+        "RLR_ADMINS, comma-separated) before training, switching model versions, importing or "
+        "exporting data; rating stays open to everyone. See docs/security.md.",
     )
     p.add_argument("--model",
                    help="the model: the built-in model folder, a diffusers Stable Diffusion pipeline folder, "
@@ -136,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         admin_password=os.environ.get("RLR_ADMIN_PASSWORD") or None,
         public=share or bool(os.environ.get("SPACE_ID")),
         auto_train_every=auto_train,
+        space=bool(os.environ.get("SPACE_ID")),
+        admins=tuple(a.strip() for a in os.environ.get("RLR_ADMINS", "").split(",") if a.strip()),
     )
 
 

@@ -19,6 +19,8 @@ from feedback_store import FeedbackStore
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.training import lora
 
+VERSIONS_DIR = "versions"  # under the data folder; app.rounds writes each round's folder there
+
 
 class ModelRegistry:
     def __init__(self, base: DiffusionBackend, store: FeedbackStore, cache_size: int = 3):
@@ -29,15 +31,36 @@ class ModelRegistry:
         self._cache: OrderedDict[int, DiffusionBackend] = OrderedDict()
 
     def weights_path(self, version_id: int) -> Path | None:
-        path = self.store.get_model_version(version_id)["weights_path"]
-        return Path(path) if path else None
+        """The version's folder: stored relative to the data folder (older rows: absolute), and
+        only ever inside the data folder's ``versions/`` (an imported row cannot point elsewhere)."""
+        stored = self.store.get_model_version(version_id)["weights_path"]
+        if not stored:
+            return None
+        root = (self.store.data_dir / VERSIONS_DIR).resolve()
+        path = (self.store.data_dir / stored).resolve()  # an absolute stored path replaces data_dir
+        if root not in path.parents:
+            raise AppError(f"version {version_id} points at weights outside this app's data folder; "
+                           "it cannot be loaded")
+        return path
+
+    def relative_weights_path(self, stored: str | None) -> str | None:
+        """A weights path as public responses show it: relative to the data folder."""
+        if not stored:
+            return None
+        path = Path(stored)
+        if not path.is_absolute():
+            return stored
+        try:
+            return str(path.resolve().relative_to(self.store.data_dir.resolve()))
+        except ValueError:
+            return "(outside the data folder)"
 
     def _load(self, version_id: int) -> DiffusionBackend:
         path = self.weights_path(version_id)
         if path is None:
             return self.base
         if not path.exists():
-            raise AppError(f"the weights of version {version_id} are missing on disk ({path})")
+            raise AppError(f"the weights of version {version_id} are missing on disk")
         backend = copy.deepcopy(self.base)
         lora.apply_version(backend, path)
         return backend

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app import round_files
 from app import validate as check
 from app.errors import AppError
 from app.generation import draw, store_images
@@ -61,6 +62,7 @@ class RoundRunner:
         self.check_prompt = check_prompt
         self.image_encoder = image_encoder  # None: the proxy's default (the built-in perception model)
         self._load_proxy()
+        round_files.discard_orphans(self.store)  # folders of rounds a killed process left behind
 
     # ------------------------------------------------------------------ reward proxy
     @property
@@ -159,6 +161,7 @@ class RoundRunner:
             message = "stopped on request" if ctx.stopped else f"{type(err).__name__}: {err}"
             try:
                 self.store.fail_training_round(round_id, message)
+                round_files.discard(self.store, round_id)  # a stopped round leaves no files behind
             except Exception:
                 traceback.print_exc()
             raise
@@ -200,7 +203,8 @@ class RoundRunner:
         n_versions = len(self.store.model_versions())
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
         version_id = self.store.add_model_version(
-            f"v{n_versions} ({config.estimator})", parent_id=base_version, weights_path=str(trained.weights_path),
+            f"v{n_versions} ({config.estimator})", parent_id=base_version,
+            weights_path=str(Path(trained.weights_path).resolve().relative_to(self.data_dir.resolve())),
             config={**config.public(), "round_id": round_id, "seed": seed,
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)

@@ -18,10 +18,14 @@ from typing import Any
 
 import torch
 
+from app import files
 from app import validate as check
+from app.admin_guard import AdminGuard
+from app.archive import extract as extract_archive
 from app.config import AppConfig
-from app.errors import AppError, NotAllowed
+from app.errors import AppError
 from app.generation import GenerationSettings, draw, store_images
+from app.identity import Identity
 from app.models import ModelRegistry
 from app.pairs import PairScorer
 from app.rounds import RoundRunner
@@ -44,6 +48,12 @@ class AppServices:
         self.data_dir = Path(config.data_dir)
         self.store = FeedbackStore(self.data_dir)
         self.state = StateFile(self.data_dir)
+        self.identity = Identity(config.public, config.public and config.space, self.data_dir)
+        self.admin = AdminGuard(config.needs_admin, config.admin_password, config.admins)
+        self.images = files.PublicImages()  # what the UI may show: never files in the data folder
+        self.downloads = files.TempFiles()
+        self.scrub = files.PathScrubber({"<data>": self.data_dir,
+                                         "<app>": Path(__file__).resolve().parent.parent})
         interrupted = self.store.mark_interrupted_rounds_failed()
         if interrupted:
             print(f"marked {interrupted} interrupted training round(s) as failed")
@@ -66,6 +76,8 @@ class AppServices:
         self.worker.stop()
         self.worker.wait(timeout=30)
         self.store.close()
+        self.images.close()
+        self.downloads.close()
 
     # ------------------------------------------------------------------ versions
     def _ensure_base_version(self) -> int | None:
@@ -108,7 +120,8 @@ class AppServices:
         for row in self.store.version_stats():
             v = meta[row["version_id"]]
             out.append({**row, "active": row["version_id"] == active, "created_at": v["created_at"],
-                        "estimator": v["config"].get("estimator"), "weights_path": v["weights_path"],
+                        "estimator": v["config"].get("estimator"),
+                        "weights_path": self.models.relative_weights_path(v["weights_path"]),
                         "metrics": v["metrics"]})
         return out
 
@@ -136,27 +149,21 @@ class AppServices:
         if path is None:
             raise AppError("the base model has no LoRA weights; pick a version a training round made")
         if not path.is_dir():
-            raise AppError(f"the weights of version {vid} are missing on disk ({path})")
-        out = Path(tempfile.mkdtemp(prefix="rlr-lora-"))
+            raise AppError(f"the weights of version {vid} are missing on disk")
+        out = self.downloads.new_folder()
         stem = "".join(c if c.isalnum() else "-" for c in version["name"]).strip("-")
         return Path(shutil.make_archive(str(out / f"{stem}-lora"), "zip", root_dir=path))
 
     # ------------------------------------------------------------------ admin
     def check_admin(self, password: str | None) -> None:
         """Model-changing and data-deleting actions: open locally, password-guarded when public."""
-        if not self.config.needs_admin:
-            return
-        if not self.config.admin_password:
-            raise NotAllowed("this public app has no admin password set (RLR_ADMIN_PASSWORD), "
-                             "so training, switching versions and importing data are switched off")
-        if password != self.config.admin_password:
-            raise NotAllowed("this action changes the model or the data: enter the admin password")
+        self.admin.check(password)  # app/admin_guard.py: password or admin key, with a lockout
 
     # ------------------------------------------------------------------ generate & rate
     def check_prompt(self, prompt: Any) -> str:
         if not isinstance(prompt, str):
             raise AppError("the prompt must be text")
-        return self.base_backend.check_prompt(prompt)
+        return self.base_backend.check_prompt(check.no_controls(prompt, "prompt"))
 
     def check_generation(self, prompt: Any, n: Any = 4, seed: Any = 0, steps: Any = 20, guidance: Any = 3.0,
                          version_id: Any = None) -> tuple[str, int, int, GenerationSettings, int | None]:
@@ -253,7 +260,8 @@ class AppServices:
         """Save a prompt's stage prompts as prompt edits (one per stage); rounds then use them."""
         rater = check.rater(rater)
         original = self.check_prompt(prompt)
-        stages = dcot.check_stage_prompts([coarse, mid, fine], self.check_prompt)
+        stages = dcot.check_stage_prompts([check.no_controls(p, "stage prompt") for p in (coarse, mid, fine)],
+                                          self.check_prompt)
         ids = [self.store.add_prompt_edit(original, p, stage=i, reason="prompt lab: DCoT stage prompt",
                                           rater_id=rater)
                for i, p in enumerate(stages.as_list())]
@@ -266,7 +274,8 @@ class AppServices:
     def check_preview(self, prompt: Any, coarse: Any, mid: Any, fine: Any, mid_start: Any, fine_start: Any,
                       seed: Any, steps: Any, guidance: Any = 3.0) -> tuple:
         original = self.check_prompt(prompt)
-        stages = dcot.check_stage_prompts([coarse, mid, fine], self.check_prompt)
+        stages = dcot.check_stage_prompts([check.no_controls(p, "stage prompt") for p in (coarse, mid, fine)],
+                                          self.check_prompt)
         bounds = dcot.check_boundaries([check.real(mid_start, "mid stage start", 0, 1),
                                         check.real(fine_start, "fine stage start", 0, 1)])
         return (original, stages, bounds, check.whole(steps, "steps", 3, MAX_STEPS),
@@ -299,14 +308,15 @@ class AppServices:
         return self.store.counts()
 
     def rater_stats(self) -> list[dict[str, Any]]:
-        return self.store.rater_stats()
+        return self.identity.public_rows(self.store.rater_stats(), ("rater_id",))
 
     def rater_agreement(self) -> list[dict[str, Any]]:
-        return self.store.rater_agreement()
+        return self.identity.public_rows(self.store.rater_agreement(), ("rater_a", "rater_b"))
 
-    def export_data(self) -> Path:
+    def export_data(self, password: Any = None) -> Path:
         """Export the store to a zip file (a folder the store can import again, zipped)."""
-        out = Path(tempfile.mkdtemp(prefix="rlr-export-"))
+        self.check_admin(password)  # every rater's answers: admins only on a public app
+        out = self.downloads.new_folder()
         folder = self.store.export_folder(out / "export")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         archive = shutil.make_archive(str(out / f"rlr-feedback-{stamp}"), "zip", root_dir=folder)
@@ -318,14 +328,13 @@ class AppServices:
         if not archive:
             raise AppError("choose an export (.zip) to import")
         path = Path(str(archive))
+        if files.inside(path, self.data_dir):  # never open the data folder's own files (SQLite locks)
+            raise AppError("the file to import must be an uploaded .zip made by this app's export")
         if not path.is_file() or not zipfile.is_zipfile(path):
             raise AppError("the file to import must be a .zip made by this app's export")
         with tempfile.TemporaryDirectory(prefix="rlr-import-") as tmp:
             with zipfile.ZipFile(path) as zf:
-                for name in zf.namelist():  # refuse paths that would escape the folder
-                    if name.startswith("/") or ".." in Path(name).parts:
-                        raise AppError(f"refusing to import: unsafe path {name!r} in the archive")
-                zf.extractall(tmp)
+                extract_archive(zf, Path(tmp))  # size, entry count and names checked first
             return self.store.import_folder(tmp)
 
     # ------------------------------------------------------------------ misc

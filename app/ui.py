@@ -1,7 +1,8 @@
 """The Gradio app: a header (who is rating), one tab per part of the loop, and the API.
 
 ``create_app(config)`` builds everything; ``launch_kwargs(services)`` holds what Gradio 6
-wants at ``launch()`` time (CSS, the keyboard script, the data folder the images are served from).
+wants at ``launch()`` time (CSS, the keyboard script, and the data folder as a blocked path:
+the UI shows copies of sample images made elsewhere, see ``app/files.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from app import api, hub_export
+from app.archive import MAX_BYTES
 from app.config import AppConfig
 from app.services import AppServices
 from app.storage import storage_warning
@@ -42,17 +44,20 @@ def header_text(services: AppServices) -> str:
 
 def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tuple[gr.Blocks, AppServices]:
     services = AppServices(config, backend)
-    with gr.Blocks(title=TITLE) as demo:
+    # Gradio's cache holds the copies it serves (images, exports): drop those older than a day.
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(header_text(services))
         if (warning := storage_warning(services.data_dir)) is not None:
             gr.Markdown(warning, elem_id="storage-warning")
         with gr.Row():
-            rater = gr.Textbox(label="Your name (rater id)", elem_id="rater", max_length=64, scale=2,
-                               info="Ratings are stored under this name; each browser gets a guest name.")
+            if services.identity.public:
+                rater, on_load_public = identity_header(services)
+            else:
+                rater = gr.Textbox(label="Your name (rater id)", elem_id="rater", max_length=64, scale=2,
+                                   info="Ratings are stored under this name; each browser gets a guest name.")
             password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password", scale=1,
                                   visible=config.needs_admin)
             active = gr.Markdown(elem_id="active-version")
-        saved_name = gr.BrowserState("", storage_key="rlr-rater")
         session = Session(rater=rater, password=password)
 
         with gr.Tabs(elem_id="tabs"):
@@ -70,21 +75,55 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
                 data.build(services, session, data_tab)
                 hub_export.build(services, session)
 
-        def on_load(saved: str) -> tuple[str, str, str]:
-            name = saved or f"guest-{secrets.token_hex(2)}"
-            return name, name, active_text(services)
+        if services.identity.public:
+            on_load_public(demo, password, active)
+        else:
+            saved_name = gr.BrowserState("", storage_key="rlr-rater")
 
-        def remember(name: str) -> str:
-            return (name or "").strip()
+            def on_load(saved: str) -> tuple[str, str, str]:
+                name = saved or f"guest-{secrets.token_hex(2)}"
+                return name, name, active_text(services)
 
-        demo.load(on_load, saved_name, [rater, saved_name, active], **QUICK, **PRIVATE)
-        rater.change(remember, rater, saved_name, **QUICK, **PRIVATE)
+            def remember(name: str) -> str:
+                return (name or "").strip()
+
+            demo.load(on_load, saved_name, [rater, saved_name, active], **QUICK, **PRIVATE)
+            rater.change(remember, rater, saved_name, **QUICK, **PRIVATE)
         gr.Timer(2.0).tick(lambda: active_text(services), None, active,
                            **QUICK, **PRIVATE)
         api.register(services)
         hub_export.register_api(services)
     demo.queue(default_concurrency_limit=1, max_size=256)
     return demo, services
+
+
+def identity_header(services: AppServices):
+    """A public app's rater: a server-side state set at page load (HF username or guest id), shown
+    but never typed; returns it and a function that wires the page load."""
+    identity, admin = services.identity, services.admin
+    rater = gr.State("")  # kept on the server per browser session: a client cannot set it
+    with gr.Column(scale=2):
+        shown = gr.Markdown("Rating as a guest", elem_id="rater")
+        if identity.sign_in:
+            gr.LoginButton(elem_id="login")
+    token = gr.BrowserState("", storage_key="rlr-rater-token", secret=identity.browser_secret)
+
+    def load_identity(saved: str, profile: gr.OAuthProfile | None) -> tuple:
+        username = profile.username if profile is not None else None
+        rater_id, kept = identity.browser_rater(saved, username)
+        if username:
+            text = f"Rating as **{username}** (signed in with Hugging Face)"
+        else:
+            text = ("Rating as a guest: your ratings are kept under an anonymous id stored in this browser"
+                    + (" · sign in with Hugging Face to rate under your name" if identity.sign_in else ""))
+        key = admin.issue_key(username) if admin.is_admin_user(username) else gr.skip()
+        return rater_id, kept, text, key, active_text(services)
+
+    def wire_load(demo: gr.Blocks, password: gr.Textbox, active: gr.Markdown) -> None:
+        # A signed-in admin's page gets an admin key in the password box (app/admin_guard.py).
+        demo.load(load_identity, token, [rater, token, shown, password, active], **QUICK, **PRIVATE)
+
+    return rater, wire_load
 
 
 def active_text(services: AppServices) -> str:
@@ -99,5 +138,9 @@ def active_text(services: AppServices) -> str:
 def launch_kwargs(services: AppServices) -> dict[str, Any]:
     keys = (STATIC / "keys.js").read_text()
     css = (PIXEL_ART_CSS if is_pixel_art(services.base_backend.image_size) else "") + CSS
+    # No allowed_paths: nothing in the data folder is served, and blocking it also keeps anyone
+    # from making Gradio open feedback.db (which would drop SQLite's locks in this process).
     return {"css": css, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),
-            "allowed_paths": [str(services.data_dir.resolve())], "footer_links": ["api", "gradio"]}
+            "blocked_paths": sorted({str(services.data_dir.absolute()), str(services.data_dir.resolve())}),
+            "max_file_size": MAX_BYTES,
+            "footer_links": ["api", "gradio"]}

@@ -12,6 +12,7 @@ from feedback_store.errors import (
     StateError,
     StoreBusyError,
     StoreError,
+    StoreFullError,
     ValidationError,
 )
 from feedback_store.queries import OUTCOME_LABEL, PairCandidate, PreferenceRecords
@@ -21,5 +22,5 @@ from feedback_store.store import FeedbackStore
 __all__ = [
     "OUTCOMES", "OUTCOME_LABEL", "SCHEMA_VERSION", "DuplicateError", "FeedbackStore", "ImportFormatError",
     "NotFoundError", "PairCandidate", "PreferenceRecords", "SchemaError", "StateError", "StoreBusyError",
-    "StoreError", "ValidationError",
+    "StoreError", "StoreFullError", "ValidationError",
 ]

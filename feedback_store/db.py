@@ -16,6 +16,7 @@ Why each setting:
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -25,7 +26,7 @@ from typing import TypeVar
 
 from sqlite_utils import Database
 
-from feedback_store.errors import StoreBusyError
+from feedback_store.errors import FULL_MESSAGE, StoreBusyError, StoreFullError
 
 T = TypeVar("T")
 
@@ -38,9 +39,11 @@ def connect(path: Path, synchronous: str = "NORMAL") -> Database:
         raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
     # check_same_thread=False only so that FeedbackStore.close() can close every thread's
     # connection; each connection is still used by one thread at a time.
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    # RLR_BUSY_TIMEOUT_MS: how long one attempt waits for another process's lock (tests shorten it).
+    busy_ms = int(os.environ.get("RLR_BUSY_TIMEOUT_MS", BUSY_TIMEOUT_MS))
+    conn = sqlite3.connect(str(path), timeout=busy_ms / 1000, check_same_thread=False)
     db = Database(conn, execute_plugins=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return db
@@ -81,6 +84,8 @@ def write(db: Database, fn: Callable[[Database], T]) -> T:
                 db.rollback()
                 raise
         except sqlite3.OperationalError as err:
+            if "disk is full" in str(err):
+                raise StoreFullError(FULL_MESSAGE) from err
             if not is_busy(err):
                 raise
             if attempt == MAX_ATTEMPTS - 1:

@@ -42,3 +42,11 @@ class SchemaError(StoreError):
 
 class StoreBusyError(StoreError):
     """The database stayed locked by other writers for longer than the retry budget."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the file-size limit) is full: the change was not saved, nothing half-written."""
+
+
+FULL_MESSAGE = ("the disk holding the feedback store is full: this was not saved (nothing was half-written); "
+                "free some space and try again")

@@ -17,7 +17,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
@@ -109,6 +109,8 @@ def export_folder(store: FeedbackStore, out_dir: Path) -> Path:
         tables = {t: _rows(db, t) for t in COLUMNS}
     finally:
         db.rollback()
+    for m in tables["model_versions"]:  # older rows hold absolute paths: export them relative
+        m["weights_path"] = _relative_weights(m["weights_path"], store.data_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
@@ -211,7 +213,30 @@ def _read_table(folder: Path, table: str, manifest: dict) -> list[dict[str, Any]
     return rows
 
 
+def _relative_weights(path: str | None, data_dir: Path) -> str | None:
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(data_dir).resolve()).as_posix()
+    except ValueError:
+        return None  # outside the data folder: not something another app could use
+
+
+def check_weights_path(path: str | None) -> None:
+    """A version's weights folder: a relative path inside the data folder (the app loads
+    weights only from its ``versions/`` folder; see app/models.py)."""
+    if path is None:
+        return
+    parts = PurePosixPath(path).parts
+    if (not parts or "\\" in path or ":" in path or path.startswith("/") or ".." in parts
+            or any(ord(c) < 32 for c in path)):
+        raise _fail(f"model_versions.jsonl: weights_path {path!r} is not a relative path inside the "
+                    "data folder")
+
+
 def _check_values(tables: dict[str, list[dict[str, Any]]]) -> None:
+    for m in tables["model_versions"]:
+        check_weights_path(m["weights_path"])
     ids: dict[str, set] = {}
     for table, rows in tables.items():
         ids[table] = {r["id"] for r in rows}
@@ -233,17 +258,20 @@ def _check_values(tables: dict[str, list[dict[str, Any]]]) -> None:
         raise _fail(str(err)) from err
 
 
-def _check_images(folder: Path, samples: list[dict[str, Any]]) -> dict[str, bytes]:
+def _check_images(folder: Path, samples: list[dict[str, Any]]) -> dict[str, Path]:
+    """Each sample's image file, checked against its hash (read one at a time: an import's
+    memory does not grow with its images)."""
     images = {}
     for s in samples:
         digest = s["image_sha256"]
+        if digest in images:
+            continue
         path = folder / _file_name(digest)
         if not path.is_file():
             raise _fail(f"sample {s['id']}: image file {_file_name(digest)} is missing")
-        data = path.read_bytes()
-        if sha256(data) != digest:
+        if sha256(path.read_bytes()) != digest:
             raise _fail(f"sample {s['id']}: image file {_file_name(digest)} does not match its hash")
-        images[digest] = data
+        images[digest] = path
     return images
 
 
@@ -264,7 +292,7 @@ def import_folder(store: FeedbackStore, folder: Path) -> dict[str, int]:
         raise StateError("import_folder needs a fresh, empty store; nothing was imported")
     created = [d for d in images if not store.images.path(relative_path(d)).exists()]
     for digest in created:
-        store.images.put(images[digest])
+        store.images.put(images[digest].read_bytes())
 
     def tx(db: Database) -> None:
         if any(db[t].count for t in COLUMNS):  # re-check under the write lock

@@ -9,6 +9,7 @@ between leaves only an unreferenced file, which is harmless).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -19,7 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from feedback_store.errors import FULL_MESSAGE, StoreFullError
+
 IMAGE_DIR = "images"
+FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def to_pil(image: Any) -> Image.Image:
@@ -69,8 +73,10 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+            raise StoreFullError(FULL_MESSAGE) from err
         raise
     # Make the rename itself durable (POSIX: fsync the directory entry).
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -102,7 +101,7 @@ def test_stage_prompts_from_the_prompt_lab_reach_the_round(services):
     assert status["window"] == [8, 10]  # the coarse stage of a 10-step chain, in k = K..1
     # the version records what the round trained with: the lab's stages, boundaries and window
     version = services.store.get_model_version(status["version_id"])
-    training = json.loads((Path(version["weights_path"]) / "config.json").read_text())["training"]
+    training = json.loads((services.data_dir / version["weights_path"] / "config.json").read_text())["training"]
     assert training["stage_boundaries"] == [0.3, 0.5]
     assert training["stage_prompts"] == {"a blue circle": ["a shape", "a circle", "a blue circle"]}
     assert training["estimator"]["options"]["window"] == [8, 10]

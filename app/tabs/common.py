@@ -22,7 +22,7 @@ PRIVATE = {"api_visibility": "private"}  # the UI's events; the public API lives
 class Session:
     """Components every tab reads: who is rating, and the admin password (public apps only)."""
 
-    rater: gr.Textbox
+    rater: gr.Textbox | gr.State  # a State on a public app: set by the server, never typed
     password: gr.Textbox
 
 

@@ -50,8 +50,8 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
                     "prompt make a pair).", None, None, counts_text(rater))
         state = {"left": nxt["left"]["sample_id"], "right": nxt["right"]["sample_id"],
                  "shown_at": time.time(), "token": uuid.uuid4().hex}
-        return (state, f"Which image fits **{nxt['prompt']}** better?", nxt["left"]["image_file"],
-                nxt["right"]["image_file"], counts_text(rater))
+        return (state, f"Which image fits **{nxt['prompt']}** better?", services.images.copy(nxt["left"]["image_file"]),
+                services.images.copy(nxt["right"]["image_file"]), counts_text(rater))
 
     outputs = [pair, question, left, right, count]
 

@@ -57,8 +57,8 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
         return counts_table(services), rater_table(services), agreement_table(services)
 
     @user_errors
-    def on_export():
-        path = services.export_data()
+    def on_export(password: str):
+        path = services.export_data(password)
         return (gr.File(value=str(path), visible=True),
                 f"Exported to `{path.name}`: ratings, comparisons, prompts, images, versions.")
 
@@ -70,5 +70,5 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
 
     refresh.click(tables, None, [counts, raters, agreement], **QUICK, **PRIVATE)
     tab.select(tables, None, [counts, raters, agreement], **QUICK, **PRIVATE)
-    export.click(on_export, None, [exported, status], **QUICK, **PRIVATE)
+    export.click(on_export, session.password, [exported, status], **QUICK, **PRIVATE)
     do_import.click(on_import, [upload, session.password], [counts, raters, agreement, status], **QUICK, **PRIVATE)

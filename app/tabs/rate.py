@@ -74,12 +74,13 @@ def build(services: AppServices, session: Session) -> None:
         samples = [services.sample(i) for i in ids]
         name = (rater or "").strip()
         stars = [services.my_rating(s["sample_id"], name) if name else None for s in samples]
-        items = [(s["image_file"], ("▶ " if i == index else "") + sample_caption(s, st))
+        # Copies outside the data folder (app/files.py): Gradio never gets a data-folder path.
+        items = [(services.images.copy(s["image_file"]), ("▶ " if i == index else "") + sample_caption(s, st))
                  for i, (s, st) in enumerate(zip(samples, stars))]
         s = samples[index]
         text = (f"**{index + 1} / {len(ids)}** · sample {s['sample_id']} · model **{s['version']}** · "
                 f"seed {s['seed']}  \n*{s['prompt']}*  \nyour rating: {stars_text(stars[index])}")
-        return items, s["image_file"], text, index
+        return items, services.images.copy(s["image_file"]), text, index
 
     outputs = [gallery, current, info, cursor]
 
@@ -96,10 +97,12 @@ def build(services: AppServices, session: Session) -> None:
             gr.Info("You have rated every sample. Generate more, or wait for the next model version.")
         return (ids, *render(ids, 0, rater))
 
+    @user_errors  # a damaged image file shows a message
     def on_select(ids: list[int], rater: str, evt: gr.SelectData):
         return render(ids, evt.index, rater)
 
     def move(step: int):
+        @user_errors
         def handler(ids: list[int], index: int, rater: str):
             return render(ids, index + step, rater)
         return handler
