@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
 from typing import Any
 
 from app.errors import AppError
@@ -75,18 +74,4 @@ def no_controls(value: Any, name: str) -> Any:
         bad = next((c for c in value if unicodedata.category(c) == "Cc" and c not in ALLOWED_CONTROLS), None)
         if bad is not None:
             raise AppError(f"the {name} contains a control character ({ord(bad):#04x}); remove it and try again")
-    return value
-
-
-def settings_dict(value: Any, known: Iterable[str], name: str = "settings") -> dict[str, Any]:
-    """A JSON object whose keys are all known (None or "" means no settings)."""
-    if value in (None, ""):
-        return {}
-    if not isinstance(value, dict):
-        raise AppError(f"{name} must be a JSON object (a dict of setting: value), got {type(value).__name__}")
-    known = list(known)
-    for key in value:
-        if key not in known:
-            raise AppError(f"unknown {name[:-1] if name.endswith('s') else name} {key!r}; "
-                           f"known: {', '.join(known)}")
     return value
