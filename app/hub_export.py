@@ -48,7 +48,7 @@ def push_export(services: AppServices, repo_id: Any, password: Any = None, token
         raise AppError("no Hub token: add a write token as the Space secret HF_TOKEN, then restart the Space")
     from huggingface_hub import HfApi
 
-    archive = services.export_data()
+    archive = services.export_data(password)
     try:
         api = HfApi(token=token)
         path_in_repo = f"exports/{archive.name}"

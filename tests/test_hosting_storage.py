@@ -89,3 +89,19 @@ def test_zerogpu_detection_and_chunk_seconds(monkeypatch) -> None:
         monkeypatch.setenv("RLR_GPU_CHUNK_SECONDS", bad)
         with pytest.raises(AppError, match="RLR_GPU_CHUNK_SECONDS"):
             zerogpu.chunk_seconds()
+
+
+def test_an_admin_on_a_public_app_gets_past_every_admin_check(tmp_path, builtin_backend, monkeypatch) -> None:
+    """The push exports with the admin's password too: with it, the only failure left is the upload."""
+    import huggingface_hub.constants
+
+    from app.config import AppConfig
+    from app.services import AppServices
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    services = AppServices(AppConfig(data_dir=tmp_path / "data", public=True, admin_password="pw"), builtin_backend)
+    try:
+        with pytest.raises(AppError, match="could not push the export"):
+            hub_export.push_export(services, "me/rlr-data", password="pw", token="hf_not_a_real_token")
+    finally:
+        services.close()
