@@ -58,6 +58,15 @@ def load_secret(data_dir: Path) -> bytes:
     return secret
 
 
+def sign_in_available() -> bool:
+    """Whether "Sign in with Hugging Face" can work: a Space with ``hf_oauth: true`` gets an OAuth
+    client id. Without one (e.g. a Space folder started locally with SPACE_ID set), Gradio's
+    LoginButton would demand a local HF login instead, so raters stay guests."""
+    import gradio.oauth
+
+    return bool(gradio.oauth.OAUTH_CLIENT_ID)
+
+
 class Identity:
     def __init__(self, public: bool, sign_in: bool, data_dir: Path):
         self.public = public

@@ -25,7 +25,7 @@ from app.archive import extract as extract_archive
 from app.config import AppConfig
 from app.errors import AppError
 from app.generation import GenerationSettings, draw, store_images
-from app.identity import Identity
+from app.identity import Identity, sign_in_available
 from app.models import ModelRegistry
 from app.pairs import PairScorer
 from app.rounds import RoundRunner
@@ -48,7 +48,8 @@ class AppServices:
         self.data_dir = Path(config.data_dir)
         self.store = FeedbackStore(self.data_dir)
         self.state = StateFile(self.data_dir)
-        self.identity = Identity(config.public, config.public and config.space, self.data_dir)
+        self.identity = Identity(config.public, config.public and config.space and sign_in_available(),
+                                 self.data_dir)
         self.admin = AdminGuard(config.needs_admin, config.admin_password, config.admins)
         self.images = files.PublicImages()  # what the UI may show: never files in the data folder
         self.downloads = files.TempFiles()

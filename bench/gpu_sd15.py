@@ -159,7 +159,7 @@ def training_round(backend, sampler: SamplerSettings, steps: int, batch: int) ->
     with tempfile.TemporaryDirectory() as tmp, PeakMemory(device) as mem:
         result = run_round(backend, redness, config, Path(tmp) / "version", progress=progress)
         _sync(device)
-        wrote = result.version is not None and (result.version / "adapter_model.safetensors").is_file()
+        wrote = result.version is not None and (result.version / lora.LORA_WEIGHTS).is_file()
     m = result.metrics
     rewards = [h["reward_mean"] for h in m["history"]]
     return {"steps_done": m["steps_done"], "batch": batch, "estimator": m["estimator"],

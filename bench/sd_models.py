@@ -39,7 +39,7 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
     sample_size=16)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=16)
+                 max_position_embeddings=48)  # the prompts spelled letter by letter fit
 
 PROMPTS = ["a photo of a red sports car", "a watercolor painting of a cat", "an astronaut riding a horse",
            "a bowl of fruit on a wooden table"]
@@ -75,7 +75,7 @@ def count_params(module: torch.nn.Module) -> int:
 def build_backend(tiny: bool, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[DiffusersLatentBackend, dict]:
     """The random-weight SD 1.5 (or tiny) backend on ``device`` in ``dtype``, and a description."""
     torch.manual_seed(seed)
-    max_len = 16 if tiny else 77
+    max_len = TINY_TEXT["max_position_embeddings"] if tiny else 77
     tok = offline_tokenizer(max_len)
     text_cfg = dict(TINY_TEXT if tiny else SD15_TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id)

@@ -23,3 +23,18 @@ def running_app(tmp_path_factory, builtin_backend):
     app = start(AppConfig(data_dir=tmp_path_factory.mktemp("app-data"), port=0), builtin_backend)
     yield app
     app.close()
+
+
+PUBLIC_ADMIN_PASSWORD = "s3cret-admin"
+
+
+@pytest.fixture(scope="module")
+def public_app(tmp_path_factory, builtin_backend):
+    """The app served in-process as a public app (what --share or a Space gets), admin password set."""
+    from app.config import AppConfig
+    from app.server import start
+
+    app = start(AppConfig(data_dir=tmp_path_factory.mktemp("public-data"), port=0, public=True,
+                          admin_password=PUBLIC_ADMIN_PASSWORD), builtin_backend)
+    yield app
+    app.close()

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import PUBLIC_ADMIN_PASSWORD
+
 gradio_client = pytest.importorskip("gradio_client")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 ClientError = gradio_client.exceptions.AppError
-PASSWORD = "fuzz-admin-pw"
+PASSWORD = PUBLIC_ADMIN_PASSWORD  # the public_app fixture's (tests/conftest.py)
 PER_ENDPOINT = 6  # examples per endpoint (endpoints without parameters get one)
 # What gradio_client says when the server raised anything but a gr.Error (a bug).
 UNEXPECTED = "has not enabled verbose error reporting"
@@ -27,14 +29,8 @@ JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, builtin_backend):
-    from app.config import AppConfig
-    from app.server import start
-
-    running = start(AppConfig(data_dir=tmp_path_factory.mktemp("fuzz-data"), port=0, public=True,
-                              admin_password=PASSWORD), builtin_backend)
-    yield running
-    running.close()
+def app(public_app):
+    return public_app
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def test_wrong_passwords_through_the_api_are_slowed_down(tmp_path, builtin_backe
 
 def test_a_stopped_round_leaves_no_files(tmp_path, builtin_backend):
     from app.config import AppConfig
-    from app.rounds import RoundSettings
+    from app.round_config import RoundConfig
     from app.services import AppServices
 
     services = AppServices(AppConfig(data_dir=tmp_path / "data"), builtin_backend)
@@ -196,7 +196,7 @@ def test_a_stopped_round_leaves_no_files(tmp_path, builtin_backend):
         ids = [s["sample_id"] for s in services.generate("a blue circle", 2, 0, 3, 3.0)]
         services.rate(ids[0], "ann", 5)
         services.rate(ids[1], "ann", 1)
-        services.rounds.start(RoundSettings.parse(steps=500, batch_size=2, sampling_steps=3, seed=0))
+        services.rounds.start(RoundConfig.parse({"steps": 500, "batch_size": 2, "sampling_steps": 3, "seed": 0}))
         end = time.time() + 120
         while not services.rounds.status()["history"]:
             assert time.time() < end, services.rounds.status()

@@ -91,8 +91,9 @@ def test_the_space_starts_serves_generates_and_trains_in_chunks(tmp_path: Path) 
         client = Client(url, verbose=False)
         samples = client.predict("a red circle", 2, 0, 4, 3.0, api_name="/generate")
         assert len(samples) == 2 and samples[0]["image_png_b64"]
-        client.predict(samples[0]["sample_id"], 5, "tester", api_name="/rate")
-        client.predict(samples[1]["sample_id"], 1, "tester", api_name="/rate")
+        rater = client.predict(api_name="/rater_token")["rater_token"]  # a public app takes no rater names
+        client.predict(samples[0]["sample_id"], 5, rater, api_name="/rate")
+        client.predict(samples[1]["sample_id"], 1, rater, api_name="/rate")
         assert client.predict(api_name="/counts")["ratings"] == 2
         assert (out / "data" / "feedback.db").is_file()  # the Space folder's own disk
 
