@@ -11,7 +11,7 @@ fixed seeds) and is scored with the reward and with the perception model's promp
 (fraction of the prompt's attributes read back, leaving out any attribute the reward asks for
 whatever the prompt says: a drop there is reward hacking). Reported per method: training reward
 and the evaluation curves against samples drawn and against wall time, mean and spread over
-seeds, and issue 3's checks (samples RLR needs to reach DDPO's final reward, RLR's final reward
+seeds, and the alignment checks (samples RLR needs to reach DDPO's final reward, RLR's final reward
 against truncated BP's, collapse after the best point, fidelity kept).
 The method doc's expectation: DDPO rises slowly, truncated BP fast and then degrades, RLR keeps
 improving.
@@ -214,7 +214,7 @@ def summarise(curves: dict[str, list[Curve]]) -> list[dict]:
 
 
 def issue_targets(curves: dict[str, list[Curve]], fidelity_drop: float = 0.05) -> list[dict]:
-    """Issue 3's alignment checks for every RLR variant run, and each method's collapse and fidelity."""
+    """The alignment checks for every RLR variant run, and each method's collapse and fidelity."""
     finals = {m: [r[-1]["eval_reward"] for r in runs] for m, runs in curves.items()}
     out = [check for rlr in curves if rlr.startswith("rlr") for check in rlr_targets(curves, finals, rlr)]
     for method, runs in curves.items():
@@ -234,7 +234,7 @@ def issue_targets(curves: dict[str, list[Curve]], fidelity_drop: float = 0.05) -
 
 
 def rlr_targets(curves: dict[str, list[Curve]], finals: dict[str, list[float]], rlr: str) -> list[dict]:
-    """Issue 3's alignment checks, judged on the mean curves over seeds.
+    """The alignment checks, judged on the mean curves over seeds.
 
     - RLR reaches DDPO's final eval reward with at most a quarter of DDPO's samples;
     - RLR ends at or above truncated BP (within two standard errors of the difference), compared
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
              f"lr {args.lr:g}, {args.seeds} seeds" + (f" ({partial} runs unfinished)" if partial else ""))
     print_table(rows, list(rows[0]), title=title)
     if targets:
-        print_table(targets, ["check", "value", "met"], title="issue 3's alignment checks")
+        print_table(targets, ["check", "value", "met"], title="alignment checks")
     if args.plot:
         plot(curves, args.plot, title)
     write_json(args.json, {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

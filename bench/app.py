@@ -8,7 +8,7 @@ measures, through ``gradio_client``:
 - time to the first generated images (4 images, 20 steps: the Generate button's default);
 - p50/p95 latency of rating (/rate), comparing (/compare) and fetching the next pair
   (/next_pair), first idle, then while a training round runs in the background worker.
-Targets (issue 5): p95 under 200 ms while training, and under twice the idle p95.
+Targets: p95 under 200 ms while training, and under twice the idle p95.
 
 Each action is timed two ways. ``gradio_client``: what the issue asks for; note that the
 client polls its message queue every 50 ms (gradio_client/utils.py), which sets a floor of

@@ -284,7 +284,7 @@ def compare(d: Draws, ref: Draws, batch: int) -> dict:
 
 
 def issue_targets(rows: list[dict], limit: float = 3.0) -> list[dict]:
-    """The benchmark's targets (issue 3), judged from the rows; one verdict per check.
+    """The benchmark's targets, judged from the rows; one verdict per check.
 
     - every RLR setting that claims unbiasedness (rest lr or zo) within ``limit`` SE of the
       reference (zo: of the parameter-smoothed objective, which the reference is not);
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(result["rows"], ["estimator", "paired", "bias_over_se", "bias_n", "variance", "cosine", "time_s",
                                  "mem_mb", "err_1s"],
                 title=f"estimators vs exact gradient (K={args.steps}, batch {args.batch}, {args.n_est} draws each)")
-    print_table(result["targets"], ["check", "value", "met"], title="issue 3's targets")
+    print_table(result["targets"], ["check", "value", "met"], title="targets")
     write_json(args.json, result)
 
 

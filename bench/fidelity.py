@@ -56,7 +56,7 @@ def run(model_dir: str, n: int, steps: int, guidance: float, eta: float, batch: 
         gen_seconds += time.perf_counter() - t0
         predicted += judge.predict(images)
     plain_s, ours_s = speed_against_diffusers(backend, [sw.caption(s) for s in scenes[:8]], steps, guidance, eta)
-    # The issue's ~4 s yardstick (a 1.7 M UNet: 2.7 s, platform notes) is without guidance; with
+    # The ~4 s yardstick (a 1.7 M UNet: 2.7 s, platform notes) is without guidance; with
     # guidance every step runs the denoiser on twice the batch.
     no_cfg_s = best_of(lambda r: generate(backend, [sw.caption(s) for s in scenes[:8]],
                                           SamplerSettings(steps, eta, 1.0), seed=r))

@@ -103,7 +103,7 @@ def test_stars_alone_teach_the_ordering(untrained_proxy):
 
 
 def test_proxy_learns_a_rater_from_200_comparisons(model):
-    """Issue 4: >= 85% held-out pairwise accuracy after 200 comparisons. Measured on fresh renders
+    """Target: >= 85% held-out pairwise accuracy after 200 comparisons. Measured on fresh renders
     against the rater's latent utility, on pairs it clearly distinguishes (see bench.reward);
     over seeds 0-3 this rater gives 0.88-0.94, so 0.85 is a floor, not a tuned threshold."""
     proxy = RewardProxy(PerceptionImageEncoder(model), BagOfWordsPromptEncoder())
