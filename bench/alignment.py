@@ -49,7 +49,9 @@ EVAL_PROMPTS = ["a large blue circle on the right", "a small red triangle, navy 
                 "a yellow square", "a green square on the left, gray background"]
 
 METHODS: dict[str, tuple[str, dict]] = {
-    "rlr": ("rlr", {"block": 2, "rest": "lr"}),  # the default tail (L = 3 at K = 10)
+    "rlr": ("rlr", {"block": 2, "rest": "lr"}),  # the default tail (L = 3 at K = 10) and baseline ("state")
+    # the leave-one-out baseline: what "rlr" was in the results measured before "state" became the default
+    "rlr-loo": ("rlr", {"block": 2, "rest": "lr", "baseline": "loo"}),
     "rlr-L1": ("rlr", {"block": 2, "rest": "lr", "tail": 1}),  # the paper's one-step FO tail
     "ddpo": ("ddpo", {"inner_epochs": 4, "clip_range": 1e-4}),
     "truncated-bp": ("truncated-bp", {"steps": 1}),

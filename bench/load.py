@@ -121,12 +121,12 @@ class Rater(threading.Thread):
 def keep_training(services, deadline: float, stop: threading.Event, counts: dict[str, int]) -> None:
     """Start a small round whenever none is running, until the deadline."""
     from app.errors import AppError
-    from app.rounds import RoundSettings
+    from app.round_config import RoundConfig
 
     while time.time() < deadline and not stop.is_set():
         if not services.worker.status().active:
             try:
-                services.rounds.start(RoundSettings.parse(**ROUND, seed=counts["started"]))
+                services.rounds.start(RoundConfig.parse({**ROUND, "seed": counts["started"]}))
                 counts["started"] += 1
             except AppError:
                 pass

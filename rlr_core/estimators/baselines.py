@@ -48,6 +48,8 @@ def baseline_state(traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor) -> to
 def state_values(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor,
                  chunk: int) -> torch.Tensor:
     """T_{k,b} = R(x0_hat(mu_k)) for each (k, row) pair, in chunks of pairs per denoiser call."""
+    if len(ks) == 0:  # no likelihood-ratio pair (e.g. the FO tail and the block cover the chain)
+        return torch.zeros(0, dtype=traj.x.dtype, device=traj.x.device)
     out = []
     for start in range(0, len(ks), chunk):
         k, r = ks[start:start + chunk], rows[start:start + chunk]

@@ -68,8 +68,10 @@ class RLR(Estimator):
     # memory), so with checkpointing its h is conservative.
     use_checkpoint: bool = True
     # What R is compared with in the HO and "lr" terms (rlr_core/estimators/baselines.py); every
-    # choice keeps G unbiased. The ZO term always uses the leave-one-out mean.
-    baseline: Baseline = "loo"
+    # choice keeps G unbiased. "state" (the reward of the model's own x_0 prediction from the
+    # noise-free next state) cut the variance 8x below "loo" on the built-in model at K = 10
+    # (bench/results/estimators_baselines.json; docs/benchmarks.md). ZO always uses the leave-one-out mean.
+    baseline: Baseline = "state"
     # M >= 2 branches at the HO block: its last step's noise is drawn M - 1 more times from the same
     # mean and each continuation is run to x_0; the branches are each other's leave-one-out
     # baseline, so the HO advantage carries only the variance of the steps after the block (the

@@ -27,12 +27,13 @@ def estimator_options(args: argparse.Namespace) -> dict:
         opts = {"block": args.block if args.block == "auto" else int(args.block), "rest": args.rest,
                 "tail": args.tail, "min_sigma_ratio": args.min_sigma_ratio, "block_start": args.block_start,
                 "rest_steps": args.rest_steps, "zo_scale": args.zo_scale,
-                "memory_budget_gb": args.memory_budget_gb, "baseline": args.baseline, "branches": args.branches}
+                "memory_budget_gb": args.memory_budget_gb, "branches": args.branches,
+                **({"baseline": args.baseline} if args.baseline else {})}
         if args.window:
             opts["window"] = tuple(args.window)
         return opts
     if args.estimator == "lr":
-        return {"baseline": args.baseline}
+        return {"baseline": args.baseline} if args.baseline else {}
     if args.estimator == "truncated-bp":
         return {"steps": args.truncate, "randomize": args.randomize_truncation}
     if args.estimator == "ddpo":
@@ -54,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rest-steps", type=int, default=None, help="RLR 'lr': m random steps, rescaled by |C|/m")
     g.add_argument("--zo-scale", type=float, default=1e-3, help="RLR 'zo': perturbation std s")
     g.add_argument("--memory-budget-gb", type=float, default=None)
-    g.add_argument("--baseline", default="loo", choices=["loo", "state", "state+loo"],
-                   help="rlr/lr: what R is compared with in likelihood-ratio terms (docs/method.md section 2)")
+    g.add_argument("--baseline", default=None, choices=["loo", "state", "state+loo"],
+                   help="rlr/lr: what R is compared with in likelihood-ratio terms (docs/method.md section 2; "
+                   "default: state for rlr, loo for lr)")
     g.add_argument("--branches", type=int, default=1, help="RLR: M continuations of the HO block's last step")
     g.add_argument("--truncate", type=int, default=1, help="truncated-bp: K' final steps")
     g.add_argument("--randomize-truncation", action="store_true")
