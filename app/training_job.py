@@ -26,18 +26,26 @@ class Trained:
 
 
 class ProxyReward:
-    """The proxy as a training reward, remembering the ensemble spread of its last batch."""
+    """The proxy as a training reward, remembering the ensemble spread of each step's batch.
+
+    The first call of a step scores the step's samples; later ones (RLR's state baseline scores
+    the model's own x_0 predictions) are not what the plot shows, so only the first is kept."""
 
     def __init__(self, proxy):
         self.proxy = proxy
         self.last_uncertainty: float | None = None
+        self._armed = True
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
-        self.last_uncertainty = float(heads.detach().std(0).mean())
+        if self._armed:
+            self.last_uncertainty = float(heads.detach().std(0).mean())
+            self._armed = False
         return heads.mean(0)
 
-    def observe(self) -> float | None:  # chunked rounds: read in the GPU worker after each step
+    def observe(self) -> float | None:
+        """The step's spread, read once after each step (also in a ZeroGPU worker); re-arms for the next."""
+        self._armed = True
         return self.last_uncertainty
 
 
@@ -47,7 +55,7 @@ def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, o
     reward = ProxyReward(proxy)
 
     def progress(p: training.Progress) -> bool:
-        ctx.log_step(step=p.step, reward=p.reward_mean, uncertainty=reward.last_uncertainty,
+        ctx.log_step(step=p.step, reward=p.reward_mean, uncertainty=reward.observe(),
                      reward_std=p.reward_std, grad_norm=p.grad_norm)
         ctx.report(message=f"step {p.step}/{p.total} · proxy reward {p.reward_mean:.3f} · "
                            f"{p.elapsed:.0f} s")

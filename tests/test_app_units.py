@@ -237,3 +237,23 @@ def test_train_config_reads_nested_and_older_flat_estimator_settings():
     old = TrainConfig.from_dict({"estimator": "ddpo", "estimator_options": {"inner_epochs": 2}, "steps": 3})
     assert old.estimator == EstimatorConfig("ddpo", {"inner_epochs": 2}) and old.steps == 3
     assert TrainConfig(estimator="full-bp").estimator == EstimatorConfig("full-bp")
+
+
+def test_the_round_plots_the_spread_of_each_steps_own_samples():
+    """RLR's state baseline calls the reward again on x_0 predictions after the step's samples:
+    the plotted spread is the first call's of each step."""
+    import torch
+
+    from app.training_job import ProxyReward
+    from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, PerceptionImageEncoder, RewardProxy
+
+    torch.manual_seed(0)
+    proxy = RewardProxy(PerceptionImageEncoder(), BagOfWordsPromptEncoder())
+    reward = ProxyReward(proxy)
+    samples, predictions = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32) * 0.1
+    spread = lambda x: float(proxy.head_rewards(x, ["a red circle"] * 4).detach().std(0).mean())
+    reward(samples, ["a red circle"] * 4)
+    reward(predictions, ["a red circle"] * 4)
+    assert reward.observe() == pytest.approx(spread(samples)) != pytest.approx(spread(predictions))
+    reward(predictions, ["a red circle"] * 4)  # the next step's first call
+    assert reward.observe() == pytest.approx(spread(predictions))

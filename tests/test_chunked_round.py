@@ -34,20 +34,24 @@ class RedReward:
         torch.manual_seed(1)
         self.fn = rewards.make_reward("prefer-colour:red", PerceptionNet().eval().requires_grad_(False))
         self.last_mean: float | None = None
+        self.armed = True
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         r = self.fn(images, prompts)
-        self.last_mean = float(r.detach().mean())
+        if self.armed:  # the step's own samples (later calls score RLR's state baseline), as ProxyReward
+            self.last_mean = float(r.detach().mean())
+            self.armed = False
         return r
 
     def __getstate__(self) -> dict:  # make_reward returns closures: rebuild them on unpickling
-        return {"last_mean": self.last_mean}
+        return {"last_mean": self.last_mean, "armed": self.armed}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
-        self.last_mean = state["last_mean"]
+        self.last_mean, self.armed = state["last_mean"], state["armed"]
 
     def observe(self) -> float | None:
+        self.armed = True
         return self.last_mean
 
 
