@@ -21,10 +21,7 @@ device=${DEVICE:-cuda}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
-  $py -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+. "$(dirname "$0")/gpu_env.sh"
 
 align=(--reward prefer-colour:red --lr 1e-2 --steps 10 --guidance 1 --batch 8 --rounds "$rounds"
        --eval-every 10 --eval-seeds 4 --seeds 3 --device "$device" --threads 1

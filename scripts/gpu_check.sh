@@ -17,10 +17,7 @@ out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
-  $py -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+. "$(dirname "$0")/gpu_env.sh"
 
 if [ "${MAIN:-1}" = 1 ]; then
     # shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of arguments
