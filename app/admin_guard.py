@@ -72,8 +72,9 @@ class AdminGuard:
             if self.password and hmac.compare_digest(given.encode(), self.password.encode()):
                 self._failures = 0
                 return
-            self._failures += 1
-            if self._failures >= FREE_TRIES:
+            if given:  # an empty password guesses nothing: it must not lock the admins out
+                self._failures += 1
+            if given and self._failures >= FREE_TRIES:
                 lock = min(MAX_LOCK_S, FIRST_LOCK_S * 2 ** (self._failures - FREE_TRIES))
                 self._locked_until = now + lock
         raise NotAllowed("this action changes the model or the data: enter the admin password"

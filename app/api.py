@@ -115,9 +115,11 @@ def register(services: AppServices) -> None:
         return {"prompt": out["prompt"], "stage_prompts": out["stage_prompts"], "edit_ids": out["edit_ids"]}
 
     @user_errors
-    def set_stage_settings(mid_start: float, fine_start: float, focus_stage: str = "all") -> dict:
-        """Stage boundaries (shares of the chain) and the stage the next round's HO block is drawn in."""
-        return s.set_stage_settings(mid_start, fine_start, focus_stage)
+    def set_stage_settings(mid_start: float, fine_start: float, focus_stage: str = "all",
+                           admin_password: str = "") -> dict:
+        """Stage boundaries (shares of the chain) and the stage the next round's HO block is drawn in
+        (they change what rounds train: admins only on a public app)."""
+        return s.set_stage_settings(mid_start, fine_start, focus_stage, admin_password)
 
     @user_errors
     def preview_stages(prompt: str, coarse: str, mid: str, fine: str, mid_start: float = 0.3,

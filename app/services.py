@@ -250,7 +250,10 @@ class AppServices:
         st = self.state.get()
         return {"boundaries": list(st.boundaries), "focus_stage": st.focus_stage}
 
-    def set_stage_settings(self, mid_start: Any, fine_start: Any, focus_stage: Any) -> dict[str, Any]:
+    def set_stage_settings(self, mid_start: Any, fine_start: Any, focus_stage: Any,
+                           password: Any = None) -> dict[str, Any]:
+        """The stage boundaries and focus stage the next rounds train with: admins only on a public app."""
+        self.check_admin(password)
         bounds = dcot.check_boundaries([check.real(mid_start, "mid stage start", 0, 1),
                                         check.real(fine_start, "fine stage start", 0, 1)])
         focus = check.choice(focus_stage, "focus stage", ("all", *dcot.STAGES))

@@ -231,3 +231,13 @@ def test_control_characters_in_prompts_are_refused(client, public_app, token, pr
         client.predict("a red circle", "a shape", "a circle", prompt, token["rater_token"],
                        api_name="/save_stage_prompts")
     assert public_app.services.counts() == before
+
+
+def test_strangers_cannot_change_the_stage_settings_rounds_train_with(public_app, client):
+    before = public_app.services.stage_settings()
+    with pytest.raises(ClientError, match="admin password"):
+        client.predict(0.1, 0.2, "coarse", "", api_name="/set_stage_settings")
+    assert public_app.services.stage_settings() == before
+    changed = client.predict(0.25, 0.5, "fine", PASSWORD, api_name="/set_stage_settings")
+    assert changed == {"boundaries": [0.25, 0.5], "focus_stage": "fine"}
+    client.predict(*before["boundaries"], before["focus_stage"], PASSWORD, api_name="/set_stage_settings")

@@ -170,6 +170,19 @@ def test_wrong_admin_passwords_lock_the_door_for_a_while():
     assert AdminGuard(public=False, password=None).check("anything") is None
 
 
+def test_empty_passwords_are_refused_without_locking_the_admins_out():
+    """A guest's model-changing click (nothing typed) is refused, but guesses nothing: it must not
+    let any stranger lock the admin password by clicking."""
+    from app.admin_guard import FREE_TRIES, AdminGuard
+
+    guard = AdminGuard(public=True, password="right", clock=lambda: 1000.0)
+    for _ in range(3 * FREE_TRIES):
+        for empty in ("", None):
+            with pytest.raises(NotAllowed, match="admin password"):
+                guard.check(empty)
+    guard.check("right")
+
+
 def test_wrong_passwords_through_the_api_are_slowed_down(tmp_path, builtin_backend):
     from app.admin_guard import FREE_TRIES
     from app.config import AppConfig

@@ -99,15 +99,14 @@ def build(services: AppServices, session: Session) -> None:
         return plain, staged, table
 
     @user_errors
-    def on_save(text, c, m, f, lo, hi, stage, rater):
-        services.set_stage_settings(lo, hi, stage)
+    def on_save(text, c, m, f, rater):  # the boundaries and focus are saved as they change (on_settings)
         saved = services.save_stage_prompts(text, c, m, f, rater)
         return (f"Saved stage prompts for *{saved['prompt']}* ({len(saved['edit_ids'])} prompt edits). "
                 "The next training round uses them.")
 
     @user_errors
-    def on_settings(lo, hi, stage, n_steps):
-        services.set_stage_settings(lo, hi, stage)
+    def on_settings(lo, hi, stage, n_steps, password):
+        services.set_stage_settings(lo, hi, stage, password)
         return window_text(stage, lo, hi, n_steps)
 
     split.click(on_split, prompt, [coarse, mid, fine, status], **QUICK, **PRIVATE)
@@ -118,7 +117,8 @@ def build(services: AppServices, session: Session) -> None:
     preview_inputs = [prompt, coarse, mid, fine, mid_start, fine_start, seed, steps]
     preview.click(check_preview, preview_inputs, None, **QUICK, **PRIVATE).success(
         on_preview, preview_inputs, [plain_images, staged_images, schedule], **MODEL, **PRIVATE)
-    save.click(on_save, [prompt, coarse, mid, fine, mid_start, fine_start, focus, session.rater], status,
+    save.click(on_save, [prompt, coarse, mid, fine, session.rater], status,
                **QUICK, **PRIVATE)
     for control in (focus, mid_start, fine_start):
-        control.input(on_settings, [mid_start, fine_start, focus, steps], window, **QUICK, **PRIVATE)
+        control.input(on_settings, [mid_start, fine_start, focus, steps, session.password], window,
+                      **QUICK, **PRIVATE)
