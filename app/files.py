@@ -9,7 +9,6 @@ folder of their own; exports and LoRA zips are written to a temporary folder the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import AppError
+from feedback_store.images import sha256
 
 DIGEST_NAME = re.compile(r"^[0-9a-f]{64}\.png$")
 
@@ -33,7 +33,7 @@ def read_image(image_file: str | Path) -> bytes:
         data = source.read_bytes()
     except FileNotFoundError:
         raise AppError(f"the image file of this sample ({source.stem[:12]}…) is missing") from None
-    if hashlib.sha256(data).hexdigest() != source.stem:
+    if sha256(data) != source.stem:
         raise AppError(f"the image file of this sample ({source.stem[:12]}…) is damaged "
                        "(it does not match its hash); it cannot be shown")
     return data

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rlr_core.backends.builtin import BuiltinBackend
+from rlr_core.images import to_pil
 from rlr_core.sampler import SamplerSettings, generate
 from rlr_core.shapesworld import model as builtin_model
 from rlr_core.shapesworld import world as shapes_world
@@ -180,7 +181,7 @@ def ema_model(model: BuiltinModel, ema: EMAModel) -> BuiltinModel:
 def write_grid(model: BuiltinModel, path: Path, seed: int = 0) -> None:
     model.unet.eval()
     images = generate(BuiltinBackend(model), GRID_PROMPTS, SamplerSettings(steps=20, guidance=3.0), seed=seed)
-    tiles = [shapes_world.to_pil(im.permute(1, 2, 0).numpy(), scale=4) for im in images]
+    tiles = [to_pil(im, scale=4) for im in images]
     from PIL import Image
 
     grid = Image.new("RGB", (128 * 4, 128 * 2), "white")

@@ -197,11 +197,3 @@ def all_scenes(include_held_out: bool = True) -> list[Scene]:
 
     scenes = [Scene(*combo) for combo in itertools.product(*ATTRIBUTES.values())]
     return [s for s in scenes if include_held_out or not s.held_out]
-
-
-def to_pil(image: np.ndarray, scale: int = 1) -> Image.Image:
-    """Convert an (H, W, 3) array in [0, 1] to PIL, enlarged pixel-art style (nearest)."""
-    pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    return pil
