@@ -30,6 +30,10 @@ _GRAMMAR_WORDS = (
 )
 _SYNONYMS = {"big": "large", "little": "small", "centre": "center", "middle": "center",
              "grey": "gray", "violet": "purple"}
+# The clip grammar's extra words (rlr_core/shapesworld/clips.py), appended after the image
+# words so a clip tokenizer gives every image word the image model's id.
+_MOTION_WORDS = ["moving", "slowly", "fast", "to", "up", "down", "standing", "still"]
+_MOTION_SYNONYMS = {"quickly": "fast", "quick": "fast", "slow": "slowly"}
 
 
 class PromptError(ValueError):
@@ -37,23 +41,28 @@ class PromptError(ValueError):
 
 
 class UnknownWordsError(PromptError):
-    def __init__(self, words: list[str]):
+    def __init__(self, words: list[str], video: bool = False):
         self.words = words
-        known = ", ".join(sorted(set(_GRAMMAR_WORDS) - {","}))
+        known = ", ".join(sorted(set(_known_words(video)) - {","}))
         super().__init__(
             f"unknown word{'s' if len(words) > 1 else ''}: {', '.join(words)}. "
             f"The built-in model knows: {known}."
         )
 
 
-def vocabulary() -> list[str]:
-    words = list(dict.fromkeys(_GRAMMAR_WORDS))
+def _known_words(video: bool) -> list[str]:
+    return _GRAMMAR_WORDS + (_MOTION_WORDS if video else [])
+
+
+def vocabulary(video: bool = False) -> list[str]:
+    words = list(dict.fromkeys(_known_words(video)))
     return SPECIAL_TOKENS + words
 
 
-def split_words(prompt: str) -> list[str]:
+def split_words(prompt: str, video: bool = False) -> list[str]:
     """Lower-case words and commas, with synonyms mapped to grammar words."""
-    return [_SYNONYMS.get(w, w) for w in re.findall(r"[a-z0-9']+|,", prompt.lower())]
+    synonyms = {**_SYNONYMS, **_MOTION_SYNONYMS} if video else _SYNONYMS
+    return [synonyms.get(w, w) for w in re.findall(r"[a-z0-9']+|,", prompt.lower())]
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -65,20 +74,20 @@ def normalize_prompt(prompt: str) -> str:
     return check_prompt(prompt, allow_empty=False)
 
 
-def check_prompt(prompt: str, allow_empty: bool = False) -> str:
+def check_prompt(prompt: str, allow_empty: bool = False, video: bool = False) -> str:
     if not isinstance(prompt, str):
         raise PromptError(f"a prompt must be text, not {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    words = split_words(prompt)
+    words = split_words(prompt, video)
     if not [w for w in words if w != ","]:
         if allow_empty:
             return ""
         raise PromptError("the prompt is empty: describe a shape, e.g. 'a red circle'")
-    known = set(_GRAMMAR_WORDS)
+    known = set(_known_words(video))
     unknown = [w for w in dict.fromkeys(words) if w not in known]
     if unknown:
-        raise UnknownWordsError(unknown)
+        raise UnknownWordsError(unknown, video)
     if len(words) + 2 > MAX_TOKENS:
         raise PromptError(
             f"prompt has {len(words)} words; the built-in model takes at most {MAX_TOKENS - 2}"
@@ -86,9 +95,10 @@ def check_prompt(prompt: str, allow_empty: bool = False) -> str:
     return " ".join(words).replace(" ,", ",")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh word-level tokenizer over the ShapesWorld vocabulary."""
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+def build_tokenizer(video: bool = False) -> PreTrainedTokenizerFast:
+    """A fresh word-level tokenizer over the ShapesWorld vocabulary (``video``: with the clip
+    grammar's words appended)."""
+    vocab = {word: i for i, word in enumerate(vocabulary(video))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(

@@ -142,31 +142,37 @@ def parse_caption(text: str) -> PartialScene:
 def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     """Render a scene to a float32 array (32, 32, 3) in [0, 1], with jitter from ``rng``."""
     rng = rng or np.random.default_rng()
-    s = _SUPERSAMPLE
     bg = np.clip(np.array(BACKGROUNDS[scene.background]) + rng.normal(0, 0.02, 3), 0, 1)
     fg = np.clip(np.array(COLOURS[scene.colour]) + rng.normal(0, 0.03, 3), 0, 1)
     cx = POSITIONS[scene.position] + rng.uniform(-1.5, 1.5)
     cy = 16.0 + rng.uniform(-2.0, 2.0)
     r = SIZES[scene.size] * rng.uniform(0.9, 1.1)
 
-    canvas = Image.new("L", (IMAGE_SIZE * s, IMAGE_SIZE * s), 0)
-    draw = ImageDraw.Draw(canvas)
-    box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
-    if scene.kind == "circle":
-        draw.ellipse(box, fill=255)
-    elif scene.kind == "square":
-        q = r * 0.85  # a square of equal half-extent looks bigger than the circle
-        draw.rectangle([(cx - q) * s, (cy - q) * s, (cx + q) * s, (cy + q) * s], fill=255)
-    elif scene.kind == "triangle":
-        pts = [(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)]
-        draw.polygon([(x * s, y * s) for x, y in pts], fill=255)
-    else:
-        raise ValueError(f"unknown kind {scene.kind!r}")
-    mask = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    alpha = shape_mask(scene.kind, cx, cy, r)
     image = alpha * fg + (1 - alpha) * bg
     image += rng.normal(0, 0.01, image.shape)  # faint texture so no two renders are equal
     return np.clip(image, 0, 1).astype(np.float32)
+
+
+def shape_mask(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Coverage (32, 32, 1) in [0, 1] of a shape centred at (cx, cy) with half-extent r,
+    drawn at 4x and box-downsampled (anti-aliased edges)."""
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (IMAGE_SIZE * s, IMAGE_SIZE * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
+    if kind == "circle":
+        draw.ellipse(box, fill=255)
+    elif kind == "square":
+        q = r * 0.85  # a square of equal half-extent looks bigger than the circle
+        draw.rectangle([(cx - q) * s, (cy - q) * s, (cx + q) * s, (cy + q) * s], fill=255)
+    elif kind == "triangle":
+        pts = [(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)]
+        draw.polygon([(x * s, y * s) for x, y in pts], fill=255)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    mask = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    return np.asarray(mask, dtype=np.float32)[..., None] / 255.0
 
 
 def random_partial(rng: random.Random, scene: Scene, drop_prob: float,

@@ -1,0 +1,72 @@
+"""The built-in ShapesWorld clip model behind the backend interface.
+
+A clip's diffusion state is its frames, (F, 3, 32, 32), in pixel space; ``decode`` gives
+(B, F, 3, H, W) in [0, 1]. Every sampling step is still one Gaussian step over the whole clip,
+so the sampler and every estimator run unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.shapesworld import text
+from rlr_core.shapesworld.video_model import DEFAULT_CLIP_MODEL_DIR, ClipModel, load_clip_model
+from rlr_core.shapesworld.world import IMAGE_SIZE
+
+
+class BuiltinClipBackend(DiffusionBackend):
+    """The built-in clip model: 8 frames of 32x32, the image model plus motion modules."""
+
+    name = "shapesworld-clips"
+    is_video = True
+
+    def __init__(self, model: ClipModel, path: Path | None = None):
+        self.model = model
+        self.scheduler = model.scheduler
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_CLIP_MODEL_DIR, device: str | torch.device = "cpu") -> BuiltinClipBackend:
+        model = load_clip_model(path).to(device)
+        model.denoiser.eval()
+        model.text_encoder.eval()
+        model.text_encoder.requires_grad_(False)
+        return cls(model, Path(path))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.model.denoiser
+
+    @property
+    def num_frames(self) -> int:
+        return self.model.num_frames
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.num_frames, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def check_prompt(self, prompt: str) -> str:
+        return text.check_prompt(prompt, allow_empty=False, video=True)
+
+    def describe_prompt(self, prompt: str) -> str:
+        try:
+            canonical = text.check_prompt(prompt, video=True)
+        except text.UnknownWordsError as err:
+            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
+        except text.PromptError as err:
+            return f"⚠️ {err}"
+        return f"✓ the model reads: *{canonical}*"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.model.tokenizer
+        canonical = [text.check_prompt(p, allow_empty=True, video=True) for p in prompts]
+        ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.model.text_encoder(ids).last_hidden_state
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0.clamp(-1, 1) + 1) / 2

@@ -1,0 +1,222 @@
+"""Pretrain the built-in clip model: motion modules on top of the image model.
+
+    python -m rlr_core.shapesworld.pretrain_clips --out runs/clips [--resume] [--steps N] \
+        [--export models/shapesworld-clips]
+
+What trains: the motion adapter (new, zero-output at the start), the text encoder (it gains the
+clip grammar's words: moving, slowly, fast, up, down, ...) and the image UNet's pooled-caption
+embedding (so every ResNet block sees the motion words). The image UNet's other layers stay
+frozen (``--train-unet`` unfreezes them): the image model already draws the shapes, and the
+clip model inherits its fidelity. The recipe is the image model's (v-prediction, the same
+loss weights, AdamW with warm-up, EMA; see rlr_core/shapesworld/pretrain.py), with a share of
+the timesteps drawn at high noise, where a sample's layout, and so its motion, is decided.
+Clips are rendered on the fly. Checkpoints (safetensors) and a strip of sample clips are written
+every ``--every`` steps; ``--resume`` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from rlr_core.backends.builtin_clips import BuiltinClipBackend
+from rlr_core.images import to_pil
+from rlr_core.sampler import SamplerSettings, generate
+from rlr_core.shapesworld import clips, video_model
+from rlr_core.shapesworld import model as image_model
+from rlr_core.shapesworld.pretrain import loss_weights, sample_timesteps
+from rlr_core.shapesworld.video_model import ClipModel
+
+STRIP_PROMPTS = [
+    "a large red circle moving fast to the right, black background",
+    "a small blue square moving slowly to the left, white background",
+    "a large yellow triangle moving fast up, navy background",
+    "a large green circle moving slowly down, gray background",
+    "a large purple square standing still, black background",
+    "a small orange triangle moving fast to the left, gray background",
+]
+
+
+def clip_batches(seed: int, batch: int, start_step: int):
+    """Batches of (clips (B, F, 3, H, W) in [-1, 1], captions); skips ``start_step`` batches on resume."""
+    stream = clips.training_clips(seed)
+    for _ in range(start_step * batch):
+        next(stream)
+    while True:
+        items = [next(stream) for _ in range(batch)]
+        frames = torch.from_numpy(np.stack([clip for clip, _, _ in items])).permute(0, 1, 4, 2, 3)
+        yield frames * 2 - 1, [cap for _, cap, _ in items]
+
+
+def trainable_modules(model: ClipModel, train_unet: bool) -> torch.nn.ModuleDict:
+    parts = {"motion_adapter": model.denoiser.motion_adapter, "text_encoder": model.text_encoder}
+    parts["unet"] = model.denoiser.unet if train_unet else model.denoiser.unet.add_embedding
+    return torch.nn.ModuleDict(parts)
+
+
+def freeze_for_training(model: ClipModel, train_unet: bool) -> None:
+    model.denoiser.unet.requires_grad_(train_unet)
+    model.denoiser.unet.add_embedding.requires_grad_(True)
+    model.denoiser.motion_adapter.requires_grad_(True)
+    model.text_encoder.requires_grad_(True)
+
+
+def write_strip(model: ClipModel, path: Path, seed: int = 0) -> None:
+    """One row of frames per prompt of STRIP_PROMPTS."""
+    model.denoiser.eval()
+    clips_ = generate(BuiltinClipBackend(model), STRIP_PROMPTS, SamplerSettings(steps=20, guidance=3.0), seed=seed)
+    tile = 64
+    strip = Image.new("RGB", (tile * clips.NUM_FRAMES, tile * len(STRIP_PROMPTS)), "white")
+    for row, clip in enumerate(clips_):
+        for col, frame in enumerate(clip):
+            strip.paste(to_pil(frame, scale=2), (col * tile, row * tile))
+    strip.save(path)
+
+
+def save_checkpoint(out: Path, modules: torch.nn.ModuleDict, ema: EMAModel, opt, step: int, run_args: dict) -> None:
+    tmp, ckpt = out / "checkpoint.tmp", out / "checkpoint"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in modules.state_dict().items()}, tmp / "model.safetensors")
+    save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors only: loaded weights_only
+    meta = {"step": step, "ema_optimization_step": ema.optimization_step, "args": run_args}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    if ckpt.exists():
+        ckpt.rename(out / f"checkpoint.old{step}")
+    tmp.rename(ckpt)
+    for old in out.glob("checkpoint.old*"):  # keep only the newest complete checkpoint
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def ema_copy(model: ClipModel, ema: EMAModel, train_unet: bool) -> ClipModel:
+    import copy
+
+    out = copy.deepcopy(model)
+    ema.copy_to(trainable_modules(out, train_unet).parameters())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/clips"))
+    p.add_argument("--init", type=Path, default=image_model.DEFAULT_MODEL_DIR,
+                   help="the image model folder the clip model starts from")
+    p.add_argument("--steps", type=int, default=3000, help="stop after this many steps in all")
+    p.add_argument("--batch", type=int, default=6, help="clips per step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--every", type=int, default=200, help="checkpoint and strip interval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--high-noise-frac", type=float, default=0.3)
+    p.add_argument("--high-noise-min", type=int, default=900)
+    p.add_argument("--train-unet", action="store_true", help="fine-tune the image layers too")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
+    p.add_argument("--export-only", action="store_true", help="with --resume: export the checkpoint and exit")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    model = video_model.from_image_model(image_model.load_model(args.init), seed=args.seed)
+    ckpt = args.out / "checkpoint"
+    start = 0
+    if args.resume and ckpt.exists():
+        meta = json.loads((ckpt / "state.json").read_text())
+        run_args = meta["args"]  # the recipe is the run's, not this command line's
+        args.train_unet = bool(run_args.get("train_unet", False))
+    freeze_for_training(model, args.train_unet)
+    modules = trainable_modules(model, args.train_unet)
+    params = [q for q in modules.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    if args.resume and ckpt.exists():
+        modules.load_state_dict(load_file(ckpt / "model.safetensors"))
+        shadow = load_file(ckpt / "ema.safetensors")
+        ema.shadow_params = [shadow[f"p{i}"] for i in range(len(shadow))]
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        start, ema.optimization_step = meta["step"], meta["ema_optimization_step"]
+        print(f"resumed from step {start}")
+    if args.export_only:
+        if not args.export:
+            p.error("--export-only needs --export DIR")
+        export(model, ema, args, start, run_args)
+        return
+    model.to(device)
+    ema.to(device)
+    sched = model.scheduler
+    log = (args.out / "log.jsonl").open("a")
+    batches = clip_batches(args.seed, args.batch, start)
+    gen = torch.Generator()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain clips")
+    t0, running = time.time(), None
+    for step in bar:
+        model.denoiser.train()
+        model.text_encoder.train()
+        frames, captions = next(batches)
+        gen.manual_seed(args.seed * 7919 + step)  # per step: a resumed run draws what a straight one would
+        captions = ["" if torch.rand(1, generator=gen).item() < 0.1 else c for c in captions]
+        frames = frames.to(device)
+        noise = torch.randn(frames.shape, generator=gen).to(device)
+        t = sample_timesteps(len(frames), sched.config.num_train_timesteps, gen, args.high_noise_frac,
+                             args.high_noise_min).to(device)
+        # One timestep per clip: the add_noise / velocity helpers broadcast over the frames.
+        flat_t = t.repeat_interleave(frames.shape[1])
+        noisy = sched.add_noise(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
+        target = sched.get_velocity(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
+        ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(device)
+        cond = model.text_encoder(ids).last_hidden_state
+        pred = model.denoiser(noisy, t, cond).sample
+        per_clip = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
+        loss = (loss_weights(sched, t) * per_clip).mean()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; resume from the last checkpoint")
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        done = step + 1
+        if done % 25 == 0:
+            log.write(json.dumps({"step": done, "loss": running, "elapsed_s": time.time() - t0}) + "\n")
+            log.flush()
+        if done % args.every == 0 or done == args.steps:
+            save_checkpoint(args.out, modules, ema, opt, done, run_args)
+            write_strip(ema_copy(model, ema, args.train_unet), args.out / f"strip_{done:06d}.png")
+    if args.export:
+        export(model, ema, args, args.steps, run_args)
+
+
+def export(model: ClipModel, ema: EMAModel, args, step: int, run_args: dict) -> None:
+    """Write the EMA weights as a clip model folder (the model card's fields are kept)."""
+    card_path = args.export / "model_index.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    card.update({"pretrain_steps": step, "default_guidance": 3.0, "default_eta": 1.0, "default_steps": 20,
+                 **{k: run_args.get(k) for k in ("batch", "lr", "seed", "ema_decay", "train_unet")}})
+    ema_copy(model, ema, bool(run_args.get("train_unet"))).to("cpu").save(args.export, card=card)
+    print(f"exported the EMA model at step {step} to {args.export}")
+
+
+if __name__ == "__main__":
+    main()
