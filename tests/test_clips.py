@@ -147,4 +147,4 @@ def test_a_copy_runs_its_own_motion_modules(fresh_clip_model) -> None:
 def test_shape_mask_covers_the_shape_area(kind: str, area: float) -> None:
     mask = sw.shape_mask(kind, 16.0, 16.0, 8.5)
     assert mask.shape == (32, 32, 1) and 0 <= mask.min() and mask.max() <= 1
-    assert abs(mask.sum() - area) < 0.03 * area
+    assert abs(mask.sum() - area) < 0.05 * area  # drawn on a 4x grid: edges round
