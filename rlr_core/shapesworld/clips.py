@@ -160,21 +160,27 @@ def render_clip(scene: ClipScene, rng: np.random.Generator | None = None) -> np.
     return np.stack(frames).astype(np.float32)
 
 
-def random_partial_clip(rng: random.Random, scene: ClipScene, drop_prob: float) -> PartialClipScene:
-    kept = {k: v for k, v in scene.as_dict().items() if rng.random() >= drop_prob}
+def random_partial_clip(rng: random.Random, scene: ClipScene, drop_prob: float,
+                        drop_overrides: dict[str, float] | None = None) -> PartialClipScene:
+    """Forget each attribute with probability ``drop_prob`` (``drop_overrides``: per attribute)."""
+    probs = drop_overrides or {}
+    kept = {k: v for k, v in scene.as_dict().items() if rng.random() >= probs.get(k, drop_prob)}
     if scene.direction == "still":
         kept.pop("speed", None)
     return PartialClipScene(**kept)
 
 
 def training_clips(seed: int, drop_prob: float = 0.3, allow_held_out: bool = False,
+                   drop_overrides: dict[str, float] | None = None, fixed: dict[str, str] | None = None,
                    ) -> Iterator[tuple[np.ndarray, str, ClipScene]]:
-    """An endless stream of (clip, caption, scene); captions omit attributes at random."""
+    """An endless stream of (clip, caption, scene); captions omit attributes at random.
+    ``fixed`` pins attributes of every scene (a curriculum's narrow first stages)."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     while True:
-        scene = PartialClipScene().complete(rng, allow_held_out=allow_held_out)
-        yield render_clip(scene, nrng), clip_caption(random_partial_clip(rng, scene, drop_prob)), scene
+        scene = PartialClipScene(**(fixed or {})).complete(rng, allow_held_out=allow_held_out)
+        caption = clip_caption(random_partial_clip(rng, scene, drop_prob, drop_overrides))
+        yield render_clip(scene, nrng), caption, scene
 
 
 def all_clip_scenes(include_held_out: bool = True) -> list[ClipScene]:

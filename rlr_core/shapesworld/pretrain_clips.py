@@ -47,9 +47,10 @@ STRIP_PROMPTS = [
 ]
 
 
-def clip_batches(seed: int, batch: int, start_step: int):
+def clip_batches(seed: int, batch: int, start_step: int, fixed: dict[str, str] | None = None,
+                 drop_overrides: dict[str, float] | None = None):
     """Batches of (clips (B, F, 3, H, W) in [-1, 1], captions); skips ``start_step`` batches on resume."""
-    stream = clips.training_clips(seed)
+    stream = clips.training_clips(seed, fixed=fixed, drop_overrides=drop_overrides)
     for _ in range(start_step * batch):
         next(stream)
     while True:
@@ -124,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--high-noise-frac", type=float, default=0.3)
     p.add_argument("--high-noise-min", type=int, default=900)
     p.add_argument("--train-unet", action="store_true", help="fine-tune the image layers too")
+    p.add_argument("--fix", nargs="+", default=[], metavar="ATTR=VALUE",
+                   help="render only clips with these attributes (curriculum stages), e.g. background=black")
+    p.add_argument("--always-name", nargs="+", default=[], metavar="ATTR",
+                   help="never drop these attributes from captions (curriculum stages), e.g. direction speed")
+    p.add_argument("--init-checkpoint", type=Path, default=None,
+                   help="start from another run's checkpoint (fresh optimiser and EMA): the next curriculum stage")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
     p.add_argument("--export-only", action="store_true", help="with --resume: export the checkpoint and exit")
@@ -146,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     params = [q for q in modules.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    if args.init_checkpoint and not (args.resume and ckpt.exists()):
+        modules.load_state_dict(load_file(args.init_checkpoint / "model.safetensors"))
+        ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+        print(f"initialised from {args.init_checkpoint}")
     if args.resume and ckpt.exists():
         modules.load_state_dict(load_file(ckpt / "model.safetensors"))
         shadow = load_file(ckpt / "ema.safetensors")
@@ -162,7 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     ema.to(device)
     sched = model.scheduler
     log = (args.out / "log.jsonl").open("a")
-    batches = clip_batches(args.seed, args.batch, start)
+    fixed = dict(item.split("=", 1) for item in args.fix)
+    for attr, value in fixed.items():
+        if value not in clips.CLIP_ATTRIBUTES.get(attr, ()):
+            p.error(f"--fix {attr}={value}: unknown attribute or value")
+    unknown = set(args.always_name) - set(clips.CLIP_ATTRIBUTES)
+    if unknown:
+        p.error(f"--always-name: unknown attributes {sorted(unknown)}")
+    batches = clip_batches(args.seed, args.batch, start, fixed or None, {a: 0.0 for a in args.always_name} or None)
     gen = torch.Generator()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain clips")
     t0, running = time.time(), None
