@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,6 +63,14 @@ def test_the_loader_takes_an_animatediff_folder(loaded):
     assert loaded.num_frames == 8  # 16 by default, capped by the adapter's 8 positions
     assert loaded.state_shape == (4, 8, 8, 8) and loaded.image_size == (16, 16)
     assert type(loaded.unet).__name__ == "UNetMotionModel"
+
+
+def test_the_start_up_line_names_frames_and_frame_size(loaded):
+    from app.services import AppServices
+
+    # the method alone, on the loaded backend (a whole app on a video backend is the app's tests' job)
+    line = AppServices.device_summary(SimpleNamespace(base_backend=loaded))
+    assert line.startswith("tiny-ad on cpu, float32, 8 frames of 16x16 ("), line
 
 
 def test_a_clip_is_frames_in_unit_range_that_differ_by_frame_and_seed(backend):
