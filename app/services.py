@@ -352,4 +352,5 @@ class AppServices:
         b = self.base_backend
         h, w = b.image_size
         dtype = str(b.dtype).removeprefix("torch.")
-        return f"{b.name} on {b.device}, {dtype}, {w}x{h} ({torch.get_num_threads()} torch thread(s))"
+        size = f"{b.num_frames} frames of {w}x{h}" if getattr(b, "is_video", False) else f"{w}x{h}"
+        return f"{b.name} on {b.device}, {dtype}, {size} ({torch.get_num_threads()} torch thread(s))"

@@ -9,6 +9,11 @@ default configuration is AnimateDiff v1.5's: motion modules on 320/640/1280/1280
 the F decoded frames. Rows at batch 1: truncated BP K'=1, DDPO (sampling and one inner epoch,
 one clip per denoiser call) and RLR h = 1, 2, each timed once after a warm-up, with the allocator's peak.
 At batch 1 the likelihood-ratio terms have no baseline (their gradient is 0); their cost is real.
+
+The backend is the app's (``rlr_core.backends.animatediff.AnimateDiffBackend``: bf16 under
+autocast on CUDA), prepared as a training round prepares it (gradient checkpointing in the motion
+UNet and the VAE, the decode in checkpointed chunks of frames); ``--no-prepare`` gives the first
+H200 run's setup (VAE checkpointing only).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from diffusers import MotionAdapter, UNetMotionModel
 
 from bench.common import print_table
 from bench.gpu_sd15 import Report, _fmt_row, measure_row
-from bench.sd_models import CastingLatentBackend, build_backend, redness
+from bench.sd_models import CastingLatentBackend, _runs, build_backend, redness
+from rlr_core.backends.animatediff import DECODE_CHUNK, AnimateDiffBackend
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import lora
@@ -38,26 +44,9 @@ ROWS: list[tuple[str, str, dict]] = [
 ]
 
 
-class VideoLatentBackend(CastingLatentBackend):
-    """A motion UNet over latent clips (B, C, F, H, W); decodes to frames (B, F, 3, H, W)."""
-
-    def __init__(self, frames: int, **parts):
-        super().__init__(**parts)
-        self.frames = frames
-
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        c, h, w = super().state_shape
-        return (c, self.frames, h, w)
-
-    def model_output(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
-        # UNetMotionModel does not repeat the text over frames: it wants (B*F, L, D), batch-major
-        return super().model_output(x, t, cond.repeat_interleave(x.shape[2], dim=0))
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x0.shape
-        frames = super().decode(x0.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
-        return frames.reshape(b, f, *frames.shape[1:])
+class CastingAnimateDiffBackend(AnimateDiffBackend, CastingLatentBackend):
+    """The app's backend with the bench's casts, for weights it cannot run as they are (bf16 on a
+    CPU: autocast is CUDA-only there); AnimateDiffBackend's calls reach CastingLatentBackend's."""
 
 
 def video_redness(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -66,18 +55,24 @@ def video_redness(clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return redness(clips.flatten(0, 1), list(prompts) * f).reshape(b, f).mean(1)
 
 
-def build_video_backend(tiny: bool, device: str, dtype: torch.dtype, frames: int) -> tuple[VideoLatentBackend, dict]:
+def build_video_backend(tiny: bool, device: str, dtype: torch.dtype, frames: int) -> tuple[AnimateDiffBackend, dict]:
+    """The app's AnimateDiff backend (rlr_core.backends.animatediff) on SD 1.5 + a default
+    MotionAdapter with random weights (tiny: the tests' sizes)."""
     image, info = build_backend(tiny, device, dtype)
     with torch.device(device):
         adapter = MotionAdapter(**(TINY_ADAPTER if tiny else {}))
         unet = UNetMotionModel.from_unet2d(image.unet, adapter).to(dtype)
     del adapter
-    backend = VideoLatentBackend(frames, unet=unet, vae=image.vae, text_encoder=image.text_encoder,
-                                 tokenizer=image.tokenizer, scheduler=image.scheduler,
-                                 name=info["name"] + "-animatediff")
+    parts = dict(unet=unet, vae=image.vae, text_encoder=image.text_encoder, tokenizer=image.tokenizer,
+                 scheduler=image.scheduler, name=info["name"] + "-animatediff", num_frames=frames)
+    backend: AnimateDiffBackend = AnimateDiffBackend(**parts)
+    handling = "backend (rlr_core.backends.animatediff)"
+    if not _runs(backend):
+        backend = CastingAnimateDiffBackend(**parts)
+        handling = "bench cast (CastingAnimateDiffBackend: the plain backend could not run these weights)"
     info = {**info, "name": backend.name, "frames": frames, "latent_shape": list(backend.state_shape),
             "params": {**info["params"], "unet": sum(p.numel() for p in unet.parameters())},
-            "dtype_handling": "bench cast (VideoLatentBackend)"}
+            "dtype_handling": handling}
     return backend, info
 
 
@@ -85,10 +80,17 @@ def run(args: argparse.Namespace) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.perf_counter()
     backend, info = build_video_backend(args.tiny, args.device, dtype, args.frames)
-    backend.vae.enable_gradient_checkpointing()
+    if args.prepare:
+        backend.prepare_for_training(True)  # what a training round does (rlr_core.training.round)
+    else:
+        backend.vae.enable_gradient_checkpointing()  # the first H200 run's setup
     sampler = SamplerSettings(steps=args.steps, eta=1.0, guidance=args.guidance)
     report = Report(args.json, {"model": {**info, "build_s": time.perf_counter() - t0},
                                 "sampler": vars(sampler) | {"lora_rank": 4, "reward": "mean redness of the frames"},
+                                "training_setup": ("prepare_for_training: checkpointing in the motion UNet and "
+                                                   "the VAE, decode in checkpointed chunks of "
+                                                   f"{DECODE_CHUNK} frames" if args.prepare else
+                                                   "VAE gradient checkpointing only"),
                                 "budget_s": args.budget_s})
     params = lora.add_lora(backend, rank=4, seed=0)
     report.data["model"]["lora"] = {"rank": 4, "params": sum(p.numel() for p in params)}
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budget-s", type=float, default=240, help="start no row after this many seconds")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-prepare", dest="prepare", action="store_false",
+                   help="VAE checkpointing only (the first H200 run), not the backend's prepare_for_training")
     args, _ = p.parse_known_args(argv)  # tolerates gpu_sd15's extra arguments (scripts/gpu_check.sh)
     args.device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     args.dtype = args.dtype or ("fp32" if args.tiny else "bf16")

@@ -82,6 +82,9 @@ def test_paper_accounting_rows_without_checkpointing(tmp_path):
 def test_video_rows_on_a_tiny_animatediff(tmp_path):
     data = _run_module(["bench.gpu_video", "--tiny", "--threads", "1"], tmp_path / "video.json")
     assert data["complete"] and data["model"]["frames"] == 4 and data["model"]["latent_shape"] == [4, 4, 8, 8]
+    # the app's AnimateDiff backend, prepared as a training round prepares it
+    assert data["model"]["dtype_handling"] == "backend (rlr_core.backends.animatediff)"
+    assert data["training_setup"].startswith("prepare_for_training")
     assert [r["row"] for r in data["rows"]] == ["truncated-bp K'=1", "ddpo (1 inner epoch)", "rlr h=1", "rlr h=2"]
     for r in data["rows"]:
         assert _number(r["time_s"]) and _number(r["reward_mean"]) and _number(r["grad_norm"]), r

@@ -4,6 +4,7 @@
     load_backend("./my-sd-folder", "cuda", "fp16")       a diffusers pipeline folder
     load_backend("org/name", "cuda")                     a hub id (from the local cache when offline)
     load_backend("./model.safetensors", "cuda")          a single-file checkpoint (diffusers from_single_file)
+    load_backend("./my-animatediff", "cuda")             an AnimateDiffPipeline folder (video; backends.animatediff)
 
 Every failure is a :class:`ModelLoadError` whose message (one line) says what was found and
 what to do; ``python app.py`` prints it and exits with code 2.
@@ -131,11 +132,16 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
             meta = json.loads(index.read_text())
         except ValueError:
             meta = {}
+    from rlr_core.backends import animatediff
+
+    if str(meta.get("_class_name", "")).startswith("AnimateDiff") or animatediff.is_motion_adapter_folder(path):
+        return animatediff.load_folder(path, label, meta, device, dtype)
     missing = [c for c in NEEDED if not isinstance(meta.get(c), list)]
     if not meta or missing or "text_encoder_2" in meta:
         raise ModelLoadError(
             f"--model {label}: not a text-to-image pipeline this app can serve: found {describe_folder(path)}; "
-            f"it needs a Stable Diffusion 1.x/2.x-class diffusers folder ({', '.join(NEEDED)})")
+            f"it needs a Stable Diffusion 1.x/2.x-class diffusers folder ({', '.join(NEEDED)}), "
+            "or an AnimateDiffPipeline folder for video")
     from diffusers import StableDiffusionPipeline
 
     try:
