@@ -154,7 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     if args.init_checkpoint and not (args.resume and ckpt.exists()):
-        modules.load_state_dict(load_file(args.init_checkpoint / "model.safetensors"))
+        state = load_file(args.init_checkpoint / "model.safetensors")
+        init_args = json.loads((args.init_checkpoint / "state.json").read_text())["args"]
+        if args.train_unet and not init_args.get("train_unet"):
+            # That run trained only the UNet's pooled-caption embedding: it loads into the
+            # whole UNet (whose other layers are the image model's) under its own name.
+            state = {k.replace("unet.", "unet.add_embedding.", 1) if k.startswith("unet.") else k: v
+                     for k, v in state.items()}
+            modules.load_state_dict(state, strict=False)
+        else:
+            modules.load_state_dict(state)
         ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
         print(f"initialised from {args.init_checkpoint}")
     if args.resume and ckpt.exists():
