@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import api, hub_export
+from app import api, hub_export, video
 from app.archive import MAX_BYTES
 from app.config import AppConfig
 from app.services import AppServices
@@ -38,7 +38,8 @@ TITLE = "RLR feedback"
 
 def header_text(services: AppServices) -> str:
     public = " · public: model changes need the admin password" if services.config.needs_admin else ""
-    return (f"# {TITLE}\nRate the model's images; the app learns what you like and fine-tunes the model "
+    things = video.noun(services.base_backend, plural=True)
+    return (f"# {TITLE}\nRate the model's {things}; the app learns what you like and fine-tunes the model "
             f"with RLR in the background. Model: **{services.device_summary()}**{public}")
 
 
