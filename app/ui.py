@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import api, hub_export, video
+from app import api, hub_export, video, video_export
 from app.archive import MAX_BYTES
 from app.config import AppConfig
 from app.services import AppServices
@@ -75,6 +75,8 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
                 data.build(services, session, data_tab)
                 hub_export.build(services, session)
+                if services.is_video:
+                    video_export.build(services, session)
 
         if services.identity.public:
             on_load_public(demo, password, active)
@@ -94,6 +96,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
                            **QUICK, **PRIVATE)
         api.register(services)
         hub_export.register_api(services)
+        video_export.register_api(services)
     demo.queue(default_concurrency_limit=1, max_size=256)
     return demo, services
 

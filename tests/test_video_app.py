@@ -5,11 +5,14 @@ exported and imported. Smallest settings: 2-3 sampling steps, a 1-step round at 
 from __future__ import annotations
 
 import base64
+import json
 import time
+import zipfile
 
 import pytest
 
 from feedback_store import FeedbackStore, clips
+from feedback_store.videofolder import read_avi
 from tests.clip_model import clip_model_dir
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -98,3 +101,15 @@ def test_a_video_round_through_the_api(clip_app, tmp_path):
             assert a["sampler_settings"] == b["sampler_settings"]
     finally:
         fresh.close()
+
+    # the clips as a Hugging Face videofolder: one lossless AVI per clip, with metadata
+    archive = client.predict(api_name="/export_videos")
+    with zipfile.ZipFile(archive) as zf:
+        meta = [json.loads(line) for line in zf.read("metadata.jsonl").decode().splitlines()]
+        assert len(meta) == store.counts()["samples"] == 4  # 2 generated + the round's 2
+        for row in meta:
+            stored = clips.read_frames(store.get_sample(row["id"])["image_file"])
+            assert (read_avi(zf.read(row["file_name"])) == stored).all()
+            assert row["text"] == PROMPT and row["frames"] == 8
+        cmp = [json.loads(line) for line in zf.read("comparisons.jsonl").decode().splitlines()]
+        assert len(cmp) == 2 and cmp[0]["label_0"] == 1.0 and cmp[0]["video_0_file"].endswith(".avi")
