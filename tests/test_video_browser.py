@@ -4,6 +4,8 @@ smoothing. Screenshots go to tests/artifacts/screenshots/ (ignored)."""
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -44,8 +46,9 @@ def page(running):
 
 def served_frames(page, selector: str):
     """The frames of the file the page shows in ``selector`` (fetched as the browser fetched it)."""
-    src = page.locator(f"{selector} img").first.get_attribute("src")
-    with urllib.request.urlopen(src) as response:  # noqa: S310 (the local test server)
+    src = urllib.parse.urljoin(page.url, page.locator(f"{selector} img").first.get_attribute("src"))
+    assert re.search(r"/[0-9a-f]{64}\.png$", src)  # a hash-named copy, never a data-folder file
+    with urllib.request.urlopen(src, timeout=30) as response:  # the local test server
         return clips.read_frames(response.read())
 
 
@@ -60,8 +63,7 @@ def test_rate_and_compare_clips_in_the_browser(running, page):
 
     # --- generate two clips: each a looping animated PNG of 8 frames, shown pixel-art style ----
     set_number(page, "steps", 2)
-    page.locator("#n-images input[type=number]").first.fill("2")
-    page.locator("#n-images input[type=number]").first.press("Tab")
+    set_number(page, "n-images", 2)
     page.locator("#prompt textarea").fill(PROMPT)
     page.click("#generate")
     page.wait_for_selector("#current img", timeout=SLOW)
