@@ -57,6 +57,7 @@ def wait_for_round(client, timeout: float = 1800) -> dict:
     raise AssertionError("the round did not end in time")
 
 
+@pytest.mark.slow
 def test_a_video_round_through_the_api(clip_app, tmp_path):
     client = gradio_client.Client(clip_app.url, verbose=False)
     store = clip_app.services.store
