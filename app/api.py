@@ -6,7 +6,7 @@
     client.predict(samples[0]["sample_id"], 5, "alice", api_name="/rate")
 
 Images travel as base64 PNG (``image_png_b64``; a built-in 32x32 image is about 1 KB, a 512x512 one
-about 400 KB); exports and
+about 400 KB); clips of a video model as base64 animated PNG in the same field (``frames`` > 1); exports and
 LoRA weights as files. ``examples/api_loop.py`` drives a whole loop. Endpoints that change the
 model or import or export data take ``admin_password``, which a local app ignores and a public one
 checks. On a public app, ``rater`` is a rater token from ``/rater_token``, not a name (see
@@ -16,28 +16,19 @@ checks. On a public app, ``rater`` is a rater token from ``/rater_token``, not a
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
-from PIL import Image
 
-from app import files
+from app import files, video
 from app.errors import user_errors
 from app.identity import new_token
 from app.round_config import RoundConfig
 from app.services import AppServices
 from app.tabs.common import MODEL_API, QUICK_API
-from rlr_core.images import to_pil
-
-
-def png_b64(image: Any) -> str:
-    buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.open(image)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def public_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +117,7 @@ def register(services: AppServices) -> None:
                        fine_start: float = 0.6, seed: int = 0, steps: int = 20) -> dict:
         """Plain prompt vs stage prompts from the same noise, at the end of each stage (base64 PNGs)."""
         out = s.preview_stages(prompt, coarse, mid, fine, mid_start, fine_start, seed, steps)
-        enc = lambda ims: [png_b64(to_pil(im)) for im in ims]
+        enc = lambda ims: [base64.b64encode(video.png_bytes(im)).decode() for im in ims]  # clips: animated PNGs
         return {"plain": enc(out["plain"]), "staged": enc(out["staged"]), "stage_steps": out["stage_steps"],
                 "schedule": out["schedule"]}
 

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "exporting data; rating stays open to everyone. See docs/security.md.",
     )
     p.add_argument("--model",
-                   help="the model: the built-in model folder, a diffusers Stable Diffusion pipeline folder, "
+                   help="the model: the built-in model folder, the built-in clip model folder "
+                   "(models/shapesworld-clips: a video app), a diffusers Stable Diffusion pipeline folder, "
                    "a hub id (org/name; taken from the local Hugging Face cache when offline) or a "
                    "single-file .safetensors checkpoint [RLR_MODEL] (default: the ShapesWorld model shipped "
                    "in models/shapesworld-tiny)")

@@ -59,6 +59,16 @@ class PublicImages:
         os.replace(tmp, target)
         return str(target)
 
+    def put(self, data: bytes) -> str:
+        """A public file of PNG bytes made here (a prompt-lab preview clip), named by its hash."""
+        target = self.root / f"{sha256(data)}.png"
+        if not target.is_file():
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        return str(target)
+
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app import files
+from app import files, video
 from app import validate as check
 from app.admin_guard import AdminGuard
 from app.archive import extract as extract_archive
@@ -65,10 +65,8 @@ class AppServices:
         self._ensure_base_version()
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
-        from rlr_core.feedback.encoders import make_image_encoder
-
-        # made at start-up, so a bad --reward-encoder fails before the page is served
-        encoder = make_image_encoder(config.reward_encoder, self.base_backend, config.device)
+        # made at start-up, so a bad --reward-encoder fails before the page is served; clips for a video model
+        encoder = video.reward_encoder(config.reward_encoder, self.base_backend, config.device)
         self.rounds = RoundRunner(self.store, self.worker, self.state, self.models, self.data_dir,
                                   authorise=self.check_admin, active_version=lambda: self.active_version_id,
                                   check_prompt=self.base_backend.check_prompt, image_encoder=encoder)
@@ -195,7 +193,12 @@ class AppServices:
         return {"sample_id": row["id"], "prompt": row["prompt"], "seed": row["seed"],
                 "version_id": row["model_version_id"], "version": self.version_name(row["model_version_id"]),
                 "stage_prompts": row["stage_prompts"], "settings": row["sampler_settings"],
+                "frames": row["sampler_settings"].get("frames", 1),  # > 1: a clip (an animated PNG)
                 "image_file": row["image_file"]}
+
+    @property
+    def is_video(self) -> bool:
+        return video.is_video(self.base_backend)
 
     def my_rating(self, sample_id: int, rater: str) -> int | None:
         return self.store.star_rating(sample_id, rater)
@@ -352,5 +355,5 @@ class AppServices:
         b = self.base_backend
         h, w = b.image_size
         dtype = str(b.dtype).removeprefix("torch.")
-        size = f"{b.num_frames} frames of {w}x{h}" if getattr(b, "is_video", False) else f"{w}x{h}"
+        size = f"{b.num_frames} frames of {w}x{h}" if self.is_video else f"{w}x{h}"
         return f"{b.name} on {b.device}, {dtype}, {size} ({torch.get_num_threads()} torch thread(s))"

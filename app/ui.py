@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import api, hub_export
+from app import api, hub_export, video, video_export
 from app.archive import MAX_BYTES
 from app.config import AppConfig
 from app.services import AppServices
@@ -38,7 +38,8 @@ TITLE = "RLR feedback"
 
 def header_text(services: AppServices) -> str:
     public = " · public: model changes need the admin password" if services.config.needs_admin else ""
-    return (f"# {TITLE}\nRate the model's images; the app learns what you like and fine-tunes the model "
+    things = video.noun(services.base_backend, plural=True)
+    return (f"# {TITLE}\nRate the model's {things}; the app learns what you like and fine-tunes the model "
             f"with RLR in the background. Model: **{services.device_summary()}**{public}")
 
 
@@ -74,6 +75,8 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
                 data.build(services, session, data_tab)
                 hub_export.build(services, session)
+                if services.is_video:
+                    video_export.build(services, session)
 
         if services.identity.public:
             on_load_public(demo, password, active)
@@ -93,6 +96,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
                            **QUICK, **PRIVATE)
         api.register(services)
         hub_export.register_api(services)
+        video_export.register_api(services)
     demo.queue(default_concurrency_limit=1, max_size=256)
     return demo, services
 

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 from sqlite_utils import Database
 
-from feedback_store import queries
+from feedback_store import clips, queries
 from feedback_store import validation as v
 from feedback_store.base import DB_NAME, TABLES, StoreBase, decode_row
 from feedback_store.errors import NotFoundError
@@ -113,21 +113,29 @@ class FeedbackStore(JudgementsMixin, TrainingRoundsMixin):
     # ----------------------------------------------------------------- samples
     def add_sample(self, image: Any, prompt: str, seed: int | None = None, settings: dict | None = None,
                    model_version_id: int | None = None, stage_prompts: Sequence[str] | None = None) -> int:
-        """Store an image (PIL, HxWx3 array, or 3xHxW tensor) and its provenance; return its id.
-
-        The PNG is written (atomically) before the row, so no row ever points at a missing file."""
+        """Store an image (PIL, HxWx3 array, or 3xHxW tensor) or a clip (FxHxWx3, Fx3xHxW, a
+        list of frames: one animated PNG, see :mod:`feedback_store.clips`) and its provenance;
+        return its id. The file is written (atomically) before the row, so no row ever points at
+        a missing file."""
         v.text(prompt, "prompt")
+        v.json_object(settings, "sampler settings")
+        try:
+            if clips.is_clip(image):
+                frames = clips.frames_of(image)
+                pil, data = frames[0], clips.encode_apng(frames)
+                settings = {**(settings or {}), "frames": len(frames), "frames_sha256": clips.frames_sha256(frames)}
+            else:
+                pil = to_pil(image)
+                data = encode_png(pil)
+        except ValueError as err:
+            raise v.ValidationError(f"cannot store this image: {err}") from err
         row = {"seed": v.seed(seed), "sampler_settings": v.json_object(settings, "sampler settings"),
                "stage_prompts": v.stage_prompts(stage_prompts),
                "model_version_id": None if model_version_id is None
                else v.identifier(model_version_id, "model version id")}
-        try:
-            pil = to_pil(image)
-        except ValueError as err:
-            raise v.ValidationError(f"cannot store this image: {err}") from err
         if model_version_id is not None:  # check first so a bad id does not leave a file behind
             self._require(self.db, "model_versions", model_version_id, "model version")
-        digest, rel = self.images.put(encode_png(pil))
+        digest, rel = self.images.put(data)
 
         def tx(db: Database) -> int:
             return db["samples"].insert({

@@ -62,6 +62,21 @@ def split_prompt(prompt: str) -> StagePrompts:
     return StagePrompts(coarse=coarse, mid=mid, fine=canonical)
 
 
+def split_clip_prompt(prompt: str) -> StagePrompts:
+    """The clip grammar's split: ``coarse`` is the layout and the motion (size, direction, speed,
+    background: where the shape goes is decided as early as where it is), ``mid`` adds what
+    shape it is, ``fine`` is the full prompt (colour and every detail). Raises ``text.PromptError``."""
+    from rlr_core.shapesworld import clips
+
+    canonical = text.check_prompt(prompt, video=True)
+    scene = clips.parse_clip_caption(canonical)
+    layout = {"size": scene.size, "direction": scene.direction, "speed": scene.speed,
+              "background": scene.background}
+    coarse = clips.clip_caption(clips.PartialClipScene(**layout))
+    mid = clips.clip_caption(clips.PartialClipScene(kind=scene.kind, **layout))
+    return StagePrompts(coarse=coarse, mid=mid, fine=canonical)
+
+
 def check_stage_prompts(prompts: Sequence[str], check: Callable[[str], str] = text.check_prompt) -> StagePrompts:
     """Validate edited stage prompts; each must be a prompt the model can read (``check``: the
     backend's prompt check; the default is the built-in model's)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from app import video
 from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
@@ -50,8 +51,10 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
                     "prompt make a pair).", None, None, counts_text(rater))
         state = {"left": nxt["left"]["sample_id"], "right": nxt["right"]["sample_id"],
                  "shown_at": time.time(), "token": uuid.uuid4().hex}
-        return (state, f"Which image fits **{nxt['prompt']}** better?", services.images.copy(nxt["left"]["image_file"]),
-                services.images.copy(nxt["right"]["image_file"]), counts_text(rater))
+        what = video.noun(services.base_backend)
+        return (state, f"Which {what} fits **{nxt['prompt']}** better?",
+                services.images.copy(nxt["left"]["image_file"]), services.images.copy(nxt["right"]["image_file"]),
+                counts_text(rater))
 
     outputs = [pair, question, left, right, count]
 

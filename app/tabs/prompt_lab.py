@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app import video
 from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
@@ -27,7 +28,10 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 def build(services: AppServices, session: Session) -> None:
     settings = services.stage_settings()
     default = "a large red circle on the left, black background"
-    if not isinstance(services.base_backend, BuiltinBackend):  # free text: the person writes the stages
+    clips = video.is_video(services.base_backend)
+    if video.builtin_clip_model(services.base_backend):  # the clip grammar: layout and motion first
+        default = video.CLIP_EXAMPLES[0]
+    elif not isinstance(services.base_backend, BuiltinBackend):  # free text: the person writes the stages
         default = "a lighthouse on a cliff at sunset, oil painting"
     try:
         first = services.split_prompt(default)
@@ -40,7 +44,8 @@ def build(services: AppServices, session: Session) -> None:
             prompt = gr.Textbox(label="Prompt", value=default, elem_id="lab-prompt", scale=5, max_length=10_000)
             split = gr.Button("Split into stages", elem_id="lab-split", scale=1)
         with gr.Row():
-            coarse = gr.Textbox(label="Coarse stage (layout: background, position, size)",
+            coarse = gr.Textbox(label="Coarse stage (layout and motion: background, size, direction, speed)"
+                                if clips else "Coarse stage (layout: background, position, size)",
                                 value=first["coarse"], elem_id="lab-coarse")
             mid = gr.Textbox(label="Mid stage (+ what shape)", value=first["mid"], elem_id="lab-mid")
             fine = gr.Textbox(label="Fine stage (colour, every detail)", value=first["fine"],
@@ -82,7 +87,8 @@ def build(services: AppServices, session: Session) -> None:
     @user_errors
     def on_split(text: str):
         st = services.split_prompt(text)
-        how = ("Split with the built-in rules" if isinstance(services.base_backend, BuiltinBackend)
+        rules = isinstance(services.base_backend, BuiltinBackend) or video.builtin_clip_model(services.base_backend)
+        how = ("Split with the built-in rules" if rules
                else "Each stage starts as the prompt itself: write what the layout, shape and detail stages get")
         return st["coarse"], st["mid"], st["fine"], f"{how}; edit any stage."
 
@@ -91,8 +97,11 @@ def build(services: AppServices, session: Session) -> None:
         out = services.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
         names = ["end of coarse", "end of mid", "final"]
         scale = display_scale(services.base_backend.image_size)
-        plain = [(to_pil(im, scale=scale), f"plain · {name}") for im, name in zip(out["plain"], names)]
-        staged = [(to_pil(im, scale=scale), f"stages · {name}") for im, name in zip(out["staged"], names)]
+        # clips as looping animated PNGs (a gallery given PIL images would keep only a frame)
+        show = ((lambda im: services.images.put(video.png_bytes(im, scale))) if clips
+                else (lambda im: to_pil(im, scale=scale)))
+        plain = [(show(im), f"plain · {name}") for im, name in zip(out["plain"], names)]
+        staged = [(show(im), f"stages · {name}") for im, name in zip(out["staged"], names)]
         n = out["stage_steps"]
         table = (f"Steps per stage: coarse **{n[0]}**, mid **{n[1]}**, fine **{n[2]}** · "
                  f"plain prompt: *{out['prompt']}*")

@@ -6,6 +6,7 @@ import random
 
 import gradio as gr
 
+from app import video
 from app.errors import user_errors
 from app.services import MAX_IMAGES, MAX_SEED, AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session, sample_caption, stars_text
@@ -35,6 +36,9 @@ def build(services: AppServices, session: Session) -> None:
     cursor = gr.State(0)  # index of the sample shown big
     view_height = display_height(services.base_backend.image_size)
     examples = EXAMPLES if isinstance(services.base_backend, BuiltinBackend) else FREE_TEXT_EXAMPLES
+    if video.builtin_clip_model(services.base_backend):
+        examples = video.CLIP_EXAMPLES
+    things = video.noun(services.base_backend, plural=True).capitalize()  # Images or Clips (they loop)
     with gr.Column(elem_id="rate-panel"):
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value=examples[0], elem_id="prompt", scale=5,
@@ -42,7 +46,7 @@ def build(services: AppServices, session: Session) -> None:
             go = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
         note = gr.Markdown(services.describe_prompt(examples[0]), elem_id="prompt-note")
         with gr.Row():
-            n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images", elem_id="n-images")
+            n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label=things, elem_id="n-images")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0, maximum=MAX_SEED)
             dice = gr.Button("New seed", size="sm", scale=0, elem_id="new-seed")
             steps = gr.Slider(2, 100, value=20, step=1, label="Sampling steps", elem_id="steps")
@@ -50,7 +54,7 @@ def build(services: AppServices, session: Session) -> None:
         gr.Examples(examples, inputs=prompt, label="Try")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Samples (model version · sample id · your stars)", columns=4,
+                gallery = gr.Gallery(label=f"{things} (model version · sample id · your stars)", columns=4,
                                      format="png", allow_preview=False, object_fit="contain",
                                      elem_id="gallery")
                 load_queue = gr.Button("Load my queue (unrated samples)", elem_id="load-queue")

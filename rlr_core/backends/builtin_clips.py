@@ -60,6 +60,11 @@ class BuiltinClipBackend(DiffusionBackend):
             return f"⚠️ {err}"
         return f"✓ the model reads: *{canonical}*"
 
+    def split_prompt(self, prompt: str) -> tuple[str, str, str]:
+        from rlr_core import dcot  # the clip grammar's rules: layout and motion, shape, colour
+
+        return tuple(dcot.split_clip_prompt(prompt).as_list())  # type: ignore[return-value]
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok = self.model.tokenizer

@@ -1,6 +1,7 @@
 """Pick and load the backend for a ``--model`` value.
 
     load_backend("models/shapesworld-tiny")             the built-in model (the default)
+    load_backend("models/shapesworld-clips")            the built-in clip model (a video app)
     load_backend("./my-sd-folder", "cuda", "fp16")       a diffusers pipeline folder
     load_backend("org/name", "cuda")                     a hub id (from the local cache when offline)
     load_backend("./model.safetensors", "cuda")          a single-file checkpoint (diffusers from_single_file)
@@ -42,6 +43,16 @@ def is_builtin_folder(path: Path) -> bool:
         return False
 
 
+def is_builtin_clip_folder(path: Path) -> bool:
+    """The built-in clip model (a video app); ``video_model.is_clip_model_folder``, never raising."""
+    from rlr_core.shapesworld.video_model import is_clip_model_folder
+
+    try:
+        return is_clip_model_folder(path)
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA where the GPU has it, else fp16. fp32 on a CPU whatever was asked:
     half precision there is slow or unsupported."""
@@ -67,6 +78,10 @@ def load_backend(model: str | Path, device: str | torch.device = "cpu",
         from rlr_core.backends.builtin import BuiltinBackend
 
         return BuiltinBackend.load(path, device=device)
+    if is_builtin_clip_folder(path):
+        from rlr_core.backends.builtin_clips import BuiltinClipBackend
+
+        return BuiltinClipBackend.load(path, device=device)
     torch_dtype = resolve_dtype(dtype, device)
     if path.is_dir():
         return _load_folder(path, str(model), device, torch_dtype)

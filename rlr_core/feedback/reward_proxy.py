@@ -398,12 +398,18 @@ def fit(proxy: RewardProxy, images: torch.Tensor, prompts: Sequence[str],
 
 
 def load_image_tensor(paths: Sequence[str | Path]) -> torch.Tensor:
-    """PNG files -> (B, 3, H, W) floats in [0, 1] (all images must share a size)."""
+    """PNG files -> (B, 3, H, W) floats in [0, 1] (all images must share a size); animated PNGs
+    (the store's clips) -> (B, F, 3, H, W), every frame."""
     arrays = []
     for p in paths:
         with Image.open(p) as im:
-            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            frames = []
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                frames.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+        arrays.append(frames[0] if len(frames) == 1 else np.stack(frames))
+    batch = torch.from_numpy(np.stack(arrays))
+    return batch.movedim(-1, -3).contiguous()  # channels before height and width
 
 
 def train_from_store(store: FeedbackStore, image_encoder: ImageEncoder | None = None,

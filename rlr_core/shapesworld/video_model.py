@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
@@ -52,7 +53,7 @@ class _MotionHook:
         return motion(output, num_frames=frames)
 
 
-class MotionUNet(torch.nn.Module):
+class MotionUNet(PeftAdapterMixin, torch.nn.Module):  # diffusers' LoRA methods, as on its UNets
     """An image UNet run per frame, with a ``MotionAdapter``'s temporal layers between its layers.
 
     ``forward`` takes clips (B, F, C, H, W), a timestep per clip and one caption encoding per
