@@ -82,7 +82,7 @@ def curve(pixels: list[float], fidelity: list[float] | None = None, batch: int =
 def test_race_targets_pass_and_fail_on_the_right_curves():
     fast = [curve([0.2, 0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8])] * 5
     ddpo = [curve([0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.6], secs=0.5)] * 5
-    slow = [curve([0.2, 0.2, 0.3, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])] * 5
+    slow = [curve([0.2, 0.2, 0.3, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75])] * 5
     kl_ok = [curve([0.2, 0.4, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], [0.9] * 8 + [0.88])] * 5
     got = race_report.targets({"rlr": fast, "truncated-bp": slow, "ddpo": ddpo, "rlr-kl": kl_ok, "rlr-dcot": slow},
                               {})
