@@ -247,6 +247,25 @@ def best_lr(curves: dict[float, Curve], max_fidelity_drop: float = 0.15) -> floa
     return max(pool, key=lambda lr: score(pool[lr]))
 
 
+def phase(args: argparse.Namespace, arms: list[str], n_seeds: int, known: dict[str, float]
+          ) -> tuple[dict, dict[str, float], dict]:
+    """Sweep ``arms`` (one seed each rate), pick each one's rate, then race ``n_seeds`` seeds
+    (seed-major: a cut-off race still has every arm's first seeds). Arms in ``LR_FROM`` take the
+    rate of their reference arm (from this group or ``known``) without a sweep."""
+    if not arms:
+        return {}, {}, {}
+    swept = [a for a in arms if LR_FROM.get(a) not in arms and LR_FROM.get(a) not in known]
+    sweep = run_many(args, [(a, lr, args.sweep_seed) for a in swept for lr in args.lrs])
+    best = {a: best_lr({lr: sweep[(a, lr, args.sweep_seed)] for lr in args.lrs if (a, lr, args.sweep_seed) in sweep})
+            for a in swept if any((a, lr, args.sweep_seed) in sweep for lr in args.lrs)}
+    rates = {**known, **best}
+    best.update({a: rates[LR_FROM[a]] for a in arms if a not in swept and LR_FROM.get(a) in rates})
+    if args.sweep_only:
+        return sweep, best, {}
+    runs = [(a, best[a], s) for s in range(n_seeds) for a in arms if a in best]
+    return sweep, best, run_many(args, runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
@@ -287,24 +306,27 @@ def main(argv: list[str] | None = None) -> None:
     for arm, why in skipped.items():
         print(f"skipping arm {arm}: {why}", flush=True)
     arms = [a for a in args.arms if a not in skipped]
-    swept = [a for a in arms if LR_FROM.get(a) not in arms]
-    sweep = run_many(args, [(a, lr, args.sweep_seed) for a in swept for lr in args.lrs])
-    best = {a: best_lr({lr: sweep[(a, lr, args.sweep_seed)] for lr in args.lrs if (a, lr, args.sweep_seed) in sweep})
-            for a in swept if any((a, lr, args.sweep_seed) in sweep for lr in args.lrs)}
-    best.update({a: best[LR_FROM[a]] for a in arms if a not in swept and LR_FROM[a] in best})
+    # With --few-seeds, the arms that keep every seed go first (their sweep, then their race), so a
+    # race cut short by the budget has what the targets need.
+    first = [a for a in arms if args.few_seeds is None or a in args.all_seeds_arms]
+    sweep: dict[tuple[str, float, int], Curve] = {}
+    race: dict[tuple[str, float, int], Curve] = {}
+    best: dict[str, float] = {}
+    for group, n_seeds in ((first, args.seeds), ([a for a in arms if a not in first], args.few_seeds or 0)):
+        group_sweep, group_best, group_race = phase(args, group, n_seeds, best)
+        sweep.update(group_sweep)
+        best.update(group_best)
+        race.update(group_race)
     best = {a: best[a] for a in arms if a in best}  # the arms' order
     print("best learning rates:", best, flush=True)
-    race: dict[tuple[str, float, int], Curve] = {}
-    if not args.sweep_only:
-        n_seeds = {a: args.seeds if args.few_seeds is None or a in args.all_seeds_arms else args.few_seeds
-                   for a in best}
-        runs = [(a, best[a], s) for s in range(max(n_seeds.values(), default=0)) for a in best if s < n_seeds[a]]
-        race = run_many(args, runs)  # seed-major: a cut-off race still has every arm's first seeds
     curves = {a: [race[r] for r in sorted(race) if r[0] == a] for a in best}
     curves = {a: c for a, c in curves.items() if c}
     report = race_report.report(args, sweep, best, curves, skipped)
     if args.plot and curves:
         race_report.plot(curves, args.plot, report["title"])
+    elif args.plot and sweep:  # no race runs yet: show the sweep as it stands
+        race_report.plot({f"{a} lr {lr:g}": [c] for (a, lr, _), c in sorted(sweep.items())}, args.plot,
+                         report["title"] + ": the learning-rate sweep so far (one seed each)")
     write_json(args.json, {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                            **report, "curves": curves})
 

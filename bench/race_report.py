@@ -94,7 +94,8 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
     out: list[dict] = []
 
     def missing(check: str, arm: str) -> None:
-        out.append({"check": check, "value": f"{arm} not run: {skipped.get(arm, 'not in this race')}", "met": False})
+        why = skipped.get(arm, "no finished race runs of it")
+        out.append({"check": check, "value": f"{arm} not run: {why}", "met": False})
 
     n, t = common_limits(curves) if curves else (0, 0.0)
     eq_s, eq_t = f"samples ({n})", f"time ({t:.0f} s of training)"
