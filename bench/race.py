@@ -202,6 +202,7 @@ def run_one(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Curve:
         save_run(path, args, curve, complete=False)
 
     point(0, 0, 0.0, None)
+    eval_time = 0.0  # the start's evaluation ran before the round's clock started
 
     def progress(p: Progress) -> None:
         if p.step % args.eval_every == 0 or p.step == p.total:
