@@ -62,6 +62,7 @@ PRESET_NAMES = ("authors-code", "authors")
 LR_FROM = {"rlr-kl": "rlr", "rlr-dcot": "rlr"}
 
 Curve = list[dict]
+JUDGE_VERSION = "2"  # 2: a speck under pixel_judge.MIN_AREA is no shape
 
 
 def authors_preset() -> tuple[str, dict, float | None] | None:
@@ -148,7 +149,8 @@ def evaluate(backend, reward_fn, judge, settings: SamplerSettings, n_seeds: int,
 def run_key(args: argparse.Namespace) -> dict:
     keep = ("reward", "rounds", "batch", "steps", "guidance", "lora_rank", "inner_epochs", "eval_every",
             "eval_seeds", "kl_coef", "model")
-    return {k: str(getattr(args, k)) for k in keep}
+    # the judge's version: a cached score is only reused if the same judge gave it
+    return {**{k: str(getattr(args, k)) for k in keep}, "judge": JUDGE_VERSION}
 
 
 def cache_path(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Path | None:

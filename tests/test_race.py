@@ -57,6 +57,10 @@ def test_pixel_judge_sees_no_shape_on_a_flat_image():
     reading = pixel_judge.read(flat)[0]
     assert reading.size is None and reading.position is None and reading.background == "gray"
     assert pixel_judge.agreement([reading], "size", "small") == 0.0  # erasing the shape is no success
+    speck = flat.clone()
+    speck[:, :, 15:18, 15:18] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
+    assert pixel_judge.read(speck)[0].size is None  # nor is shrinking it to a dot
+    assert pixel_judge.read(speck)[0].area == 9
 
 
 def test_quality_falls_with_noise_and_blur():

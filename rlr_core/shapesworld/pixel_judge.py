@@ -7,7 +7,7 @@ pixels alone, with fixed arithmetic:
 - background colour: the median of the one-pixel border (a shape covers little of it);
 - foreground: pixels whose colour is farther from the background than half the image's
   contrast (the mean distance of its 8 farthest pixels); area = their count, centroid = their
-  mean pixel centre;
+  mean pixel centre; under MIN_AREA pixels there is no shape (a speck is not a small shape);
 - size, position and background read from those by the thresholds of the world's geometry
   (ShapesWorld renders small shapes with half-extent 4.5 px, large ones 8.5 px, centres at
   x = 9 / 16 / 23);
@@ -34,6 +34,10 @@ SIZE_THRESHOLD = 90.0
 # Centroid x between the position centres (9, 16, 23; jitter +-1.5).
 POSITION_THRESHOLDS = (12.5, 19.5)
 MIN_CONTRAST = 0.15  # below this the image shows no shape at all
+# Below this many foreground pixels there is no shape, only a speck: the smallest shape the world
+# renders (a small triangle, half-extent 4.5 x 0.9) covers ~30 px. Shrinking the shape to a dot
+# must not count as "small".
+MIN_AREA = 20.0
 _TOP = 8  # pixels that define the contrast
 
 
@@ -42,7 +46,7 @@ class Reading:
     """What the pixels say about one image."""
 
     background: str
-    size: str | None  # None when no foreground was found
+    size: str | None  # None when no shape was found (no foreground, or a speck under MIN_AREA)
     position: str | None
     area: float  # foreground pixels
     centroid_x: float
@@ -90,7 +94,7 @@ def read(images: torch.Tensor) -> list[Reading]:
         area = float(m.sum())
         cx = float((m.float().sum(0) * xs).sum() / area) if area else float("nan")
         size = position = None
-        if area:
+        if area >= MIN_AREA:
             size = "large" if area > SIZE_THRESHOLD else "small"
             lo, hi = POSITION_THRESHOLDS
             position = "left" if cx < lo else "center" if cx < hi else "right"
