@@ -93,9 +93,10 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
     """The issue's checks on the composition reward; an arm that did not run is reported as such."""
     out: list[dict] = []
 
-    def missing(check: str, arm: str) -> None:
-        why = skipped.get(arm, "no finished race runs of it")
-        out.append({"check": check, "value": f"{arm} not run: {why}", "met": False})
+    def missing(check: str, *needed: str) -> None:
+        why = "; ".join(f"{a} not run: {skipped.get(a, 'no finished race runs of it')}"
+                        for a in needed if a not in curves)
+        out.append({"check": check, "value": why, "met": False})
 
     n, t = common_limits(curves) if curves else (0, 0.0)
     eq_s, eq_t = f"samples ({n})", f"time ({t:.0f} s of training)"
@@ -103,7 +104,7 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
         out += [_versus(curves, "truncated-bp", "samples", n, eq_s),
                 _versus(curves, "truncated-bp", "train_seconds", t, eq_t)]
     else:
-        missing("default RLR: pixel-judged score >= truncated BP's at equal samples", "truncated-bp")
+        missing("default RLR: pixel-judged score >= truncated BP's at equal samples", "rlr", "truncated-bp")
     check = "default RLR: reaches DDPO's final pixel-judged score with <= 1/4 of DDPO's samples"
     if "rlr" in curves and "ddpo" in curves:
         ddpo = curves["ddpo"]
@@ -117,7 +118,7 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
         out.append({"check": check, "value": f"DDPO final {goal:.3f}; {value}",
                     "met": got is not None and got <= samples / 4})
     else:
-        missing(check, "ddpo")
+        missing(check, "rlr", "ddpo")
     check = "KL regulariser: fidelity (non-targeted) drops <= 0.05 and the pixel gain is >= half of RLR's without it"
     if "rlr" in curves and "rlr-kl" in curves:
         def gain(arm: str, key: str) -> float:
@@ -127,7 +128,7 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
                                              f"pixel gain {g_kl:+.3f} with KL, {g:+.3f} without",
                     "met": drop <= 0.05 and g > 0 and g_kl >= g / 2})
     else:
-        missing(check, "rlr-kl")
+        missing(check, "rlr", "rlr-kl")
     check = "DCoT: RLR with the stage window reaches the no-window arm's final pixel-judged score with fewer samples"
     if "rlr" in curves and "rlr-dcot" in curves:
         goal = statistics.mean(r[-1]["pixel"] for r in curves["rlr"])
@@ -139,7 +140,7 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
                  + ("not reached" if got is None else f"{got:.0f} samples (ratio {ratio:.2f})"))
         out.append({"check": check, "value": value, "met": ratio is not None and ratio < 1 and base_gain > 0})
     else:
-        missing(check, "rlr-dcot")
+        missing(check, "rlr", "rlr-dcot")
     return out
 
 
