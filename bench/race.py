@@ -67,7 +67,7 @@ JUDGE_VERSION = "2"  # 2: a speck under pixel_judge.MIN_AREA is no shape
 
 def authors_preset() -> tuple[str, dict, float | None] | None:
     """(estimator, options, sampler eta or None) of the authors' released recipe, if this
-    checkout defines one (``rlr_core.estimators.presets.PRESETS``); else None."""
+    checkout defines one (a ``PRESETS`` table in a ``presets`` module of the estimators package); else None."""
     try:
         from rlr_core.estimators import presets  # type: ignore[attr-defined]
     except ImportError:
@@ -97,7 +97,7 @@ def resolve(arm: str, args: argparse.Namespace) -> tuple[str, dict, bool, float]
     if name.startswith("preset:"):
         found = authors_preset()
         if found is None:
-            return "no authors' preset in this checkout (rlr_core.estimators.presets.PRESETS)"
+            return "no authors' preset in this checkout (no PRESETS table in an estimators presets module)"
         name, options, preset_eta = found
         eta = preset_eta if preset_eta is not None else eta
     if "kl_coef" in options:
