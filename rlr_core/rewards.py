@@ -6,6 +6,7 @@ frozen perception model (and, for parametrised names, the value after the colon)
 
     fidelity             sum over the attributes the prompt names of log p(attribute | image)
     prefer-large         log p(size = large | image)      (prefer-small likewise)
+    prefer-left          log p(position = left | image)   (prefer-center, prefer-right likewise)
     prefer-<attr>:<v>    log p(attr = v | image), attr in kind, colour, size, position, background
     a+b                  the sum of two rewards, e.g. "fidelity+prefer-colour:red"
 
@@ -85,6 +86,13 @@ def prefer(perception: PerceptionNet, attribute: str, value: str | None) -> Rewa
 
 register("prefer-large")(lambda perception, arg=None: prefer(perception, "size", "large"))
 register("prefer-small")(lambda perception, arg=None: prefer(perception, "size", "small"))
+# Composition rewards: what is drawn where and how big, settled in the coarse stage of the chain.
+for _position in sw.POSITIONS:
+    register(f"prefer-{_position}")(lambda perception, arg=None, v=_position: prefer(perception, "position", v))
+COMPOSITION: dict[str, tuple[str, str]] = {  # reward name -> (attribute, value) it prefers
+    "prefer-small": ("size", "small"), "prefer-large": ("size", "large"),
+    **{f"prefer-{v}": ("position", v) for v in sw.POSITIONS},
+}
 for _attribute in [*sw.ATTRIBUTES, *_ALIASES]:
     register(f"prefer-{_attribute}")(lambda perception, arg=None, a=_attribute: prefer(perception, a, arg))
 
@@ -103,8 +111,9 @@ def make_reward(spec: str, perception: PerceptionNet | None = None) -> RewardFn:
         return sum_of([make_reward(p, perception) for p in parts])
     name, _, arg = spec.partition(":")
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {spec!r}: use fidelity, prefer-large, prefer-small, "
-                         "prefer-<attribute>:<value>, or a sum like fidelity+prefer-colour:red")
+        raise ValueError(f"unknown reward {spec!r}: use fidelity, prefer-large, prefer-small, prefer-left, "
+                         "prefer-center, prefer-right, prefer-<attribute>:<value>, "
+                         "or a sum like fidelity+prefer-colour:red")
     return REWARDS[name](perception, arg or None)
 
 
