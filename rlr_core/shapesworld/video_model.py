@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
@@ -52,8 +53,9 @@ class _MotionHook:
         return motion(output, num_frames=frames)
 
 
-class MotionUNet(torch.nn.Module):
+class MotionUNet(torch.nn.Module, PeftAdapterMixin):
     """An image UNet run per frame, with a ``MotionAdapter``'s temporal layers between its layers.
+    LoRA adapters attach through diffusers' ``PeftAdapterMixin``, as on any diffusers model.
 
     ``forward`` takes clips (B, F, C, H, W), a timestep per clip and one caption encoding per
     clip, and returns ``.sample`` of the clips' shape, like a diffusers model."""
