@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                            "accuracy_fresh_renders": acc, "eval_clips": args.eval_clips,
                            "speed_judged_on": "moving clips only", "embed_dim": EMBED_DIM,
                            "motion_parameters": n_params,
-                           "image_model": "models/perception (frozen, run on every frame)"})
+                           "image_model": "models/perception, frozen (its weights are copied into model.safetensors)",
+                           "image_attributes_read_from": "the middle half of the frames"})
 
 
 if __name__ == "__main__":
