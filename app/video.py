@@ -57,7 +57,8 @@ def png_bytes(media: torch.Tensor, scale: int = 1) -> bytes:
 # ----------------------------------------------------------------------------- reward encoder
 def reward_encoder(spec: str, backend: Any, device: str | torch.device = "cpu"):
     """The reward proxy's encoder: ``make_image_encoder``'s, used as it is for images, and for
-    a video model when it takes clips (B, F, 3, H, W). Until it does, the stopgap below."""
+    a video model when it takes clips (B, F, 3, H, W) (the built-in clip model's perception
+    does); an image encoder (CLIP for AnimateDiff) is applied frame by frame."""
     from rlr_core.feedback.encoders import EncoderError, make_image_encoder
 
     if not is_video(backend):
@@ -68,7 +69,7 @@ def reward_encoder(spec: str, backend: Any, device: str | torch.device = "cpu"):
         encoder = None
     if encoder is not None and takes_clips(encoder, backend):
         return encoder
-    return stopgap_clip_encoder(encoder, device)
+    return per_frame_clip_encoder(encoder, device)
 
 
 def takes_clips(encoder: Any, backend: Any) -> bool:
@@ -83,10 +84,10 @@ def takes_clips(encoder: Any, backend: Any) -> bool:
     return tuple(out.shape) == (1, encoder.dim)
 
 
-# TEMPORARY (delete when make_image_encoder gives a clip encoder for video backends): the image
-# perception encoder applied to every frame; features = the mean over frames and the change
-# from the first frame to the last (so the proxy can see motion, crudely).
-def stopgap_clip_encoder(image_encoder: Any = None, device: str | torch.device = "cpu"):
+# For video models whose encoder reads images: the image encoder on every frame; features = the
+# mean over frames and the change from the first frame to the last (so the proxy sees motion,
+# crudely).
+def per_frame_clip_encoder(image_encoder: Any = None, device: str | torch.device = "cpu"):
     from rlr_core.feedback.reward_proxy import PerceptionImageEncoder
 
     inner = image_encoder if image_encoder is not None else PerceptionImageEncoder()

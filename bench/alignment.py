@@ -61,9 +61,10 @@ METHODS: dict[str, tuple[str, dict]] = {
 Curve = list[dict]
 
 
-def evaluate(backend, reward_fn, judge, settings: SamplerSettings, n_seeds: int, ignore: set[str]) -> dict:
-    images = torch.cat([generate(backend, EVAL_PROMPTS, settings, seed=1000 + s) for s in range(n_seeds)])
-    prompts = EVAL_PROMPTS * n_seeds  # seed-major, as generated
+def evaluate(backend, reward_fn, judge, settings: SamplerSettings, n_seeds: int, ignore: set[str],
+             eval_prompts: list[str] = EVAL_PROMPTS) -> dict:
+    images = torch.cat([generate(backend, eval_prompts, settings, seed=1000 + s) for s in range(n_seeds)])
+    prompts = eval_prompts * n_seeds  # seed-major, as generated
     with torch.no_grad():
         reward = reward_fn(images.to(backend.device), prompts)
     fidelity = rewards.fidelity_accuracy(judge, images, prompts, ignore=ignore)
@@ -99,22 +100,37 @@ def load_curve(path: Path | None, args: argparse.Namespace) -> tuple[Curve, bool
     return saved["curve"], saved.get("complete", True)
 
 
+def load_judge(args: argparse.Namespace):
+    """The perception model that scores the runs (the clip one for clip runs: ``args.video``)."""
+    if getattr(args, "video", False):
+        return rewards.load_clip_perception(getattr(args, "judge", None), device=args.device)
+    return rewards.load_perception(device=args.device)
+
+
 def run_method(args: argparse.Namespace, method: str, seed: int, judge=None) -> Curve:
-    """One training run from a fresh adapter; its curve is saved to the cache at every point."""
+    """One training run from a fresh adapter; its curve is saved to the cache at every point.
+    ``args`` may name other prompts (``train_prompts``, ``eval_prompts``) and ``video`` runs
+    (bench.video_alignment)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    judge = judge if judge is not None else rewards.load_perception(device=args.device)
+    judge = judge if judge is not None else load_judge(args)
     name, options = METHODS[method]
     if name == "ddpo":
         options = {**options, "inner_epochs": args.inner_epochs}
     if name == "truncated-bp":
         options = {**options, "steps": args.truncate}
-    backend = load_backend(args.model, args.device)
+    if getattr(args, "video", False):
+        from bench.video_alignment import load_clip_backend
+
+        backend = load_clip_backend(args.model, args.device)
+    else:
+        backend = load_backend(args.model, args.device)
     reward_fn = rewards.make_reward(args.reward, judge)
+    eval_prompts = getattr(args, "eval_prompts", EVAL_PROMPTS)
     ignore = rewards.targeted_attributes(reward_fn)
     sampler = SamplerSettings(args.steps, 1.0, args.guidance)
     config = TrainConfig(estimator=EstimatorConfig(name, options), steps=args.rounds, batch=args.batch,
-                         prompts=TRAIN_PROMPTS, sampler=sampler, lr=args.lr, seed=seed,
+                         prompts=getattr(args, "train_prompts", TRAIN_PROMPTS), sampler=sampler, lr=args.lr, seed=seed,
                          lora_rank=args.lora_rank)
     path = cache_path(args, method, seed)
     curve: Curve = []
@@ -123,7 +139,7 @@ def run_method(args: argparse.Namespace, method: str, seed: int, judge=None) -> 
     def point(step: int, samples: int, train_elapsed: float, train_reward: float | None) -> None:
         nonlocal eval_time
         start = time.perf_counter()
-        ev = evaluate(backend, reward_fn, judge, sampler, args.eval_seeds, ignore)
+        ev = evaluate(backend, reward_fn, judge, sampler, args.eval_seeds, ignore, eval_prompts)
         eval_time += time.perf_counter() - start
         curve.append({"step": step, "samples": samples, "train_seconds": train_elapsed,
                       "train_reward": train_reward, **ev})
@@ -163,7 +179,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, list[Curve]], int]:
             futures = {run: pool.submit(run_method, args, *run) for run in todo}
             found.update({run: (f.result(), True) for run, f in futures.items()})
     elif todo:
-        judge = rewards.load_perception(device=args.device)
+        judge = load_judge(args)
         found.update({run: (run_method(args, *run, judge=judge), True) for run in todo})
     curves: dict[str, list[Curve]] = {m: [] for m in args.methods}
     partial = 0

@@ -5,7 +5,10 @@
 Image encoders (the :class:`~rlr_core.feedback.reward_proxy.ImageEncoder` protocol: images in
 [0, 1], (B, 3, H, W) -> (B, dim), differentiable in the pixels):
 
-- ``"perception"``: the built-in ShapesWorld perception model (32x32 shapes only).
+- ``"perception"``: the built-in ShapesWorld perception model (32x32 shapes only); for a video
+  backend (``is_video``) the clip perception model, as ``"clip-perception"`` does.
+- ``"clip-perception"``: the built-in clip perception model (ShapesWorld clips (B, F, 3, H, W):
+  the frames' pooled image embedding plus a motion embedding).
 - ``"clip:<hub id or folder>"``: CLIP image features (``CLIPImageEncoder``). Resizing, cropping
   and normalisation are done in torch, so dR/dpixels exists (CLIPImageProcessor works in PIL and
   numpy and cuts the graph). Read from a folder or the local Hugging Face cache only: no download.
@@ -13,8 +16,8 @@ Image encoders (the :class:`~rlr_core.feedback.reward_proxy.ImageEncoder` protoc
   statistics of the diffusion model's own VAE latents. They describe colour, brightness, layout
   and texture, not meaning: a proxy on them learns "brighter", "more red on the left", "busier",
   but not "a cat". Prefer CLIP when you can fetch one.
-- ``"auto"``: perception for the built-in model; else the first known CLIP found in the local
-  cache (:data:`KNOWN_CLIPS`); else vae.
+- ``"auto"``: perception for the built-in model (clip perception for the built-in clip model);
+  else the first known CLIP found in the local cache (:data:`KNOWN_CLIPS`); else vae.
 
 Prompt encoder for free text (``HashedWordsPromptEncoder``): hashed words and word bigrams,
 with no fixed vocabulary (the built-in ``BagOfWordsPromptEncoder`` knows only ShapesWorld's
@@ -264,11 +267,22 @@ def _is_builtin(backend: Any) -> bool:
     return isinstance(backend, BuiltinBackend)
 
 
+def _is_builtin_clips(backend: Any) -> bool:
+    from rlr_core.backends.builtin_clips import BuiltinClipBackend
+
+    return isinstance(backend, BuiltinClipBackend)
+
+
 def make_image_encoder(spec: str, backend: Any = None, device: str | torch.device = "cpu") -> ImageEncoder:
-    """An image encoder from a spec: "perception", "clip:<id-or-path>", "vae" or "auto"."""
+    """An image encoder from a spec: "perception", "clip-perception", "clip:<id-or-path>", "vae"
+    or "auto"."""
     spec = (spec or "").strip()
+    if spec == "clip-perception" or (spec == "perception" and getattr(backend, "is_video", False)):
+        from rlr_core.shapesworld.clip_perception import ClipPerceptionEncoder, load
+
+        return ClipPerceptionEncoder(load(device=device))
     if spec == "auto":
-        if backend is None or _is_builtin(backend):
+        if backend is None or _is_builtin(backend) or _is_builtin_clips(backend):
             return make_image_encoder("perception", backend, device)
         repo = cached_clip()
         if repo is not None:
@@ -293,7 +307,8 @@ def make_image_encoder(spec: str, backend: Any = None, device: str | torch.devic
             raise EncoderError("--reward-encoder vae needs a latent model (one with a VAE); "
                                "the built-in model uses 'perception'")
         return VAELatentEncoder(vae)
-    raise EncoderError(f"unknown reward encoder {spec!r}; use perception, clip:<hub id or folder>, vae or auto")
+    raise EncoderError(f"unknown reward encoder {spec!r}; use perception, clip-perception, clip:<hub id or folder>, "
+                       "vae or auto")
 
 
 def saved_encoder_spec(folder: str | Path) -> str:

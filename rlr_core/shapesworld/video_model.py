@@ -55,6 +55,7 @@ class _MotionHook:
 
 class MotionUNet(PeftAdapterMixin, torch.nn.Module):  # diffusers' LoRA methods, as on its UNets
     """An image UNet run per frame, with a ``MotionAdapter``'s temporal layers between its layers.
+    LoRA adapters attach through diffusers' ``PeftAdapterMixin``, as on any diffusers model.
 
     ``forward`` takes clips (B, F, C, H, W), a timestep per clip and one caption encoding per
     clip, and returns ``.sample`` of the clips' shape, like a diffusers model."""
