@@ -18,7 +18,7 @@ final pixel score among the rates that keep non-targeted fidelity within 0.15 of
 Arms the installed estimators cannot run (an option they reject, a preset that is missing) are
 skipped with the reason. Every run is
 cached as JSON (``--cache``) at every evaluation point, so a cut-off race resumes where it stood.
-The summary, the issue's targets and the plot: :mod:`bench.race_report`.
+The summary, the targets and the plot: :mod:`bench.race_report`.
 """
 
 from __future__ import annotations

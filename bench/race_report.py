@@ -1,4 +1,4 @@
-"""The race's tables, its targets (the issue's checks, ``{check, value, met}``) and its plot.
+"""The race's tables, its targets (the checks, ``{check, value, met}``) and its plot.
 
 Scores per evaluation point (see :mod:`bench.race`): ``pixel`` (the targeted reward read by the
 pixel judge), ``fidelity`` (perception, non-targeted attributes), ``quality`` (pixels),
@@ -90,7 +90,7 @@ def reach(runs: list[Curve], target: float) -> float | None:
 
 
 def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dict]:
-    """The issue's checks on the composition reward; an arm that did not run is reported as such."""
+    """The checks on the composition reward; an arm that did not run is reported as such."""
     out: list[dict] = []
 
     def missing(check: str, *needed: str) -> None:

@@ -5,7 +5,7 @@
 Generates one clip per caption for a fixed set of fully specified captions (balanced over every
 attribute; a quarter of them held-out colour/kind pairs never seen in training), reads each clip
 with the clip perception model, and reports per-attribute accuracy (speed over moving clips
-only) for all, seen and held-out captions, the time to draw 4 clips, and the issue's targets.
+only) for all, seen and held-out captions, the time to draw 4 clips, and its targets.
 """
 
 from __future__ import annotations
