@@ -232,7 +232,7 @@ def draw_tag(chain: BackendChain, est: Estimator, batch: int, seed: int, reward:
 
 
 def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, desc: str,
-         cache: Path | None = None, save_every: int = 8, reward: str = "") -> Draws:
+         cache: Path | None = None, save_every: int = 1, reward: str = "") -> Draws:
     """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache`` (which
     must have been drawn with the same setting: see :func:`draw_tag`)."""
     tag = draw_tag(chain, est, batch, seed, reward) if cache else ""
