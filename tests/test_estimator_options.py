@@ -252,3 +252,14 @@ def test_authors_recipe_takes_separate_fo_and_ho_steps_and_is_biased(chain: ToyC
     # whitening, the 1e-3 weight and the missing rest-of-chain terms: far from the exact gradient
     s = summarise(chain, AuthorsCode(), batches=20)
     assert bias_in_se(s, chain.exact_grad()) > 10
+
+
+def test_cli_flags_reach_the_estimators() -> None:
+    from rlr_core.estimators import make_estimator
+    from rlr_core.training.cli import estimator_options, parse_args
+
+    args = parse_args(["--control-variate", "taylor", "--group-size", "2", "--kl-coef", "0.1", "--out", "x"])
+    est = make_estimator("rlr", **estimator_options(args))
+    assert (est.control_variate, est.group_size, est.kl_coef) == ("taylor", 2, 0.1)
+    args = parse_args(["--estimator", "truncated-bp", "--kl-coef", "0.2", "--out", "x"])
+    assert make_estimator("truncated-bp", **estimator_options(args)).kl_coef == 0.2
