@@ -32,6 +32,7 @@ where it stopped and a rerun with a larger ``--n-ref`` only draws the new ones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -83,12 +84,43 @@ def settings_grid(quick: bool) -> list[tuple[str, str, dict]]:
         rows += [(f"rlr h=2 rest=lr L=3 branches=4{tag}", "rlr",
                   {"block": 2, "rest": "lr", "tail": 3, "branches": 4, "baseline": b})
                  for tag, b in (("", "loo"), (" baseline=state+loo", "state+loo"))]
+    # unbiased variance reduction (docs/method.md section 2): the Taylor control variate and prompt
+    # groups sharing x_K, alone and with the state baseline and branching; the authors' recipe
+    # (BIASED) as a row of its own. K = 10 and batch 4: groups of 4 are one prompt per batch.
+    rows += [(f"rlr h=2 rest=lr L=3 baseline={b}{tag}", "rlr",
+              {"block": 2, "rest": "lr", "tail": 3, "baseline": b, **opts})
+             for b in ("loo", "state")
+             for tag, opts in ((" cv=taylor", {"control_variate": "taylor"}), (" groups=4", {"group_size": 4}),
+                               (" cv=taylor groups=4", {"control_variate": "taylor", "group_size": 4}))]
+    rows += [("rlr h=2 rest=lr L=3 branches=4 baseline=state cv=taylor", "rlr",
+              {"block": 2, "rest": "lr", "tail": 3, "branches": 4, "baseline": "state", "control_variate": "taylor"}),
+             ("lr baseline=state cv=taylor", "lr", {"baseline": "state", "control_variate": "taylor"}),
+             (AUTHORS_ROW, "authors-code", {})]
     # the paper's memory accounting: every kept step holds its graph (no checkpointing)
     rows += [("truncated-bp K'=3 no-ckpt", "truncated-bp", {"steps": 3, "use_checkpoint": False}),
              ("rlr h=2 rest=lr L=3 no-ckpt", "rlr", {"block": 2, "rest": "lr", "tail": 3, "use_checkpoint": False})]
     # RLR rows that name no baseline are the leave-one-out ones (as measured before "state" became
-    # the default), so a label keeps its meaning across runs and caches
-    return [(label, name, {"baseline": "loo", **opts} if name == "rlr" else opts) for label, name, opts in rows]
+    # the default), and rows that name no control variate or groups have none, so a label keeps its
+    # meaning across runs and caches whatever the defaults become
+    pinned = {"baseline": "loo", "control_variate": "none", "group_size": 1}
+    return [(label, name, {**pinned, **opts} if name == "rlr" else opts) for label, name, opts in rows]
+
+
+# The row measured with the current default RLR's settings (K = 10: L = 3 from the sigma schedule).
+DEFAULT_ROW = "rlr h=2 rest=lr L=3 baseline=state"
+# The authors' recipe's estimator on this benchmark's chain (eta 1: its eta 0.05 changes the
+# objective itself, which an exact-gradient benchmark at eta 1 cannot measure). BIASED.
+AUTHORS_ROW = "authors-code (BIASED; eta 1 chain)"
+# Options added after caches were written: left out of a draw's tag at their neutral value, so
+# older caches of the same settings stay valid.
+LATER_OPTIONS = {"branches": 1, "control_variate": "none", "group_size": 1, "kl_coef": 0.0}
+
+
+def settings_repr(est: Estimator) -> str:
+    """The estimator's dataclass repr without the later options at their neutral values."""
+    kept = [f"{f.name}={getattr(est, f.name)!r}" for f in dataclasses.fields(est) if f.repr
+            and not (f.name in LATER_OPTIONS and getattr(est, f.name) == LATER_OPTIONS[f.name])]
+    return f"{type(est).__qualname__}({', '.join(kept)})"
 
 
 def return_freed_memory_to_the_os() -> None:
@@ -195,12 +227,12 @@ def draw_tag(chain: BackendChain, est: Estimator, batch: int, seed: int, reward:
     weights = hashlib.sha256()
     for p in chain.backend.denoiser.parameters():
         weights.update(p.detach().float().cpu().numpy().tobytes())
-    return json.dumps({"estimator": repr(est), "reward": reward, "sampler": repr(chain.settings), "batch": batch,
-                       "seed": seed, "model": weights.hexdigest()[:16]})
+    return json.dumps({"estimator": settings_repr(est), "reward": reward, "sampler": repr(chain.settings),
+                       "batch": batch, "seed": seed, "model": weights.hexdigest()[:16]})
 
 
 def draw(chain: BackendChain, est: Estimator, n: int, batch: int, seed: int, desc: str,
-         cache: Path | None = None, save_every: int = 8, reward: str = "") -> Draws:
+         cache: Path | None = None, save_every: int = 1, reward: str = "") -> Draws:
     """``n`` estimates, draw i from generator seed ``seed + i``; resumes from ``cache`` (which
     must have been drawn with the same setting: see :func:`draw_tag`)."""
     tag = draw_tag(chain, est, batch, seed, reward) if cache else ""
@@ -285,7 +317,28 @@ def compare(d: Draws, ref: Draws, batch: int) -> dict:
     }
 
 
-def issue_targets(rows: list[dict], limit: float = 3.0) -> list[dict]:
+def default_rlr_targets(by: dict[str, dict], reward: str, limit: float = 3.0) -> list[dict]:
+    """The default RLR's own checks: unbiased (|bias| <= limit SE) on this reward, variance at
+    least 30x below LR's at equal samples, and (fidelity reward) err_1s within 3x truncated BP K'=1's."""
+    d = by.get(DEFAULT_ROW)
+    if d is None:
+        return []
+    out = [{"check": f"default RLR: |bias| <= {limit} SE ({reward})", "value": f"{d['bias_over_se']:.2f}",
+            "met": d["bias_over_se"] <= limit}]
+    lr = by.get("lr (=ddpo step 1)")
+    if lr:
+        factor = lr["variance"] / d["variance"]
+        out.append({"check": f"default RLR: variance >= 30x below LR at equal samples ({reward})",
+                    "value": f"{factor:.3g}x", "met": factor >= 30})
+    trunc = by.get("truncated-bp K'=1")
+    if trunc and reward == "fidelity":
+        ratio = d["err_1s"] / trunc["err_1s"]
+        out.append({"check": "default RLR: err_1s no worse than 3x truncated BP K'=1's (fidelity reward)",
+                    "value": f"{ratio:.3g}x ({d['err_1s']:.3g} vs {trunc['err_1s']:.3g})", "met": ratio <= 3})
+    return out
+
+
+def issue_targets(rows: list[dict], limit: float = 3.0, reward: str = "fidelity") -> list[dict]:
     """The benchmark's targets, judged from the rows; one verdict per check.
 
     - every RLR setting that claims unbiasedness (rest lr or zo) within ``limit`` SE of the
@@ -297,7 +350,7 @@ def issue_targets(rows: list[dict], limit: float = 3.0) -> list[dict]:
     """
     by = {r["estimator"]: r for r in rows}
     lr_var = by.get("lr (=ddpo step 1)", {}).get("variance")
-    out = []
+    out = default_rlr_targets(by, reward, limit)
     for r in rows:
         name = r["estimator"]
         if name.startswith("rlr"):
@@ -365,7 +418,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "reference_norm": float(ref.norm()), "reference_se_norm": float(ref_se2.sum().sqrt()),
-            "sigma": [float(s) for s in chain.sigma[1:]], "rows": rows, "targets": issue_targets(rows)}
+            "sigma": [float(s) for s in chain.sigma[1:]], "default_row": DEFAULT_ROW, "rows": rows,
+            "targets": issue_targets(rows, reward=args.reward)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ takes several optimiser steps per batch).
 
 from __future__ import annotations
 
+from rlr_core.estimators.authors_code import AuthorsCode
 from rlr_core.estimators.chain import Chain, ChainContext, ZOPerturbation
 from rlr_core.estimators.common import Estimate, Estimator, leave_one_out
 from rlr_core.estimators.ddpo import DDPO
@@ -18,12 +19,13 @@ from rlr_core.estimators.rlr import RLR
 from rlr_core.estimators.truncated_bp import TruncatedBackprop
 
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (RLR, FullBackprop, TruncatedBackprop, LikelihoodRatio, DDPO)
+    cls.name: cls for cls in (RLR, FullBackprop, TruncatedBackprop, LikelihoodRatio, DDPO, AuthorsCode)
 }
 
 
 def make_estimator(name: str, **settings) -> Estimator:
-    """An estimator by name ("rlr", "full-bp", "truncated-bp", "lr", "ddpo") with its settings."""
+    """An estimator by name ("rlr", "full-bp", "truncated-bp", "lr", "ddpo"; "authors-code", the
+    authors' released recipe, biased) with its settings."""
     try:
         cls = ESTIMATORS[name]
     except KeyError:
@@ -32,6 +34,6 @@ def make_estimator(name: str, **settings) -> Estimator:
 
 
 __all__ = [
-    "Chain", "ChainContext", "ZOPerturbation", "Estimate", "Estimator", "leave_one_out", "DDPO",
+    "AuthorsCode", "Chain", "ChainContext", "ZOPerturbation", "Estimate", "Estimator", "leave_one_out", "DDPO",
     "FullBackprop", "LikelihoodRatio", "RLR", "TruncatedBackprop", "ESTIMATORS", "make_estimator",
 ]

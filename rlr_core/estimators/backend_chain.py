@@ -66,6 +66,19 @@ class BackendChain(Chain):
         return step_x0(self.backend, self.schedule, x, k, ctx.cond, self.settings.guidance)
 
     @torch.no_grad()
+    def base_mean(self, x: torch.Tensor, k: StepIndex, ctx: PromptContext) -> torch.Tensor:
+        """The base model's mean: the same denoiser with its LoRA adapter switched off (peft).
+        A full fine-tune has no base left to switch to, so the KL regulariser needs an adapter."""
+        denoiser = self.backend.denoiser
+        if not getattr(denoiser, "peft_config", None):
+            raise ValueError("kl_coef > 0 needs a LoRA adapter (the base model is the adapter switched off)")
+        denoiser.disable_adapters()
+        try:
+            return self.mean(x, k, ctx)
+        finally:
+            denoiser.enable_adapters()
+
+    @torch.no_grad()
     def perturbed_mean(self, x: torch.Tensor, k: int, ctx: PromptContext,
                        deltas: list[torch.Tensor]) -> torch.Tensor:
         # One denoiser call per perturbed row (rows share the weights): add delta_b in place,

@@ -28,15 +28,32 @@ Baseline = Literal["loo", "state", "state+loo"]
 BASELINES: tuple[str, ...] = ("loo", "state", "state+loo")
 
 
-def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
-    """Advantages R_b - b_b with b_b the mean reward of the *other* samples of the batch.
+def leave_one_out(rewards: torch.Tensor, peers: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantages R_b - b_b with b_b the mean reward of the *other* samples of the batch, or, with
+    ``peers`` (a group id per row: prompt groups), of the other samples of row b's group.
 
     b_b does not depend on sample b, so every likelihood-ratio term stays unbiased."""
     R = rewards.detach()
+    if peers is not None:
+        return R - mean_of_others(R, peers)
     B = len(R)
     if B < 2:
         return R - R  # no other sample: no baseline possible, and no signal either; use batch >= 2
     return R - (R.sum() - R) / (B - 1)
+
+
+def mean_of_others(values: torch.Tensor, groups: torch.Tensor, alone: float | None = None) -> torch.Tensor:
+    """For each entry, the mean of the *other* entries with the same group id. An entry alone in
+    its group gets ``alone``, or itself when None (its advantage is then 0: no signal rather than
+    a biased one)."""
+    _, index = torch.unique(groups, return_inverse=True)
+    n = int(index.max()) + 1 if len(index) else 0
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index.to(values.device), values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(
+        0, index.to(values.device), torch.ones_like(values))
+    others = counts[index] - 1
+    fallback = values if alone is None else torch.full_like(values, alone)
+    return torch.where(others > 0, (sums[index] - values) / others.clamp(min=1), fallback)
 
 
 def baseline_state(traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -64,14 +81,15 @@ def state_values(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Te
 
 
 def advantages(R: torch.Tensor, rows: torch.Tensor, baseline: Baseline, values: torch.Tensor | None = None,
-               groups: torch.Tensor | None = None) -> torch.Tensor:
+               groups: torch.Tensor | None = None, peers: torch.Tensor | None = None) -> torch.Tensor:
     """R_b - beta for each pair (row ``rows[i]``); ``values`` the state values T of the pairs.
 
     "state+loo" subtracts the mean residual R - T of the other pairs of the same group (pairs of
-    one step k: different rows, so none shares row b's noise)."""
+    one step k: different rows, so none shares row b's noise). With ``peers`` (a prompt-group id
+    per row), every leave-one-out mean is taken over the other rows of the same prompt group."""
     R = R.detach()
     if baseline == "loo":
-        return leave_one_out(R)[rows]
+        return leave_one_out(R, peers)[rows]
     if values is None:
         raise ValueError(f"baseline {baseline!r} needs the state values T")
     residual = R[rows] - values.to(R)
@@ -80,10 +98,6 @@ def advantages(R: torch.Tensor, rows: torch.Tensor, baseline: Baseline, values: 
     if baseline != "state+loo":
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
     groups = torch.zeros_like(rows) if groups is None else groups
-    _, index = torch.unique(groups, return_inverse=True)
-    n = int(index.max()) + 1 if len(index) else 0
-    sums = torch.zeros(n, dtype=residual.dtype).index_add_(0, index, residual)
-    counts = torch.zeros(n, dtype=residual.dtype).index_add_(0, index, torch.ones_like(residual))
-    others = counts[index] - 1
-    mean_others = torch.where(others > 0, (sums[index] - residual) / others.clamp(min=1), torch.zeros_like(residual))
-    return residual - mean_others
+    if peers is not None:  # same step and same prompt group
+        groups = groups * (int(peers.max()) + 1) + peers[rows]
+    return residual - mean_of_others(residual, groups, alone=0.0)

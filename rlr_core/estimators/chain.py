@@ -62,22 +62,28 @@ class Chain(abc.ABC):
         ``k`` an int or a per-row tensor. Only state-dependent baselines need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot predict x_0 (state baselines need it)")
 
+    def base_mean(self, x: torch.Tensor, k: StepIndex, ctx: ChainContext) -> torch.Tensor:
+        """mu_base(x_k, k, c) of the frozen base model (no gradient). Only the KL-to-base
+        regulariser needs it (rlr_core/estimators/kl.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no base model (kl_coef > 0 needs one)")
+
     # --- derived operations shared by every chain -------------------------------------------
 
     @torch.no_grad()
     def rollout(self, ctx: ChainContext, generator: torch.Generator, until: int = 0,
-                perturb: ZOPerturbation | None = None) -> Trajectory:
+                perturb: ZOPerturbation | None = None, x_K: torch.Tensor | None = None) -> Trajectory:
         """Sample x_K .. x_until without a graph (the one loop, :func:`rlr_core.rollout.rollout`),
         recording every state, noise, mean and log p(x_{k-1} | x_k).
 
-        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it."""
+        With ``perturb``, row b uses theta + delta_{b,k} at the steps perturb marks for it; with
+        ``x_K``, the chain starts there instead of drawing fresh initial noise (prompt groups)."""
 
         def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
             if perturb is not None and bool(perturb.active[k].any()):
                 return Prediction(self.perturbed_mean(x, k, ctx, perturb.deltas(k)))
             return Prediction(self.mean(x, k, ctx))
 
-        x_K = self.initial(ctx, generator)
+        x_K = self.initial(ctx, generator) if x_K is None else x_K
         run = rollout(predict, x_K, self.sigma, generator, start=self.num_steps, steps=self.num_steps - until,
                       record=True)
         return run.trajectory

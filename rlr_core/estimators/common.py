@@ -126,17 +126,23 @@ def log_prob_terms(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.
 
 
 def lr_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor,
-                weights: torch.Tensor, chunk: int) -> float:
+                weights: torch.Tensor, chunk: int, slopes: torch.Tensor | None = None) -> float:
     """Accumulate -(1/B) sum_pairs w * grad log p(x_{k-1} | x_k) (the LR term, doc section 2).
 
     Pairs (k, row) run in chunks of per-sample steps (batched UNet calls), one backward per
-    chunk, so memory stays at one UNet graph per chunk. ``weights`` already hold (R - b)."""
+    chunk, so memory stays at one UNet graph per chunk. ``weights`` already hold (R - b). With
+    ``slopes`` a_k (the Taylor control variate), also -(1/B) sum_pairs (d mu/d theta)^T a_k, the
+    exact expectation of the linear term the weights had subtracted."""
     B = ctx.batch
     total = 0.0
     for start in range(0, len(ks), chunk):
         sl = slice(start, start + chunk)
-        logp = log_prob_terms(chain, ctx, traj, ks[sl], rows[sl])
+        k, r = ks[sl], rows[sl]
+        mu = chain.mean(traj.x[k, r], k, ctx.take(r))
+        logp = gaussian_log_prob(traj.x[k - 1, r], mu, chain.sigma[k].to(mu))
         loss = -(weights[sl].to(logp) * logp).sum() / B
+        if slopes is not None:
+            loss = loss - (slopes[sl].to(mu) * mu).sum() / B
         loss.backward()
         total += float(loss.detach())
     return total

@@ -27,6 +27,7 @@ from rlr_core.estimators.common import (
     fo_backward,
     leave_one_out,
 )
+from rlr_core.estimators.kl import kl_backward
 from rlr_core.estimators.likelihood_ratio import stochastic_pairs
 from rlr_core.rollout import Trajectory
 
@@ -37,6 +38,7 @@ class DDPO(Estimator):
     clip_range: float = 1e-4  # DDPO's published setting; ratios of a whole image are sharp
     whiten: bool = False  # divide advantages by their std (DDPO does; changes the gradient's scale)
     chunk: int = 16
+    kl_coef: float = 0.0  # the KL-to-base regulariser (rlr_core/estimators/kl.py), every inner step
     name: ClassVar[str] = "ddpo"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -108,7 +110,11 @@ class DDPO(Estimator):
             loss.backward()
             loss_value += float(loss.detach())
             n_clipped += int(((ratio - 1).abs() > self.clip_range).sum())
-        return Estimate(R, loss_value, {"clip_fraction": n_clipped / max(len(ks), 1)})
+        stats = {"clip_fraction": n_clipped / max(len(ks), 1)}
+        if self.kl_coef:
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            loss_value += self.kl_coef * stats["kl"]
+        return Estimate(R, loss_value, stats)
 
 
 def log_ratio(mu_new: torch.Tensor, mu_old: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

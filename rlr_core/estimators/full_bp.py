@@ -14,17 +14,23 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
+from rlr_core.estimators.kl import kl_backward, replay
 
 
 @dataclass
 class FullBackprop(Estimator):
     use_checkpoint: bool = True
+    kl_coef: float = 0.0  # the KL-to-base regulariser (rlr_core/estimators/kl.py)
     name: ClassVar[str] = "full-bp"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
+        state = generator.get_state() if self.kl_coef else None
         x_K = chain.initial(ctx, generator)
         x0 = pathwise(chain, ctx, x_K, chain.num_steps, generator=generator, use_checkpoint=self.use_checkpoint)
         R = chain.reward(x0, ctx)
         loss = -R.mean()
         loss.backward()
-        return Estimate(R.detach(), float(loss.detach()))
+        stats = {}
+        if state is not None:  # along the same trajectory, re-sampled without a graph
+            stats["kl"] = kl_backward(chain, ctx, replay(chain, ctx, state), self.kl_coef)
+        return Estimate(R.detach(), float(loss.detach()) + self.kl_coef * stats.get("kl", 0.0), stats)

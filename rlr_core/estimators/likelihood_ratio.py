@@ -11,7 +11,7 @@ pathwise (FO, exact) instead; without that the estimator would miss their share 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -24,6 +24,8 @@ from rlr_core.estimators.common import (
     fo_backward,
     lr_backward,
 )
+from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
+from rlr_core.estimators.kl import kl_backward
 
 
 def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +39,8 @@ def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, t
 class LikelihoodRatio(Estimator):
     chunk: int = 16  # (k, row) pairs per batched denoiser call
     baseline: Baseline = "loo"  # see rlr_core/estimators/baselines.py
+    control_variate: Literal["none", "taylor"] = "none"  # see rlr_core/estimators/control_variate.py
+    kl_coef: float = 0.0  # see rlr_core/estimators/kl.py
     name: ClassVar[str] = "lr"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -49,7 +53,17 @@ class LikelihoodRatio(Estimator):
         else:
             R = chain.reward(traj.x0, ctx).detach()
         ks, rows = stochastic_pairs(tail + 1, chain.num_steps, ctx.batch)
-        values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, self.chunk)
+        slopes = None
+        if self.control_variate == "taylor":
+            values, slopes = surrogate_and_slope(chain, ctx, traj, ks, rows, self.chunk)
+        else:
+            values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, self.chunk)
         A = advantages(R, rows, self.baseline, values, groups=ks)
-        loss += lr_backward(chain, ctx, traj, ks, rows, A, self.chunk)
-        return Estimate(R, loss)
+        if slopes is not None:
+            A = A - linear_term(slopes, traj.x[ks - 1, rows], linearisation_point(traj, ks, rows))
+        loss += lr_backward(chain, ctx, traj, ks, rows, A, self.chunk, slopes)
+        stats = {}
+        if self.kl_coef:
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            loss += self.kl_coef * stats["kl"]
+        return Estimate(R, loss, stats)

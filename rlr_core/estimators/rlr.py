@@ -15,6 +15,12 @@ the rest of the chain C = {L+1..K} minus the block:
 Every step's theta-dependence is credited exactly once, so G is unbiased for every fixed j
 (paper Thm 6.3): any distribution of j (uniform, gradient-norm weighted, a DCoT window) keeps it
 unbiased without reweighting. "zo" is unbiased for the parameter-smoothed objective.
+
+Options that keep it unbiased (doc section 2): ``baseline`` (what R is compared with),
+``branches`` (M continuations of the HO block), ``control_variate="taylor"`` (the HO and "lr"
+terms become (R - b - <a, x_{k-1} - mu>) grad log p + (d mu/d theta)^T a, see
+:mod:`.control_variate`), ``group_size`` (prompt groups sharing x_K, :mod:`.groups`); and
+``kl_coef`` (the KL-to-base regulariser, :mod:`.kl`), which changes the objective on purpose.
 """
 
 from __future__ import annotations
@@ -38,10 +44,14 @@ from rlr_core.estimators.common import (
     mean_with_graph,
     pathwise,
 )
+from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
+from rlr_core.estimators.groups import group_batch
+from rlr_core.estimators.kl import kl_backward
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
 from rlr_core.rollout import Prediction, Trajectory, draw_noise, rollout
 
 Rest = Literal["lr", "zo", "none"]
+ControlVariate = Literal["none", "taylor"]
 
 
 @dataclass
@@ -78,6 +88,14 @@ class RLR(Estimator):
     # block's graph is shared; M - 1 extra forward rollouts). Unbiased: each branch is an
     # independent draw given x_j. The HO term then ignores ``baseline``.
     branches: int = 1
+    # "taylor": subtract from each HO and "lr" advantage the linearisation of the reward in that
+    # step's noise around the noise-free next state, and add back its exact expectation (MuProp;
+    # rlr_core/estimators/control_variate.py). One denoiser forward + backward per (k, row).
+    control_variate: ControlVariate = "none"
+    # G > 1: the batch is B/G prompts, each repeated G times from one shared x_K, with per-group
+    # leave-one-out means (rlr_core/estimators/groups.py). Unbiased (see there).
+    group_size: int = 1
+    kl_coef: float = 0.0  # beta of the exact KL-to-base regulariser (rlr_core/estimators/kl.py)
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
     _auto_blocks: dict = field(default_factory=dict, repr=False)  # (K, L, batch) -> measured h
@@ -156,42 +174,66 @@ class RLR(Estimator):
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
         tail = self.tail_length(chain)
         h = self.block_size(chain, ctx, tail)
+        x_K = peers = None
+        if self.group_size > 1:  # B/G prompts x G rows sharing x_K (drawn first, from the generator)
+            ctx, x_K, peers = group_batch(chain, ctx, generator, self.group_size)
         perturb = None
         if self.rest == "zo":  # C's perturbations shape the rollout, so the plan comes first
             starts, rest, scale = self.plan(chain, ctx, generator, tail, h)
             seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
             perturb = ZOPerturbation(chain, rest, self.zo_scale, seed)
-            traj = chain.rollout(ctx, generator, perturb=perturb)
+            traj = chain.rollout(ctx, generator, perturb=perturb, x_K=x_K)
         else:  # rollout first: from one generator state, the same trajectory as every other
             # estimator draws (the estimator benchmark pairs estimates on common trajectories)
-            traj = chain.rollout(ctx, generator)
+            traj = chain.rollout(ctx, generator, x_K=x_K)
             starts, rest, scale = self.plan(chain, ctx, generator, tail, h)
         R = fo_backward(chain, ctx, traj, tail, self.use_checkpoint)  # FO, steps L..1
         loss = -float(R.mean())
         chunk = self.chunk or ctx.batch
+        rows = torch.arange(ctx.batch)
         if h > 0:
-            if self.branches > 1:
+            if self.branches > 1:  # the branches are each other's baseline
                 ends, A_ho = self.branch(chain, ctx, traj, R, starts, generator)
+                taylor = self.control_variate != "none"
+                slope_ho = self.weights(chain, ctx, traj, R, starts, chunk)[1] if taylor else None
             else:
-                ends = traj.x[starts - 1, torch.arange(ctx.batch)][None]
-                A_ho = self.advantages(chain, ctx, traj, R, starts, chunk)[None]
-            loss += self.ho_backward(chain, ctx, traj, starts, h, A_ho, ends)
+                A_ho, slope_ho = self.weights(chain, ctx, traj, R, starts, chunk, peers=peers)
+                ends, A_ho = traj.x[starts - 1, rows][None], A_ho[None]
+            if slope_ho is not None:  # Taylor control variate, per branch end
+                A_ho = A_ho - linear_term(slope_ho, ends, linearisation_point(traj, starts, rows))
+            loss += self.ho_backward(chain, ctx, traj, starts, h, A_ho, ends, slope_ho)
         if self.rest == "lr":
-            ks, rows = rest.nonzero(as_tuple=True)
-            A = self.advantages(chain, ctx, traj, R, ks, chunk, rows)
-            loss += lr_backward(chain, ctx, traj, ks, rows, A * scale[rows].to(A), chunk)
+            ks, rows_c = rest.nonzero(as_tuple=True)
+            A, slope = self.weights(chain, ctx, traj, R, ks, chunk, rows_c, peers)
+            if slope is not None:
+                A = A - linear_term(slope, traj.x[ks - 1, rows_c], linearisation_point(traj, ks, rows_c))
+                slope = slope * scale[rows_c].to(slope).reshape(-1, *[1] * (slope.ndim - 1))
+            loss += lr_backward(chain, ctx, traj, ks, rows_c, A * scale[rows_c].to(A), chunk, slope)
         elif self.rest == "zo":
-            zo_accumulate(chain, perturb, leave_one_out(R))
-        return Estimate(R, loss, {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())})
+            zo_accumulate(chain, perturb, leave_one_out(R, peers))
+        stats = {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())}
+        if self.kl_coef:
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            loss += self.kl_coef * stats["kl"]
+        return Estimate(R, loss, stats)
 
-    def advantages(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, ks: torch.Tensor,
-                   chunk: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """R - beta for the likelihood-ratio pairs (ks[i], rows[i]); one pair per row when ``rows``
-        is None (the HO term, ks = the block starts j, grouped together for "state+loo")."""
+    def weights(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, ks: torch.Tensor,
+                chunk: int, rows: torch.Tensor | None = None,
+                peers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """R - beta for the likelihood-ratio pairs (ks[i], rows[i]), and the Taylor slopes a_k of
+        the pairs when the control variate is on (else None); one pair per row when ``rows`` is
+        None (the HO term, ks = the block starts j, grouped together for "state+loo")."""
         per_row = rows is None
         rows = torch.arange(ctx.batch) if per_row else rows
-        values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, chunk)
-        return advantages(R, rows, self.baseline, values, groups=None if per_row else ks)
+        values = slopes = None
+        if self.control_variate == "taylor":  # S_k(mu_k) is the state value T too: one pass for both
+            values, slopes = surrogate_and_slope(chain, ctx, traj, ks, rows, chunk)
+        elif self.control_variate != "none":
+            raise ValueError(f"unknown control variate {self.control_variate!r}; choose 'none' or 'taylor'")
+        elif self.baseline != "loo":
+            values = state_values(chain, ctx, traj, ks, rows, chunk)
+        A = advantages(R, rows, self.baseline, values, groups=None if per_row else ks, peers=peers)
+        return A, slopes
 
     @torch.no_grad()
     def branch(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, starts: torch.Tensor,
@@ -213,10 +255,11 @@ class RLR(Estimator):
         return torch.stack(ends), A
 
     def ho_backward(self, chain: Chain, ctx: ChainContext, traj: Trajectory, starts: torch.Tensor, h: int,
-                    A: torch.Tensor, ends: torch.Tensor) -> float:
+                    A: torch.Tensor, ends: torch.Tensor, slopes: torch.Tensor | None = None) -> float:
         """HO on block j+h-1..j, each row its own j (doc section 2, HO), as the surrogate
         -(1/B) sum_b (1/M) sum_m A_mb <m_theta, ((x^m_{j-1} - m_theta) / sigma_j^2).detach()>
-        over the M block ends x^m_{j-1} (one, the recorded one, without branching)."""
+        over the M block ends x^m_{j-1} (one, the recorded one, without branching); with the
+        Taylor control variate, minus (1/B) sum_b <a_b, m_theta>, its added-back expectation."""
         rows = torch.arange(ctx.batch)
         top = starts + h - 1
         # Checkpointed like truncated BP's steps: the block then holds one step's graph at a time
@@ -229,6 +272,8 @@ class RLR(Estimator):
         shape = (len(A), ctx.batch, *[1] * (m.ndim - 1))
         score = ((A.to(m).reshape(shape) * (ends.to(m) - m)).mean(0) / sigma2).detach()
         loss = -(m * score).sum() / ctx.batch
+        if slopes is not None:
+            loss = loss - (m * slopes.to(m)).sum() / ctx.batch
         loss.backward()
         return float(loss.detach())
 

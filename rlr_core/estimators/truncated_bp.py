@@ -17,6 +17,7 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
+from rlr_core.estimators.kl import kl_backward, replay
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TruncatedBackprop(Estimator):
     steps: int = 1  # K': how many final steps keep the graph
     randomize: bool = False
     use_checkpoint: bool = True
+    kl_coef: float = 0.0  # the KL-to-base regulariser (rlr_core/estimators/kl.py)
     name: ClassVar[str] = "truncated-bp"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -31,9 +33,13 @@ class TruncatedBackprop(Estimator):
         kept = min(self.steps, K)
         if self.randomize:
             kept = int(torch.randint(1, kept + 1, (), generator=generator))
+        state = generator.get_state() if self.kl_coef else None
         traj = chain.rollout(ctx, generator, until=kept)
         x0 = pathwise(chain, ctx, traj.x[kept], kept, generator=generator, use_checkpoint=self.use_checkpoint)
         R = chain.reward(x0, ctx)
         loss = -R.mean()
         loss.backward()
-        return Estimate(R.detach(), float(loss.detach()), {"kept_steps": kept})
+        stats = {"kept_steps": kept}
+        if state is not None:  # along the same trajectory, re-sampled without a graph
+            stats["kl"] = kl_backward(chain, ctx, replay(chain, ctx, state), self.kl_coef)
+        return Estimate(R.detach(), float(loss.detach()) + self.kl_coef * stats.get("kl", 0.0), stats)

@@ -19,21 +19,31 @@ from tqdm import tqdm
 from rlr_core.sampler import SamplerSettings
 from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
 from rlr_core.training import DEFAULT_PROMPTS, EstimatorConfig, Progress, TrainConfig, TrainingDiverged, run_round
+from rlr_core.training.presets import PRESETS, apply_preset
 
 
 def estimator_options(args: argparse.Namespace) -> dict:
-    """The settings of the chosen estimator, from the flags that apply to it."""
+    """The settings of the chosen estimator, from the flags that apply to it (and --kl-coef,
+    which every estimator takes)."""
+    opts = _own_options(args)
+    return {**opts, "kl_coef": args.kl_coef} if args.kl_coef else opts
+
+
+def _own_options(args: argparse.Namespace) -> dict:
     if args.estimator == "rlr":
         opts = {"block": args.block if args.block == "auto" else int(args.block), "rest": args.rest,
                 "tail": args.tail, "min_sigma_ratio": args.min_sigma_ratio, "block_start": args.block_start,
                 "rest_steps": args.rest_steps, "zo_scale": args.zo_scale,
                 "memory_budget_gb": args.memory_budget_gb, "branches": args.branches,
-                **({"baseline": args.baseline} if args.baseline else {})}
+                "group_size": args.group_size,
+                **({"baseline": args.baseline} if args.baseline else {}),
+                **({"control_variate": args.control_variate} if args.control_variate else {})}
         if args.window:
             opts["window"] = tuple(args.window)
         return opts
     if args.estimator == "lr":
-        return {"baseline": args.baseline} if args.baseline else {}
+        return {**({"baseline": args.baseline} if args.baseline else {}),
+                **({"control_variate": args.control_variate} if args.control_variate else {})}
     if args.estimator == "truncated-bp":
         return {"steps": args.truncate, "randomize": args.randomize_truncation}
     if args.estimator == "ddpo":
@@ -46,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("estimator")
     g.add_argument("--estimator", default="rlr", choices=["rlr", "full-bp", "truncated-bp", "lr", "ddpo"])
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named recipe that sets the estimator and the sampler's eta. authors-code: "
+                   + PRESETS["authors-code"].summary)
     g.add_argument("--block", default="2", help="RLR: HO block size h, or 'auto' (from --memory-budget-gb)")
     g.add_argument("--rest", default="lr", choices=["lr", "zo", "none"], help="RLR: rest-of-chain term")
     g.add_argument("--tail", type=int, default=None, help="RLR: FO tail L (default: from the sigma schedule)")
@@ -59,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rlr/lr: what R is compared with in likelihood-ratio terms (docs/method.md section 2; "
                    "default: state for rlr, loo for lr)")
     g.add_argument("--branches", type=int, default=1, help="RLR: M continuations of the HO block's last step")
+    g.add_argument("--control-variate", default=None, choices=["none", "taylor"],
+                   help="rlr/lr: the first-order (Taylor) control variate on likelihood-ratio terms "
+                   "(docs/method.md section 2; default: the estimator's)")
+    g.add_argument("--group-size", type=int, default=1,
+                   help="RLR: G > 1 makes each batch B/G prompts x G rows sharing the initial noise, "
+                   "with per-prompt leave-one-out baselines")
+    g.add_argument("--kl-coef", type=float, default=0.0,
+                   help="any estimator: weight of the exact per-step KL to the base model (LoRA off)")
     g.add_argument("--truncate", type=int, default=1, help="truncated-bp: K' final steps")
     g.add_argument("--randomize-truncation", action="store_true")
     g.add_argument("--inner-epochs", type=int, default=4, help="ddpo: optimiser steps per batch")
@@ -120,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, seed=args.seed,
     )
-    bar = tqdm(total=args.steps, desc=f"{args.estimator} round", disable=not accelerator.is_main_process)
+    if args.preset:
+        config = apply_preset(config, args.preset)
+        if args.kl_coef:
+            config.estimator.options["kl_coef"] = args.kl_coef
+        print(f"preset {args.preset}: {PRESETS[args.preset].summary}")
+    bar = tqdm(total=args.steps, desc=f"{config.estimator.name} round", disable=not accelerator.is_main_process)
 
     def progress(p: Progress) -> None:
         bar.update(1)
