@@ -56,7 +56,6 @@ ARMS: dict[str, tuple[str, dict, bool]] = {
     "rlr-dcot": ("rlr", {**RLR, "window": "coarse"}, True),  # block in the coarse stage + stage prompts
     "authors": ("preset:authors-code", {}, False),
 }
-PRESET_NAMES = ("authors-code", "authors")
 # Arms compared with RLR at RLR's learning rate (the with/without comparison is then about the
 # option alone), so they are not swept.
 LR_FROM = {"rlr-kl": "rlr", "rlr-dcot": "rlr"}
@@ -65,29 +64,12 @@ Curve = list[dict]
 JUDGE_VERSION = "2"  # 2: a speck under pixel_judge.MIN_AREA is no shape
 
 
-def authors_preset() -> tuple[str, dict, float | None] | None:
-    """(estimator, options, sampler eta or None) of the authors' released recipe, if this
-    checkout defines one (a ``PRESETS`` table in a ``presets`` module of the estimators package); else None."""
-    try:
-        from rlr_core.estimators import presets  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    table = getattr(presets, "PRESETS", {})
-    entry = next((table[n] for n in PRESET_NAMES if n in table), None)
-    if entry is None:
-        return None
-    if hasattr(entry, "name") and hasattr(entry, "options"):  # an EstimatorConfig
-        name, options = entry.name, dict(entry.options)
-    elif isinstance(entry, tuple):
-        name, options = entry[0], dict(entry[1])
-    elif isinstance(entry, dict):
-        options = dict(entry.get("options", {k: v for k, v in entry.items() if k not in ("name", "estimator")}))
-        name = entry.get("estimator") or entry.get("name")
-    else:
-        return None
-    eta = options.pop("eta", None) if isinstance(options, dict) else None
-    eta = eta if eta is not None else getattr(entry, "eta", None)
-    return str(name), options, eta
+def authors_preset() -> tuple[str, dict, float]:
+    """(estimator, options, sampler eta) of the authors' released recipe (rlr_core/training/presets.py)."""
+    from rlr_core.training.presets import PRESETS
+
+    preset = PRESETS["authors-code"]
+    return preset.estimator.name, dict(preset.estimator.options), preset.eta
 
 
 def resolve(arm: str, args: argparse.Namespace) -> tuple[str, dict, bool, float] | str:
@@ -95,11 +77,7 @@ def resolve(arm: str, args: argparse.Namespace) -> tuple[str, dict, bool, float]
     name, options, staged = ARMS[arm]
     options, eta = dict(options), 1.0
     if name.startswith("preset:"):
-        found = authors_preset()
-        if found is None:
-            return "no authors' preset in this checkout (no PRESETS table in an estimators presets module)"
-        name, options, preset_eta = found
-        eta = preset_eta if preset_eta is not None else eta
+        name, options, eta = authors_preset()
     if "kl_coef" in options:
         options["kl_coef"] = args.kl_coef
     if options.get("window") == "coarse":
