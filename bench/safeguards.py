@@ -34,7 +34,7 @@ from bench.common import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 # The loop's settings, shared with tests/test_api_loop.py (which runs its first two rounds).
-# A round: 6 steps, 16 before/after pairs; the rest as examples/api_loop.ROUND, estimator the app's.
+# A round: 6 steps, 16 before/after pairs; the rest as ROUND in examples/api_loop.py, with the app's estimator.
 LOOP = {"steps": 6, "samples_per_prompt": 6, "comparisons": 16, "judge_after": 24, "use_guard": True,
         "round_settings": {"steps": 6, "samples_per_prompt": 4}}
 
