@@ -109,6 +109,9 @@ def run_seed(seed: int, rounds: int, log=print) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    if not runs:
+        return {"targets": [{"check": f"rater score after round {rounds} >= best earlier round's - 1 SE",
+                             "value": "not measured: no run finished", "met": False}]}
     met_each = [r["last_minus_best_earlier"] >= -r["paired_se"] for r in runs]
     gains = [r["two_round_gain"] for r in runs if r["two_round_gain"] is not None]
     diffs = [r["last_minus_best_earlier"] for r in runs]
@@ -116,6 +119,7 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     se_mean = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     flagged = sum(v["flagged"] for r in runs for v in r["versions"])
     targets = [
+        {"check": f"seeds that finished {rounds} rounds >= 3", "value": len(runs), "met": len(runs) >= 3},
         {"check": f"rater score after round {rounds} >= best earlier round's - 1 SE (paired), every seed",
          "value": f"{sum(met_each)}/{len(runs)} seeds; differences {diffs}", "met": all(met_each)},
         {"check": "mean over seeds of (last - best earlier round) >= -1 SE of that mean",
@@ -131,12 +135,26 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     return out
 
 
+def scores_from_log(path: Path) -> dict[str, Any]:
+    """An unfinished run's per-round scores (3 decimals) and rollbacks, read from its printed log."""
+    import re
+
+    text = Path(path).read_text(errors="replace")
+    base = re.findall(r"preference score before training: ([0-9.]+)", text)
+    after = re.findall(r"round (\d+): v\d+ \(\w[\w-]*\), preference score ([0-9.]+)", text)
+    return {"log": Path(path).name, "scores": [float(x) for x in base[:1]] + [float(x) for _, x in after],
+            "rollbacks": re.findall(r"  (.+ is flagged .*)", text), "complete": False}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "safeguards.json"))
     p.add_argument("--cache", default="/tmp/rlr-safeguards-cache")
+    p.add_argument("--only-cached", action="store_true", help="write the results of the finished seeds only")
+    p.add_argument("--unfinished-logs", nargs="*", default=[],
+                   help="logs of runs that did not finish: their per-round scores are recorded beside")
     args = p.parse_args()
     torch.set_num_threads(1)
     cache = Path(args.cache)
@@ -147,6 +165,8 @@ def main() -> None:
         if path.exists():
             runs.append(json.loads(path.read_text()))
             continue
+        if args.only_cached:
+            continue
         run = run_seed(seed, args.rounds, log=lambda line: print(line, flush=True))
         path.write_text(json.dumps(run))
         print(json.dumps(run), flush=True)
@@ -155,7 +175,8 @@ def main() -> None:
 
     write_json(args.json, {"loop": {**LOOP, "round_settings": default_round(), "rounds": args.rounds,
                                     "seeds": args.seeds, "round_defaults": DEFAULTS},
-                           **summarise(runs, args.rounds), "runs": runs})
+                           **summarise(runs, args.rounds), "runs": runs,
+                           "unfinished_runs": [scores_from_log(Path(x)) for x in args.unfinished_logs]})
 
 
 if __name__ == "__main__":
