@@ -110,7 +110,8 @@ def run_seed(seed: int, rounds: int, log=print) -> dict[str, Any]:
 
 def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     if not runs:
-        return {"targets": [{"check": f"rater score after round {rounds} >= best earlier round's - 1 SE",
+        return {"targets": [{"check": f"seeds that finished {rounds} rounds >= 3", "value": 0, "met": False},
+                            {"check": f"rater score after round {rounds} >= best earlier round's - 1 SE",
                              "value": "not measured: no run finished", "met": False}]}
     met_each = [r["last_minus_best_earlier"] >= -r["paired_se"] for r in runs]
     gains = [r["two_round_gain"] for r in runs if r["two_round_gain"] is not None]
@@ -133,6 +134,15 @@ def summarise(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
         out["two_round_gain"] = {"per_seed": gains, "mean": round(statistics.mean(gains), 4), "sd": round(sd, 4),
                                  "min": min(gains)}
     return out
+
+
+def gains_of(logged: list[dict[str, Any]]) -> dict[str, Any]:
+    """The two-round gain's spread over runs that reached round 2 (tests/test_api_loop.py's tolerance)."""
+    gains = [round(r["scores"][2] - r["scores"][0], 4) for r in logged if len(r["scores"]) >= 3]
+    sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+    return {"per_run": {r["log"]: round(r["scores"][2] - r["scores"][0], 4) for r in logged if len(r["scores"]) >= 3},
+            "mean": round(statistics.mean(gains), 4) if gains else None, "sd": round(sd, 4),
+            "mean_minus_3sd": round(statistics.mean(gains) - 3 * sd, 4) if len(gains) > 1 else None}
 
 
 def scores_from_log(path: Path) -> dict[str, Any]:
@@ -173,10 +183,12 @@ def main() -> None:
         runs.append(run)
     from app.round_config import DEFAULTS
 
+    unfinished = [scores_from_log(Path(x)) for x in args.unfinished_logs]
+
     write_json(args.json, {"loop": {**LOOP, "round_settings": default_round(), "rounds": args.rounds,
                                     "seeds": args.seeds, "round_defaults": DEFAULTS},
                            **summarise(runs, args.rounds), "runs": runs,
-                           "unfinished_runs": [scores_from_log(Path(x)) for x in args.unfinished_logs]})
+                           "unfinished_runs": unfinished, **({} if runs else {"two_round_gain": gains_of(unfinished)})})
 
 
 if __name__ == "__main__":
