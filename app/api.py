@@ -32,6 +32,8 @@ from app.tabs.common import MODEL_API, QUICK_API
 
 
 def public_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    if "image" in sample:  # a preview: drawn, not stored
+        return {**{k: v for k, v in sample.items() if k != "image"}, "image_png_b64": png_b64(to_pil(sample["image"]))}
     out = {k: v for k, v in sample.items() if k != "image_file"}
     out["image_png_b64"] = base64.b64encode(files.read_image(sample["image_file"])).decode()
     return out
@@ -64,9 +66,12 @@ def register(services: AppServices) -> None:
 
     # ------------------------------------------------------------------ generate & rate
     @user_errors
-    def generate(prompt: str, n: int = 4, seed: int = 0, steps: int = 20, guidance: float = 3.0) -> list[dict]:
-        """Draw n samples of a prompt with the active model version; they join the rating queue."""
-        return [public_sample(x) for x in s.generate(prompt, n, seed, steps, guidance)]
+    def generate(prompt: str, n: int = 4, seed: int = 0, steps: int = 20, guidance: float = 3.0,
+                 version: int | None = None, preview: bool = False) -> list[dict]:
+        """Draw n samples of a prompt with the active model version (or ``version``, an id from
+        /versions); they join the rating queue. preview=true stores nothing: the images come back
+        (sample_id null) and nothing the app learns from or judges changes."""
+        return [public_sample(x) for x in s.generate(prompt, n, seed, steps, guidance, version, preview)]
 
     @user_errors
     def samples_to_rate(rater: str, limit: int = 8) -> list[dict]:
@@ -126,15 +131,16 @@ def register(services: AppServices) -> None:
     def train_start(settings: dict | None = None, admin_password: str = "") -> dict:
         """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
-        guidance, samples_per_prompt, sample_steps, sample_guidance, seed; anything left out takes
-        its default, an unknown name is refused."""
+        guidance, samples_per_prompt, sample_steps, sample_guidance, seed, uncertainty_penalty,
+        patience; anything left out takes its default, an unknown name is refused."""
         config = RoundConfig.parse(settings)
         job = s.rounds.start(config, admin_password)
         return {"job_id": job, "settings": config.public()}
 
     @user_errors
     def train_status() -> dict:
-        """The current (or last) round: state, progress, per-step reward and uncertainty, prompts."""
+        """The current (or last) round: state, progress, seed, per-step reward, penalised reward and
+        uncertainty, prompts."""
         return public(s.rounds.status())
 
     @user_errors
@@ -150,7 +156,8 @@ def register(services: AppServices) -> None:
     # ------------------------------------------------------------------ versions
     @user_errors
     def versions() -> list[dict]:
-        """Every model version with mean stars and the human-judged win rate over its parent."""
+        """Every model version with mean stars, the human-judged win rate over its parent, whether it
+        is flagged (worse than its parent with confidence) or the best-judged, and its round's seed."""
         return public(s.versions())
 
     @user_errors
@@ -159,9 +166,9 @@ def register(services: AppServices) -> None:
         return public(s.set_active_version(version_id, admin_password))
 
     @user_errors
-    def rollback(admin_password: str = "") -> dict:
-        """Make the active version's parent active again."""
-        return public(s.rollback(admin_password))
+    def rollback(admin_password: str = "", version_id: int | None = None) -> dict:
+        """Make the active version's parent active again (or version_id, e.g. the best-judged one)."""
+        return public(s.rollback(admin_password, version_id))
 
     @user_errors
     def export_lora(version_id: int) -> FileData:

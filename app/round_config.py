@@ -51,6 +51,11 @@ DEFAULTS: dict[str, Any] = {
     "sample_steps": 20,  # ... drawn like the Generate tab draws (20 steps, guidance 3)
     "sample_guidance": 3.0,
     "seed": None,  # None: a new random seed each round
+    # Against over-optimising the proxy: maximise r - lambda * (ensemble spread), one spread
+    # below the mean (a lower confidence bound); 0 switches it off.
+    "uncertainty_penalty": 1.0,
+    # End the round after this many steps without a new best (smoothed) penalised reward; 0: never.
+    "patience": 8,
 }
 
 
@@ -73,6 +78,8 @@ def _check_values(raw: Mapping[str, Any]) -> dict[str, Any]:
         "sample_steps": check.whole(get("sample_steps"), "sample steps", 2, 200),
         "sample_guidance": check.real(get("sample_guidance"), "sample guidance", 1.0, 20.0),
         "seed": None if raw.get("seed") in (None, "") else check.whole(raw["seed"], "seed", 0, 2**31 - 1),
+        "uncertainty_penalty": check.real(get("uncertainty_penalty"), "uncertainty penalty", 0.0, 100.0),
+        "patience": check.whole(get("patience"), "patience", 0, 2000),
     }
 
 
@@ -100,6 +107,8 @@ class RoundConfig:
     samples: SamplerSettings = field(default_factory=lambda: SamplerSettings(
         steps=DEFAULTS["sample_steps"], guidance=DEFAULTS["sample_guidance"]))
     seed: int | None = None  # None: the runner draws a new one for each round
+    uncertainty_penalty: float = DEFAULTS["uncertainty_penalty"]  # lambda in r - lambda * spread
+    patience: int = DEFAULTS["patience"]  # early stop on the penalised reward (0: off)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None = None) -> RoundConfig:
@@ -118,7 +127,7 @@ class RoundConfig:
                                                               guidance=v["guidance"]))
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
-                   seed=v["seed"])
+                   seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"])
 
     @property
     def estimator(self) -> str:
@@ -135,6 +144,7 @@ class RoundConfig:
             "max_prompts": self.max_prompts, "guidance": t.sampler.guidance,
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
+            "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
         }
 
     def for_round(self, prompts: Sequence[str], stage_prompts: dict[str, list[str]] | None, seed: int,

@@ -98,7 +98,8 @@ class RoundRunner:
         counts = self.store.counts()
         if counts["ratings"] + counts["comparisons"] == 0:
             raise AppError("rate or compare a few samples first: the round learns its reward from them")
-        base_version = self.active_version()
+        # Auto-train builds on the best-judged version (app/safeguards.py), not on the last one.
+        base_version = self.best_judged_version() if auto else self.active_version()
         try:
             job_id = self.worker.submit(f"round on {self.store.get_model_version(base_version)['name']}",
                                         lambda ctx: self._run(ctx, config, base_version))
@@ -107,6 +108,13 @@ class RoundRunner:
         self.state.update(ratings_at_last_round=counts["ratings"] + counts["comparisons"],
                           extra={**self.state.get().extra, "last_settings": config.public()})
         return job_id
+
+    def best_judged_version(self) -> int:
+        from app.safeguards import best_judged, judge
+
+        active = self.active_version()  # stores the base version on first use
+        best = best_judged(judge(self.store.version_stats()))
+        return best if best is not None else active
 
     def stop(self, password: Any = None) -> bool:
         self.authorise(password)
@@ -153,7 +161,8 @@ class RoundRunner:
         record = {**config.public(), "seed": seed, "focus_stage": app_state.focus_stage,
                   "boundaries": list(app_state.boundaries), "window": list(window) if window else None}
         round_id = self.store.start_training_round(base_version, record)
-        ctx.report(0.0, "fitting the reward proxy", round_id=round_id, estimator=config.estimator,
+        # the seed is reported so the round can be replayed (train_start with this seed, same data)
+        ctx.report(0.0, "fitting the reward proxy", round_id=round_id, seed=seed, estimator=config.estimator,
                    focus_stage=app_state.focus_stage, window=list(window) if window else None)
         try:
             result = self._train_round(ctx, config, base_version, round_id, seed, window, app_state.boundaries)
@@ -195,7 +204,8 @@ class RoundRunner:
                                     {p.prompt: p.stages.as_list() for p in prompts if p.stages}, seed,
                                     boundaries, window)
         trained = train_lora(backend, proxy, training, out_dir, ctx,
-                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac))
+                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac),
+                             penalty=config.uncertainty_penalty, patience=config.patience)
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")
@@ -214,7 +224,7 @@ class RoundRunner:
         self.state.update(active_version_id=version_id)  # only now: the round is complete
         name = self.store.get_model_version(version_id)["name"]
         ctx.report(1.0, f"finished: {name} is active", version_id=version_id, version_name=name,
-                   before_after_pairs=n_pairs)
+                   before_after_pairs=n_pairs, plateau_stopped_at=metrics.get("plateau_stopped_at"))
         return {"round_id": round_id, "version_id": version_id, "metrics": metrics}
 
     def _progress(self, ctx: JobContext, round_id: int, fraction: float) -> None:

@@ -29,6 +29,7 @@ from app.identity import Identity, sign_in_available
 from app.models import ModelRegistry
 from app.pairs import PairScorer
 from app.rounds import RoundRunner
+from app.safeguards import judge
 from app.state import StateFile
 from app.worker import Worker
 from feedback_store import OUTCOMES, FeedbackStore
@@ -115,11 +116,14 @@ class AppServices:
         """Every version with its human judgements (stars, win rate over its parent)."""
         active = self._ensure_base_version()
         meta = {v["id"]: v for v in self.store.model_versions()}
+        stats = self.store.version_stats()
+        judged = judge(stats)  # flagged / best-judged from the blind pairs (app/safeguards.py)
         out = []
-        for row in self.store.version_stats():
+        for row in stats:
             v = meta[row["version_id"]]
-            out.append({**row, "active": row["version_id"] == active, "created_at": v["created_at"],
-                        "estimator": v["config"].get("estimator"),
+            out.append({**row, **judged[row["version_id"]], "active": row["version_id"] == active,
+                        "created_at": v["created_at"], "estimator": v["config"].get("estimator"),
+                        "seed": v["config"].get("seed"), "round_id": v["config"].get("round_id"),
                         "weights_path": self.models.relative_weights_path(v["weights_path"]),
                         "metrics": v["metrics"]})
         return out
@@ -132,9 +136,11 @@ class AppServices:
         self.state.update(active_version_id=vid)
         return version
 
-    def rollback(self, password: Any = None) -> dict[str, Any]:
-        """Make the active version's parent active again."""
+    def rollback(self, password: Any = None, version_id: Any = None) -> dict[str, Any]:
+        """Make the active version's parent active again, or the chosen version (e.g. the best-judged one)."""
         self.check_admin(password)
+        if version_id not in (None, ""):
+            return self.set_active_version(version_id, password)
         current = self.store.get_model_version(self.active_version_id)
         if current["parent_id"] is None:
             raise AppError(f"{current['name']} is the base model; there is nothing to roll back to")
@@ -174,17 +180,30 @@ class AppServices:
                                       guidance=check.real(guidance, "guidance", 1.0, 20.0))
         vid = None
         if version_id not in (None, ""):
-            vid = check.whole(version_id, "version", 1, 2**62)
-            self.store.get_model_version(vid)  # NotFoundError for an unknown version
+            vid = check.whole(version_id, "version (an id from /versions)", 1, 2**62)
+            if vid not in {v["id"] for v in self.store.model_versions()}:
+                raise AppError(f"there is no model version {vid}: pick an id from /versions")
         return canonical, n, seed, settings, vid
 
     def generate(self, prompt: Any, n: Any = 4, seed: Any = 0, steps: Any = 20, guidance: Any = 3.0,
-                 version_id: Any = None) -> list[dict[str, Any]]:
-        """Draw ``n`` images of ``prompt`` with a version (default: the active one) and store them."""
+                 version_id: Any = None, preview: Any = False) -> list[dict[str, Any]]:
+        """Draw ``n`` images of ``prompt`` with a version (default: the active one) and store them.
+
+        ``preview``: store nothing (no samples, so nothing joins the rating or pair queues, the
+        before/after statistics or a round's prompts); each answer then has ``image`` (a tensor)
+        and no ``sample_id``. For measuring a version without changing what the app learns from."""
+        if not isinstance(preview, bool):
+            raise AppError("preview must be true or false")
         canonical, n, seed, settings, vid = self.check_generation(prompt, n, seed, steps, guidance, version_id)
         vid = vid if vid is not None else self.active_version_id
         backend = self.models.backend(vid)
         images = draw(backend, [canonical] * n, seed, settings)
+        if preview:
+            return [{"sample_id": None, "prompt": canonical, "seed": seed, "version_id": vid,
+                     "version": self.version_name(vid), "preview": True,
+                     "settings": {"steps": settings.steps, "guidance": settings.guidance, "eta": settings.eta,
+                                  "batch_index": i, "batch_size": n}, "image": image}
+                    for i, image in enumerate(images)]
         ids = store_images(self.store, images, [canonical] * n, seed, settings, vid)
         return [self.sample(i) for i in ids]
 

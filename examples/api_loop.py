@@ -45,8 +45,9 @@ def batch(samples: Sequence[dict]) -> torch.Tensor:
     return torch.stack([decode(s) for s in samples])
 
 
-def generate(client: Client, prompt: str, n: int, seed: int, steps: int) -> list[dict]:
-    return client.predict(prompt, n, seed, steps, 3.0, api_name="/generate")
+def generate(client: Client, prompt: str, n: int, seed: int, steps: int, preview: bool = False) -> list[dict]:
+    """Samples of the active version; ``preview``: drawn only, stored nowhere (for measuring)."""
+    return client.predict(prompt, n, seed, steps, 3.0, None, preview, api_name="/generate")
 
 
 def rate_all(client: Client, rater, rater_id: str, samples: list[dict]) -> None:
@@ -87,34 +88,70 @@ def train(client: Client, settings: dict, admin_password: str = "", poll: float 
 
 
 @torch.no_grad()
-def preference_score(client: Client, rater, prompts: Sequence[str], seeds: Sequence[int], steps: int,
-                     n: int = 2) -> float:
-    """The rater's mean latent score of fresh samples drawn with fixed seeds (same noise every time)."""
+def preference_scores(client: Client, rater, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                      n: int = 2) -> torch.Tensor:
+    """The rater's latent score of each fresh sample drawn with fixed seeds (same noise every time).
+    Drawn in preview mode: measuring stores nothing, so it changes nothing the app learns from."""
     scores = []
     for prompt in prompts:
         for seed in seeds:
-            samples = generate(client, prompt, n, seed, steps)
+            samples = generate(client, prompt, n, seed, steps, preview=True)
             scores.append(rater.score(batch(samples), [s["prompt"] for s in samples]))
-    return float(torch.cat(scores).mean())
+    return torch.cat(scores)
+
+
+def preference_score(client: Client, rater, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                     n: int = 2) -> float:
+    """The mean of :func:`preference_scores`."""
+    return float(preference_scores(client, rater, prompts, seeds, steps, n).mean())
+
+
+def guard(client: Client, admin_password: str = "", log: Callable[[str], None] = print) -> str | None:
+    """What the Versions tab offers: if the blind pairs flag the active version (worse than its
+    parent), roll back to the best-judged version in one call. Returns the flagged name, if any."""
+    versions = client.predict(api_name="/versions")
+    active = next(v for v in versions if v["active"])
+    best = next((v for v in versions if v["best_judged"]), None)
+    if not active["flagged"] or best is None:
+        return None
+    client.predict(admin_password, best["version_id"], api_name="/rollback")
+    log(f"  {active['name']} is flagged ({active['wins_vs_parent']}-{active['losses_vs_parent']} vs its parent): "
+        f"rolled back to {best['name']}")
+    return active["name"]
 
 
 def run_loop(client: Client, rater, rounds: int = 2, rater_id: str = "sim-bold", samples_per_prompt: int = 4,
              comparisons: int = 12, round_settings: dict | None = None, steps: int = 10, seed: int = 0,
-             admin_password: str = "", log: Callable[[str], None] = print) -> list[float]:
-    """The loop; returns the preference score before the first round and after each round."""
+             admin_password: str = "", log: Callable[[str], None] = print, judge_after: int = 4,
+             use_guard: bool = False, on_score: Callable[[int, torch.Tensor], None] | None = None) -> list[float]:
+    """The loop; returns the preference score before the first round and after each round.
+    ``judge_after``: blind before/after pairs answered right after each round; ``use_guard``:
+    roll back a flagged version (:func:`guard`) before training on it and before scoring;
+    ``on_score(round, per-sample scores)``: each measurement in full (e.g. for standard errors)."""
     settings = {**ROUND, "sample_steps": steps, **(round_settings or {})}
-    scores = [preference_score(client, rater, PROMPTS, EVAL_SEEDS, steps)]
+
+    def measure(r: int) -> float:
+        each = preference_scores(client, rater, PROMPTS, EVAL_SEEDS, steps)
+        if on_score is not None:
+            on_score(r, each)
+        return float(each.mean())
+
+    scores = [measure(0)]
     log(f"preference score before training: {scores[0]:.3f}")
     for r in range(rounds):
         for i, prompt in enumerate(PROMPTS):
             rate_all(client, rater, rater_id, generate(client, prompt, samples_per_prompt, seed + 100 * r + i, steps))
         n = compare_some(client, rater, rater_id, comparisons)
         log(f"round {r + 1}: rated {len(PROMPTS) * samples_per_prompt} samples, answered {n} comparisons")
+        if use_guard:
+            guard(client, admin_password, log)
         status = train(client, {**settings, "seed": seed + r}, admin_password, log=log)
         if status["state"] != "finished":
             raise RuntimeError(f"round {r + 1} ended {status['state']}: {status.get('error')}")
-        compare_some(client, rater, rater_id, 4)  # the blind before/after pairs of the new version
-        scores.append(preference_score(client, rater, PROMPTS, EVAL_SEEDS, steps))
+        compare_some(client, rater, rater_id, judge_after)  # the blind before/after pairs of the new version
+        if use_guard:
+            guard(client, admin_password, log)
+        scores.append(measure(r + 1))
         wins = [v for v in client.predict(api_name="/versions") if v["active"]][0]
         log(f"round {r + 1}: {status['version_name']}, preference score {scores[-1]:.3f}, "
             f"human-judged win rate over its parent: {wins['win_rate_vs_parent']}")

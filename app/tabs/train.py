@@ -30,10 +30,18 @@ def progress_html(status: dict[str, Any]) -> str:
             f'<div class="rlr-progress-text"><b>{html.escape(state)}</b> · {pct}% · {text}</div>')
 
 
+REWARD_SERIES = {"reward": "proxy reward", "penalised": "penalised: reward - λ·spread"}
+
+
 def plots(history: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The reward plot's rows (step, reward, series: the proxy's reward and the penalised one the
+    round maximises and stops on) and the uncertainty plot's."""
     # Numeric dtypes matter: an object column (a None among the floats) becomes a categorical axis.
-    frame = pd.DataFrame(history, columns=["step", "reward", "uncertainty"]).apply(pd.to_numeric, errors="coerce")
-    return (frame[["step", "reward"]].dropna().astype(float), frame[["step", "uncertainty"]].dropna().astype(float))
+    frame = pd.DataFrame(history, columns=["step", "reward", "penalised", "uncertainty"]).apply(
+        pd.to_numeric, errors="coerce")
+    rewards = [frame[["step", col]].dropna().astype(float).rename(columns={col: "reward"}).assign(series=label)
+               for col, label in REWARD_SERIES.items()]
+    return (pd.concat(rewards, ignore_index=True), frame[["step", "uncertainty"]].dropna().astype(float))
 
 
 def summary(status: dict[str, Any]) -> str:
@@ -49,6 +57,11 @@ def summary(status: dict[str, Any]) -> str:
     if status.get("window"):
         a, b = status["window"]
         lines.append(f"HO block restricted to the **{status.get('focus_stage')}** stage: k = {a} .. {b}")
+    if status.get("seed") is not None:
+        lines.append(f"Seed **{status['seed']}** (start a round with it to replay this one on the same data)")
+    if status.get("plateau_stopped_at"):
+        lines.append(f"The penalised reward stopped rising: the round ended early at step "
+                     f"{status['plateau_stopped_at']}.")
     if status.get("version_name"):
         lines.append(f"Made **{status['version_name']}**; its samples are in the rating queue and "
                      f"{status.get('before_after_pairs', 0)} before/after pairs in the comparison queue.")
@@ -93,6 +106,12 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                                      elem_id="train-guidance")
                 sample_steps = gr.Number(value=d["sample_steps"], precision=0, label="New version's samples: steps",
                                          elem_id="train-sample-steps")
+                penalty = gr.Number(value=d["uncertainty_penalty"], minimum=0, label="Uncertainty penalty λ",
+                                    info="maximise reward - λ·(proxy ensemble spread); 0 = off",
+                                    elem_id="train-penalty")
+                patience = gr.Number(value=d["patience"], precision=0, minimum=0, label="Early-stop patience",
+                                     info="steps without a new best penalised reward; 0 = never stop early",
+                                     elem_id="train-patience")
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -101,7 +120,7 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         bar = gr.HTML(progress_html(services.rounds.status()), elem_id="train-progress")
         info = gr.Markdown(elem_id="train-summary")
         with gr.Row():
-            reward_plot = gr.LinePlot(x="step", y="reward", title="Proxy reward of the round's samples",
+            reward_plot = gr.LinePlot(x="step", y="reward", color="series", title="Proxy reward of the round's samples",
                                       height=260, elem_id="train-reward-plot")
             unc_plot = gr.LinePlot(x="step", y="uncertainty", title="Proxy uncertainty (ensemble spread)",
                                    height=260, elem_id="train-uncertainty-plot")
@@ -111,13 +130,14 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         seen = gr.State(None)  # what the page shows, to skip re-sending unchanged plots
 
     setting_inputs = [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts, guidance,
-                      sample_steps]
+                      sample_steps, penalty, patience]
 
     @user_errors
-    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, password):
+    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, lam, wait, password):
         config = RoundConfig.parse(dict(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
                                         learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
-                                        max_prompts=k, guidance=g, sample_steps=s_steps))
+                                        max_prompts=k, guidance=g, sample_steps=s_steps,
+                                        uncertainty_penalty=lam, patience=wait))
         services.rounds.start(config, password)
         gr.Info("Training round started: watch it here, keep rating elsewhere.")
         return poll(None)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from app.errors import user_errors
+from app.errors import AppError, user_errors
 from app.services import BASE_VERSION_NAME, AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 
 COLUMNS = ["active", "id", "name", "parent", "estimator", "samples", "ratings", "mean stars",
-           "win rate vs parent", "wins-losses-ties", "created"]
+           "win rate vs parent", "wins-losses-ties", "judged", "seed", "created"]
 INTRO = ("Each finished training round makes a new version and makes it active. Its samples go to the "
          "rating queue, and blind before/after pairs (same prompt and seed, parent vs new) to the "
-         "comparison queue: the **win rate vs parent** is what people judged.")
+         "comparison queue: the **win rate vs parent** is what people judged. A version those pairs "
+         "call worse than its parent with confidence (a one-sided sign test on the decisive answers, p < 0.05) "
+         "is **⚠ flagged**; **★ best** marks the best-judged version, which auto-train builds on.")
 # The base version is stored on first use (a fresh data folder stays empty, so an export can
 # still be imported into it); until then the tab lists it under this key.
 UNSTORED_BASE = "base"
@@ -37,9 +39,29 @@ def table(services: AppServices, versions: list[dict] | None = None) -> pd.DataF
                                    else "not judged yet" if v["parent_id"] is not None else ""),
             "wins-losses-ties": (f"{v['wins_vs_parent']}-{v['losses_vs_parent']}-{v['ties_vs_parent']}"
                                  if v["parent_id"] is not None else ""),
+            "judged": judged_label(v), "seed": v.get("seed") if v.get("seed") is not None else "",
             "created": v["created_at"][:19].replace("T", " "),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def judged_label(v: dict) -> str:
+    if v.get("flagged"):
+        return (f"⚠ flagged: worse than its parent (win rate ≤ {v['win_rate_upper']:.0%}, "
+                f"p = {v['p_not_worse']:.3f})")
+    return "★ best" if v.get("best_judged") else ""
+
+
+def warning(versions: list[dict]) -> str:
+    """What the page says when the active version is flagged, with the one-click way back."""
+    active = next((v for v in versions if v["active"]), None)
+    best = next((v for v in versions if v.get("best_judged")), None)
+    if not active or not active.get("flagged"):
+        return ""
+    target = f"**{best['name']}**, the best-judged version" if best else "its parent"
+    return (f"⚠️ The active version **{active['name']}** lost to its parent in the blind pairs "
+            f"({active['wins_vs_parent']}-{active['losses_vs_parent']}-{active['ties_vs_parent']}). "
+            f"**Roll back to the best-judged** makes {target} active again.")
 
 
 def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks) -> None:
@@ -52,13 +74,15 @@ def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks)
             pick = gr.Dropdown(choices=[], value=None, label="Version", elem_id="version-pick", scale=2)
             activate = gr.Button("Make active", elem_id="version-activate")
             rollback = gr.Button("Roll back to the parent", elem_id="version-rollback")
+            to_best = gr.Button("Roll back to the best-judged", elem_id="version-rollback-best")
             export = gr.Button("Export LoRA weights", elem_id="version-export")
             refresh = gr.Button("Refresh", elem_id="version-refresh", size="sm")
         status = gr.Markdown(elem_id="version-status")
         download = gr.File(label="LoRA weights (.safetensors)", visible=False, elem_id="version-file")
 
     def refreshed(message: str = ""):
-        return (*refresh_outputs(services), message)
+        table_, pick_, versions_ = refresh_outputs(services, with_versions=True)
+        return table_, pick_, "  \n".join(m for m in (message, warning(versions_)) if m)
 
     def stored(version: int | str | None) -> int | str | None:
         """The version id; picking the base version before it is stored stores it (first use)."""
@@ -76,6 +100,14 @@ def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks)
         return refreshed(f"Rolled back: **{v['name']}** is active again.")
 
     @user_errors
+    def on_rollback_best(password: str):
+        best = next((v for v in services.versions() if v.get("best_judged")), None)
+        if best is None:
+            raise AppError("no version is judged good enough to roll back to")
+        v = services.rollback(password, best["version_id"])
+        return refreshed(f"Rolled back: **{v['name']}** (best-judged) is active.")
+
+    @user_errors
     def on_export(version: int | str):
         path = services.export_lora(stored(version))
         return gr.File(value=str(path), visible=True), f"Exported `{path.name}`."
@@ -83,6 +115,7 @@ def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks)
     outs = [versions, pick, status]
     activate.click(on_activate, [pick, session.password], outs, **QUICK, **PRIVATE)
     rollback.click(on_rollback, session.password, outs, **QUICK, **PRIVATE)
+    to_best.click(on_rollback_best, session.password, outs, **QUICK, **PRIVATE)
     export.click(on_export, pick, [download, status], **QUICK, **PRIVATE)
     refresh.click(refreshed, None, outs, **QUICK, **PRIVATE)
     tab.select(refreshed, None, outs, **QUICK, **PRIVATE)
@@ -95,8 +128,9 @@ def version_choices(versions: list[dict]) -> list[tuple[str, int | str]]:
     return [(f"{v['name']} (id {v['version_id']})", v["version_id"]) for v in versions]
 
 
-def refresh_outputs(services: AppServices) -> tuple[pd.DataFrame, gr.Dropdown]:
+def refresh_outputs(services: AppServices, with_versions: bool = False) -> tuple:
     """The table and the version picker (on the active version). Reads only: a page load stores nothing."""
     versions = services.versions()
     active = next((v["version_id"] for v in versions if v["active"]), UNSTORED_BASE if not versions else None)
-    return table(services, versions), gr.Dropdown(choices=version_choices(versions), value=active)
+    out = table(services, versions), gr.Dropdown(choices=version_choices(versions), value=active)
+    return (*out, versions) if with_versions else out
