@@ -33,7 +33,10 @@ from app.tabs.common import MODEL_API, QUICK_API
 
 def public_sample(sample: dict[str, Any]) -> dict[str, Any]:
     if "image" in sample:  # a preview: drawn, not stored
-        return {**{k: v for k, v in sample.items() if k != "image"}, "image_png_b64": png_b64(to_pil(sample["image"]))}
+        media = sample["image"]
+        return {**{k: v for k, v in sample.items() if k != "image"},
+                "frames": media.shape[0] if media.dim() == 4 else 1,
+                "image_png_b64": base64.b64encode(video.png_bytes(media)).decode()}
     out = {k: v for k, v in sample.items() if k != "image_file"}
     out["image_png_b64"] = base64.b64encode(files.read_image(sample["image_file"])).decode()
     return out
