@@ -374,5 +374,5 @@ class AppServices:
         b = self.base_backend
         h, w = b.image_size
         dtype = str(b.dtype).removeprefix("torch.")
-        size = f"{b.num_frames} frames of {w}x{h}" if self.is_video else f"{w}x{h}"
+        size = f"{b.num_frames} frames of {w}x{h}" if video.is_video(b) else f"{w}x{h}"
         return f"{b.name} on {b.device}, {dtype}, {size} ({torch.get_num_threads()} torch thread(s))"
