@@ -43,13 +43,7 @@ class BuiltinBackend(DiffusionBackend):
         return text.check_prompt(prompt, allow_empty=False)
 
     def describe_prompt(self, prompt: str) -> str:
-        try:
-            canonical = text.check_prompt(prompt)
-        except text.UnknownWordsError as err:
-            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
-        except text.PromptError as err:
-            return f"⚠️ {err}"
-        return f"✓ the model reads: *{canonical}*"
+        return describe_grammar_prompt(prompt)
 
     def split_prompt(self, prompt: str) -> tuple[str, str, str]:
         from rlr_core import dcot  # the rule-based splitter knows the built-in grammar
@@ -58,11 +52,27 @@ class BuiltinBackend(DiffusionBackend):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.model.tokenizer
-        canonical = [text.check_prompt(p, allow_empty=True) for p in prompts]
-        ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.model.text_encoder(ids).last_hidden_state
+        return encode_grammar_prompts(self.model, prompts, self.device)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.clamp(-1, 1) + 1) / 2
+
+
+def describe_grammar_prompt(prompt: str, video: bool = False) -> str:
+    """The live note on a prompt in the built-in grammar (``video``: the clip grammar)."""
+    try:
+        canonical = text.check_prompt(prompt, video=video)
+    except text.UnknownWordsError as err:
+        return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
+    except text.PromptError as err:
+        return f"⚠️ {err}"
+    return f"✓ the model reads: *{canonical}*"
+
+
+def encode_grammar_prompts(model, prompts: list[str], device: torch.device, video: bool = False) -> torch.Tensor:
+    """A built-in model's caption encodings: prompts checked and spelled canonically first."""
+    tok = model.tokenizer
+    canonical = [text.check_prompt(p, allow_empty=True, video=video) for p in prompts]
+    ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_encoder(ids).last_hidden_state

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.backends.builtin import describe_grammar_prompt, encode_grammar_prompts
 from rlr_core.shapesworld import text
 from rlr_core.shapesworld.video_model import DEFAULT_CLIP_MODEL_DIR, ClipModel, load_clip_model
 from rlr_core.shapesworld.world import IMAGE_SIZE
@@ -52,13 +53,7 @@ class BuiltinClipBackend(DiffusionBackend):
         return text.check_prompt(prompt, allow_empty=False, video=True)
 
     def describe_prompt(self, prompt: str) -> str:
-        try:
-            canonical = text.check_prompt(prompt, video=True)
-        except text.UnknownWordsError as err:
-            return "⚠️ unknown to the model: " + ", ".join(f"**{w}**" for w in err.words)
-        except text.PromptError as err:
-            return f"⚠️ {err}"
-        return f"✓ the model reads: *{canonical}*"
+        return describe_grammar_prompt(prompt, video=True)
 
     def split_prompt(self, prompt: str) -> tuple[str, str, str]:
         from rlr_core import dcot  # the clip grammar's rules: layout and motion, shape, colour
@@ -67,11 +62,7 @@ class BuiltinClipBackend(DiffusionBackend):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.model.tokenizer
-        canonical = [text.check_prompt(p, allow_empty=True, video=True) for p in prompts]
-        ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.model.text_encoder(ids).last_hidden_state
+        return encode_grammar_prompts(self.model, prompts, self.device, video=True)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.clamp(-1, 1) + 1) / 2
