@@ -54,11 +54,12 @@ ARMS: dict[str, tuple[str, dict, bool]] = {
     "lr": ("lr", {}, False),
     "rlr-kl": ("rlr", {**RLR, "kl_coef": None}, False),  # kl_coef from --kl-coef
     "rlr-dcot": ("rlr", {**RLR, "window": "coarse"}, True),  # block in the coarse stage + stage prompts
+    "rlr-window": ("rlr", {**RLR, "window": "coarse"}, False),  # the coarse-stage block alone, plain prompts
     "authors": ("preset:authors-code", {}, False),
 }
 # Arms compared with RLR at RLR's learning rate (the with/without comparison is then about the
 # option alone), so they are not swept.
-LR_FROM = {"rlr-kl": "rlr", "rlr-dcot": "rlr"}
+LR_FROM = {"rlr-kl": "rlr", "rlr-dcot": "rlr", "rlr-window": "rlr"}
 
 Curve = list[dict]
 JUDGE_VERSION = "2"  # 2: a speck under pixel_judge.MIN_AREA is no shape

@@ -144,6 +144,23 @@ def targets(curves: dict[str, list[Curve]], skipped: dict[str, str]) -> list[dic
     return out
 
 
+def dcot_breakdown(curves: dict[str, list[Curve]]) -> dict:
+    """The DCoT arms beside plain RLR: what the stage prompts alone change at the start, and how
+    many samples each needs to reach plain RLR's final pixel score (None: not reached)."""
+    if "rlr" not in curves:
+        return {}
+    goal = statistics.mean(r[-1]["pixel"] for r in curves["rlr"])
+    out = {}
+    for arm in ("rlr", "rlr-window", "rlr-dcot"):
+        if arm in curves:
+            runs = curves[arm]
+            out[arm] = {"seeds": len(runs), **{f"{when} {k}": round(statistics.mean(r[i][k] for r in runs), 4)
+                                              for when, i in (("start", 0), ("final", -1))
+                                              for k in ("pixel", "fidelity", "quality")},
+                        "samples to reach plain RLR's final pixel": reach(runs, goal)}
+    return out
+
+
 def report(args: argparse.Namespace, sweep: dict, best: dict[str, float], curves: dict[str, list[Curve]],
            skipped: dict[str, str]) -> dict:
     """Print the tables and return what the JSON holds (sweep, summary, targets, skipped arms)."""
@@ -159,7 +176,7 @@ def report(args: argparse.Namespace, sweep: dict, best: dict[str, float], curves
     checks = targets(curves, skipped)
     print_table(checks, ["check", "value", "met"], title="race targets")
     return {"title": title, "best_lr": best, "skipped_arms": skipped, "partial_runs": partial,
-            "sweep": sweep_table, "summary": summary, "targets": checks,
+            "sweep": sweep_table, "summary": summary, "targets": checks, "dcot": dcot_breakdown(curves),
             "sweep_curves": {f"{a}-lr{lr:g}-seed{s}": c for (a, lr, s), c in sweep.items()}}
 
 

@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--init", type=Path, default=image_model.DEFAULT_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="clips per case (seeds seed, seed+1, ...)")
     args = p.parse_args()
     train_unet = bool(json.loads((args.checkpoint / "state.json").read_text())["args"].get("train_unet"))
     model = video_model.from_image_model(image_model.load_model(args.init))
@@ -53,11 +54,19 @@ def main() -> None:
     model.denoiser.eval()
     cases = [(d, s) for d in clips.DIRECTIONS for s in clips.SPEEDS if d != "still" or s == "slow"]
     prompts = [clips.clip_caption(clips.ClipScene("circle", "red", "large", d, s, "black")) for d, s in cases]
-    out = generate(BuiltinClipBackend(model), prompts, SamplerSettings(steps=20, guidance=3.0), seed=args.seed)
-    for (direction, speed), clip in zip(cases, out.permute(0, 1, 3, 4, 2).numpy()):
+    backend = BuiltinClipBackend(model)
+    draws = [generate(backend, prompts, SamplerSettings(steps=20, guidance=3.0), seed=args.seed + i)
+             .permute(0, 1, 3, 4, 2).numpy() for i in range(args.samples)]
+    for c, (direction, speed) in enumerate(cases):
         want = np.array(clips.DIRECTIONS[direction]) * clips.SPEEDS[speed]
-        got = centroid_steps(clip)
-        print(f"{direction:6s} {speed:5s} want ({want[0]:+.2f}, {want[1]:+.2f})  got ({got[0]:+.2f}, {got[1]:+.2f})")
+        steps = np.array([centroid_steps(d[c]) for d in draws])
+        got = np.nanmean(steps, axis=0)
+        # a clip moves the right way when its step along the wanted axis has the wanted sign and
+        # is larger than the step across it
+        right_way = [bool(np.dot(s, want) > 0 and abs(np.dot(s, want)) > abs(np.cross(s, want)))
+                     for s in steps] if direction != "still" else [bool(np.hypot(*s) < 0.5) for s in steps]
+        print(f"{direction:6s} {speed:5s} want ({want[0]:+.2f}, {want[1]:+.2f})  got ({got[0]:+.2f}, {got[1]:+.2f})"
+              f"  right way {sum(right_way)}/{len(right_way)}")
 
 
 if __name__ == "__main__":
