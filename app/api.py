@@ -136,7 +136,7 @@ def register(services: AppServices) -> None:
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
         guidance, samples_per_prompt, sample_steps, sample_guidance, seed, uncertainty_penalty,
         patience; anything left out takes its default, an unknown name is refused."""
-        config = RoundConfig.parse(settings)
+        config = RoundConfig.parse(settings, s.round_defaults)
         job = s.rounds.start(config, admin_password)
         return {"job_id": job, "settings": config.public()}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app import files, video
+from app import files, round_config, video
 from app import validate as check
 from app.admin_guard import AdminGuard
 from app.archive import extract as extract_archive
@@ -61,6 +61,8 @@ class AppServices:
             print(f"marked {interrupted} interrupted training round(s) as failed")
         self.base_backend = backend or load_backend(config.model, device=config.device, dtype=config.dtype)
         self.models = ModelRegistry(self.base_backend, self.store)
+        # the Train tab's and the API's round defaults: the benchmark's pick for this model
+        self.round_defaults = round_config.defaults_for(self.base_backend)
         self.worker = Worker()
         self._version_lock = threading.Lock()
         self._ensure_base_version()

@@ -125,30 +125,42 @@ def evaluate(backend, reward_fn, judge, settings: SamplerSettings, n_seeds: int,
             "area": float(sum(r.area for r in readings) / len(readings))}
 
 
-def run_key(args: argparse.Namespace) -> dict:
+def uses_kl(arm: str) -> bool:
+    return "kl_coef" in ARMS[arm][1]
+
+
+def run_key(args: argparse.Namespace, arm: str) -> dict:
     keep = ("reward", "rounds", "batch", "steps", "guidance", "lora_rank", "inner_epochs", "eval_every",
-            "eval_seeds", "kl_coef", "model")
-    # the judge's version: a cached score is only reused if the same judge gave it
-    return {**{k: str(getattr(args, k)) for k in keep}, "judge": JUDGE_VERSION}
+            "eval_seeds", "model")
+    # the judge's version: a cached score is only reused if the same judge gave it; the KL
+    # coefficient only where the arm uses it, so changing it reruns that arm alone
+    key = {**{k: str(getattr(args, k)) for k in keep}, "judge": JUDGE_VERSION}
+    return {**key, "kl_coef": str(args.kl_coef)} if uses_kl(arm) else key
 
 
 def cache_path(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Path | None:
-    return args.cache / f"{arm}-lr{lr:g}-seed{seed}.json" if args.cache else None
+    if not args.cache:
+        return None
+    label = f"{arm}{args.kl_coef:g}" if uses_kl(arm) else arm  # one file per coefficient
+    return args.cache / f"{label}-lr{lr:g}-seed{seed}.json"
 
 
-def load_run(path: Path | None, args: argparse.Namespace) -> dict | None:
+def load_run(path: Path | None, args: argparse.Namespace, arm: str) -> dict | None:
     if path is None or not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("settings") == run_key(args) else None
+    settings = dict(saved.get("settings", {}))
+    if not uses_kl(arm):
+        settings.pop("kl_coef", None)  # caches written before the key left it out for such arms
+    return saved if settings == run_key(args, arm) else None
 
 
-def save_run(path: Path | None, args: argparse.Namespace, curve: Curve, complete: bool) -> None:
+def save_run(path: Path | None, args: argparse.Namespace, arm: str, curve: Curve, complete: bool) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": run_key(args), "complete": complete, "curve": curve}))
+    tmp.write_text(json.dumps({"settings": run_key(args, arm), "complete": complete, "curve": curve}))
     tmp.replace(path)  # atomic: a run killed mid-write keeps its previous point
 
 
@@ -180,7 +192,7 @@ def run_one(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Curve:
         eval_time += time.perf_counter() - start
         curve.append({"step": step, "samples": samples, "train_seconds": train_elapsed,
                       "train_reward": train_reward, **ev})
-        save_run(path, args, curve, complete=False)
+        save_run(path, args, arm, curve, complete=False)
 
     point(0, 0, 0.0, None)
     eval_time = 0.0  # the start's evaluation ran before the round's clock started
@@ -195,7 +207,7 @@ def run_one(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Curve:
             run_round(backend, reward_fn, config, Path(tmp) / "version", progress=progress)
         except TrainingDiverged as err:  # a diverged run is a result
             curve[-1]["diverged"] = str(err)
-    save_run(path, args, curve, complete=True)
+    save_run(path, args, arm, curve, complete=True)
     print(f"{arm} lr {lr:g} seed {seed}: {time.perf_counter() - start:.0f} s, pixel {curve[-1]['pixel']:.3f}, "
           f"fidelity {curve[-1]['fidelity']:.3f}, quality {curve[-1]['quality']:.3f}", flush=True)
     return curve
@@ -204,7 +216,7 @@ def run_one(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Curve:
 def run_many(args: argparse.Namespace, runs: list[tuple[str, float, int]]) -> dict[tuple[str, float, int], Curve]:
     """Curves of ``runs`` (arm, lr, seed): finished cached ones reused, the rest trained
     ``--jobs`` at a time; with ``--from-cache`` unfinished runs count as they stand."""
-    found = {run: load_run(cache_path(args, *run), args) for run in runs}
+    found = {run: load_run(cache_path(args, *run), args, run[0]) for run in runs}
     todo = [] if args.from_cache else [r for r in runs if not (found[r] and found[r]["complete"])]
     out = {r: f["curve"] for r, f in found.items() if f and len(f["curve"]) > 1}
     if todo and args.jobs > 1:

@@ -48,11 +48,13 @@ def load_example():
     return module
 
 
-def default_round() -> dict[str, Any]:
-    """The round the loop trains: the app's default estimator, its own short settings otherwise."""
-    from app.round_config import DEFAULTS
+def default_round(estimator: str | None = None) -> dict[str, Any]:
+    """The round the loop trains: the app's default estimator on the built-in model (or
+    ``estimator`` with the app's settings for it), the loop's own short settings otherwise."""
+    from app.round_config import BUILTIN_IMAGE_DEFAULTS
 
-    return {**LOOP["round_settings"], "estimator": DEFAULTS["estimator"]}
+    name = estimator or BUILTIN_IMAGE_DEFAULTS["estimator"]
+    return {**LOOP["round_settings"], "estimator": name, "truncation": BUILTIN_IMAGE_DEFAULTS["truncation"]}
 
 
 def paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,7 +63,7 @@ def paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.std(unbiased=True) / math.sqrt(len(d)))
 
 
-def run_seed(seed: int, rounds: int, log=print) -> dict[str, Any]:
+def run_seed(seed: int, rounds: int, log=print, estimator: str | None = None) -> dict[str, Any]:
     import gradio_client
 
     from app.config import AppConfig
@@ -79,7 +81,7 @@ def run_seed(seed: int, rounds: int, log=print) -> dict[str, Any]:
         client = gradio_client.Client(app.url, verbose=False)
         scores = example.run_loop(
             client, rater, rounds=rounds, steps=LOOP["steps"], samples_per_prompt=LOOP["samples_per_prompt"],
-            comparisons=LOOP["comparisons"], round_settings=default_round(), seed=1000 * seed,
+            comparisons=LOOP["comparisons"], round_settings=default_round(estimator), seed=1000 * seed,
             judge_after=LOOP["judge_after"], use_guard=LOOP["use_guard"], log=log,
             on_score=lambda r, each: measured.__setitem__(r, each))
         versions = client.predict(api_name="/versions")
@@ -160,6 +162,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--estimator", default=None,
+                   help="train with this estimator instead of the app's default on the built-in model")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "safeguards.json"))
     p.add_argument("--cache", default="/tmp/rlr-safeguards-cache")
     p.add_argument("--only-cached", action="store_true", help="write the results of the finished seeds only")
@@ -171,22 +175,22 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
-        path = cache / f"seed{seed}-rounds{args.rounds}.json"
+        path = cache / f"{default_round(args.estimator)['estimator']}-seed{seed}-rounds{args.rounds}.json"
         if path.exists():
             runs.append(json.loads(path.read_text()))
             continue
         if args.only_cached:
             continue
-        run = run_seed(seed, args.rounds, log=lambda line: print(line, flush=True))
+        run = run_seed(seed, args.rounds, log=lambda line: print(line, flush=True), estimator=args.estimator)
         path.write_text(json.dumps(run))
         print(json.dumps(run), flush=True)
         runs.append(run)
-    from app.round_config import DEFAULTS
+    from app.round_config import BUILTIN_IMAGE_DEFAULTS
 
     unfinished = [scores_from_log(Path(x)) for x in args.unfinished_logs]
 
-    write_json(args.json, {"loop": {**LOOP, "round_settings": default_round(), "rounds": args.rounds,
-                                    "seeds": args.seeds, "round_defaults": DEFAULTS},
+    write_json(args.json, {"loop": {**LOOP, "round_settings": default_round(args.estimator), "rounds": args.rounds,
+                                    "seeds": args.seeds, "round_defaults": BUILTIN_IMAGE_DEFAULTS},
                            **summarise(runs, args.rounds), "runs": runs,
                            "unfinished_runs": unfinished, **({} if runs else {"two_round_gain": gains_of(unfinished)})})
 

@@ -36,7 +36,7 @@ def load_example():
 @pytest.mark.slow
 def test_simulated_rater_preference_rises_after_rounds(tmp_path, builtin_backend):
     from app.config import AppConfig
-    from app.round_config import DEFAULTS
+    from app.round_config import defaults_for
     from app.server import serve
     from rlr_core.shapesworld import raters as simulated_raters
     from rlr_core.shapesworld.perception import DEFAULT_PERCEPTION_DIR, load
@@ -48,7 +48,7 @@ def test_simulated_rater_preference_rises_after_rounds(tmp_path, builtin_backend
     example = load_example()
     rater = simulated_raters.bold_taste(load(), seed=0)
     settings = default_round()
-    assert settings["estimator"] == DEFAULTS["estimator"] != "full-bp"
+    assert settings["estimator"] == defaults_for(builtin_backend)["estimator"] != "full-bp"
     lines: list[str] = []
     with serve(AppConfig(data_dir=tmp_path, port=0), builtin_backend) as app:
         client = gradio_client.Client(app.url, verbose=False)

@@ -90,10 +90,14 @@ def test_race_targets_pass_and_fail_on_the_right_curves():
     kl_ok = [curve([0.2, 0.4, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6], [0.9] * 8 + [0.88])] * 5
     got = race_report.targets({"rlr": fast, "truncated-bp": slow, "ddpo": ddpo, "rlr-kl": kl_ok, "rlr-dcot": slow},
                               {})
-    assert [c["met"] for c in got] == [True, True, True, True, False]  # DCoT: the same sample count is not fewer
+    assert [c["met"] for c in got] == [True, True, True, True, False, False]  # DCoT: the same count is not fewer
     got = race_report.targets({"rlr": slow, "truncated-bp": fast, "ddpo": ddpo, "rlr-dcot": fast}, {"rlr-kl": "why"})
-    assert [c["met"] for c in got] == [False, False, False, False, True]
+    assert [c["met"] for c in got] == [False, False, False, False, True, True]
     assert "why" in got[3]["value"]
+    # a DCoT arm that only starts higher (stage prompts) and learns no faster passes on levels, not on gains
+    shifted = [curve([0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.75, 0.75, 0.75])] * 5
+    got = race_report.targets({"rlr": slow, "truncated-bp": fast, "ddpo": ddpo, "rlr-dcot": shifted}, {})
+    assert [c["met"] for c in got[-2:]] == [True, False]
 
 
 def test_arms_that_cannot_run_are_skipped_with_the_reason():

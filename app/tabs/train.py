@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.errors import user_errors
-from app.round_config import DEFAULTS, ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig
+from app.round_config import ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig, defaults_note
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 from rlr_core.backends.builtin import BuiltinBackend
@@ -77,9 +77,9 @@ def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
 
 
 def build(services: AppServices, session: Session) -> gr.Timer:
-    d = DEFAULTS
+    d = services.round_defaults
     with gr.Column(elem_id="train-panel"):
-        gr.Markdown(INTRO)
+        gr.Markdown(f"{INTRO} {defaults_note(services.base_backend)}")
         with gr.Row():
             estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"], label="Gradient estimator",
                                     elem_id="train-estimator", scale=2)
@@ -137,7 +137,7 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         config = RoundConfig.parse(dict(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
                                         learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
                                         max_prompts=k, guidance=g, sample_steps=s_steps,
-                                        uncertainty_penalty=lam, patience=wait))
+                                        uncertainty_penalty=lam, patience=wait), services.round_defaults)
         services.rounds.start(config, password)
         gr.Info("Training round started: watch it here, keep rating elsewhere.")
         return poll(None)
