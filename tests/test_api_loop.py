@@ -15,15 +15,16 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "api_loop.py"
-# The rounds use the app's default estimator and settings (6 optimiser steps each), as
-# bench/safeguards.py does; this test is that benchmark's first two rounds at its seed 0.
-# MIN_GAIN, on a utility in [0, 1] (the base model scores 0.167 with this rater on these fixed
-# seeds): the two-round gain measured by `python -m bench.safeguards` (bench/results/safeguards.json,
-# "two_round_gain") was 0.257 (seed 1) and 0.167 (seed 2), and this test (seed 0) measured 0.176
-# (0.167 -> 0.263 -> 0.343): mean 0.200, seed-to-seed sd 0.050. The test requires mean - 3 sd
-# (0.05, rounded down): a loop that does not learn fails it; a run like the measured ones
-# passes it unless it falls 3 sd short.
-MIN_GAIN = 0.05
+# The rounds use the app's default estimator on the built-in model (truncated backprop through
+# the last step, the race's pick) and settings (6 optimiser steps each), as bench/safeguards.py
+# does; this test is that benchmark's first two rounds at seed 0. MIN_GAIN, on a utility in
+# [0, 1] (the base model scores 0.167 with this rater on these fixed seeds): the two-round gain
+# measured by `python -m bench.safeguards` (bench/results/safeguards.json, "two_round_gain") was
+# 0.323, 0.277 and 0.125 (seeds 1-3): mean 0.242, seed-to-seed sd 0.104. The test requires
+# mean - 2 sd (0.03, rounded down): a loop that does not learn fails it; a run like the
+# measured ones passes it unless it falls 2 sd short. (With RLR the same gains were 0.296,
+# 0.223 and 0.199: bench/results/safeguards_rlr.json.)
+MIN_GAIN = 0.03
 
 
 def load_example():
