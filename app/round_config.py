@@ -23,6 +23,7 @@ from typing import Any
 
 from app import validate as check
 from app.errors import AppError
+from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import EstimatorConfig, TrainConfig
 
@@ -70,15 +71,11 @@ BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 
 def defaults_for(backend: Any) -> dict[str, Any]:
     """The public form's defaults on this model: the benchmark's pick where one was measured."""
-    from rlr_core.backends.builtin import BuiltinBackend
-
     return dict(BUILTIN_IMAGE_DEFAULTS if isinstance(backend, BuiltinBackend) else DEFAULTS)
 
 
 def defaults_note(backend: Any) -> str:
     """One sentence for the Train tab: why its default estimator is the default on this model."""
-    from rlr_core.backends.builtin import BuiltinBackend
-
     if isinstance(backend, BuiltinBackend):
         return ("The default here is truncated backprop through the last step: on this model it raised a "
                 "benchmark reward faster than RLR, per sample and per second, keeping prompt fidelity about as "

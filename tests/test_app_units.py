@@ -195,6 +195,20 @@ def test_prompt_note_names_unknown_words(builtin_backend):
     assert "limit" in builtin_backend.describe_prompt("a " * 600)
 
 
+def test_round_defaults_are_the_benchmarks_pick_for_the_loaded_model(builtin_backend):
+    from app.round_config import DEFAULTS, RoundConfig, defaults_for
+    from rlr_core.backends.loading import load_backend
+    from tests.clip_model import clip_model_dir
+
+    builtin = defaults_for(builtin_backend)  # the race's pick on the built-in image model
+    picked = RoundConfig.parse({}, builtin).training.estimator
+    assert (picked.name, picked.options) == ("truncated-bp", {"steps": 1})
+    assert {k: v for k, v in builtin.items() if DEFAULTS[k] != v} == {"estimator": "truncated-bp", "truncation": 1}
+    assert defaults_for(load_backend(clip_model_dir())) == DEFAULTS  # no race on clips: RLR
+    chosen = RoundConfig.parse({"estimator": "rlr"}, builtin)  # a person's choice wins over the default
+    assert chosen.training.estimator.name == "rlr" and RoundConfig.parse(chosen.public(), builtin) == chosen
+
+
 def test_round_config_nests_the_estimator_options_and_reads_back_its_public_form():
     from app.round_config import DEFAULTS, RoundConfig
 
