@@ -64,8 +64,8 @@ DEFAULTS: dict[str, Any] = {
 # truncated backprop through the last step gained more of the pixel-judged reward than RLR at
 # equal samples (0.66 against 0.59, 5 seeds) and at equal time, at 3.4x less time per step,
 # keeping fidelity within a standard error of RLR's; full backprop scored 0.70 at equal samples
-# but lost twice the fidelity (0.80) and was behind at equal time. No race has been run on the other models,
-# which keep the form's defaults (RLR).
+# but lost twice the fidelity (0.80) and was behind at equal time. No race has been run on the
+# other models, which keep the form's defaults (RLR).
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "truncated-bp", "truncation": 1}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 

@@ -7,7 +7,6 @@ the app's clip for the same seed. A tiny random pipeline built from configs, sma
 from __future__ import annotations
 
 import base64
-import time
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from diffusers import AnimateDiffPipeline
 
 from feedback_store import clips
+from tests.test_real_model import call, wait_round
 from tests.tiny_animatediff import save_tiny_animatediff
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -46,22 +46,8 @@ def client(app):
     return gradio_client.Client(app.url, verbose=False)
 
 
-def call(client, endpoint: str, *args):
-    return client.predict(*args, api_name=f"/{endpoint}")
-
-
 def frames(sample: dict) -> np.ndarray:
     return clips.read_frames(base64.b64decode(sample["image_png_b64"]))
-
-
-def wait_round(client, timeout: float = 600) -> dict:
-    end = time.time() + timeout
-    while time.time() < end:
-        status = call(client, "train_status")
-        if status["state"] not in ("running", "stopping", "queued"):
-            return status
-        time.sleep(0.5)
-    raise AssertionError("the round did not finish in time")
 
 
 def test_the_folder_loads_as_a_video_model(app):
@@ -93,7 +79,7 @@ def test_clips_are_generated_stored_rated_and_compared(client, app):
 def test_an_rlr_round_trains_a_lora_whose_clips_come_back(client, app):
     before = {v["version_id"] for v in call(client, "versions")}
     call(client, "train_start", TINY_ROUND, "")
-    status = wait_round(client)
+    status = wait_round(client, timeout=600)
     assert status["state"] == "finished", status
     versions = {v["version_id"]: v for v in call(client, "versions")}
     (new,) = set(versions) - before
