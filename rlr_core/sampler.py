@@ -236,9 +236,7 @@ def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, c
     """The denoiser output with classifier-free guidance: u + g (c - u); one batched call."""
     if uncond is None or guidance == 1.0:
         return backend.model_output(x, t, cond)
-    tt = t.repeat(2) if t.ndim == 1 else t
-    both = backend.model_output(torch.cat([x, x]), tt, torch.cat([uncond, cond]))
-    out_u, out_c = both.chunk(2)
+    out_u, out_c = backend.guided_model_outputs(x, t, uncond, cond)
     return out_u + guidance * (out_c - out_u)
 
 

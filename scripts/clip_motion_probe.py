@@ -1,8 +1,10 @@
 """How fast and which way the clip model's shapes move, measured from pixels.
 
-    python scripts/clip_motion_probe.py runs/clips/checkpoint [--seed 0]
+    PYTHONPATH=. python scripts/clip_motion_probe.py runs/clips/checkpoint [--seed 0] [--samples N]
+    PYTHONPATH=. python scripts/clip_motion_probe.py models/shapesworld-clips
 
-Loads a pretraining checkpoint's EMA weights (rlr_core/shapesworld/pretrain_clips.py), draws one
+Loads a pretraining checkpoint's EMA weights (rlr_core/shapesworld/pretrain_clips.py) or a clip
+model folder, draws one
 large red circle on black per direction and speed (20 steps, guidance 3), and prints the mean
 frame-to-frame step of the shape's centroid (pixels far from the border colour). The grammar's
 targets: right (+v, 0), left (-v, 0), up (0, -v), down (0, +v), still (0, 0) with v = 1 (slow)
@@ -36,21 +38,30 @@ def centroid_steps(clip: np.ndarray) -> np.ndarray:
     return np.nanmean(np.diff(np.array(points), axis=0), axis=0)
 
 
+def load_checkpoint(checkpoint: Path, init: Path) -> video_model.ClipModel:
+    """A clip model with a pretraining checkpoint's EMA weights."""
+    train_unet = bool(json.loads((checkpoint / "state.json").read_text())["args"].get("train_unet"))
+    model = video_model.from_image_model(image_model.load_model(init))
+    freeze_for_training(model, train_unet)
+    params = [q for q in trainable_modules(model, train_unet).parameters() if q.requires_grad]
+    shadow = load_file(checkpoint / "ema.safetensors")
+    with torch.no_grad():
+        for i, param in enumerate(params):
+            param.copy_(shadow[f"p{i}"])
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint folder, or a clip model folder")
     p.add_argument("--init", type=Path, default=image_model.DEFAULT_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="clips per case (seeds seed, seed+1, ...)")
     args = p.parse_args()
-    train_unet = bool(json.loads((args.checkpoint / "state.json").read_text())["args"].get("train_unet"))
-    model = video_model.from_image_model(image_model.load_model(args.init))
-    freeze_for_training(model, train_unet)
-    params = [q for q in trainable_modules(model, train_unet).parameters() if q.requires_grad]
-    shadow = load_file(args.checkpoint / "ema.safetensors")
-    with torch.no_grad():
-        for i, param in enumerate(params):
-            param.copy_(shadow[f"p{i}"])
+    if video_model.is_clip_model_folder(args.checkpoint):
+        model = video_model.load_clip_model(args.checkpoint)
+    else:
+        model = load_checkpoint(args.checkpoint, args.init)
     model.denoiser.eval()
     cases = [(d, s) for d in clips.DIRECTIONS for s in clips.SPEEDS if d != "still" or s == "slow"]
     prompts = [clips.clip_caption(clips.ClipScene("circle", "red", "large", d, s, "black")) for d, s in cases]

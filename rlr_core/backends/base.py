@@ -81,6 +81,12 @@ class DiffusionBackend(abc.ABC):
         """The denoiser's prediction (in the scheduler's ``prediction_type``) at timestep t."""
         return self.denoiser(x, t, encoder_hidden_states=cond).sample
 
+    def guided_model_outputs(self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor,
+                             cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional and conditional outputs for classifier-free guidance, in one batched call."""
+        tt = t.repeat(2) if t.ndim == 1 else t
+        return self.model_output(torch.cat([x, x]), tt, torch.cat([uncond, cond])).chunk(2)
+
     @abc.abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Map final states to images in [0, 1] (B, 3, H, W), or (B, F, 3, H, W) for video.

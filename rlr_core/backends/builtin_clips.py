@@ -64,5 +64,15 @@ class BuiltinClipBackend(DiffusionBackend):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return encode_grammar_prompts(self.model, prompts, self.device, video=True)
 
+    def guided_model_outputs(self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor,
+                             cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Both halves move the way the caption asks: an unconditional half drawn at rest would
+        # make guidance push the shape away from its resting place instead of along its path.
+        velocity = self.denoiser.velocity(cond)
+        tt = t.repeat(2) if t.ndim == 1 else t
+        both = self.denoiser(torch.cat([x, x]), tt, torch.cat([uncond, cond]),
+                             velocity=None if velocity is None else torch.cat([velocity, velocity])).sample
+        return both.chunk(2)
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.clamp(-1, 1) + 1) / 2

@@ -3,9 +3,13 @@
     python -m rlr_core.shapesworld.pretrain_clips --out runs/clips [--resume] [--steps N] \
         [--export models/shapesworld-clips]
 
-What trains: the motion adapter (new, zero-output at the start), the text encoder (it gains the
+What trains: the motion adapter (new, zero-output at the start), the trajectory head (the
+velocity a caption asks for; rlr_core/shapesworld/trajectory.py), the text encoder (it gains the
 clip grammar's words: moving, slowly, fast, up, down, ...) and the image UNet's pooled-caption
-embedding (so every ResNet block sees the motion words). The image UNet's other layers stay
+embedding (so every ResNet block sees the motion words). The denoiser is trained with each clip's
+true velocity (so it learns to draw a scene at rest in the shape's frame of reference), and the
+head learns to read that velocity from captions, on a larger batch of captions per step (they
+cost nothing to make). The image UNet's other layers stay
 frozen (``--train-unet`` unfreezes them): the image model already draws the shapes, and the
 clip model inherits its fidelity. The recipe is the image model's (v-prediction, the same
 loss weights, AdamW with warm-up, EMA; see rlr_core/shapesworld/pretrain.py), with a share of
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -49,18 +54,42 @@ STRIP_PROMPTS = [
 
 def clip_batches(seed: int, batch: int, start_step: int, fixed: dict[str, str] | None = None,
                  drop_overrides: dict[str, float] | None = None):
-    """Batches of (clips (B, F, 3, H, W) in [-1, 1], captions); skips ``start_step`` batches on resume."""
+    """Batches of (clips (B, F, 3, H, W) in [-1, 1], captions, velocities (B, 2)); skips
+    ``start_step`` batches on resume."""
     stream = clips.training_clips(seed, fixed=fixed, drop_overrides=drop_overrides)
     for _ in range(start_step * batch):
         next(stream)
     while True:
         items = [next(stream) for _ in range(batch)]
         frames = torch.from_numpy(np.stack([clip for clip, _, _ in items])).permute(0, 1, 4, 2, 3)
-        yield frames * 2 - 1, [cap for _, cap, _ in items]
+        yield frames * 2 - 1, [cap for _, cap, _ in items], clip_velocities([scene for _, _, scene in items])
+
+
+def clip_velocities(scenes: list[clips.ClipScene]) -> torch.Tensor:
+    """Each scene's velocity (dx, dy) in pixels per frame, (B, 2)."""
+    return torch.tensor([[c * clips.SPEEDS[s.speed] for c in clips.DIRECTIONS[s.direction]] for s in scenes])
+
+
+def caption_batches(seed: int, batch: int, start_step: int):
+    """Batches of (captions, velocities) for the trajectory head: captions drop attributes as the
+    clips' do, so a caption without a direction is read as the mean velocity (at rest). Skips
+    ``start_step`` batches on resume."""
+    rng = random.Random(seed + 1)
+    scenes = clips.all_clip_scenes(include_held_out=False)
+
+    def draw():
+        drawn = [rng.choice(scenes) for _ in range(batch)]
+        return [clips.clip_caption(clips.random_partial_clip(rng, s, 0.3)) for s in drawn], clip_velocities(drawn)
+
+    for _ in range(start_step):
+        draw()
+    while True:
+        yield draw()
 
 
 def trainable_modules(model: ClipModel, train_unet: bool) -> torch.nn.ModuleDict:
-    parts = {"motion_adapter": model.denoiser.motion_adapter, "text_encoder": model.text_encoder}
+    parts = {"motion_adapter": model.denoiser.motion_adapter, "text_encoder": model.text_encoder,
+             "trajectory_head": model.denoiser.trajectory_head}
     parts["unet"] = model.denoiser.unet if train_unet else model.denoiser.unet.add_embedding
     return torch.nn.ModuleDict(parts)
 
@@ -69,13 +98,14 @@ def freeze_for_training(model: ClipModel, train_unet: bool) -> None:
     model.denoiser.unet.requires_grad_(train_unet)
     model.denoiser.unet.add_embedding.requires_grad_(True)
     model.denoiser.motion_adapter.requires_grad_(True)
+    model.denoiser.trajectory_head.requires_grad_(True)
     model.text_encoder.requires_grad_(True)
 
 
-def write_strip(model: ClipModel, path: Path, seed: int = 0) -> None:
+def write_strip(model: ClipModel, path: Path, seed: int = 0, steps: int = 20) -> None:
     """One row of frames per prompt of STRIP_PROMPTS."""
     model.denoiser.eval()
-    clips_ = generate(BuiltinClipBackend(model), STRIP_PROMPTS, SamplerSettings(steps=20, guidance=3.0), seed=seed)
+    clips_ = generate(BuiltinClipBackend(model), STRIP_PROMPTS, SamplerSettings(steps=steps, guidance=3.0), seed=seed)
     tile = 64
     strip = Image.new("RGB", (tile * clips.NUM_FRAMES, tile * len(STRIP_PROMPTS)), "white")
     for row, clip in enumerate(clips_):
@@ -122,9 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=200, help="checkpoint and strip interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--strip-steps", type=int, default=20, help="sampling steps of the sample strips")
     p.add_argument("--high-noise-frac", type=float, default=0.3)
     p.add_argument("--high-noise-min", type=int, default=900)
     p.add_argument("--train-unet", action="store_true", help="fine-tune the image layers too")
+    p.add_argument("--caption-batch", type=int, default=64, help="captions per step for the trajectory head")
+    p.add_argument("--head-lr-scale", type=float, default=10.0, help="the trajectory head's learning rate / --lr")
+    p.add_argument("--velocity-weight", type=float, default=0.1, help="weight of the trajectory head's loss")
     p.add_argument("--fix", nargs="+", default=[], metavar="ATTR=VALUE",
                    help="render only clips with these attributes (curriculum stages), e.g. background=black")
     p.add_argument("--always-name", nargs="+", default=[], metavar="ATTR",
@@ -151,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     freeze_for_training(model, args.train_unet)
     modules = trainable_modules(model, args.train_unet)
     params = [q for q in modules.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    # The trajectory head is a small regression from scratch: it learns at a higher rate.
+    head_ids = {id(q) for q in model.denoiser.trajectory_head.parameters()}
+    opt = torch.optim.AdamW([{"params": [q for q in params if id(q) not in head_ids], "scale": 1.0},
+                             {"params": [q for q in params if id(q) in head_ids], "scale": args.head_lr_scale}],
+                            lr=args.lr, weight_decay=0.01)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     if args.init_checkpoint and not (args.resume and ckpt.exists()):
         state = load_file(args.init_checkpoint / "model.safetensors")
@@ -163,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
                      for k, v in state.items()}
             modules.load_state_dict(state, strict=False)
         else:
-            modules.load_state_dict(state)
+            missing, unexpected = modules.load_state_dict(state, strict=False)
+            # A run from before the trajectory head: the head starts fresh (at rest).
+            if unexpected or any(not k.startswith("trajectory_head.") for k in missing):
+                raise KeyError(f"{args.init_checkpoint} does not match: missing {missing}, unexpected {unexpected}")
         ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
         print(f"initialised from {args.init_checkpoint}")
     if args.resume and ckpt.exists():
@@ -190,13 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"--always-name: unknown attributes {sorted(unknown)}")
     batches = clip_batches(args.seed, args.batch, start, fixed or None, {a: 0.0 for a in args.always_name} or None)
+    head_batches = caption_batches(args.seed, args.caption_batch, start)
     gen = torch.Generator()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain clips")
-    t0, running = time.time(), None
+    t0, running, running_head = time.time(), None, None
     for step in bar:
         model.denoiser.train()
         model.text_encoder.train()
-        frames, captions = next(batches)
+        frames, captions, velocity = next(batches)
         gen.manual_seed(args.seed * 7919 + step)  # per step: a resumed run draws what a straight one would
         captions = ["" if torch.rand(1, generator=gen).item() < 0.1 else c for c in captions]
         frames = frames.to(device)
@@ -207,32 +249,44 @@ def main(argv: list[str] | None = None) -> None:
         flat_t = t.repeat_interleave(frames.shape[1])
         noisy = sched.add_noise(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
         target = sched.get_velocity(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
-        ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(device)
-        cond = model.text_encoder(ids).last_hidden_state
-        pred = model.denoiser(noisy, t, cond).sample
+        cond = encode(model, captions, device)
+        pred = model.denoiser(noisy, t, cond, velocity=velocity.to(device)).sample
         per_clip = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
-        loss = (loss_weights(sched, t) * per_clip).mean()
+        head_captions, head_velocity = next(head_batches)
+        # The head reads the caption encoding but does not train it: the frozen image layers
+        # depend on the encoding as it is, and a regression loss pulling on it degrades them.
+        read = model.denoiser.velocity(encode(model, head_captions, device).detach())
+        head_loss = (read - head_velocity.to(device)).pow(2).mean()
+        loss = (loss_weights(sched, t) * per_clip).mean() + args.velocity_weight * head_loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; resume from the last checkpoint")
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = group["scale"] * args.lr * min(1.0, (step + 1) / args.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
+        running_head = head_loss.item() if running_head is None else 0.98 * running_head + 0.02 * head_loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", velocity_mse=f"{running_head:.3f}")
         done = step + 1
         if done % 25 == 0:
-            log.write(json.dumps({"step": done, "loss": running, "elapsed_s": time.time() - t0}) + "\n")
+            log.write(json.dumps({"step": done, "loss": running, "velocity_mse": running_head,
+                                  "elapsed_s": time.time() - t0}) + "\n")
             log.flush()
         if done % args.every == 0 or done == args.steps:
             save_checkpoint(args.out, modules, ema, opt, done, run_args)
-            write_strip(ema_copy(model, ema, args.train_unet), args.out / f"strip_{done:06d}.png")
+            write_strip(ema_copy(model, ema, args.train_unet), args.out / f"strip_{done:06d}.png",
+                        steps=args.strip_steps)
     if args.export:
         export(model, ema, args, args.steps, run_args)
+
+
+def encode(model: ClipModel, captions: list[str], device: torch.device) -> torch.Tensor:
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_encoder(ids).last_hidden_state
 
 
 def export(model: ClipModel, ema: EMAModel, args, step: int, run_args: dict) -> None:

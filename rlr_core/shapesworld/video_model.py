@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 from rlr_core.shapesworld import model as image_model
 from rlr_core.shapesworld import text
 from rlr_core.shapesworld.clips import NUM_FRAMES
+from rlr_core.shapesworld.trajectory import TrajectoryHead, frame_offsets, shift_frames
 from rlr_core.shapesworld.world import IMAGE_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,12 +59,19 @@ class MotionUNet(PeftAdapterMixin, torch.nn.Module):  # diffusers' LoRA methods,
     LoRA adapters attach through diffusers' ``PeftAdapterMixin``, as on any diffusers model.
 
     ``forward`` takes clips (B, F, C, H, W), a timestep per clip and one caption encoding per
-    clip, and returns ``.sample`` of the clips' shape, like a diffusers model."""
+    clip, and returns ``.sample`` of the clips' shape, like a diffusers model.
 
-    def __init__(self, unet: UNet2DConditionModel, motion_adapter: MotionAdapter):
+    With a ``trajectory_head`` (:mod:`rlr_core.shapesworld.trajectory`), the network sees each
+    clip in the moving shape's frame of reference: frames are shifted back by the caption's
+    velocity on the way in and forward on the way out. ``velocity`` (B, 2) overrides the head's
+    reading (training passes the true one; guidance passes the conditional one to both halves)."""
+
+    def __init__(self, unet: UNet2DConditionModel, motion_adapter: MotionAdapter,
+                 trajectory_head: TrajectoryHead | None = None):
         super().__init__()
         self.unet = unet
         self.motion_adapter = motion_adapter
+        self.trajectory_head = trajectory_head
         self.current_frames = 1
         self._attach()
 
@@ -87,14 +95,27 @@ class MotionUNet(PeftAdapterMixin, torch.nn.Module):  # diffusers' LoRA methods,
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    def velocity(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Pixels per frame (B, 2) the captions ask for; None for a model without a head."""
+        return None if self.trajectory_head is None else self.trajectory_head(encoder_hidden_states)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
-                encoder_hidden_states: torch.Tensor, return_dict: bool = True, **kwargs):
+                encoder_hidden_states: torch.Tensor, return_dict: bool = True,
+                velocity: torch.Tensor | None = None, **kwargs):
         b, f = sample.shape[:2]
         timestep = torch.as_tensor(timestep, device=sample.device)
         timestep = timestep.expand(b) if timestep.ndim == 0 else timestep
         self.current_frames = f
-        out = self.unet(sample.flatten(0, 1), timestep.repeat_interleave(f),
+        frames = sample.flatten(0, 1)
+        if velocity is None:
+            velocity = self.velocity(encoder_hidden_states)
+        if velocity is not None:
+            offsets = frame_offsets(velocity, f).flatten(0, 1)
+            frames = shift_frames(frames, -offsets)  # into the shape's frame of reference
+        out = self.unet(frames, timestep.repeat_interleave(f),
                         encoder_hidden_states.repeat_interleave(f, dim=0), **kwargs).sample
+        if velocity is not None:
+            out = shift_frames(out, offsets)
         out = out.unflatten(0, (b, f))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
@@ -135,6 +156,8 @@ class ClipModel:
         path.mkdir(parents=True, exist_ok=True)
         self.denoiser.unet.save_pretrained(path / "unet", safe_serialization=True)
         self.denoiser.motion_adapter.save_pretrained(path / "motion_adapter", safe_serialization=True)
+        if self.denoiser.trajectory_head is not None:
+            self.denoiser.trajectory_head.save_pretrained(path / "trajectory_head", safe_serialization=True)
         self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
         self.scheduler.save_pretrained(path / "scheduler")
@@ -160,7 +183,8 @@ def from_image_model(image: image_model.BuiltinModel, seed: int = 0) -> ClipMode
         table = text_encoder.get_input_embeddings().weight
         old = table[: len(old_vocab)]
         table[len(old_vocab):] = old.mean(0) + old.std(0) * torch.randn(len(new_vocab) - len(old_vocab), table.shape[1])
-    return ClipModel(MotionUNet(image.unet, new_motion_adapter()), text_encoder, tokenizer, image.scheduler)
+    head = TrajectoryHead(embed_dim=text_encoder.config.hidden_size)
+    return ClipModel(MotionUNet(image.unet, new_motion_adapter(), head), text_encoder, tokenizer, image.scheduler)
 
 
 def is_clip_model_folder(path: str | Path) -> bool:
@@ -174,8 +198,9 @@ def load_clip_model(path: str | Path = DEFAULT_CLIP_MODEL_DIR) -> ClipModel:
         raise FileNotFoundError(f"{path} is not a built-in clip model folder")
     card = json.loads((path / "model_index.json").read_text())
     unet = image_model.PositionAwareUNet.from_pretrained(path / "unet")
+    head = TrajectoryHead.from_pretrained(path / "trajectory_head") if (path / "trajectory_head").is_dir() else None
     return ClipModel(
-        denoiser=MotionUNet(unet, MotionAdapter.from_pretrained(path / "motion_adapter")),
+        denoiser=MotionUNet(unet, MotionAdapter.from_pretrained(path / "motion_adapter"), head),
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
         tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
         scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
