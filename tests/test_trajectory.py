@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from rlr_core.backends.builtin_clips import BuiltinClipBackend
 from rlr_core.shapesworld import clips, video_model
 from rlr_core.shapesworld import model as image_model
-from rlr_core.shapesworld.trajectory import TrajectoryHead, frame_offsets, shift_frames
+from rlr_core.shapesworld.trajectory import TrajectoryHead, frame_offsets, shift_frames, whole_pixel_offsets
 
 
 def test_shift_moves_content_by_the_rounded_offset_and_wraps():
     frames = torch.zeros(3, 1, 8, 8)
     frames[:, 0, 2, 3] = 1.0  # a dot at x=3, y=2
     out = shift_frames(frames, torch.tensor([[1.0, 0.0], [-2.4, 1.5], [6.0, -3.0]]))
-    # 1.5 rounds up to 2 (halves up, as frame offsets of slow clips need), -2.4 to -2; 3 + 6 wraps to 1.
+    # 1.5 rounds up to 2, -2.4 to -2; 3 + 6 wraps to 1.
     assert [tuple(torch.nonzero(o[0]).tolist()[0]) for o in out] == [(2, 4), (4, 1), (7, 1)]
     assert torch.equal(shift_frames(out, -torch.tensor([[1.0, 0.0], [-2.0, 2.0], [6.0, -3.0]])), frames)
 
@@ -57,6 +57,15 @@ def test_frame_offsets_are_centred_on_the_middle_frame():
     assert offsets[0, :, 0].tolist() == [-3.0, -1.0, 1.0, 3.0] and offsets[1, :, 1].tolist() == [1.5, 0.5, -0.5, -1.5]
 
 
+def test_whole_pixel_offsets_step_evenly_and_shifting_back_undoes_them():
+    offsets = whole_pixel_offsets(torch.tensor([[1.0, 0.0], [2.25, -1.0]]), num_frames=8)
+    assert offsets[0, :, 0].tolist() == [-3, -2, -1, 0, 1, 2, 3, 4]  # slow: one pixel per frame
+    assert offsets[1, :, 0].tolist() == [-8, -6, -3, -1, 1, 3, 6, 8]  # fast: 2.25 on average
+    frames = torch.randn(16, 3, 32, 32)
+    flat = offsets.flatten(0, 1)
+    assert torch.equal(shift_frames(shift_frames(frames, -flat), flat), frames)
+
+
 def test_a_fresh_head_reads_every_caption_as_at_rest():
     head = TrajectoryHead(embed_dim=image_model.TEXT_DIM)
     assert torch.equal(head(torch.randn(3, 16, image_model.TEXT_DIM)), torch.zeros(3, 2))
@@ -79,7 +88,7 @@ def test_the_denoiser_sees_each_clip_at_rest_in_the_shapes_frame(moving_model):
     gen = torch.Generator().manual_seed(0)
     x, cond = torch.randn(2, 4, 3, 32, 32, generator=gen), torch.randn(2, 16, image_model.TEXT_DIM, generator=gen)
     velocity = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
-    offsets = frame_offsets(velocity, 4).flatten(0, 1)
+    offsets = whole_pixel_offsets(velocity, 4).flatten(0, 1)
     with torch.no_grad():
         moving = moving_model.denoiser(x, 500, cond, velocity=velocity).sample
         at_rest = moving_model.denoiser(shift_frames(x.flatten(0, 1), -offsets).unflatten(0, (2, 4)), 500, cond,
@@ -137,3 +146,23 @@ def test_clip_pretraining_resumes_bit_for_bit_and_teaches_the_head(tmp_path):
     assert head.abs().sum() > 0  # it left its at-rest start
     assert json.loads((tmp_path / "straight" / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (tmp_path / "straight" / "strip_000002.png").is_file()
+
+
+def test_a_lora_round_can_move_the_velocity(moving_model):
+    """The trajectory head's output layer is a LoRA target: training the adapter alone on a
+    motion loss changes the velocity a caption is read as."""
+    import copy
+
+    from rlr_core.training.lora import add_lora
+
+    backend = BuiltinClipBackend(copy.deepcopy(moving_model))
+    params = add_lora(backend, rank=2, seed=0)
+    assert any("velocity_out" in n for n, _ in backend.denoiser.named_parameters() if "lora_B" in n)
+    cond = backend.encode_prompts(["a red circle moving fast to the right"])
+    before = backend.denoiser.velocity(cond).detach()
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (-backend.denoiser.velocity(cond)[:, 0]).sum().backward()  # "faster to the right"
+        opt.step()
+    assert backend.denoiser.velocity(cond)[0, 0] > before[0, 0] + 0.01

@@ -42,6 +42,13 @@ class BuiltinClipBackend(DiffusionBackend):
         return self.model.denoiser
 
     @property
+    def lora_target_modules(self) -> list[str]:
+        # The trajectory head's output layer too: a reward on motion (prefer-fast) can then
+        # change the velocity a caption is read as, not only what is drawn at rest.
+        extra = ["velocity_out"] if self.denoiser.trajectory_head is not None else []
+        return [*super().lora_target_modules, *extra]
+
+    @property
     def num_frames(self) -> int:
         return self.model.num_frames
 

@@ -45,6 +45,15 @@ def frame_offsets(velocity: torch.Tensor, num_frames: int) -> torch.Tensor:
     return steps[None, :, None] * velocity[:, None, :]
 
 
+def whole_pixel_offsets(velocity: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """:func:`frame_offsets` rounded to whole pixels (halves up: a slow clip's -3.5, ..., 3.5 become
+    -3, ..., 4, one pixel per frame), with the unrounded offsets' gradient (straight through).
+    Rounding once, here, makes the way out exactly undo the way in: rounding -o and o separately
+    would not (-2.5 and 2.5 round to -2 and 3)."""
+    offsets = frame_offsets(velocity, num_frames)
+    return offsets + (torch.floor(offsets + 0.5) - offsets).detach()
+
+
 def _roll(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Circularly roll each image (N, C, H, W) by its own whole-pixel (dx, dy) in ``shifts`` (N, 2)."""
     n, _, h, w = frames.shape
@@ -75,5 +84,6 @@ class _ShiftFrames(torch.autograd.Function):
 
 def shift_frames(frames: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Move image i of ``frames`` (N, C, H, W) by ``offsets[i]`` = (dx, dy) pixels, rounded to whole
-    pixels (content at x moves to x + dx, wrapping round); differentiable in both arguments."""
+    pixels (content at x moves to x + dx, wrapping round); differentiable in both arguments.
+    Pass whole-pixel offsets (:func:`whole_pixel_offsets`) to undo a shift by shifting back."""
     return _ShiftFrames.apply(frames, offsets)

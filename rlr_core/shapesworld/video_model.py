@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 from rlr_core.shapesworld import model as image_model
 from rlr_core.shapesworld import text
 from rlr_core.shapesworld.clips import NUM_FRAMES
-from rlr_core.shapesworld.trajectory import TrajectoryHead, frame_offsets, shift_frames
+from rlr_core.shapesworld.trajectory import TrajectoryHead, shift_frames, whole_pixel_offsets
 from rlr_core.shapesworld.world import IMAGE_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ class MotionUNet(PeftAdapterMixin, torch.nn.Module):  # diffusers' LoRA methods,
         if velocity is None:
             velocity = self.velocity(encoder_hidden_states)
         if velocity is not None:
-            offsets = frame_offsets(velocity, f).flatten(0, 1)
+            offsets = whole_pixel_offsets(velocity, f).flatten(0, 1)
             frames = shift_frames(frames, -offsets)  # into the shape's frame of reference
         out = self.unet(frames, timestep.repeat_interleave(f),
                         encoder_hidden_states.repeat_interleave(f, dim=0), **kwargs).sample
