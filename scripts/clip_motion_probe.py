@@ -42,6 +42,8 @@ def load_checkpoint(checkpoint: Path, init: Path) -> video_model.ClipModel:
     """A clip model with a pretraining checkpoint's EMA weights."""
     train_unet = bool(json.loads((checkpoint / "state.json").read_text())["args"].get("train_unet"))
     model = video_model.from_image_model(image_model.load_model(init))
+    if not any(k.startswith("trajectory_head.") for k in load_file(checkpoint / "model.safetensors")):
+        model.denoiser.trajectory_head = None  # a stage trained without the head
     freeze_for_training(model, train_unet)
     params = [q for q in trainable_modules(model, train_unet).parameters() if q.requires_grad]
     shadow = load_file(checkpoint / "ema.safetensors")

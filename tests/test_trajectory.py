@@ -148,12 +148,12 @@ def test_clip_pretraining_resumes_bit_for_bit_and_teaches_the_head(tmp_path):
     assert (tmp_path / "straight" / "strip_000002.png").is_file()
 
 
-def test_a_lora_round_can_move_the_velocity(moving_model):
+def test_a_lora_round_can_move_the_velocity(moving_model, tmp_path):
     """The trajectory head's output layer is a LoRA target: training the adapter alone on a
-    motion loss changes the velocity a caption is read as."""
+    motion loss changes the velocity a caption is read as, and the saved version keeps it."""
     import copy
 
-    from rlr_core.training.lora import add_lora
+    from rlr_core.training.lora import add_lora, apply_version, write_version
 
     backend = BuiltinClipBackend(copy.deepcopy(moving_model))
     params = add_lora(backend, rank=2, seed=0)
@@ -166,3 +166,19 @@ def test_a_lora_round_can_move_the_velocity(moving_model):
         (-backend.denoiser.velocity(cond)[:, 0]).sum().backward()  # "faster to the right"
         opt.step()
     assert backend.denoiser.velocity(cond)[0, 0] > before[0, 0] + 0.01
+    write_version(backend, tmp_path / "v1", "lora", {}, {})
+    fresh = BuiltinClipBackend(copy.deepcopy(moving_model))
+    apply_version(fresh, tmp_path / "v1")
+    with torch.no_grad():
+        assert torch.allclose(fresh.denoiser.velocity(cond), backend.denoiser.velocity(cond), atol=1e-6)
+
+
+def test_fitting_the_head_to_the_final_text_encoder_nears_its_floor():
+    from rlr_core.shapesworld.pretrain_clips import fit_trajectory_head
+
+    model = video_model.from_image_model(image_model.load_model(), seed=0)
+    fit = fit_trajectory_head(model, steps=60, batch=64, lr=1e-2)
+    # At rest the error is the mean squared velocity (about 1.2 per coordinate); the floor is
+    # what captions without a direction or speed leave unpredictable.
+    assert 0.2 < fit["mse_floor"] < fit["mse"] < 1.0
+    assert not any(p.requires_grad for p in model.denoiser.trajectory_head.parameters())

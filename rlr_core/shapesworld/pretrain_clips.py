@@ -88,8 +88,9 @@ def caption_batches(seed: int, batch: int, start_step: int):
 
 
 def trainable_modules(model: ClipModel, train_unet: bool) -> torch.nn.ModuleDict:
-    parts = {"motion_adapter": model.denoiser.motion_adapter, "text_encoder": model.text_encoder,
-             "trajectory_head": model.denoiser.trajectory_head}
+    parts = {"motion_adapter": model.denoiser.motion_adapter, "text_encoder": model.text_encoder}
+    if model.denoiser.trajectory_head is not None:
+        parts["trajectory_head"] = model.denoiser.trajectory_head
     parts["unet"] = model.denoiser.unet if train_unet else model.denoiser.unet.add_embedding
     return torch.nn.ModuleDict(parts)
 
@@ -98,7 +99,8 @@ def freeze_for_training(model: ClipModel, train_unet: bool) -> None:
     model.denoiser.unet.requires_grad_(train_unet)
     model.denoiser.unet.add_embedding.requires_grad_(True)
     model.denoiser.motion_adapter.requires_grad_(True)
-    model.denoiser.trajectory_head.requires_grad_(True)
+    if model.denoiser.trajectory_head is not None:
+        model.denoiser.trajectory_head.requires_grad_(True)
     model.text_encoder.requires_grad_(True)
 
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--high-noise-frac", type=float, default=0.3)
     p.add_argument("--high-noise-min", type=int, default=900)
     p.add_argument("--train-unet", action="store_true", help="fine-tune the image layers too")
+    p.add_argument("--no-trajectory-head", action="store_true",
+                   help="no trajectory head: motion left to the temporal layers (how stage 0 was trained)")
     p.add_argument("--caption-batch", type=int, default=64, help="captions per step for the trajectory head")
     p.add_argument("--head-lr-scale", type=float, default=10.0, help="the trajectory head's learning rate / --lr")
     p.add_argument("--velocity-weight", type=float, default=0.1, help="weight of the trajectory head's loss")
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="start from another run's checkpoint (fresh optimiser and EMA): the next curriculum stage")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export", type=Path, default=None, help="write the EMA model folder here at the end")
+    p.add_argument("--fit-head", type=int, default=0, metavar="STEPS",
+                   help="with --export: refit the trajectory head to the final text encoder for this many steps")
     p.add_argument("--export-only", action="store_true", help="with --resume: export the checkpoint and exit")
     args = p.parse_args(argv)
 
@@ -182,11 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         meta = json.loads((ckpt / "state.json").read_text())
         run_args = meta["args"]  # the recipe is the run's, not this command line's
         args.train_unet = bool(run_args.get("train_unet", False))
+        args.no_trajectory_head = bool(run_args.get("no_trajectory_head", False))
+    if args.no_trajectory_head:
+        model.denoiser.trajectory_head = None
     freeze_for_training(model, args.train_unet)
     modules = trainable_modules(model, args.train_unet)
     params = [q for q in modules.parameters() if q.requires_grad]
     # The trajectory head is a small regression from scratch: it learns at a higher rate.
-    head_ids = {id(q) for q in model.denoiser.trajectory_head.parameters()}
+    head = model.denoiser.trajectory_head
+    head_ids = {id(q) for q in head.parameters()} if head is not None else set()
     opt = torch.optim.AdamW([{"params": [q for q in params if id(q) not in head_ids], "scale": 1.0},
                              {"params": [q for q in params if id(q) in head_ids], "scale": args.head_lr_scale}],
                             lr=args.lr, weight_decay=0.01)
@@ -250,13 +260,15 @@ def main(argv: list[str] | None = None) -> None:
         noisy = sched.add_noise(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
         target = sched.get_velocity(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
         cond = encode(model, captions, device)
-        pred = model.denoiser(noisy, t, cond, velocity=velocity.to(device)).sample
+        pred = model.denoiser(noisy, t, cond, velocity=None if head is None else velocity.to(device)).sample
         per_clip = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
         head_captions, head_velocity = next(head_batches)
-        # The head reads the caption encoding but does not train it: the frozen image layers
-        # depend on the encoding as it is, and a regression loss pulling on it degrades them.
-        read = model.denoiser.velocity(encode(model, head_captions, device).detach())
-        head_loss = (read - head_velocity.to(device)).pow(2).mean()
+        head_loss = torch.zeros(())
+        if head is not None:
+            # The head reads the caption encoding but does not train it: the frozen image layers
+            # depend on the encoding as it is, and a regression loss pulling on it degrades them.
+            read = head(encode(model, head_captions, device).detach())
+            head_loss = (read - head_velocity.to(device)).pow(2).mean()
         loss = (loss_weights(sched, t) * per_clip).mean() + args.velocity_weight * head_loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; resume from the last checkpoint")
@@ -295,8 +307,42 @@ def export(model: ClipModel, ema: EMAModel, args, step: int, run_args: dict) -> 
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     card.update({"pretrain_steps": step, "default_guidance": 3.0, "default_eta": 1.0, "default_steps": 20,
                  **{k: run_args.get(k) for k in ("batch", "lr", "seed", "ema_decay", "train_unet")}})
-    ema_copy(model, ema, bool(run_args.get("train_unet"))).to("cpu").save(args.export, card=card)
+    final = ema_copy(model, ema, bool(run_args.get("train_unet"))).to("cpu")
+    if args.fit_head and final.denoiser.trajectory_head is not None:
+        card["trajectory_head_fit"] = fit_trajectory_head(final, args.fit_head, seed=args.seed)
+    final.save(args.export, card=card)
     print(f"exported the EMA model at step {step} to {args.export}")
+
+
+def fit_trajectory_head(model: ClipModel, steps: int, seed: int = 0, batch: int = 256, lr: float = 3e-3) -> dict:
+    """Fit the trajectory head to the final text encoder (both frozen otherwise): during
+    pretraining the head chases an encoder that keeps changing, and its EMA lags behind. Only
+    captions are needed, so thousands of steps take a minute. Returns the last mean squared
+    error, next to its floor: the error of the exact conditional mean of the velocity given
+    the caption (what an ideal head outputs; it is not zero, because captions may leave out
+    the direction or the speed)."""
+    head = model.denoiser.trajectory_head
+    head.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # linear to zero
+    batches = caption_batches(seed + 17, batch, 0)
+    seen: dict[str, list[list[float]]] = {}  # per caption: the velocities drawn, for the floor
+    for _ in tqdm(range(steps), desc="fit trajectory head"):
+        captions, velocity = next(batches)
+        with torch.no_grad():
+            cond = encode(model, captions, torch.device("cpu"))
+        loss = (head(cond) - velocity).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+        for caption, v in zip(captions, velocity.tolist()):
+            seen.setdefault(caption, []).append(v)
+    head.requires_grad_(False)
+    # The within-caption variance (unbiased), weighted by how often each caption is drawn.
+    groups = [torch.tensor(v) for v in seen.values() if len(v) >= 2]
+    floor = sum(g.var(0, unbiased=True).sum().item() / 2 * len(g) for g in groups) / sum(len(g) for g in groups)
+    return {"steps": steps, "mse": round(loss.item(), 4), "mse_floor": round(floor, 4)}
 
 
 if __name__ == "__main__":
