@@ -8,7 +8,7 @@ import torch
 
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.shapesworld import text
-from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR, BuiltinModel, load_model
+from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR, BuiltinModel, encode_captions, load_model
 from rlr_core.shapesworld.world import IMAGE_SIZE
 
 
@@ -71,8 +71,5 @@ def describe_grammar_prompt(prompt: str, video: bool = False) -> str:
 
 def encode_grammar_prompts(model, prompts: list[str], device: torch.device, video: bool = False) -> torch.Tensor:
     """A built-in model's caption encodings: prompts checked and spelled canonically first."""
-    tok = model.tokenizer
     canonical = [text.check_prompt(p, allow_empty=True, video=video) for p in prompts]
-    ids = tok(canonical, padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt").input_ids.to(device)
-    return model.text_encoder(ids).last_hidden_state
+    return encode_captions(model, canonical, device)

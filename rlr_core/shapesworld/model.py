@@ -74,6 +74,14 @@ class BuiltinModel:
         return self
 
 
+def encode_captions(model: BuiltinModel, captions: list[str], device: torch.device | str) -> torch.Tensor:
+    """Caption encodings (B, L, D) from a built-in image or clip model's tokenizer and text
+    encoder, padded to the tokenizer's fixed length. Captions are used as given (no checking)."""
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_encoder(ids).last_hidden_state
+
+
 def new_scheduler() -> DDIMScheduler:
     # Cosine schedule: reaches (almost) pure noise at t = T, the schedule of choice for
     # small pixel-space images; v-prediction keeps the targets well scaled at every t.

@@ -288,9 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                              args.high_noise_min).to(device)
         noisy = sched.add_noise(images, noise, t)
         target = sched.get_velocity(images, noise, t)
-        ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(device)
-        cond = model.text_encoder(ids).last_hidden_state
+        cond = builtin_model.encode_captions(model, captions, device)
         pred = model.unet(noisy, t, cond).sample
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (loss_weights(sched, t) * per_sample).mean()

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         flat_t = t.repeat_interleave(frames.shape[1])
         noisy = sched.add_noise(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
         target = sched.get_velocity(frames.flatten(0, 1), noise.flatten(0, 1), flat_t).unflatten(0, frames.shape[:2])
-        cond = encode(model, captions, device)
+        cond = image_model.encode_captions(model, captions, device)
         pred = model.denoiser(noisy, t, cond, velocity=None if head is None else velocity.to(device)).sample
         per_clip = (pred - target).pow(2).mean(dim=(1, 2, 3, 4))
         head_captions, head_velocity = next(head_batches)
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         if head is not None:
             # The head reads the caption encoding but does not train it: the frozen image layers
             # depend on the encoding as it is, and a regression loss pulling on it degrades them.
-            read = head(encode(model, head_captions, device).detach())
+            with torch.no_grad():
+                head_cond = image_model.encode_captions(model, head_captions, device)
+            read = head(head_cond)
             head_loss = (read - head_velocity.to(device)).pow(2).mean()
         loss = (loss_weights(sched, t) * per_clip).mean() + args.velocity_weight * head_loss
         if not math.isfinite(loss.item()):
@@ -293,12 +295,6 @@ def main(argv: list[str] | None = None) -> None:
                         steps=args.strip_steps)
     if args.export:
         export(model, ema, args, args.steps, run_args)
-
-
-def encode(model: ClipModel, captions: list[str], device: torch.device) -> torch.Tensor:
-    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(device)
-    return model.text_encoder(ids).last_hidden_state
 
 
 def export(model: ClipModel, ema: EMAModel, args, step: int, run_args: dict) -> None:
@@ -330,7 +326,7 @@ def fit_trajectory_head(model: ClipModel, steps: int, seed: int = 0, batch: int 
     for _ in tqdm(range(steps), desc="fit trajectory head"):
         captions, velocity = next(batches)
         with torch.no_grad():
-            cond = encode(model, captions, torch.device("cpu"))
+            cond = image_model.encode_captions(model, captions, "cpu")
         loss = (head(cond) - velocity).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
