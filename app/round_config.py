@@ -57,6 +57,11 @@ DEFAULTS: dict[str, Any] = {
     "uncertainty_penalty": 1.0,
     # End the round after this many steps without a new best (smoothed) penalised reward; 0: never.
     "patience": 8,
+    # Against losing what the rater cannot see (app/fidelity_guard.py, rlr_core/estimators/kl.py):
+    "kl_coef": 0.0,  # beta of the exact per-step KL to the round's parent, any estimator; 0: off
+    "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
+    "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
+    "fidelity_check_every": 5,  # probe fidelity inside the round every N steps (early stop); 0: off
 }
 
 
@@ -106,6 +111,10 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "seed": None if raw.get("seed") in (None, "") else check.whole(raw["seed"], "seed", 0, 2**31 - 1),
         "uncertainty_penalty": check.real(get("uncertainty_penalty"), "uncertainty penalty", 0.0, 100.0),
         "patience": check.whole(get("patience"), "patience", 0, 2000),
+        "kl_coef": check.real(get("kl_coef"), "KL coefficient", 0.0, 1000.0),
+        "fidelity_weight": check.real(get("fidelity_weight"), "fidelity weight", 0.0, 1000.0),
+        "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
+        "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
     }
 
 
@@ -117,12 +126,13 @@ def parse_block(value: Any) -> int | str:
 
 
 def _estimator(v: dict[str, Any]) -> EstimatorConfig:
-    """The chosen estimator with the options it takes (and only those)."""
+    """The chosen estimator with the options it takes (and only those); every estimator takes the KL."""
+    kl = {"kl_coef": v["kl_coef"]} if v["kl_coef"] else {}
     if v["estimator"] == "rlr":
-        return EstimatorConfig("rlr", {"block": v["block"], "rest": v["rest"]})
+        return EstimatorConfig("rlr", {"block": v["block"], "rest": v["rest"], **kl})
     if v["estimator"] == "truncated-bp":  # it cannot back-propagate through more steps than the chain has
-        return EstimatorConfig("truncated-bp", {"steps": min(v["truncation"], v["sampling_steps"])})
-    return EstimatorConfig(v["estimator"])
+        return EstimatorConfig("truncated-bp", {"steps": min(v["truncation"], v["sampling_steps"]), **kl})
+    return EstimatorConfig(v["estimator"], kl)
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,9 @@ class RoundConfig:
     seed: int | None = None  # None: the runner draws a new one for each round
     uncertainty_penalty: float = DEFAULTS["uncertainty_penalty"]  # lambda in r - lambda * spread
     patience: int = DEFAULTS["patience"]  # early stop on the penalised reward (0: off)
+    fidelity_weight: float = DEFAULTS["fidelity_weight"]  # w in reward + w * fidelity
+    fidelity_threshold: float = DEFAULTS["fidelity_threshold"]  # the guard's allowed drop (0: off)
+    fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] = DEFAULTS) -> RoundConfig:
@@ -154,7 +167,9 @@ class RoundConfig:
                                                               guidance=v["guidance"]))
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
-                   seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"])
+                   seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
+                   fidelity_weight=v["fidelity_weight"], fidelity_threshold=v["fidelity_threshold"],
+                   fidelity_check_every=v["fidelity_check_every"])
 
     @property
     def estimator(self) -> str:
@@ -172,6 +187,8 @@ class RoundConfig:
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
+            "kl_coef": opts.get("kl_coef", 0.0), "fidelity_weight": self.fidelity_weight,
+            "fidelity_threshold": self.fidelity_threshold, "fidelity_check_every": self.fidelity_check_every,
         }
 
     def for_round(self, prompts: Sequence[str], stage_prompts: dict[str, list[str]] | None, seed: int,

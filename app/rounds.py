@@ -15,15 +15,16 @@ it failed, and the active version is still the last good one (see ``app/state.py
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from app import round_files
+from app import fidelity_guard, round_config, round_files
 from app import validate as check
 from app.errors import AppError
 from app.generation import draw, store_images
@@ -36,6 +37,7 @@ from feedback_store import FeedbackStore
 from rlr_core import dcot
 
 PROXY_DIR = "reward_proxy"
+PROXY_KEYS = ("proxy_heldout_accuracy", "proxy_heldout_pairs", "proxy_comparisons", "proxy_ratings")
 VERSIONS_DIR = "versions"
 
 
@@ -48,7 +50,9 @@ class RoundRunner:
 
     def __init__(self, store: FeedbackStore, worker: Worker, state: StateFile, models: ModelRegistry,
                  data_dir: Path, authorise: Callable[[Any], None], active_version: Callable[[], int],
-                 check_prompt: Callable[[str], str], image_encoder: Any = None):
+                 check_prompt: Callable[[str], str], image_encoder: Any = None,
+                 defaults: Mapping[str, Any] = round_config.DEFAULTS, judge: Any = None,
+                 held_out_prompts: Sequence[str] = ()):
         self.store = store
         self.worker = worker
         self.state = state
@@ -61,6 +65,10 @@ class RoundRunner:
         self._scorer = None
         self.check_prompt = check_prompt
         self.image_encoder = image_encoder  # None: the proxy's default (the built-in perception model)
+        self.defaults = dict(defaults)  # the model's round defaults (auto-train fills gaps with them too)
+        self.judge = judge  # the backend's fidelity judge; None: fidelity is not guarded
+        self.held_out_prompts = list(held_out_prompts)
+        self.probes = fidelity_guard.ProbeCache(self.data_dir)
         self._load_proxy()
         round_files.discard_orphans(self.store)  # folders of rounds a killed process left behind
 
@@ -110,10 +118,10 @@ class RoundRunner:
         return job_id
 
     def best_judged_version(self) -> int:
-        from app.safeguards import best_judged, judge
+        from app.safeguards import best_judged, fidelity_flags, judge
 
         active = self.active_version()  # stores the base version on first use
-        best = best_judged(judge(self.store.version_stats()))
+        best = best_judged(judge(self.store.version_stats(), fidelity_flags(self.store.model_versions())))
         return best if best is not None else active
 
     def stop(self, password: Any = None) -> bool:
@@ -140,16 +148,45 @@ class RoundRunner:
             return False
         last = {k: v for k, v in state.extra.get("last_settings", {}).items() if k != "seed"}
         try:
-            config = RoundConfig.parse(last)  # the settings of the last round started by hand
+            # the settings of the last round started by hand; what they leave out, the model's defaults
+            config = RoundConfig.parse(last, self.defaults)
             self.start(config, auto=True)
         except AppError:
             return False
         return True
 
+    def next_estimator(self) -> str:
+        """The estimator the next round uses: auto-train's (the last round started by hand) when
+        auto-train is on and one was started, else the model's default (the Train tab's)."""
+        state = self.state.get()
+        last = state.extra.get("last_settings", {}).get("estimator") if state.auto_train_every else None
+        return last or self.defaults["estimator"]
+
     def status(self) -> dict[str, Any]:
+        """The running or last round; after a restart (the worker idle), the last finished round
+        as the store has it, with its curves and the guard's verdict."""
         st: JobStatus = self.worker.status()
+        if st.state == "idle":
+            last = self._last_finished_round()
+            if last is not None:
+                return last
         return {"job_id": st.job_id, "state": st.state, "progress": st.progress, "message": st.message,
                 "history": st.history, "error": st.error, **st.info}
+
+    def _last_finished_round(self) -> dict[str, Any] | None:
+        rounds = self.store.training_rounds("finished")
+        if not rounds:
+            return None
+        r = rounds[-1]
+        m, name = r["metrics"], self.store.get_model_version(r["output_version_id"])["name"]
+        info = {k: m[k] for k in (*PROXY_KEYS, "plateau_stopped_at", "fidelity_stopped_at", "fidelity_note",
+                                  "fidelity_flagged", "before_after_pairs", "fidelity", "fidelity_parent",
+                                  "fidelity_base", "fidelity_drop") if k in m}
+        return {"job_id": None, "state": "finished", "progress": 1.0, "error": None,
+                "message": f"last round (round {r['id']}, finished {r.get('finished_at') or ''}): {name}",
+                "history": m.get("history", []), "round_id": r["id"], "estimator": r["config"].get("estimator"),
+                "seed": r["config"].get("seed"), "version_id": r["output_version_id"], "version_name": name,
+                "window": r["config"].get("window"), "focus_stage": r["config"].get("focus_stage"), **info}
 
     # ------------------------------------------------------------------ the round
     def _run(self, ctx: JobContext, config: RoundConfig, base_version: int) -> dict[str, Any]:
@@ -203,29 +240,77 @@ class RoundRunner:
         training = config.for_round([p.prompt for p in prompts],
                                     {p.prompt: p.stages.as_list() for p in prompts if p.stages}, seed,
                                     boundaries, window)
+        judge = self.judge
+        watch = None
+        if judge is not None and config.fidelity_check_every and config.fidelity_threshold:
+            watched = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts], [], self.held_out_prompts,
+                                                   limit=fidelity_guard.WATCH_PROMPTS)
+            # drawn as the round's samples are, at the training chain's length (a cheap check every few steps)
+            watch_settings = dataclasses.replace(config.samples, steps=config.training.sampler.steps)
+            watch = lambda: fidelity_guard.FidelityWatch(backend, judge, watched, watch_settings,  # noqa: E731
+                                                         config.fidelity_threshold, config.fidelity_check_every)
         trained = train_lora(backend, proxy, training, out_dir, ctx,
-                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.75 * frac),
-                             penalty=config.uncertainty_penalty, patience=config.patience)
+                             on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.7 * frac),
+                             penalty=config.uncertainty_penalty, patience=config.patience,
+                             judge=judge if judge is not None and judge.differentiable else None,
+                             fidelity_weight=config.fidelity_weight, watch=watch)
+        ctx.check_stop()
+        metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
+
+        new_scores, verdict = {}, None
+        if judge is not None:
+            ctx.report(0.75, "judging prompt fidelity: the new version, its parent and the base model on fixed probes")
+            probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
+                                                  [p.stages.as_list() for p in prompts if p.stages],
+                                                  self.held_out_prompts)
+            new_scores = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES)
+            parent_scores = self.probes.scores(base_version, self.models.backend(base_version), judge, probes,
+                                               config.samples)
+            root = self._root_of(base_version)
+            base_scores = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples)
+            verdict = fidelity_guard.verdict(judge, new_scores, parent_scores, base_scores, config.fidelity_threshold)
+            metrics.update(verdict.metrics())
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")
         parent = self.store.get_model_version(base_version)
         n_versions = len(self.store.model_versions())
-        metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
         version_id = self.store.add_model_version(
             f"v{n_versions} ({config.estimator})", parent_id=base_version,
             weights_path=str(Path(trained.weights_path).resolve().relative_to(self.data_dir.resolve())),
             config={**config.public(), "round_id": round_id, "seed": seed,
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)
+        if judge is not None:
+            self.probes.remember(version_id, {fidelity_guard.ProbeCache.key(p, config.samples,
+                                                                            fidelity_guard.PROBE_IMAGES, judge): v
+                                              for p, v in new_scores.items()})
         ctx.report(0.85, "drawing the new version's samples and before/after pairs")
         n_pairs = self._draw_after_round(version_id, base_version, prompts, config, seed)
-        self.store.finish_training_round(round_id, version_id, {**metrics, "before_after_pairs": n_pairs})
-        self.state.update(active_version_id=version_id)  # only now: the round is complete
         name = self.store.get_model_version(version_id)["name"]
-        ctx.report(1.0, f"finished: {name} is active", version_id=version_id, version_name=name,
-                   before_after_pairs=n_pairs, plateau_stopped_at=metrics.get("plateau_stopped_at"))
+        note = verdict.note(name) if verdict is not None else "prompt fidelity is not guarded: this model has no judge"
+        flagged = verdict is not None and verdict.flagged
+        self.store.finish_training_round(round_id, version_id, {**metrics, "before_after_pairs": n_pairs,
+                                                                "fidelity_note": note, "history": ctx.history()})
+        if not flagged:
+            self.state.update(active_version_id=version_id)  # only now: the round is complete
+        message = (f"finished: {note}; {self.store.get_model_version(base_version)['name']} stays active" if flagged
+                   else f"finished: {name} is active")
+        ctx.report(1.0, message, version_id=version_id, version_name=name, before_after_pairs=n_pairs,
+                   plateau_stopped_at=metrics.get("plateau_stopped_at"),
+                   fidelity_stopped_at=metrics.get("fidelity_stopped_at"), fidelity_note=note,
+                   **({"fidelity_flagged": False} if verdict is None else verdict.metrics()))
         return {"round_id": round_id, "version_id": version_id, "metrics": metrics}
+
+    def _root_of(self, version_id: int) -> int:
+        """The base version at the start of this version's lineage."""
+        seen = set()
+        while True:
+            parent = self.store.get_model_version(version_id)["parent_id"]
+            if parent is None or parent in seen:
+                return version_id
+            seen.add(version_id)
+            version_id = parent
 
     def _progress(self, ctx: JobContext, round_id: int, fraction: float) -> None:
         ctx.report(progress=fraction)

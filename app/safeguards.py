@@ -3,7 +3,9 @@
 Every finished round draws blind before/after pairs (same prompt and noise, parent vs new
 version). From the answers (wins, losses, ties; ties count one half):
 
-- **Flagged**: the version's win rate over its parent is below one half with confidence: an
+- **Flagged**: the fidelity guard flagged it (``app/fidelity_guard.py``: it lost prompt
+  fidelity against its parent or the base model), or the version's win rate over its parent
+  is below one half with confidence: an
   exact one-sided binomial (sign) test on the decisive answers, ties left out, gives
   P(wins <= observed | win rate 1/2) below ``FLAG_ALPHA`` = 0.05 (``p_not_worse``). 6-15 is
   flagged (p = 0.039), 10-13 is not (p = 0.34), nor are 0-3 (p = 0.125): a bad round is called
@@ -45,12 +47,21 @@ def wilson_upper(successes: float, n: int, z: float = FLAG_Z) -> float | None:
     return min(1.0, (centre + margin) / (1 + z * z / n))
 
 
-def judge(stats: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Per version id: ``win_rate_upper``, ``p_not_worse``, ``flagged``, ``judged_score``,
-    ``lineage_flagged`` and ``best_judged``.
+def fidelity_flags(versions: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """Version id -> the fidelity guard's one-line reason, for versions it flagged
+    (``model_versions`` rows; the guard writes its verdict into a version's metrics)."""
+    return {v["id"]: v["metrics"].get("fidelity_note", "lost prompt fidelity")
+            for v in versions if (v.get("metrics") or {}).get("fidelity_flagged")}
+
+
+def judge(stats: Iterable[Mapping[str, Any]], fidelity: Mapping[int, str] | None = None) -> dict[int, dict[str, Any]]:
+    """Per version id: ``win_rate_upper``, ``p_not_worse``, ``flagged``, ``flag_reason``,
+    ``judged_score``, ``lineage_flagged`` and ``best_judged``.
 
     ``stats``: rows of ``FeedbackStore.version_stats()`` (version_id, parent_id, wins/losses/ties
-    vs parent)."""
+    vs parent); ``fidelity``: :func:`fidelity_flags` (a version the fidelity guard flagged is
+    flagged whatever its pairs say)."""
+    fidelity = fidelity or {}
     rows = {r["version_id"]: r for r in stats}
     out: dict[int, dict[str, Any]] = {}
 
@@ -64,10 +75,15 @@ def judge(stats: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
         has_parent = r["parent_id"] is not None
         upper = wilson_upper(wins + 0.5 * ties, n) if has_parent else None
         p = p_not_worse(wins, losses) if has_parent else None
-        flagged = p is not None and p < FLAG_ALPHA
+        pairs_flagged = p is not None and p < FLAG_ALPHA
+        flagged = pairs_flagged or vid in fidelity
+        reason = fidelity.get(vid) if vid in fidelity else (
+            f"its blind before/after pairs say it is worse than its parent ({wins}-{losses}, p = {p:.3f})"
+            if pairs_flagged else None)
         smoothed = (wins + 0.5 * ties + 1) / (n + 2)
         score = (parent["judged_score"] + math.log(smoothed / (1 - smoothed))) if parent else 0.0
-        out[vid] = {"win_rate_upper": upper, "p_not_worse": p, "flagged": flagged, "judged_score": score,
+        out[vid] = {"win_rate_upper": upper, "p_not_worse": p, "flagged": flagged, "flag_reason": reason,
+                    "fidelity_flagged": vid in fidelity, "judged_score": score,
                     "lineage_flagged": flagged or bool(parent and parent["lineage_flagged"]),
                     "best_judged": False}
         return out[vid]

@@ -29,7 +29,7 @@ from app.identity import Identity, sign_in_available
 from app.models import ModelRegistry
 from app.pairs import PairScorer
 from app.rounds import RoundRunner
-from app.safeguards import judge
+from app.safeguards import fidelity_flags, judge
 from app.state import StateFile
 from app.worker import Worker
 from feedback_store import OUTCOMES, FeedbackStore
@@ -70,9 +70,14 @@ class AppServices:
             self.state.update(auto_train_every=config.auto_train_every)
         # made at start-up, so a bad --reward-encoder fails before the page is served; clips for a video model
         encoder = video.reward_encoder(config.reward_encoder, self.base_backend, config.device)
+        # prompt fidelity's judge (rlr_core/fidelity.py); None: the model has none and fidelity is not guarded
+        # (a CLIP-judged model uses the CLIP the proxy uses, also when "auto" chose it)
+        self.fidelity_judge = self.base_backend.fidelity_judge(getattr(encoder, "spec", None) or config.reward_encoder)
         self.rounds = RoundRunner(self.store, self.worker, self.state, self.models, self.data_dir,
                                   authorise=self.check_admin, active_version=lambda: self.active_version_id,
-                                  check_prompt=self.base_backend.check_prompt, image_encoder=encoder)
+                                  check_prompt=self.base_backend.check_prompt, image_encoder=encoder,
+                                  defaults=self.round_defaults, judge=self.fidelity_judge,
+                                  held_out_prompts=self.base_backend.held_out_prompts)
 
     def close(self) -> None:
         self.worker.stop()
@@ -119,7 +124,8 @@ class AppServices:
         active = self._ensure_base_version()
         meta = {v["id"]: v for v in self.store.model_versions()}
         stats = self.store.version_stats()
-        judged = judge(stats)  # flagged / best-judged from the blind pairs (app/safeguards.py)
+        # flagged / best-judged from the blind pairs and the fidelity guard (app/safeguards.py)
+        judged = judge(stats, fidelity_flags(meta.values()))
         out = []
         for row in stats:
             v = meta[row["version_id"]]

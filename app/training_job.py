@@ -4,12 +4,16 @@ The reward a round maximises is the reward proxy's ensemble mean minus ``penalty
 ensemble's spread (per sample: an uncertainty-penalised reward, so the round gains nothing by
 going where the proxy's heads disagree); the same forward pass gives the spread, which the
 Train tab plots as the proxy's uncertainty on the round's own samples (rising uncertainty =
-the model is drifting where the proxy has no data). The round stops early once the penalised
-reward stops rising (:mod:`app.plateau`); unlike a stop on request, that keeps the version.
+the model is drifting where the proxy has no data). A fidelity term (the backend's judge,
+weighted) can be added, so the round keeps the prompt while it raises the proxy. The round stops
+early once the penalised reward stops rising (:mod:`app.plateau`), or once the probe fidelity
+falls past the threshold (:class:`app.fidelity_guard.FidelityWatch`, which first puts the
+adapter back to the last good step); unlike a stop on request, both keep the version.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from app import zerogpu
+from app.fidelity_guard import FidelityWatch
 from app.plateau import Plateau
 from app.worker import JobContext, JobStopped
 from rlr_core import training
@@ -32,60 +37,101 @@ class Trained:
 class ProxyReward:
     """The proxy as a training reward, remembering the ensemble spread of each step's batch.
 
-    The first call of a step scores the step's samples; later ones (RLR's state baseline scores
-    the model's own x_0 predictions) are not what the plot shows, so only the first is kept."""
+    With a fidelity judge and ``fidelity_weight`` w > 0 the reward is
+    r - lambda * spread + w * fidelity (:mod:`rlr_core.fidelity`), so the gradient itself keeps
+    the prompt. The first call of a step scores the step's samples; later ones (RLR's state
+    baseline scores the model's own x_0 predictions) are not what the plot shows, so only the
+    first is kept."""
 
-    def __init__(self, proxy, penalty: float = 0.0):
+    def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0):
         self.proxy = proxy
         self.penalty = penalty  # lambda in r - lambda * spread
-        self.last_uncertainty: float | None = None
+        self.judge = judge  # also without a weight: the Train tab plots the fidelity of the round's samples
+        self.fidelity_weight = fidelity_weight if judge is not None else 0.0
+        self.last: dict[str, float | None] = {"uncertainty": None, "fidelity": None}
         self._armed = True
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
+        reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
+        fidelity = None
+        if self.judge is not None and (self.fidelity_weight or self._armed):
+            with contextlib.nullcontext() if self.fidelity_weight else torch.no_grad():
+                fidelity = self.judge.score(images, prompts).to(reward)
         if self._armed:
-            self.last_uncertainty = float(heads.detach().std(0).mean())
+            self.last = {"uncertainty": float(heads.detach().std(0).mean()),
+                         "fidelity": None if fidelity is None else float(fidelity.detach().mean())}
             self._armed = False
-        if not self.penalty:
-            return heads.mean(0)
-        return heads.mean(0) - self.penalty * heads.std(0)
+        return reward + self.fidelity_weight * fidelity if self.fidelity_weight else reward
 
-    def observe(self) -> float | None:
-        """The step's spread, read once after each step (also in a ZeroGPU worker); re-arms for the next."""
+    @property
+    def last_uncertainty(self) -> float | None:
+        return self.last["uncertainty"]
+
+    def observe(self) -> dict[str, float | None]:
+        """The step's spread and fidelity, read once after each step (also in a ZeroGPU worker);
+        re-arms for the next."""
         self._armed = True
-        return self.last_uncertainty
+        return dict(self.last)
+
+    def restore(self, observed: dict[str, float | None] | None) -> None:
+        """What a ZeroGPU worker observed for a step, back in this process."""
+        if observed is not None:
+            self.last = dict(observed)
+
+    def proxy_reward(self, batch_mean: float, observed: dict[str, float | None]) -> float:
+        """The proxy's own reward back from the batch mean of the round's reward (the batch mean of
+        r - lambda * spread_i + w * f_i is mean(r) - lambda * mean(spread) + w * mean(f))."""
+        raw = batch_mean
+        if observed.get("uncertainty") is not None:
+            raw += self.penalty * observed["uncertainty"]
+        if observed.get("fidelity") is not None:
+            raw -= self.fidelity_weight * observed["fidelity"]
+        return raw
 
 
 def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, out_dir: Path, ctx: JobContext,
-               on_progress: Callable[[float], None], penalty: float = 0.0, patience: int = 0) -> Trained:
+               on_progress: Callable[[float], None], penalty: float = 0.0, patience: int = 0,
+               judge=None, fidelity_weight: float = 0.0,
+               watch: Callable[[], FidelityWatch | None] | None = None) -> Trained:
     """Fine-tune ``backend`` (a private copy) in place with ``config``; write the version folder ``out_dir``.
     ``penalty``: lambda of the penalised reward; ``patience``: steps without a new best (smoothed)
-    penalised reward before the round stops early (0: never)."""
-    reward = ProxyReward(proxy, penalty)
+    penalised reward before the round stops early (0: never); ``judge`` and ``fidelity_weight``:
+    the fidelity term of the reward; ``watch``: makes the in-round fidelity check
+    (:class:`app.fidelity_guard.FidelityWatch`) once the adapter exists (not on ZeroGPU, where
+    the weights live in the GPU worker between steps)."""
+    reward = ProxyReward(proxy, penalty, judge, fidelity_weight)
     plateau = Plateau(patience)
+    chunked = zerogpu.chunked_training()
+    if config.finetune == "lora":
+        training.trainable_parameters(backend, config)  # the adapter the round trains (the watch snapshots it)
+    watcher = watch() if watch is not None and not chunked else None
 
     def progress(p: training.Progress) -> bool:
-        spread = reward.observe()
-        # The batch mean of r - lambda * spread_i is mean(r) - lambda * mean(spread_i): the proxy's
-        # own reward back from the penalised one (also in a ZeroGPU worker, which sends only the spread).
-        raw = p.reward_mean + penalty * spread if spread is not None else p.reward_mean
-        ctx.log_step(step=p.step, reward=raw, penalised=p.reward_mean, uncertainty=spread,
-                     reward_std=p.reward_std, grad_norm=p.grad_norm)
+        observed = reward.observe()
+        raw = reward.proxy_reward(p.reward_mean, observed)
+        ctx.log_step(step=p.step, reward=raw, penalised=p.reward_mean, uncertainty=observed["uncertainty"],
+                     fidelity=observed["fidelity"], reward_std=p.reward_std, grad_norm=p.grad_norm)
         plateaued = plateau.update(p.step, p.reward_mean)
-        ctx.report(message=f"step {p.step}/{p.total} · proxy reward {raw:.3f} · penalised "
-                           f"{p.reward_mean:.3f} · {p.elapsed:.0f} s"
-                           + (" · the penalised reward stopped rising: ending the round" if plateaued else ""))
+        unfaithful = watcher is not None and watcher.check(p.step)
+        note = (" · the penalised reward stopped rising: ending the round" if plateaued else
+                f" · probe fidelity fell to {watcher.last:.3f} from {watcher.reference:.3f}: back to step "
+                f"{watcher.good_step}, ending the round" if unfaithful else "")
+        ctx.report(message=f"step {p.step}/{p.total} · proxy reward {raw:.3f} · round reward "
+                           f"{p.reward_mean:.3f} · {p.elapsed:.0f} s" + note)
         on_progress(p.step / p.total)
-        return ctx.stopped or plateaued
+        return ctx.stopped or plateaued or unfaithful
 
-    if zerogpu.chunked_training():  # a ZeroGPU Space: the round as GPU calls of a bounded duration
+    if chunked:  # a ZeroGPU Space: the round as GPU calls of a bounded duration
         result = zerogpu.run_round(backend, reward, config, out_dir, progress, ctx.stop_event, observe=reward.observe,
-                                   on_observed=lambda u: setattr(reward, "last_uncertainty", u))
+                                   on_observed=reward.restore)
     else:
         result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
-    if ctx.stopped or result.version is None or (result.stopped and plateau.stopped_at is None):
+    early = plateau.stopped_at is not None or (watcher is not None and watcher.stopped_at is not None)
+    if ctx.stopped or result.version is None or (result.stopped and not early):
         raise JobStopped()
     metrics = {k: v for k, v in result.metrics.items() if k != "history"}
     metrics.update(uncertainty_penalty=penalty, patience=patience, plateau_stopped_at=plateau.stopped_at,
-                   best_penalised_step=plateau.best_step)
+                   best_penalised_step=plateau.best_step, fidelity_weight=reward.fidelity_weight,
+                   **(watcher.metrics() if watcher is not None else {}))
     return Trained(result.version, metrics)

@@ -16,6 +16,7 @@ import gradio as gr
 from app import api, hub_export, video, video_export
 from app.archive import MAX_BYTES
 from app.config import AppConfig
+from app.round_config import ESTIMATOR_CHOICES
 from app.services import AppServices
 from app.storage import storage_warning
 from app.tabs import compare, data, prompt_lab, rate, train, versions
@@ -40,7 +41,8 @@ def header_text(services: AppServices) -> str:
     public = " · public: model changes need the admin password" if services.config.needs_admin else ""
     things = video.noun(services.base_backend, plural=True)
     return (f"# {TITLE}\nRate the model's {things}; the app learns what you like and fine-tunes the model "
-            f"with RLR in the background. Model: **{services.device_summary()}**{public}")
+            f"in the background with the gradient estimator the Train tab picks (RLR by design, the default "
+            f"where the loop benchmark chose it). Model: **{services.device_summary()}**{public}")
 
 
 def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tuple[gr.Blocks, AppServices]:
@@ -135,8 +137,14 @@ def active_text(services: AppServices) -> str:
     active = next((v for v in versions_ if v["active"]), None)
     name = active["name"] if active else "v0 (base)"
     status = services.rounds.status()
-    training = f" · training: {int(status['progress'] * 100)}%" if status["state"] in ("running", "stopping") else ""
+    running = status["state"] in ("running", "stopping")
+    training = f" · training with **{estimator_label(status.get('estimator'))}**: {int(status['progress'] * 100)}%" \
+        if running else f" · next round: **{estimator_label(services.rounds.next_estimator())}**"
     return f"Active model version: **{name}**{training}"
+
+
+def estimator_label(name: str | None) -> str:
+    return next((label for label, value in ESTIMATOR_CHOICES if value == name), name or "?")
 
 
 def launch_kwargs(services: AppServices) -> dict[str, Any]:

@@ -72,6 +72,11 @@ class JobContext:
                 st.message = message
             st.info.update(info)
 
+    def history(self) -> list[dict[str, Any]]:
+        """A copy of the rows logged so far."""
+        with self._worker._lock:
+            return [dict(r) for r in self._worker._status.history]
+
     def log_step(self, **values: Any) -> None:
         """Append one row (e.g. step, reward, uncertainty) to the history the plots show."""
         with self._worker._lock:

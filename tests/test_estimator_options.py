@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlr_core.estimators import DDPO, RLR, AuthorsCode, FullBackprop, LikelihoodRatio, TruncatedBackprop
-from rlr_core.estimators.kl import kl_to_base, stochastic_steps
+from rlr_core.estimators.kl import kl_to_reference, stochastic_steps
 from rlr_core.estimators.toy_chain import ToyChain, ToyContext
 from tests.test_estimators_analytic import BIG_CHUNK, bias_in_se, is_unbiased, summarise
 
@@ -111,22 +111,22 @@ def test_a_group_shares_its_initial_noise_and_nothing_else(chain: ToyChain) -> N
         group_batch(chain, ToyContext(6), gen, 4)
 
 
-# --- the exact KL-to-base regulariser (rlr_core/estimators/kl.py) ------------------------------------
+# --- the exact KL regulariser (rlr_core/estimators/kl.py) ------------------------------------
 
 def analytic_kl(chain: ToyChain) -> float:
     """On the toy mu_theta - mu_base = c_k (theta - theta_base) at every x: KL per row in closed form."""
-    d2 = float(((chain.theta.detach() - chain.base_theta) ** 2).sum())
+    d2 = float(((chain.theta.detach() - chain.reference_theta) ** 2).sum())
     return sum(float(chain.c[k]) ** 2 * d2 / (2 * float(chain.sigma[k]) ** 2) for k in stochastic_steps(chain))
 
 
 def test_kl_is_zero_at_init_positive_after_a_perturbation_and_pulls_back() -> None:
     toy = ToyChain(dim=4, steps=6)
     traj = toy.rollout(ToyContext(8), torch.Generator().manual_seed(0))
-    assert float(kl_to_base(toy, ToyContext(8), traj).detach().abs().max()) == 0.0
+    assert float(kl_to_reference(toy, ToyContext(8), traj).detach().abs().max()) == 0.0
     delta = torch.tensor([0.3, -0.2, 0.1, 0.05], dtype=torch.float64)
     with torch.no_grad():
         toy.theta += delta
-    kl = kl_to_base(toy, ToyContext(8), traj)
+    kl = kl_to_reference(toy, ToyContext(8), traj)
     assert float(kl.detach().min()) > 0
     torch.testing.assert_close(kl, torch.full_like(kl, analytic_kl(toy)))
     toy.theta.grad = None
@@ -147,7 +147,7 @@ def test_kl_gradient_matches_finite_differences() -> None:
     from rlr_core.estimators.kl import kl_backward
 
     toy.theta.grad = None
-    kl_backward(toy, ctx, traj, coef=0.7)
+    kl_backward(toy, ctx, traj, coef=0.7, steps=None)
     got = toy.theta.grad.clone()
     h = 1e-6
     want = torch.zeros_like(got)
@@ -156,19 +156,21 @@ def test_kl_gradient_matches_finite_differences() -> None:
         e[i] = h
         with torch.no_grad():
             toy.theta += e
-            up = float(kl_to_base(toy, ctx, traj).mean())
+            up = float(kl_to_reference(toy, ctx, traj).mean())
             toy.theta -= 2 * e
-            down = float(kl_to_base(toy, ctx, traj).mean())
+            down = float(kl_to_reference(toy, ctx, traj).mean())
             toy.theta += e
         want[i] = 0.7 * (up - down) / (2 * h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("make", [lambda c: RLR(chunk=BIG_CHUNK, kl_coef=c), lambda c: RLR(rest="zo", kl_coef=c),
-                                  lambda c: FullBackprop(use_checkpoint=False, kl_coef=c),
-                                  lambda c: TruncatedBackprop(steps=2, kl_coef=c),
-                                  lambda c: LikelihoodRatio(chunk=BIG_CHUNK, kl_coef=c),
-                                  lambda c: DDPO(chunk=BIG_CHUNK, kl_coef=c), lambda c: AuthorsCode(kl_coef=c)],
+@pytest.mark.parametrize("make", [lambda c: RLR(chunk=BIG_CHUNK, kl_coef=c, kl_steps=None),
+                                  lambda c: RLR(rest="zo", kl_coef=c, kl_steps=None),
+                                  lambda c: FullBackprop(use_checkpoint=False, kl_coef=c, kl_steps=None),
+                                  lambda c: TruncatedBackprop(steps=2, kl_coef=c, kl_steps=None),
+                                  lambda c: LikelihoodRatio(chunk=BIG_CHUNK, kl_coef=c, kl_steps=None),
+                                  lambda c: DDPO(chunk=BIG_CHUNK, kl_coef=c, kl_steps=None),
+                                  lambda c: AuthorsCode(kl_coef=c, kl_steps=None)],
                          ids=["rlr", "rlr-zo", "full-bp", "truncated-bp", "lr", "ddpo", "authors-code"])
 def test_every_estimator_adds_exactly_the_kl_gradient(make) -> None:
     toy = ToyChain(dim=4, steps=6)
@@ -187,6 +189,70 @@ def test_every_estimator_adds_exactly_the_kl_gradient(make) -> None:
     assert stats[1] == pytest.approx(analytic_kl(toy))
 
 
+def test_the_kl_gradient_on_a_random_subset_of_steps_is_unbiased() -> None:
+    """KL_STEPS: the scaled gradient at a random subset of steps averages to the full sum's."""
+    from rlr_core.estimators.kl import kl_backward
+
+    toy = ToyChain(dim=4, steps=6)
+    with torch.no_grad():
+        toy.theta += torch.tensor([0.3, -0.2, 0.1, 0.05], dtype=torch.float64)
+    ctx = ToyContext(5)
+    traj = toy.rollout(ctx, torch.Generator().manual_seed(1))
+    toy.theta.grad = None
+    kl_backward(toy, ctx, traj, coef=1.0, steps=None)
+    full = toy.theta.grad.clone()
+    n_steps = len(stochastic_steps(toy))
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(4000):
+        toy.theta.grad = None
+        kl_backward(toy, ctx, traj, coef=1.0, steps=2, generator=gen)
+        draws.append(toy.theta.grad.clone())
+    draws = torch.stack(draws)
+    se = draws.std(0) / len(draws) ** 0.5
+    assert n_steps > 2 and float(draws.std(0).max()) > 0  # it did subsample
+    assert bool(((draws.mean(0) - full).abs() <= 4 * se + 1e-12).all())
+
+
+def test_kl_to_the_parent_is_zero_at_the_parent_and_pulls_towards_it() -> None:
+    """With a reference set (the round's parent: a trained adapter), the KL is zero there and not
+    to the base model; its gradient is autograd of the closed form."""
+    from rlr_core import rewards
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.estimators.backend_chain import BackendChain
+    from rlr_core.estimators.kl import kl_backward
+    from rlr_core.sampler import SamplerSettings
+    from rlr_core.shapesworld import model as builtin_model
+    from rlr_core.shapesworld.perception import PerceptionNet
+    from rlr_core.training import lora
+
+    backend = BuiltinBackend(builtin_model.new_model(seed=0))
+    lora.add_lora(backend, rank=2, seed=0)
+    with torch.no_grad():
+        for name, p in backend.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)  # the parent: an adapter that already moved off the base
+    chain = BackendChain(backend, rewards.make_reward("fidelity", PerceptionNet().eval().requires_grad_(False)),
+                         SamplerSettings(3, 1.0, 1.0))
+    ctx = chain.context(["a red circle", "a blue square"])
+    traj = chain.rollout(ctx, torch.Generator().manual_seed(0))
+    assert float(kl_to_reference(chain, ctx, traj).detach().min()) > 0  # no reference yet: the base model
+    chain.set_reference()
+    assert float(kl_to_reference(chain, ctx, traj).detach().abs().max()) == 0.0  # zero at the parent
+    with torch.no_grad():
+        for name, p in backend.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.01)
+    params = chain.parameters()
+    closed = kl_to_reference(chain, ctx, traj).mean()
+    want = torch.autograd.grad(0.3 * closed, params)
+    for p in params:
+        p.grad = None
+    kl_backward(chain, ctx, traj, coef=0.3, steps=None)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w)
+
+
 def test_kl_on_the_unet_uses_the_adapter_switched_off() -> None:
     from rlr_core import rewards
     from rlr_core.backends.builtin import BuiltinBackend
@@ -203,18 +269,18 @@ def test_kl_on_the_unet_uses_the_adapter_switched_off() -> None:
                          SamplerSettings(3, 1.0, 1.0))
     ctx = chain.context(["a red circle", "a blue square"])
     traj = chain.rollout(ctx, torch.Generator().manual_seed(0))
-    assert float(kl_to_base(chain, ctx, traj).detach().abs().max()) == 0.0  # a fresh adapter is the base model
+    assert float(kl_to_reference(chain, ctx, traj).detach().abs().max()) == 0.0  # a fresh adapter is the base model
     with torch.no_grad():
         for name, p in backend.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    kl = kl_to_base(chain, ctx, traj)
+    kl = kl_to_reference(chain, ctx, traj)
     assert float(kl.detach().min()) > 0
     kl.mean().backward()
     assert all(p.grad is not None for n, p in chain.named_parameters() if "lora_B" in n)
     # the adapter is switched back on afterwards: the adapted mean differs from the base one again
     x = traj.x[3]
-    assert not torch.allclose(chain.mean(x, 3, ctx), chain.base_mean(x, 3, ctx))
+    assert not torch.allclose(chain.mean(x, 3, ctx), chain.reference_mean(x, 3, ctx))
 
 
 # --- the authors' released recipe, BIASED (rlr_core/estimators/authors_code.py) ----------------------

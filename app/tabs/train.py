@@ -12,7 +12,6 @@ from app.errors import user_errors
 from app.round_config import ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig, defaults_note
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
-from rlr_core.backends.builtin import BuiltinBackend
 
 INTRO = ("A round fits the reward proxy to everyone's ratings and comparisons, then fine-tunes a LoRA "
          "adapter on the prompts people used (with their prompt-lab stage prompts) to raise the proxy's "
@@ -33,15 +32,17 @@ def progress_html(status: dict[str, Any]) -> str:
 REWARD_SERIES = {"reward": "proxy reward", "penalised": "penalised: reward - λ·spread"}
 
 
-def plots(history: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def plots(history: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The reward plot's rows (step, reward, series: the proxy's reward and the penalised one the
-    round maximises and stops on) and the uncertainty plot's."""
+    round maximises and stops on), the uncertainty plot's and the fidelity plot's (the judge on
+    the round's own samples)."""
     # Numeric dtypes matter: an object column (a None among the floats) becomes a categorical axis.
-    frame = pd.DataFrame(history, columns=["step", "reward", "penalised", "uncertainty"]).apply(
+    frame = pd.DataFrame(history, columns=["step", "reward", "penalised", "uncertainty", "fidelity"]).apply(
         pd.to_numeric, errors="coerce")
     rewards = [frame[["step", col]].dropna().astype(float).rename(columns={col: "reward"}).assign(series=label)
                for col, label in REWARD_SERIES.items()]
-    return (pd.concat(rewards, ignore_index=True), frame[["step", "uncertainty"]].dropna().astype(float))
+    return (pd.concat(rewards, ignore_index=True), frame[["step", "uncertainty"]].dropna().astype(float),
+            frame[["step", "fidelity"]].dropna().astype(float))
 
 
 def summary(status: dict[str, Any]) -> str:
@@ -62,12 +63,27 @@ def summary(status: dict[str, Any]) -> str:
     if status.get("plateau_stopped_at"):
         lines.append(f"The penalised reward stopped rising: the round ended early at step "
                      f"{status['plateau_stopped_at']}.")
+    if status.get("fidelity_stopped_at"):
+        lines.append(f"Probe fidelity fell past the threshold at step {status['fidelity_stopped_at']}: the round "
+                     "ended there, with the adapter of the last step that passed.")
+    if status.get("fidelity_note"):
+        mark = "⚠️ " if status.get("fidelity_flagged") else ""
+        lines.append(f"{mark}Fidelity guard: {status['fidelity_note']}.")
     if status.get("version_name"):
         lines.append(f"Made **{status['version_name']}**; its samples are in the rating queue and "
                      f"{status.get('before_after_pairs', 0)} before/after pairs in the comparison queue.")
     if status.get("error"):
         lines.append(f"⚠️ {status['error']}")
     return "  \n".join(lines)
+
+
+def guard_note(judge: Any) -> str:
+    """One sentence: how this model's rounds are kept from losing the prompt."""
+    if judge is None:
+        return ("⚠️ **Prompt fidelity is not guarded on this model**: it has no fidelity judge (for Stable "
+                "Diffusion and AnimateDiff, start the app with `--reward-encoder clip:<CLIP model>`).")
+    return (f"After every round a fidelity guard ({judge.name}) judges the new version, its parent and the base "
+            "model on fixed probe prompts; a version that falls past the threshold is flagged and not made active.")
 
 
 def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
@@ -79,7 +95,7 @@ def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
 def build(services: AppServices, session: Session) -> gr.Timer:
     d = services.round_defaults
     with gr.Column(elem_id="train-panel"):
-        gr.Markdown(f"{INTRO} {defaults_note(services.base_backend)}")
+        gr.Markdown(f"{INTRO} {defaults_note(services.base_backend)} {guard_note(services.fidelity_judge)}")
         with gr.Row():
             estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"], label="Gradient estimator",
                                     elem_id="train-estimator", scale=2)
@@ -92,10 +108,9 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         with gr.Accordion("More settings", open=False):
             with gr.Row():
                 rank = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank", elem_id="train-rank")
-                # auto: the longest block that fits in memory (the default for diffusers models).
+                # the model's default (as /train_start); auto: the longest block that fits in memory.
                 block = gr.Dropdown(["auto", "1", "2", "3", "4", "6", "8"], allow_custom_value=True,
-                                    value=str(d["block"]) if isinstance(services.base_backend, BuiltinBackend)
-                                    else "auto", label="RLR: HO block length h", elem_id="train-block")
+                                    value=str(d["block"]), label="RLR: HO block length h", elem_id="train-block")
                 rest = gr.Dropdown(REST_CHOICES, value=d["rest"], label="RLR: rest of the chain",
                                    info="lr: likelihood ratio; zo: zeroth order", elem_id="train-rest")
                 truncation = gr.Number(value=d["truncation"], precision=0, label="Truncated BP: last K' steps",
@@ -112,6 +127,22 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 patience = gr.Number(value=d["patience"], precision=0, minimum=0, label="Early-stop patience",
                                      info="steps without a new best penalised reward; 0 = never stop early",
                                      elem_id="train-patience")
+                kl = gr.Number(value=d["kl_coef"], minimum=0, label="KL to the parent β",
+                               info="exact per-step KL of the sampler to the round's parent; 0 = off",
+                               elem_id="train-kl")
+                judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
+                fidelity_weight = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
+                                            info="maximise reward + w·(prompt fidelity)" if judged else
+                                            "this model has no differentiable fidelity judge",
+                                            interactive=judged, elem_id="train-fidelity-weight")
+                threshold = gr.Number(value=d["fidelity_threshold"], minimum=0, maximum=1,
+                                      label="Fidelity guard threshold",
+                                      info="a version this far below its parent or the base is flagged; 0 = off",
+                                      elem_id="train-fidelity-threshold")
+                check_every = gr.Number(value=d["fidelity_check_every"], precision=0, minimum=0,
+                                        label="Check fidelity every N steps",
+                                        info="inside the round; on a drop, back to the last good step; 0 = off",
+                                        elem_id="train-fidelity-every")
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -124,20 +155,25 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                                       height=260, elem_id="train-reward-plot")
             unc_plot = gr.LinePlot(x="step", y="uncertainty", title="Proxy uncertainty (ensemble spread)",
                                    height=260, elem_id="train-uncertainty-plot")
+            fid_plot = gr.LinePlot(x="step", y="fidelity", title="Prompt fidelity of the round's samples (judge)",
+                                   height=260, elem_id="train-fidelity-plot")
         used = gr.Dataframe(headers=["prompt", "stage prompts", "source"], label="Prompts this round trains on",
                             interactive=False, elem_id="train-prompts-used", wrap=True)
         timer = gr.Timer(POLL_SECONDS)
         seen = gr.State(None)  # what the page shows, to skip re-sending unchanged plots
 
     setting_inputs = [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts, guidance,
-                      sample_steps, penalty, patience]
+                      sample_steps, penalty, patience, kl, fidelity_weight, threshold, check_every]
 
     @user_errors
-    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, lam, wait, password):
+    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, lam, wait, beta, w, thr, every,
+                 password):
         config = RoundConfig.parse(dict(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
                                         learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
                                         max_prompts=k, guidance=g, sample_steps=s_steps,
-                                        uncertainty_penalty=lam, patience=wait), services.round_defaults)
+                                        uncertainty_penalty=lam, patience=wait, kl_coef=beta, fidelity_weight=w,
+                                        fidelity_threshold=thr, fidelity_check_every=every),
+                                   services.round_defaults)
         services.rounds.start(config, password)
         gr.Info("Training round started: watch it here, keep rating elsewhere.")
         return poll(None)
@@ -157,11 +193,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         key = (status.get("job_id"), status["state"], round(status["progress"], 3), len(status["history"]),
                status["message"])
         if key == last:
-            return (gr.skip(),) * 5 + (last,)
-        rewards, spread = plots(status["history"])
-        return progress_html(status), summary(status), rewards, spread, prompts_table(status), key
+            return (gr.skip(),) * 6 + (last,)
+        rewards, spread, fidelity = plots(status["history"])
+        return progress_html(status), summary(status), rewards, spread, fidelity, prompts_table(status), key
 
-    poll_outputs = [bar, info, reward_plot, unc_plot, used, seen]
+    poll_outputs = [bar, info, reward_plot, unc_plot, fid_plot, used, seen]
     start.click(on_start, [*setting_inputs, session.password], poll_outputs, **QUICK, **PRIVATE)
     stop.click(on_stop, session.password, poll_outputs, **QUICK, **PRIVATE)
     auto.submit(on_auto, [auto, session.password], None, **QUICK, **PRIVATE)

@@ -10,12 +10,14 @@ from app.services import BASE_VERSION_NAME, AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 
 COLUMNS = ["active", "id", "name", "parent", "estimator", "samples", "ratings", "mean stars",
-           "win rate vs parent", "wins-losses-ties", "judged", "seed", "created"]
+           "win rate vs parent", "wins-losses-ties", "prompt fidelity", "judged", "seed", "created"]
 INTRO = ("Each finished training round makes a new version and makes it active. Its samples go to the "
          "rating queue, and blind before/after pairs (same prompt and seed, parent vs new) to the "
          "comparison queue: the **win rate vs parent** is what people judged. A version those pairs "
          "call worse than its parent with confidence (a one-sided sign test on the decisive answers, p < 0.05) "
-         "is **⚠ flagged**; **★ best** marks the best-judged version, which auto-train builds on.")
+         "is **⚠ flagged**, and so is one that lost **prompt fidelity** (judged on fixed probe prompts against "
+         "its parent and the base model): such a version is not made active, but you can still make it active "
+         "by hand. **★ best** marks the best-judged version, which auto-train builds on.")
 # The base version is stored on first use (a fresh data folder stays empty, so an export can
 # still be imported into it); until then the tab lists it under this key.
 UNSTORED_BASE = "base"
@@ -39,13 +41,24 @@ def table(services: AppServices, versions: list[dict] | None = None) -> pd.DataF
                                    else "not judged yet" if v["parent_id"] is not None else ""),
             "wins-losses-ties": (f"{v['wins_vs_parent']}-{v['losses_vs_parent']}-{v['ties_vs_parent']}"
                                  if v["parent_id"] is not None else ""),
+            "prompt fidelity": fidelity_label(v.get("metrics") or {}),
             "judged": judged_label(v), "seed": v.get("seed") if v.get("seed") is not None else "",
             "created": v["created_at"][:19].replace("T", " "),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def fidelity_label(metrics: dict) -> str:
+    """The guard's numbers for a version a round made: its fidelity, the parent's, the base's."""
+    if metrics.get("fidelity") is None:
+        return ""
+    return (f"{metrics['fidelity']:.3f} (parent {metrics['fidelity_parent']:.3f}, "
+            f"base {metrics['fidelity_base']:.3f})")
+
+
 def judged_label(v: dict) -> str:
+    if v.get("fidelity_flagged"):
+        return "⚠ flagged: lost prompt fidelity. " + (v.get("flag_reason") or "")
     if v.get("flagged"):
         return (f"⚠ flagged: worse than its parent (win rate ≤ {v['win_rate_upper']:.0%}, "
                 f"p = {v['p_not_worse']:.3f})")
@@ -59,6 +72,9 @@ def warning(versions: list[dict]) -> str:
     if not active or not active.get("flagged"):
         return ""
     target = f"**{best['name']}**, the best-judged version" if best else "its parent"
+    if active.get("fidelity_flagged"):
+        return (f"⚠️ The active version **{active['name']}** lost prompt fidelity ({active.get('flag_reason')}). "
+                f"**Roll back to the best-judged** makes {target} active again.")
     return (f"⚠️ The active version **{active['name']}** lost to its parent in the blind pairs "
             f"({active['wins_vs_parent']}-{active['losses_vs_parent']}-{active['ties_vs_parent']}). "
             f"**Roll back to the best-judged** makes {target} active again.")

@@ -66,6 +66,18 @@ class DiffusionBackend(abc.ABC):
         canonical = self.check_prompt(prompt)
         return canonical, canonical, canonical
 
+    # Prompts a round does not train on, for the fidelity guard's probes (each backend its own words).
+    held_out_prompts: tuple[str, ...] = (
+        "a red apple on a wooden table", "a blue car parked on a street", "two cats sitting on a sofa",
+        "a lighthouse on a cliff at sunset", "a bowl of green soup", "a yellow umbrella in the rain",
+    )
+
+    def fidelity_judge(self, reward_encoder: str | None = None):
+        """How well images follow their prompts (:mod:`rlr_core.fidelity`), or None when this model
+        has no judge. ``reward_encoder``: the reward proxy's encoder spec; a model judged by CLIP
+        uses the CLIP it names (``clip:<id or folder>``)."""
+        return None
+
     def prepare_for_training(self) -> None:
         """Memory savings for a training copy (e.g. gradient checkpointing); default: none."""
         return None

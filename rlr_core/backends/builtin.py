@@ -16,6 +16,13 @@ class BuiltinBackend(DiffusionBackend):
     """The built-in pixel-space ShapesWorld model (the app's default)."""
 
     name = "shapesworld-tiny"
+    # Each names what a drifting model loses first: position, size, colour, kind and background.
+    held_out_prompts = (
+        "a small blue circle on the right", "a large green square on the left, white background",
+        "a red triangle in the center, black background", "a small purple square on the left",
+        "a large yellow circle on the right, navy background", "an orange triangle on the left, gray background",
+        "a small green triangle in the center", "a large blue square on the right, white background",
+    )
 
     def __init__(self, model: BuiltinModel, path: Path | None = None):
         self.model = model
@@ -56,6 +63,12 @@ class BuiltinBackend(DiffusionBackend):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.clamp(-1, 1) + 1) / 2
+
+    def fidelity_judge(self, reward_encoder: str | None = None):
+        """The shipped perception model's attribute heads against the prompt's words."""
+        from rlr_core import fidelity
+
+        return fidelity.shapes_judge()
 
 
 def describe_grammar_prompt(prompt: str, video: bool = False) -> str:

@@ -23,6 +23,13 @@ class BuiltinClipBackend(DiffusionBackend):
 
     name = "shapesworld-clips"
     is_video = True
+    held_out_prompts = (
+        "a large red circle moving fast to the right, black background",
+        "a small blue square moving slowly up, white background",
+        "a yellow triangle standing still, navy background",
+        "a large green triangle moving left", "a small purple circle moving down, gray background",
+        "an orange square moving fast to the left",
+    )
 
     def __init__(self, model: ClipModel, path: Path | None = None):
         self.model = model
@@ -83,3 +90,9 @@ class BuiltinClipBackend(DiffusionBackend):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.clamp(-1, 1) + 1) / 2
+
+    def fidelity_judge(self, reward_encoder: str | None = None):
+        """The shipped clip perception model: the image attributes per frame, direction and speed."""
+        from rlr_core import fidelity
+
+        return fidelity.clips_judge()

@@ -125,6 +125,13 @@ class DiffusersLatentBackend(DiffusionBackend):
         with self._autocast():
             return self.text_encoder(ids)[0].float()
 
+    def fidelity_judge(self, reward_encoder: str | None = None):
+        """CLIP text-image similarity with the CLIP the reward proxy uses; None without one."""
+        from rlr_core import fidelity
+
+        source = fidelity.clip_source(reward_encoder)
+        return fidelity.clip_similarity_judge(source, str(self.device)) if source else None
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             images = self.vae.decode(x0 / self.vae.config.scaling_factor).sample

@@ -44,6 +44,11 @@ class BackendChain(Chain):
         self.settings = settings
         self.schedule = make_schedule(backend.scheduler, settings.steps, settings.eta)
         self.sigma = self.schedule.sigma
+        self.reference: list[torch.Tensor] | None = None  # the KL's reference weights (None: the base)
+
+    def set_reference(self) -> None:
+        """Make the trainable weights as they are now (the round's parent) the KL's reference."""
+        self.reference = [p.detach().clone() for p in self.parameters()]
 
     def context(self, prompts: list[str], stage_prompts: Sequence[list[str]] | None = None,
                 stages: Sequence[int] | None = None) -> PromptContext:
@@ -66,9 +71,21 @@ class BackendChain(Chain):
         return step_x0(self.backend, self.schedule, x, k, ctx.cond, self.settings.guidance)
 
     @torch.no_grad()
-    def base_mean(self, x: torch.Tensor, k: StepIndex, ctx: PromptContext) -> torch.Tensor:
-        """The base model's mean: the same denoiser with its LoRA adapter switched off (peft).
-        A full fine-tune has no base left to switch to, so the KL regulariser needs an adapter."""
+    def reference_mean(self, x: torch.Tensor, k: StepIndex, ctx: PromptContext) -> torch.Tensor:
+        """The reference model's mean. With :meth:`set_reference` called: the trainable weights
+        swapped for the saved ones for one call (the round's parent). Otherwise the base model:
+        the same denoiser with its LoRA adapter switched off (peft); a full fine-tune has no base
+        left to switch to, so that needs an adapter."""
+        if self.reference is not None:
+            params = self.parameters()
+            current = [p.detach().clone() for p in params]
+            try:
+                for p, ref in zip(params, self.reference):
+                    p.copy_(ref)
+                return self.mean(x, k, ctx)
+            finally:
+                for p, now in zip(params, current):
+                    p.copy_(now)
         denoiser = self.backend.denoiser
         if not getattr(denoiser, "peft_config", None):
             raise ValueError("kl_coef > 0 needs a LoRA adapter (the base model is the adapter switched off)")

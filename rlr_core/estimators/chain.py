@@ -62,10 +62,10 @@ class Chain(abc.ABC):
         ``k`` an int or a per-row tensor. Only state-dependent baselines need it."""
         raise NotImplementedError(f"{type(self).__name__} cannot predict x_0 (state baselines need it)")
 
-    def base_mean(self, x: torch.Tensor, k: StepIndex, ctx: ChainContext) -> torch.Tensor:
-        """mu_base(x_k, k, c) of the frozen base model (no gradient). Only the KL-to-base
-        regulariser needs it (rlr_core/estimators/kl.py)."""
-        raise NotImplementedError(f"{type(self).__name__} has no base model (kl_coef > 0 needs one)")
+    def reference_mean(self, x: torch.Tensor, k: StepIndex, ctx: ChainContext) -> torch.Tensor:
+        """mu_ref(x_k, k, c) of the frozen reference model (no gradient): the round's parent, or
+        the base model when none was set. Only the KL regulariser needs it (rlr_core/estimators/kl.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference model (kl_coef > 0 needs one)")
 
     # --- derived operations shared by every chain -------------------------------------------
 

@@ -27,7 +27,7 @@ from rlr_core.estimators.common import (
     fo_backward,
     leave_one_out,
 )
-from rlr_core.estimators.kl import kl_backward
+from rlr_core.estimators.kl import KL_STEPS, kl_backward
 from rlr_core.estimators.likelihood_ratio import stochastic_pairs
 from rlr_core.rollout import Trajectory
 
@@ -38,7 +38,8 @@ class DDPO(Estimator):
     clip_range: float = 1e-4  # DDPO's published setting; ratios of a whole image are sharp
     whiten: bool = False  # divide advantages by their std (DDPO does; changes the gradient's scale)
     chunk: int = 16
-    kl_coef: float = 0.0  # the KL-to-base regulariser (rlr_core/estimators/kl.py), every inner step
+    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py), every inner step
+    kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "ddpo"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -112,7 +113,8 @@ class DDPO(Estimator):
             n_clipped += int(((ratio - 1).abs() > self.clip_range).sum())
         stats = {"clip_fraction": n_clipped / max(len(ks), 1)}
         if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            # the subset of steps from torch's global generator (seeded by the round): no generator here
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps)
             loss_value += self.kl_coef * stats["kl"]
         return Estimate(R, loss_value, stats)
 

@@ -25,7 +25,7 @@ from rlr_core.estimators.common import (
     lr_backward,
 )
 from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
-from rlr_core.estimators.kl import kl_backward
+from rlr_core.estimators.kl import KL_STEPS, kl_backward
 
 
 def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,7 @@ class LikelihoodRatio(Estimator):
     baseline: Baseline = "loo"  # see rlr_core/estimators/baselines.py
     control_variate: Literal["none", "taylor"] = "none"  # see rlr_core/estimators/control_variate.py
     kl_coef: float = 0.0  # see rlr_core/estimators/kl.py
+    kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "lr"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -64,6 +65,6 @@ class LikelihoodRatio(Estimator):
         loss += lr_backward(chain, ctx, traj, ks, rows, A, self.chunk, slopes)
         stats = {}
         if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps, generator)
             loss += self.kl_coef * stats["kl"]
         return Estimate(R, loss, stats)

@@ -20,7 +20,7 @@ Options that keep it unbiased (doc section 2): ``baseline`` (what R is compared 
 ``branches`` (M continuations of the HO block), ``control_variate="taylor"`` (the HO and "lr"
 terms become (R - b - <a, x_{k-1} - mu>) grad log p + (d mu/d theta)^T a, see
 :mod:`.control_variate`), ``group_size`` (prompt groups sharing x_K, :mod:`.groups`); and
-``kl_coef`` (the KL-to-base regulariser, :mod:`.kl`), which changes the objective on purpose.
+``kl_coef`` (the KL regulariser to the round's parent, :mod:`.kl`), which changes the objective on purpose.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from rlr_core.estimators.common import (
 )
 from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
 from rlr_core.estimators.groups import group_batch
-from rlr_core.estimators.kl import kl_backward
+from rlr_core.estimators.kl import KL_STEPS, kl_backward
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
 from rlr_core.rollout import Prediction, Trajectory, draw_noise, rollout
 
@@ -95,7 +95,8 @@ class RLR(Estimator):
     # G > 1: the batch is B/G prompts, each repeated G times from one shared x_K, with per-group
     # leave-one-out means (rlr_core/estimators/groups.py). Unbiased (see there).
     group_size: int = 1
-    kl_coef: float = 0.0  # beta of the exact KL-to-base regulariser (rlr_core/estimators/kl.py)
+    kl_coef: float = 0.0  # beta of the exact KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)
     _auto_blocks: dict = field(default_factory=dict, repr=False)  # (K, L, batch) -> measured h
@@ -213,7 +214,7 @@ class RLR(Estimator):
             zo_accumulate(chain, perturb, leave_one_out(R, peers))
         stats = {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())}
         if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef)
+            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps, generator)
             loss += self.kl_coef * stats["kl"]
         return Estimate(R, loss, stats)
 

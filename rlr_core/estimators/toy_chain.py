@@ -52,7 +52,7 @@ class ToyChain(Chain):
         self.sigma = self.schedule.sigma.double()
         self.data_std = data_std
         self.theta = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-        self.base_theta = self.theta.detach().clone()  # the frozen base model (KL-to-base)
+        self.reference_theta = self.theta.detach().clone()  # the frozen reference model (the KL regulariser's)
         self.target = torch.randn(dim, generator=gen, dtype=torch.float64)
         self.weights = torch.linspace(0.5, 1.5, dim, dtype=torch.float64)
         # a_k, c_k by linearity of the step mean: mean(x, theta) = a x + c theta.
@@ -87,8 +87,8 @@ class ToyChain(Chain):
         return self._x0_hat(x, self.theta, k)
 
     @torch.no_grad()
-    def base_mean(self, x: torch.Tensor, k: StepIndex, ctx: ToyContext) -> torch.Tensor:
-        return self._mean(x, self.base_theta, k)
+    def reference_mean(self, x: torch.Tensor, k: StepIndex, ctx: ToyContext) -> torch.Tensor:
+        return self._mean(x, self.reference_theta, k)
 
     @torch.no_grad()
     def perturbed_mean(self, x: torch.Tensor, k: int, ctx: ToyContext, deltas: list[torch.Tensor]) -> torch.Tensor:

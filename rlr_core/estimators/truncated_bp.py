@@ -17,7 +17,7 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
-from rlr_core.estimators.kl import kl_backward, replay
+from rlr_core.estimators.kl import KL_STEPS, kl_backward, replay
 
 
 @dataclass
@@ -25,7 +25,8 @@ class TruncatedBackprop(Estimator):
     steps: int = 1  # K': how many final steps keep the graph
     randomize: bool = False
     use_checkpoint: bool = True
-    kl_coef: float = 0.0  # the KL-to-base regulariser (rlr_core/estimators/kl.py)
+    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "truncated-bp"
 
     def accumulate(self, chain: Chain, ctx: ChainContext, generator: torch.Generator) -> Estimate:
@@ -41,5 +42,5 @@ class TruncatedBackprop(Estimator):
         loss.backward()
         stats = {"kept_steps": kept}
         if state is not None:  # along the same trajectory, re-sampled without a graph
-            stats["kl"] = kl_backward(chain, ctx, replay(chain, ctx, state), self.kl_coef)
+            stats["kl"] = kl_backward(chain, ctx, replay(chain, ctx, state), self.kl_coef, self.kl_steps, generator)
         return Estimate(R.detach(), float(loss.detach()) + self.kl_coef * stats.get("kl", 0.0), stats)

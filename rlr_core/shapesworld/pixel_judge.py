@@ -11,6 +11,12 @@ pixels alone, with fixed arithmetic:
 - size, position and background read from those by the thresholds of the world's geometry
   (ShapesWorld renders small shapes with half-extent 4.5 px, large ones 8.5 px, centres at
   x = 9 / 16 / 23);
+- kind from the fill ratio of the soft coverage (each pixel's distance from the background
+  over the contrast, clipped to [0, 1]): its sum over the product of its width and height
+  profiles (a triangle fills about half of that box, a circle pi/4, a square all of it), and
+  colour as the palette colour nearest the foreground's median colour;
+- prompt fidelity (:func:`prompt_fidelity`): per image, the fraction of the attributes its
+  prompt names that the pixels show;
 - image quality: noise energy of the background (RMS of the high-pass residual over background
   pixels away from the shape) and edge sharpness (the strongest colour steps relative to the
   contrast) against fresh renders of the same caption.
@@ -38,6 +44,10 @@ MIN_CONTRAST = 0.15  # below this the image shows no shape at all
 # renders (a small triangle, half-extent 4.5 x 0.9) covers ~30 px. Shrinking the shape to a dot
 # must not count as "small".
 MIN_AREA = 20.0
+# Soft fill ratio between a triangle's (0.53-0.63 on fresh renders) and a circle's (0.76-0.82),
+# and between a circle's and a square's (0.96-1.0).
+FILL_THRESHOLDS = (0.68, 0.88)
+MIN_COVERAGE = 0.15  # coverage below this is background texture, not shape
 _TOP = 8  # pixels that define the contrast
 
 
@@ -51,6 +61,8 @@ class Reading:
     area: float  # foreground pixels
     centroid_x: float
     contrast: float
+    kind: str | None = None  # None when no shape was found
+    colour: str | None = None
 
     def value(self, attribute: str) -> str | None:
         return getattr(self, attribute)
@@ -89,16 +101,38 @@ def read(images: torch.Tensor) -> list[Reading]:
     mask, bg, contrast = foreground_masks(images)
     width = mask.shape[-1]
     xs = torch.arange(width, dtype=torch.float32) + 0.5  # pixel centres, the renderer's coordinates
+    x = _as_batch(images)
     out = []
-    for m, b, c in zip(mask, bg, contrast):
+    for m, b, c, image in zip(mask, bg, contrast, x):
         area = float(m.sum())
         cx = float((m.float().sum(0) * xs).sum() / area) if area else float("nan")
-        size = position = None
+        size = position = kind = colour = None
         if area >= MIN_AREA:
             size = "large" if area > SIZE_THRESHOLD else "small"
             lo, hi = POSITION_THRESHOLDS
             position = "left" if cx < lo else "center" if cx < hi else "right"
-        out.append(Reading(nearest(b, sw.BACKGROUNDS), size, position, area, cx, float(c)))
+            fill = soft_fill(image, b, c)
+            kind = "triangle" if fill < FILL_THRESHOLDS[0] else "circle" if fill < FILL_THRESHOLDS[1] else "square"
+            colour = nearest(image[:, m].median(dim=1).values, sw.COLOURS)
+        out.append(Reading(nearest(b, sw.BACKGROUNDS), size, position, area, cx, float(c), kind, colour))
+    return out
+
+
+def soft_fill(image: torch.Tensor, background: torch.Tensor, contrast: torch.Tensor) -> float:
+    """The soft coverage's sum over (width profile sum) x (height profile sum), see the module docstring."""
+    coverage = ((image - background[:, None, None]).norm(dim=0) / contrast.clamp(min=1e-6)).clamp(0, 1)
+    coverage = torch.where(coverage < MIN_COVERAGE, torch.zeros_like(coverage), coverage)
+    box = float(coverage.max(0).values.sum() * coverage.max(1).values.sum())
+    return float(coverage.sum()) / box if box > 0 else 0.0
+
+
+def prompt_fidelity(readings: Sequence[Reading], prompts: Sequence[str]) -> list[float | None]:
+    """Per image, the fraction of the attributes its prompt names that the pixels show
+    (None for a prompt that names none)."""
+    out: list[float | None] = []
+    for r, prompt in zip(readings, prompts):
+        wanted = sw.parse_caption(prompt).specified()
+        out.append(sum(r.value(a) == v for a, v in wanted.items()) / len(wanted) if wanted else None)
     return out
 
 

@@ -123,6 +123,14 @@ def stickler(perception: PerceptionNet, seed: int = 0, **kw) -> SimulatedRater:
                           description="prefers images that show what the prompt asked for", **kw)
 
 
+def composition_taste(perception: PerceptionNet, seed: int = 0, **kw) -> SimulatedRater:
+    """Composition: small shapes placed on the left, whatever the prompt says. Position and size
+    are settled in the earliest, noisiest sampling steps, where last-step gradients do not reach."""
+    weights = {("position", "left"): 0.6, ("size", "small"): 0.4}
+    return SimulatedRater("composition", perception, attribute_preference(weights), seed=seed,
+                          description="prefers small shapes on the left", **kw)
+
+
 RATERS: dict[str, Callable[..., SimulatedRater]] = {
-    "bold": bold_taste, "blue-circles": blue_circles, "fidelity": stickler,
+    "bold": bold_taste, "blue-circles": blue_circles, "fidelity": stickler, "composition": composition_taste,
 }

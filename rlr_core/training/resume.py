@@ -42,15 +42,18 @@ class RoundState:
     elapsed: float  # seconds of training so far (pauses not counted)
     grad_norms: list[float]  # the divergence guard's running record
     estimator: Estimator  # carries calibrations (RLR's grad-norm block start, auto block sizes)
+    reference: list[torch.Tensor] | None = None  # the KL's reference weights (the round's parent)
 
     @classmethod
     def capture(cls, step: int, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                 generator: torch.Generator, rng: random.Random, history: list[dict], elapsed: float,
-                grad_norms: list[float], estimator: Estimator) -> RoundState:
+                grad_norms: list[float], estimator: Estimator,
+                reference: list[torch.Tensor] | None = None) -> RoundState:
         return cls(step=step, params=[to_cpu(p) for p in params], optimizer=to_cpu(optimizer.state_dict()),
                    generator=generator.get_state().clone(), rng=rng.getstate(),
                    torch_rng=torch.get_rng_state().clone(), history=[dict(r) for r in history],
-                   elapsed=elapsed, grad_norms=list(grad_norms), estimator=estimator)
+                   elapsed=elapsed, grad_norms=list(grad_norms), estimator=estimator,
+                   reference=None if reference is None else [to_cpu(r) for r in reference])
 
     @torch.no_grad()
     def restore(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -210,6 +210,12 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
         resume.restore(params, optimizer, generator, rng)
     estimator = estimator or make_estimator(config.estimator.name, **config.estimator.options)
     chain = BackendChain(backend, reward_fn, config.sampler)
+    if config.estimator.options.get("kl_coef") and config.finetune == "lora":
+        # KL to the round's parent (the adapter as the round found it), kept across pauses.
+        if resume is not None and resume.reference is not None:
+            chain.reference = [r.to(p.device, p.dtype) for r, p in zip(resume.reference, params)]
+        else:
+            chain.set_reference()
     guard = _Guard(params, config.explode_factor)
     first = resume.step if resume is not None else 0
     if resume is not None:
@@ -269,7 +275,8 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
 
     if paused:
         return RoundResult(None, {}, False, RoundState.capture(
-            step, params, optimizer, generator, rng, history, time.perf_counter() - start, guard.norms, estimator))
+            step, params, optimizer, generator, rng, history, time.perf_counter() - start, guard.norms, estimator,
+            chain.reference))
     metrics = _summarise(history, stopped, time.perf_counter() - start, estimator)
     version = None
     if history and (accelerator is None or accelerator.is_main_process):

@@ -1,0 +1,209 @@
+"""Rounds must keep what the rater cannot see: prompt fidelity, measured before a version goes live.
+
+The reward proxy knows only the prompts people rated; an exact gradient of it finds its blind
+spots fastest. So every round is checked by the backend's fidelity judge
+(:mod:`rlr_core.fidelity`), which the proxy never trained on:
+
+- **Probes**: a fixed set of prompts drawn from fixed seeds, side effect free (nothing is
+  stored as a sample): the prompts the round trained on, their prompt-lab stage prompts, and
+  the backend's held-out prompts (ones the round did not see), keeping those the judge can
+  check. Drawn like the Generate tab draws (the round's sample settings).
+- **After the round** (:class:`Verdict`): the new version, its parent and the base model are
+  judged on the same probes. Each version records ``fidelity``, ``fidelity_parent``,
+  ``fidelity_base`` and the drop. It is **flagged** when it falls more than the round's
+  ``fidelity_threshold`` below its parent or below the base model (so small losses cannot add
+  up over rounds); a flagged version is not made active, and auto-train does not build on it.
+  The person can still activate it by hand. A relative judge (CLIP similarity) reports every
+  version as a fraction of the base model's score on the same probes.
+- **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
+  smaller probe set (one image per prompt); if it fell past the threshold below the parent's
+  score on the same probes, the adapter goes back to the last checked step that passed and the
+  round ends there (an early stop that keeps the version).
+
+Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
+so the parent and the base are drawn once per probe prompt, not every round.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.generation import GenerationSettings, draw
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.training import lora
+
+PROBE_SEED = 424242  # fixed: every version is judged on the same noise
+PROBE_IMAGES = 2  # per prompt, after the round
+MAX_PROBE_PROMPTS = 16
+WATCH_PROMPTS = 8  # inside the round: one image each
+CACHE_FILE = "fidelity_probes.json"
+
+
+def probe_prompts(judge: Any, trained: Sequence[str], stages: Sequence[Sequence[str]], held_out: Sequence[str],
+                  limit: int = MAX_PROBE_PROMPTS) -> list[str]:
+    """The round's prompts, then their stage prompts, then held-out ones (at least a quarter of
+    ``limit`` when there are enough), without repeats, keeping those the judge can check."""
+    def usable(items: Sequence[str]) -> list[str]:
+        return [p for p in dict.fromkeys(items) if judge.judges(p)]
+
+    own = usable([*trained, *(s for st in stages for s in st)])
+    others = [p for p in usable(held_out) if p not in own]
+    n_held = min(len(others), max(limit // 4, limit - len(own)))
+    return own[:limit - n_held] + others[:n_held]
+
+
+@torch.no_grad()
+def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], settings: GenerationSettings,
+            per_prompt: int, seed: int = PROBE_SEED) -> dict[str, float]:
+    """The judge's mean score per prompt, each prompt drawn ``per_prompt`` times from ``seed``."""
+    texts = [p for p in prompts for _ in range(per_prompt)]
+    if not texts:
+        return {}
+    images = draw(backend, texts, seed, settings)
+    scores = judge.score(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
+    return {p: float(s) for p, s in zip(prompts, scores)}
+
+
+class ProbeCache:
+    """Per version, per probe (prompt, seed, images, steps, guidance): the judge's raw score."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / CACHE_FILE
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
+        return json.dumps([judge.name, prompt, PROBE_SEED, per_prompt, settings.steps, settings.guidance,
+                           settings.eta])
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # a missing or damaged cache only costs drawing the probes again
+
+    def scores(self, version_id: int, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
+               settings: GenerationSettings, per_prompt: int = PROBE_IMAGES) -> dict[str, float]:
+        with self._lock:
+            known = self._read().get(str(version_id), {})
+        keys = {p: self.key(p, settings, per_prompt, judge) for p in prompts}
+        missing = [p for p in prompts if keys[p] not in known]
+        fresh = measure(backend, judge, missing, settings, per_prompt)
+        self.remember(version_id, {keys[p]: s for p, s in fresh.items()})
+        return {p: fresh[p] if p in fresh else known[keys[p]] for p in prompts}
+
+    def remember(self, version_id: int, scores: dict[str, float]) -> None:
+        if not scores:
+            return
+        with self._lock:
+            data = self._read()
+            data.setdefault(str(version_id), {}).update(scores)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.path)
+
+
+def mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    fidelity: float  # the new version's (relative judges: as a fraction of the base model's)
+    fidelity_parent: float
+    fidelity_base: float
+    threshold: float
+    probes: int  # prompts judged
+    judge: str
+
+    @property
+    def drop(self) -> float:
+        return self.fidelity_parent - self.fidelity
+
+    @property
+    def drop_from_base(self) -> float:
+        return self.fidelity_base - self.fidelity
+
+    @property
+    def flagged(self) -> bool:
+        return self.threshold > 0 and max(self.drop, self.drop_from_base) > self.threshold
+
+    def note(self, name: str) -> str:
+        """One line for the Train and Versions tabs."""
+        if not self.flagged:
+            return (f"prompt fidelity kept: {self.fidelity:.3f} (parent {self.fidelity_parent:.3f}, "
+                    f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts")
+        worst, against = ((self.drop, "its parent") if self.drop >= self.drop_from_base
+                          else (self.drop_from_base, "the base model"))
+        return (f"{name} lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
+                f"parent and {self.fidelity_base:.3f} for the base, {worst:.3f} below {against} (more than "
+                f"the threshold {self.threshold:.2f}) on {self.probes} probe prompts; it was not made active")
+
+    def metrics(self) -> dict[str, Any]:
+        return {"fidelity": round(self.fidelity, 4), "fidelity_parent": round(self.fidelity_parent, 4),
+                "fidelity_base": round(self.fidelity_base, 4), "fidelity_drop": round(self.drop, 4),
+                "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_threshold": self.threshold,
+                "fidelity_flagged": self.flagged, "fidelity_probes": self.probes, "fidelity_judge": self.judge}
+
+
+def verdict(judge: Any, new: dict[str, float], parent: dict[str, float], base: dict[str, float],
+            threshold: float) -> Verdict:
+    """Compare the three versions' scores on the same probes (see the module docstring)."""
+    f_new, f_parent, f_base = mean(new), mean(parent), mean(base)
+    if judge.relative:  # a fraction of the base model's score
+        scale = f_base if f_base > 0 else 1.0
+        f_new, f_parent, f_base = f_new / scale, f_parent / scale, 1.0
+    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name)
+
+
+class FidelityWatch:
+    """The in-round check (see the module docstring): ``check(step)`` after each step; True
+    means the round must end now, with the adapter already back at the last good step."""
+
+    def __init__(self, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
+                 settings: GenerationSettings, threshold: float, every: int):
+        self.backend, self.judge, self.settings = backend, judge, settings
+        self.prompts = list(prompts)[:WATCH_PROMPTS]
+        self.threshold, self.every = threshold, every
+        self.params = lora.lora_parameters(backend) if lora.has_lora(backend) else []
+        self.reference = self._score()  # the parent, as the round found it
+        self.good = self._snapshot()
+        self.good_step = 0
+        self.stopped_at: int | None = None
+        self.last: float | None = self.reference
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prompts) and self.every > 0 and self.threshold > 0 and bool(self.params)
+
+    def _score(self) -> float:
+        return mean(measure(self.backend, self.judge, self.prompts, self.settings, 1)) if self.prompts else 0.0
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def check(self, step: int) -> bool:
+        if not self.active or step % self.every:
+            return False
+        self.last = self._score()
+        if self.reference - self.last > self.threshold:
+            for p, saved in zip(self.params, self.good):
+                p.copy_(saved)
+            self.stopped_at = step
+            return True
+        self.good, self.good_step = self._snapshot(), step
+        return False
+
+    def metrics(self) -> dict[str, Any]:
+        return {"watch_fidelity_start": round(self.reference, 4),
+                "watch_fidelity_last": None if self.last is None else round(self.last, 4),
+                "fidelity_stopped_at": self.stopped_at,
+                "fidelity_kept_step": self.good_step if self.stopped_at is not None else None}

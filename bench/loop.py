@@ -1,0 +1,347 @@
+"""The loop a person lives with, several rounds in a row: which round settings keep the prompt?
+
+    python -m bench.loop --arms default tbp1 --tastes bold composition --seeds 0 1 2 --rounds 4 \\
+        --jobs 2 --cache runs/loop --json bench/results/loop.json --plot bench/results/loop.png
+
+Each run (an arm, a taste, a seed) serves the app in-process on a fresh data folder with the
+built-in model and drives it over its HTTP API (``gradio_client``), as ``examples/api_loop.py``
+does. A simulated rater (``rlr_core/shapesworld/raters.py``) plays the person:
+
+- **bold** (colour and size): large, warm-coloured shapes on dark backgrounds;
+- **composition** (position and size, settled in the earliest sampling steps): small shapes on
+  the left.
+
+Both ignore the prompt, so what the proxy learns from them pulls against prompts that ask for
+something else; nothing they rate tells the proxy what the prompts ask for.
+
+Before each round the rater rates 32 fresh samples (the 8 ``RATE_PROMPTS`` x 4) and answers
+the 24 comparisons the app shows (blind before/after pairs of the last round first); then a
+round runs with the app's default settings on the built-in model, overridden only by the arm.
+After each round the active version and the round's new version (when the guard kept it
+inactive) are measured in preview mode (nothing is stored, so measuring changes nothing the app
+learns from), on fixed noise:
+
+- **score**: the rater's latent utility on ``RATE_PROMPTS`` x 2 seeds x 2 images;
+- **fidelity**: judged from the pixels alone (``rlr_core/shapesworld/pixel_judge.py``: kind,
+  colour, size, position and background, with no network, independent of the perception model
+  that the reward proxy, the rater and the app's guard look through), on those images and on 8
+  held-out prompts (``HELD_OUT``, not the guard's) x 2 images;
+- **quality**: the pixel judge's image quality (sharpness and background noise against renders);
+- the guard's verdict, blind wins against the parent, the round's wall time.
+
+Every finished run is cached (``--cache``, one JSON each); a rerun resumes, ``--from-cache``
+only summarises. Runs go to ``--jobs`` worker processes with ``--threads`` torch threads each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import print_table, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RATE_PROMPTS = ["a circle", "a square", "a triangle", "a shape on the left", "a small shape", "a blue shape",
+                "a circle on a white background", "a triangle on the right"]
+HELD_OUT = ["a large red square on the right", "a small yellow circle on the left, black background",
+            "a green triangle on the right, white background", "a small blue square in the center, gray background",
+            "a large purple triangle on the left", "an orange circle in the center, white background",
+            "a small red triangle on the right, navy background", "a large blue circle on the left, gray background"]
+SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002], [2001], 2
+LOOP = {"rated_per_round": 32, "comparisons_per_round": 24, "sample_steps": 20, "guidance": 3.0}
+
+REGULARISED = {"kl_coef": 0.3, "fidelity_weight": 2.0, "fidelity_check_every": 5}
+UNREGULARISED = {"kl_coef": 0.0, "fidelity_weight": 0.0, "fidelity_check_every": 0}
+ESTIMATORS = {"rlr": {"estimator": "rlr"}, "tbp1": {"estimator": "truncated-bp", "truncation": 1},
+              "tbp3": {"estimator": "truncated-bp", "truncation": 3}, "full-bp": {"estimator": "full-bp"},
+              "ddpo": {"estimator": "ddpo"}}
+# "default": the app's own defaults on the built-in model, untouched; "<estimator>": without the
+# regularisers; "<estimator>+reg": with them. The guard (threshold 0.05) is on in every arm.
+ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} for n, e in ESTIMATORS.items()},
+                                   **{f"{n}+reg": {**e, **REGULARISED} for n, e in ESTIMATORS.items()}}
+FIDELITY_TOLERANCE = 0.05
+
+
+def load_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("api_loop_example", ROOT / "examples" / "api_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _draw(client, example, prompts, seeds, version_id) -> tuple[torch.Tensor, list[str]]:
+    images, texts = [], []
+    for prompt in prompts:
+        for seed in seeds:
+            samples = client.predict(prompt, PER_SEED, seed, LOOP["sample_steps"], LOOP["guidance"], version_id, True,
+                                     api_name="/generate")
+            images.append(example.batch(samples))
+            texts += [s["prompt"] for s in samples]
+    return torch.cat(images), texts
+
+
+@torch.no_grad()
+def measure(client, example, rater, version_id: int) -> dict[str, Any]:
+    """One version on fixed noise: score, pixel-judged fidelity and quality (see the module docstring)."""
+    from rlr_core.shapesworld import pixel_judge
+
+    rated, rated_prompts = _draw(client, example, RATE_PROMPTS, SCORE_SEEDS, version_id)
+    held, held_prompts = _draw(client, example, HELD_OUT, FIDELITY_SEEDS, version_id)
+    scores = rater.score(rated, rated_prompts)
+    images, prompts = torch.cat([rated, held]), rated_prompts + held_prompts
+    fid = [f for f in pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts) if f is not None]
+    fid_held = pixel_judge.prompt_fidelity(pixel_judge.read(held), held_prompts)
+    quality = pixel_judge.quality(images, prompts)["quality"]
+    return {"scores": [round(float(x), 5) for x in scores], "score": round(float(scores.mean()), 4),
+            "fidelity": round(statistics.mean(fid), 4), "fidelity_held_out": round(statistics.mean(fid_held), 4),
+            "quality": round(float(quality.mean()), 4)}
+
+
+def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str, Any]:
+    import gradio_client
+
+    from app.config import AppConfig
+    from app.round_config import BUILTIN_IMAGE_DEFAULTS
+    from app.server import serve
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.shapesworld import raters
+    from rlr_core.shapesworld.perception import load
+
+    example = load_example()
+    rater = raters.RATERS[taste](load(), seed=seed)
+    settings = {**ARMS[arm]}
+    rows: list[dict[str, Any]] = []
+    measured: dict[int, dict[str, Any]] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rlr-loop-") as tmp, \
+            serve(AppConfig(data_dir=Path(tmp), port=0), BuiltinBackend.load()) as app:
+        client = gradio_client.Client(app.url, verbose=False)
+        rater_id = f"sim-{taste}"
+
+        def version_of(active: bool = True, version_id: int | None = None) -> dict[str, Any]:
+            versions = client.predict(api_name="/versions")
+            return next(v for v in versions if (v["active"] if active else v["version_id"] == version_id))
+
+        def measured_version(vid: int) -> dict[str, Any]:
+            if vid not in measured:
+                measured[vid] = measure(client, example, rater, vid)
+            return measured[vid]
+
+        # the base version exists once something is drawn; measure it first
+        example.generate(client, RATE_PROMPTS[0], 1, 0, LOOP["sample_steps"], preview=True)
+        base = version_of()
+        rows.append({"round": 0, "version": base["name"], "version_id": base["version_id"],
+                     **measured_version(base["version_id"])})
+        log(f"[{arm} {taste} {seed}] base: score {rows[0]['score']:.3f}, fidelity {rows[0]['fidelity']:.3f}")
+        for r in range(1, rounds + 1):
+            for i, prompt in enumerate(RATE_PROMPTS):
+                samples = example.generate(client, prompt, LOOP["rated_per_round"] // len(RATE_PROMPTS),
+                                           10_000 * seed + 100 * r + i, LOOP["sample_steps"])
+                example.rate_all(client, rater, rater_id, samples)
+            example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
+            t0 = time.perf_counter()
+            status = example.train(client, {**settings, "seed": 1000 * seed + r}, log=lambda _: None, poll=0.5)
+            wall = time.perf_counter() - t0
+            if status["state"] != "finished":
+                raise RuntimeError(f"round {r} ended {status['state']}: {status.get('error')}")
+            new = version_of(active=False, version_id=status["version_id"])
+            active = version_of()
+            m = new["metrics"]
+            row = {"round": r, "version": new["name"], "version_id": new["version_id"],
+                   "active_version": active["name"], "guard_flagged": bool(m.get("fidelity_flagged")),
+                   "guard_fidelity": m.get("fidelity"), "guard_fidelity_parent": m.get("fidelity_parent"),
+                   "guard_fidelity_base": m.get("fidelity_base"), "fidelity_stopped_at": m.get("fidelity_stopped_at"),
+                   "plateau_stopped_at": m.get("plateau_stopped_at"), "steps_done": m.get("steps_done"),
+                   "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"),
+                   "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
+            new_measure = measured_version(new["version_id"])
+            row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality")}
+            row.update(measured_version(active["version_id"]))
+            rows.append(row)
+            log(f"[{arm} {taste} {seed}] round {r}: {new['name']}{' FLAGGED' if row['guard_flagged'] else ''}, "
+                f"active {active['name']}: score {row['score']:.3f}, fidelity {row['fidelity']:.3f} "
+                f"(new version: {new_measure['score']:.3f} / {new_measure['fidelity']:.3f}), round {wall:.0f} s")
+        # blind wins of each version over its parent, from the pairs answered in the following rounds
+        example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
+        wins = {v["version_id"]: (v["wins_vs_parent"], v["losses_vs_parent"], v["ties_vs_parent"])
+                for v in client.predict(api_name="/versions")}
+    for row in rows[1:]:
+        row["blind_wins_losses_ties"] = list(wins.get(row["version_id"], (0, 0, 0)))
+    return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
+            "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    d = [x - y for x, y in zip(a, b)]
+    return statistics.stdev(d) / math.sqrt(len(d))
+
+
+def run_checks(run: dict[str, Any]) -> dict[str, Any]:
+    """The issue's checks on one run: the round-1 rise, fidelity at every round, the last round."""
+    rows = run["rounds"]
+    base = rows[0]
+    rise = rows[1]["score"] - base["score"]
+    rise_se = paired_se(rows[1]["scores"], base["scores"])
+    drops = [round(base["fidelity"] - r["fidelity"], 4) for r in rows[1:]]
+    last, earlier = rows[-1], rows[1:-1]
+    best = max(earlier, key=lambda r: r["score"]) if earlier else base
+    last_se = paired_se(last["scores"], best["scores"]) if last["version_id"] != best["version_id"] else 0.0
+    unflagged_losses = [r["round"] for r in rows[1:] if not r["guard_flagged"]
+                        and base["fidelity"] - r["new_version"]["fidelity"] > FIDELITY_TOLERANCE]
+    return {"rise_round1": round(rise, 4), "rise_se": round(rise_se, 4), "rise_ok": rise >= 3 * rise_se,
+            "fidelity_drops": drops, "fidelity_ok": all(d <= FIDELITY_TOLERANCE for d in drops),
+            "last_minus_best_earlier": round(last["score"] - best["score"], 4), "last_se": round(last_se, 4),
+            "last_ok": last["score"] >= best["score"] - last_se, "unflagged_fidelity_losses": unflagged_losses,
+            "round_wall_s": [r["round_wall_s"] for r in rows[1:]]}
+
+
+def summarise(runs: list[dict[str, Any]], default_arm: str) -> dict[str, Any]:
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    table = []
+    for arm, arm_runs in by_arm.items():
+        n_rounds = min(len(r["rounds"]) for r in arm_runs)
+        for taste in sorted({r["taste"] for r in arm_runs}):
+            these = [r for r in arm_runs if r["taste"] == taste]
+            row: dict[str, Any] = {"arm": arm, "taste": taste, "seeds": len(these)}
+            for i in range(n_rounds):
+                row[f"score_{i}"] = round(statistics.mean(r["rounds"][i]["score"] for r in these), 3)
+                row[f"fidelity_{i}"] = round(statistics.mean(r["rounds"][i]["fidelity"] for r in these), 3)
+            row["quality_last"] = round(statistics.mean(r["rounds"][n_rounds - 1]["quality"] for r in these), 3)
+            row["flagged"] = sum(x["guard_flagged"] for r in these for x in r["rounds"][1:])
+            walls = [x["round_wall_s"] for r in these for x in r["rounds"][1:]]
+            row["round_s"] = round(statistics.mean(walls), 1)
+            table.append(row)
+    checks = {f"{r['arm']}/{r['taste']}/{r['seed']}": run_checks(r) for r in runs}
+    default = {k: c for k, c in checks.items() if k.startswith(f"{default_arm}/")}
+    tastes = sorted({r["taste"] for r in runs if r["arm"] == default_arm})
+    seeds_per_taste = {t: sum(r["arm"] == default_arm and r["taste"] == t for r in runs) for t in tastes}
+    walls = {arm: max(x["round_wall_s"] for r in arm_runs for x in r["rounds"][1:]) for arm, arm_runs in by_arm.items()}
+    unflagged = {k: c["unflagged_fidelity_losses"] for k, c in checks.items() if c["unflagged_fidelity_losses"]}
+    targets = [
+        {"check": f"{default_arm}: tastes x seeds measured (>= 2 tastes, >= 3 seeds each)",
+         "value": seeds_per_taste, "met": len(tastes) >= 2 and all(n >= 3 for n in seeds_per_taste.values())},
+        {"check": f"{default_arm}: score rises >= 3 SE in round 1, every run",
+         "value": {k: [c["rise_round1"], c["rise_se"]] for k, c in default.items()},
+         "met": bool(default) and all(c["rise_ok"] for c in default.values())},
+        {"check": f"{default_arm}: pixel-judged fidelity within {FIDELITY_TOLERANCE} of the base at every round, "
+                  "every run",
+         "value": {k: c["fidelity_drops"] for k, c in default.items()},
+         "met": bool(default) and all(c["fidelity_ok"] for c in default.values())},
+        {"check": f"{default_arm}: score after the last round >= best earlier round's - 1 SE, every run",
+         "value": {k: [c["last_minus_best_earlier"], c["last_se"]] for k, c in default.items()},
+         "met": bool(default) and all(c["last_ok"] for c in default.values())},
+        {"check": f"no arm loses more than {FIDELITY_TOLERANCE} pixel fidelity in a new version without the guard "
+                  "flagging it",
+         "value": unflagged or "none", "met": not unflagged},
+        {"check": "a default round takes <= 120 s on 2 idle cores (longest round per arm, s)",
+         "value": walls, "met": walls.get(default_arm, math.inf) <= 120},
+    ]
+    return {"table": table, "checks": checks, "targets": targets}
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tastes = sorted({r["taste"] for r in runs})
+    fig, axes = plt.subplots(1, len(tastes), figsize=(6 * len(tastes), 4.5), squeeze=False)
+    for ax, taste in zip(axes[0], tastes):
+        for arm in sorted({r["arm"] for r in runs if r["taste"] == taste}):
+            these = [r for r in runs if r["arm"] == arm and r["taste"] == taste]
+            n = min(len(r["rounds"]) for r in these)
+            xs = [statistics.mean(r["rounds"][i]["fidelity"] for r in these) for i in range(n)]
+            ys = [statistics.mean(r["rounds"][i]["score"] for r in these) for i in range(n)]
+            ax.plot(xs, ys, marker="o", label=f"{arm} ({len(these)} seeds)")
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                ax.annotate(str(i), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        base = statistics.mean(r["rounds"][0]["fidelity"] for r in runs if r["taste"] == taste)
+        ax.axvline(base - FIDELITY_TOLERANCE, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"taste: {taste} (numbers: rounds)")
+        ax.set_xlabel("pixel-judged prompt fidelity")
+        ax.set_ylabel("rater's score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def cache_path(cache: Path, arm: str, taste: str, seed: int, rounds: int) -> Path:
+    return cache / f"{arm}-{taste}-seed{seed}-rounds{rounds}.json"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=["default"], choices=list(ARMS))
+    p.add_argument("--tastes", nargs="+", default=["bold", "composition"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--default-arm", default="default", help="the arm the targets are checked on")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="runs/loop")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
+    p.add_argument("--plot", default=str(ROOT / "bench" / "results" / "loop.png"))
+    p.add_argument("--from-cache", action="store_true", help="summarise the cached runs only")
+    p.add_argument("--one", nargs=3, metavar=("ARM", "TASTE", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    if args.one:  # a worker process: one run, written to the cache
+        arm, taste, seed = args.one[0], args.one[1], int(args.one[2])
+        run = run_one(arm, taste, seed, args.rounds, log=lambda line: print(line, flush=True))
+        cache_path(cache, arm, taste, seed, args.rounds).write_text(json.dumps(run))
+        return
+    wanted = [(a, t, s) for s in args.seeds for a in args.arms for t in args.tastes]
+    todo = [w for w in wanted if not cache_path(cache, *w, args.rounds).exists()]
+    if todo and not args.from_cache:
+        print(f"{len(todo)} run(s) to do, {len(wanted) - len(todo)} cached", flush=True)
+
+        def work(w: tuple[str, str, int]) -> int:
+            cmd = [sys.executable, "-m", "bench.loop", "--one", w[0], w[1], str(w[2]), "--rounds", str(args.rounds),
+                   "--threads", str(args.threads), "--cache", str(cache)]
+            return subprocess.call(cmd, cwd=ROOT)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            codes = list(pool.map(work, todo))
+        if any(codes):
+            print(f"warning: {sum(c != 0 for c in codes)} run(s) failed", flush=True)
+    runs = [json.loads(cache_path(cache, *w, args.rounds).read_text()) for w in wanted
+            if cache_path(cache, *w, args.rounds).exists()]
+    if not runs:
+        raise SystemExit("no finished runs to summarise")
+    summary = summarise(runs, args.default_arm)
+    n = args.rounds + 1
+    print_table(summary["table"], ["arm", "taste", "seeds", *[f"score_{i}" for i in range(n)],
+                                   *[f"fidelity_{i}" for i in range(n)], "quality_last", "flagged", "round_s"],
+                title="score and pixel-judged fidelity per round (means over seeds)")
+    for t in summary["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'}  {t['check']}: {t['value']}")
+    write_json(args.json, {"loop": {**LOOP, "rate_prompts": RATE_PROMPTS, "held_out": HELD_OUT,
+                                    "score_seeds": SCORE_SEEDS, "fidelity_seeds": FIDELITY_SEEDS,
+                                    "rounds": args.rounds, "arms": {a: ARMS[a] for a in args.arms},
+                                    "tastes": args.tastes, "seeds": args.seeds}, **summary, "runs": runs})
+    if args.plot:
+        plot(runs, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Prompt fidelity judges: how well each image (or clip) shows what its prompt asks for.
+
+A rater sees only the prompts they rate; a reward proxy learnt from a few dozen of their
+judgements knows nothing about the rest, and a round that raises it can quietly stop drawing
+what prompts ask for. A judge scores that independently of the proxy, per image in [0, 1]:
+
+- :class:`ShapesFidelity` (the built-in image model): the perception model's attribute heads
+  against the words of the prompt, the mean over the attributes it names of
+  p(attribute = value | image). Differentiable, so a round can also add it to its reward.
+- :class:`ClipsFidelity` (the built-in clip model): the same with the clip perception model,
+  whose heads read kind, colour, size and background from the frames and direction and speed
+  from the motion (a speed counts only for a moving clip).
+- :class:`ClipTextImageFidelity` (Stable Diffusion, AnimateDiff): CLIP's cosine similarity of
+  the image (each frame of a clip, averaged) with its prompt. Its scale depends on the CLIP
+  model and the prompt, so it is ``relative``: compare it with the base model's on the same
+  prompts and noise, not with a fixed number.
+
+``DiffusionBackend.fidelity_judge`` gives the judge of a backend, or None when it has none.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class FidelityJudge(Protocol):
+    name: str
+    differentiable: bool  # scores carry gradients to the pixels (a round may add them to its reward)
+    relative: bool  # scores mean something only against another version's on the same probes
+
+    def judges(self, prompt: str) -> bool:
+        """Whether the prompt asks for anything this judge can check."""
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) fidelity of each image to its prompt, in [0, 1]."""
+
+
+def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
+                        values: dict[str, tuple[str, ...]]) -> torch.Tensor:
+    """Mean over each row's named attributes of p(attribute = value); 1 for a row naming none."""
+    probs = {name: lg.softmax(-1) for name, lg in logits.items()}
+    rows = []
+    for i, attrs in enumerate(wanted):
+        terms = [probs[a][i, values[a].index(v)] for a, v in attrs.items()]
+        rows.append(torch.stack(terms).mean() if terms else probs[next(iter(probs))].new_tensor(1.0))
+    return torch.stack(rows)
+
+
+class ShapesFidelity:
+    """The built-in image model's judge (see the module docstring)."""
+
+    name = "perception"
+    differentiable = True
+    relative = False
+
+    def __init__(self, perception=None):
+        from rlr_core.shapesworld import perception as perception_mod
+
+        self.perception = perception if perception is not None else perception_mod.load()
+        self.perception.requires_grad_(False)
+
+    def _wanted(self, prompt: str) -> dict[str, str]:
+        from rlr_core.shapesworld import world as sw
+
+        return sw.parse_caption(prompt).specified()
+
+    def judges(self, prompt: str) -> bool:
+        return bool(self._wanted(prompt))
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from rlr_core.shapesworld import world as sw
+
+        device = self.perception.coords.device
+        logits = self.perception(images.to(device))
+        return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], sw.ATTRIBUTES).to(images.device)
+
+
+class ClipsFidelity:
+    """The built-in clip model's judge (see the module docstring)."""
+
+    name = "clip-perception"
+    differentiable = True
+    relative = False
+
+    def __init__(self, judge=None):
+        from rlr_core.shapesworld import clip_perception
+
+        self.judge = judge if judge is not None else clip_perception.load()
+        self.judge.requires_grad_(False)
+
+    def _wanted(self, prompt: str) -> dict[str, str]:
+        from rlr_core.shapesworld import clips
+
+        wanted = clips.parse_clip_caption(prompt).specified()
+        if wanted.get("direction") == "still":
+            wanted.pop("speed", None)  # a still clip has no speed to judge
+        return wanted
+
+    def judges(self, prompt: str) -> bool:
+        return bool(self._wanted(prompt))
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from rlr_core.shapesworld import clips
+
+        logits = self.judge(images.to(self.judge.coords.device))
+        return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], clips.CLIP_ATTRIBUTES).to(images.device)
+
+
+class ClipTextImageFidelity:
+    """CLIP text-image cosine similarity, clamped to [0, 1] (see the module docstring)."""
+
+    name = "clip-similarity"
+    differentiable = True
+    relative = True
+
+    def __init__(self, images, text_model, tokenizer, spec: str):
+        self.images = images  # a CLIPImageEncoder: CLIP's preprocessing in torch, L2-normalised embeddings
+        self.text_model = text_model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: str | torch.device = "cpu") -> ClipTextImageFidelity:
+        """A folder or cached hub id holding a full CLIPModel (both towers, safetensors)."""
+        from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers.utils import logging
+
+        from rlr_core.feedback.encoders import CLIPImageEncoder, EncoderError
+
+        images = CLIPImageEncoder.from_pretrained(source, device)
+        previous = logging.get_verbosity()
+        logging.set_verbosity_error()  # a full CLIPModel's vision weights are expected leftovers
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            if config.model_type != "clip":
+                raise ValueError(f"it holds a {config.model_type!r} model, not a full CLIPModel")
+            text_config = config.text_config
+            text_config.projection_dim = config.projection_dim  # not carried over by the sub-config
+            text = CLIPTextModelWithProjection.from_pretrained(source, config=text_config, local_files_only=True,
+                                                               use_safetensors=True)
+            tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise EncoderError(f"{source!r} has no CLIP text tower and tokenizer to judge prompt fidelity "
+                               f"with: {err}") from err
+        finally:
+            logging.set_verbosity(previous)
+        return cls(images, text.to(device), tokenizer, spec=f"clip:{source}")
+
+    def judges(self, prompt: str) -> bool:
+        return bool(prompt.strip())
+
+    @torch.no_grad()
+    def _text(self, prompts: Sequence[str]) -> torch.Tensor:
+        device = next(self.text_model.parameters()).device
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(device)
+        return F.normalize(self.text_model(**tokens).text_embeds.float(), dim=-1)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        text = self._text(prompts).to(images.device)
+        if images.dim() == 5:  # clips: every frame against the prompt, averaged
+            b, f = images.shape[:2]
+            frames = self.images.embed(images.flatten(0, 1)).unflatten(0, (b, f))
+            sims = (frames * text[:, None]).sum(-1).mean(1)
+        else:
+            sims = (self.images.embed(images) * text).sum(-1)
+        return sims.clamp(0.0, 1.0)
+
+
+@functools.cache
+def shapes_judge() -> ShapesFidelity:
+    """The built-in image model's judge, loaded once per process."""
+    return ShapesFidelity()
+
+
+@functools.cache
+def clips_judge() -> ClipsFidelity:
+    """The built-in clip model's judge, loaded once per process."""
+    return ClipsFidelity()
+
+
+@functools.cache
+def clip_similarity_judge(source: str, device: str = "cpu") -> ClipTextImageFidelity:
+    """CLIP text-image similarity from ``source``, loaded once per process and device."""
+    return ClipTextImageFidelity.from_pretrained(source, device)
+
+
+def clip_source(reward_encoder: str | None) -> str | None:
+    """The CLIP model named by a ``--reward-encoder`` spec ("clip:<id or folder>"), else None."""
+    if reward_encoder and reward_encoder.startswith("clip:"):
+        source = reward_encoder[len("clip:"):].strip()
+        return source or None
+    return None

@@ -1,0 +1,250 @@
+"""Prompt fidelity guarded in every round: the judges, the in-round watch, the after-round verdict,
+the rounds' settings, auto-train's defaults, and the Train tab after a restart."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from app.errors import AppError
+from app.fidelity_guard import FidelityWatch, probe_prompts, verdict
+from app.round_config import RoundConfig
+from app.safeguards import fidelity_flags, judge
+from rlr_core.sampler import SamplerSettings
+from rlr_core.shapesworld import clips
+from rlr_core.shapesworld import world as sw
+from rlr_core.training import lora
+
+TINY = {"steps": 1, "batch_size": 2, "sampling_steps": 4, "samples_per_prompt": 1, "sample_steps": 4, "seed": 0}
+
+
+def renders(captions: list[str], seed: int = 0) -> torch.Tensor:
+    rng, pyrng = np.random.default_rng(seed), random.Random(seed)
+    arrays = [sw.render(sw.parse_caption(c).complete(pyrng), rng) for c in captions]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+# --- the judges ----------------------------------------------------------------------------------
+
+def test_the_builtin_judge_scores_what_the_prompt_names_and_is_differentiable(builtin_backend):
+    judge_ = builtin_backend.fidelity_judge()
+    assert judge_.differentiable and not judge_.relative
+    prompt = "a small red circle on the left"
+    right = renders([prompt] * 4)
+    wrong = renders(["a large blue square on the right"] * 4)
+    s_right, s_wrong = judge_.score(right, [prompt] * 4), judge_.score(wrong, [prompt] * 4)
+    assert bool(((s_right >= 0) & (s_right <= 1)).all()) and float(s_right.min()) > 0.9
+    assert float(s_wrong.max()) < 0.2
+    images = wrong.clone().requires_grad_(True)
+    judge_.score(images, [prompt] * 4).sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0
+    assert judge_.judges(prompt) and not judge_.judges("a shape")
+
+
+def test_the_clip_model_judge_reads_direction_and_speed():
+    from rlr_core.backends.builtin_clips import BuiltinClipBackend
+    from rlr_core.shapesworld.clip_perception import render_clips
+
+    judge_ = BuiltinClipBackend.load().fidelity_judge()
+    rng = np.random.default_rng(0)
+    right = clips.parse_clip_caption("a red circle moving fast to the right")
+    left = clips.parse_clip_caption("a red circle moving fast to the left")
+    pyrng = random.Random(0)
+    frames_right = render_clips([right.complete(pyrng) for _ in range(3)], rng)
+    frames_left = render_clips([left.complete(pyrng) for _ in range(3)], rng)
+    prompts = ["a red circle moving fast to the right"] * 3
+    good, bad = judge_.score(frames_right, prompts), judge_.score(frames_left, prompts)
+    assert float(good.min()) > float(bad.max())
+    assert judge_.judges("a yellow triangle standing still") and not judge_.judges("a shape")
+
+
+def test_stable_diffusion_is_judged_by_the_proxys_clip_or_not_at_all(tmp_path):
+    from rlr_core.backends.latent import DiffusersLatentBackend
+    from tests.test_encoders import save_tiny_clip
+    from tests.tiny_sd import tiny_pipeline, tiny_tokenizer
+
+    backend = DiffusersLatentBackend.from_pipeline(tiny_pipeline(), name="tiny-sd")
+    assert backend.fidelity_judge(None) is None and backend.fidelity_judge("vae") is None
+    folder = save_tiny_clip(tmp_path / "clip")
+    tiny_tokenizer().save_pretrained(folder)
+    judge_ = backend.fidelity_judge(f"clip:{folder}")
+    assert judge_.relative and judge_.name == "clip-similarity"
+    images = torch.rand(3, 3, 16, 16)
+    scores = judge_.score(images, ["red", "a red", "cat"])
+    assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 1)).all())
+    clip_frames = torch.rand(2, 4, 3, 16, 16)  # AnimateDiff: every frame against the prompt
+    assert judge_.score(clip_frames, ["red", "cat"]).shape == (2,)
+
+
+# --- the verdict ---------------------------------------------------------------------------------
+
+class _Judge:
+    name, differentiable = "test", False
+
+    def __init__(self, relative: bool = False):
+        self.relative = relative
+
+    def judges(self, prompt: str) -> bool:
+        return prompt != "skip"
+
+
+def test_the_verdict_flags_a_drop_against_the_parent_or_the_base():
+    j = _Judge()
+    kept = verdict(j, {"a": 0.90, "b": 0.90}, {"a": 0.92, "b": 0.92}, {"a": 0.93, "b": 0.93}, 0.05)
+    assert not kept.flagged and kept.drop == pytest.approx(0.02)
+    dropped = verdict(j, {"a": 0.80}, {"a": 0.90}, {"a": 0.90}, 0.05)
+    assert dropped.flagged and "0.100 below its parent" in dropped.note("v2")
+    drifted = verdict(j, {"a": 0.86}, {"a": 0.89}, {"a": 0.93}, 0.05)  # small steps that add up
+    assert drifted.flagged and "below the base model" in drifted.note("v3")
+    assert not verdict(j, {"a": 0.1}, {"a": 0.9}, {"a": 0.9}, 0.0).flagged  # threshold 0: off
+    rel = verdict(_Judge(relative=True), {"a": 0.19}, {"a": 0.20}, {"a": 0.25}, 0.05)
+    assert rel.fidelity_base == 1.0 and rel.fidelity == pytest.approx(0.76) and rel.flagged
+
+
+def test_probes_are_the_rounds_prompts_their_stages_and_held_out_ones():
+    got = probe_prompts(_Judge(), ["a", "skip", "b"], [["a", "c", "b"]], ["h1", "a", "h2", "h3", "h4"], limit=8)
+    assert got == ["a", "b", "c", "h1", "h2", "h3", "h4"]
+    few = probe_prompts(_Judge(), [f"p{i}" for i in range(10)], [], ["h1", "h2", "h3"], limit=8)
+    assert few == ["p0", "p1", "p2", "p3", "p4", "p5", "h1", "h2"]  # a quarter held out
+
+
+def test_a_fidelity_flag_counts_as_flagged_for_the_lineage():
+    stats = [{"version_id": 1, "parent_id": None, "wins_vs_parent": 0, "losses_vs_parent": 0, "ties_vs_parent": 0},
+             {"version_id": 2, "parent_id": 1, "wins_vs_parent": 3, "losses_vs_parent": 0, "ties_vs_parent": 0},
+             {"version_id": 3, "parent_id": 2, "wins_vs_parent": 0, "losses_vs_parent": 0, "ties_vs_parent": 0}]
+    versions = [{"id": 2, "metrics": {"fidelity_flagged": True, "fidelity_note": "v1 lost prompt fidelity"}},
+                {"id": 3, "metrics": {}}]
+    judged = judge(stats, fidelity_flags(versions))
+    assert judged[2]["flagged"] and judged[2]["fidelity_flagged"]
+    assert judged[2]["flag_reason"] == "v1 lost prompt fidelity"
+    assert judged[3]["lineage_flagged"] and judged[1]["best_judged"]
+
+
+# --- the in-round watch --------------------------------------------------------------------------
+
+def test_the_watch_ends_the_round_with_the_last_good_adapter(builtin_backend):
+    import copy
+
+    backend = copy.deepcopy(builtin_backend)
+    lora.add_lora(backend, rank=2, seed=0)
+    judge_ = backend.fidelity_judge()
+    prompts = ["a small red circle on the left", "a large blue square on the right, white background"]
+    watch = FidelityWatch(backend, judge_, prompts, SamplerSettings(steps=6, guidance=3.0), threshold=0.05, every=2)
+    params = lora.lora_parameters(backend)
+    assert not watch.check(1)  # not a check step
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-4 * torch.randn_like(p))  # a small, harmless move
+    assert not watch.check(2) and watch.good_step == 2
+    good = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for name, p in backend.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)  # wrecks the model
+    assert watch.check(4)
+    assert watch.stopped_at == 4 and watch.last < watch.reference - 0.05
+    for p, g in zip(params, good):
+        assert torch.equal(p.detach(), g)  # back to the adapter of step 2, exactly
+
+
+# --- rounds through the app -------------------------------------------------------------------------
+
+@pytest.fixture()
+def services(tmp_path, builtin_backend):
+    from app.config import AppConfig
+    from app.services import AppServices
+
+    s = AppServices(AppConfig(data_dir=tmp_path / "data"), builtin_backend)
+    yield s
+    s.close()
+
+
+def rate_some(services, rater: str = "ann") -> None:
+    samples = services.generate("a blue circle", 3, 0, 4, 3.0)
+    ids = [x["sample_id"] for x in samples]
+    for sid, stars in zip(ids, [1, 3, 5]):
+        services.rate(sid, rater, stars)
+    services.compare(ids[0], ids[2], "right", rater, 1.0)
+
+
+def finish(services, timeout: float = 300) -> dict:
+    assert services.worker.wait(timeout), "the round did not end"
+    status = services.rounds.status()
+    assert status["state"] == "finished", status
+    return status
+
+
+def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services):
+    rate_some(services)
+    base = services.active_version_id
+    # A reward that ignores the prompt at a learning rate that overwrites the model; no regularisers.
+    services.rounds.start(RoundConfig.parse({**TINY, "steps": 3, "learning_rate": 0.5, "lora_rank": 8,
+                                             "uncertainty_penalty": 0, "patience": 0, "fidelity_check_every": 0,
+                                             "sample_steps": 10}))
+    status = finish(services)
+    assert status["fidelity_flagged"], status
+    assert status["fidelity_parent"] - status["fidelity"] > 0.05
+    assert "lost prompt fidelity" in status["fidelity_note"] and "stays active" in status["message"]
+    assert services.active_version_id == base  # not made active
+    row = next(v for v in services.versions() if v["version_id"] == status["version_id"])
+    assert row["flagged"] and row["fidelity_flagged"] and row["metrics"]["fidelity_drop"] > 0.05
+    assert services.rounds.best_judged_version() == base  # auto-train does not build on it
+    services.set_active_version(status["version_id"])  # the person can still choose it
+    assert services.active_version_id == status["version_id"]
+
+
+def test_a_gentle_round_keeps_fidelity_and_goes_live(services):
+    rate_some(services)
+    services.rounds.start(RoundConfig.parse({**TINY, "learning_rate": 1e-6, "kl_coef": 0.5, "fidelity_weight": 1.0}))
+    status = finish(services)
+    assert not status["fidelity_flagged"] and abs(status["fidelity_drop"]) < 0.02, status
+    assert services.active_version_id == status["version_id"]
+    metrics = services.store.get_model_version(status["version_id"])["metrics"]
+    assert metrics["fidelity_weight"] == 1.0 and metrics["fidelity_probes"] >= 8
+    assert status["history"][0]["fidelity"] is not None  # the judge on the round's own samples, plotted
+
+
+def test_auto_train_uses_the_models_defaults_where_the_last_settings_are_silent(services):
+    rate_some(services)
+    services.rounds.set_auto_train(1)
+    # what an older app stored as the last settings: no estimator named
+    services.state.update(extra={"last_settings": {k: v for k, v in TINY.items() if k != "seed"}})
+    services.rate(services.generate("a red square", 1, 1, 4, 3.0)[0]["sample_id"], "ann", 4)
+    assert services.worker.status().active  # the judgement started a round
+    status = finish(services)
+    assert status["estimator"] == services.round_defaults["estimator"]
+    assert services.store.training_rounds()[-1]["config"]["estimator"] == services.round_defaults["estimator"]
+    assert services.rounds.next_estimator() == services.round_defaults["estimator"]
+
+
+def test_the_train_tab_shows_the_last_round_after_a_restart(services, builtin_backend):
+    from app.config import AppConfig
+    from app.services import AppServices
+    from app.tabs.train import plots, summary
+
+    rate_some(services)
+    services.rounds.start(RoundConfig.parse({**TINY, "steps": 2}))
+    before = finish(services)
+    services.close()
+    again = AppServices(AppConfig(data_dir=services.data_dir), builtin_backend)
+    try:
+        status = again.rounds.status()
+        assert status["state"] == "finished" and status["round_id"] == before["round_id"]
+        assert [r["step"] for r in status["history"]] == [1, 2]
+        rewards, spread, fidelity = plots(status["history"])
+        assert len(rewards) == 4 and len(fidelity) == 2
+        assert "Fidelity guard" in summary(status) and before["version_name"] in summary(status)
+    finally:
+        again.close()
+
+
+def test_the_guard_settings_are_validated():
+    with pytest.raises(AppError, match="fidelity threshold"):
+        RoundConfig.parse({"fidelity_threshold": 2})
+    with pytest.raises(AppError, match="KL coefficient"):
+        RoundConfig.parse({"kl_coef": -1})
+    config = RoundConfig.parse({"estimator": "ddpo", "kl_coef": 0.2})
+    assert config.training.estimator.options == {"kl_coef": 0.2} and config.public()["kl_coef"] == 0.2
