@@ -62,7 +62,7 @@ HELD_OUT = ["a large red square on the right", "a small yellow circle on the lef
 SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002], [2001], 2
 LOOP = {"rated_per_round": 32, "comparisons_per_round": 24, "sample_steps": 20, "guidance": 3.0}
 
-REGULARISED = {"kl_coef": 0.3, "fidelity_weight": 2.0, "fidelity_check_every": 5}
+REGULARISED = {"kl_coef": 0.3, "fidelity_weight": 1.0, "fidelity_check_every": 10}
 UNREGULARISED = {"kl_coef": 0.0, "fidelity_weight": 0.0, "fidelity_check_every": 0}
 ESTIMATORS = {"rlr": {"estimator": "rlr"}, "tbp1": {"estimator": "truncated-bp", "truncation": 1},
               "tbp3": {"estimator": "truncated-bp", "truncation": 3}, "full-bp": {"estimator": "full-bp"},
@@ -70,7 +70,11 @@ ESTIMATORS = {"rlr": {"estimator": "rlr"}, "tbp1": {"estimator": "truncated-bp",
 # "default": the app's own defaults on the built-in model, untouched; "<estimator>": without the
 # regularisers; "<estimator>+reg": with them. The guard (threshold 0.05) is on in every arm.
 ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} for n, e in ESTIMATORS.items()},
-                                   **{f"{n}+reg": {**e, **REGULARISED} for n, e in ESTIMATORS.items()}}
+                                   **{f"{n}+reg": {**e, **REGULARISED} for n, e in ESTIMATORS.items()},
+                                   # one regulariser at a time (screening)
+                                   **{f"{n}+fid": {**e, **UNREGULARISED, "fidelity_weight": 1.0,
+                                                   "fidelity_check_every": 10} for n, e in ESTIMATORS.items()},
+                                   **{f"{n}+kl": {**e, **UNREGULARISED, "kl_coef": 0.3} for n, e in ESTIMATORS.items()}}
 FIDELITY_TOLERANCE = 0.05
 
 
@@ -166,6 +170,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
                    "guard_fidelity": m.get("fidelity"), "guard_fidelity_parent": m.get("fidelity_parent"),
                    "guard_fidelity_base": m.get("fidelity_base"), "fidelity_stopped_at": m.get("fidelity_stopped_at"),
                    "plateau_stopped_at": m.get("plateau_stopped_at"), "steps_done": m.get("steps_done"),
+                   "watch_fidelity_start": m.get("watch_fidelity_start"),
+                   "watch_fidelity_last": m.get("watch_fidelity_last"),
                    "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"),
                    "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
             new_measure = measured_version(new["version_id"])
@@ -202,7 +208,7 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
     last_se = paired_se(last["scores"], best["scores"]) if last["version_id"] != best["version_id"] else 0.0
     unflagged_losses = [r["round"] for r in rows[1:] if not r["guard_flagged"]
                         and base["fidelity"] - r["new_version"]["fidelity"] > FIDELITY_TOLERANCE]
-    return {"rise_round1": round(rise, 4), "rise_se": round(rise_se, 4), "rise_ok": rise >= 3 * rise_se,
+    return {"rise_round1": round(rise, 4), "rise_se": round(rise_se, 4), "rise_ok": rise > 0 and rise >= 3 * rise_se,
             "fidelity_drops": drops, "fidelity_ok": all(d <= FIDELITY_TOLERANCE for d in drops),
             "last_minus_best_earlier": round(last["score"] - best["score"], 4), "last_se": round(last_se, 4),
             "last_ok": last["score"] >= best["score"] - last_se, "unflagged_fidelity_losses": unflagged_losses,
@@ -255,6 +261,27 @@ def summarise(runs: list[dict[str, Any]], default_arm: str) -> dict[str, Any]:
     return {"table": table, "checks": checks, "targets": targets}
 
 
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """Per run, per round: the active version's score, pixel fidelity and quality, and the new
+    version's when the guard kept it inactive (docs/benchmarks.md quotes these tables)."""
+    lines = ["| arm | taste | seed | round | version (active) | score | pixel fidelity | held-out fidelity | quality "
+             "| guard (perception) | blind W-L-T | round s |", "|" + "---|" * 12]
+    for run in runs:
+        for r in run["rounds"]:
+            new = r.get("new_version") or {}
+            flagged = r.get("guard_flagged")
+            guard = "" if r["round"] == 0 else (
+                f"{'**flagged** ' if flagged else ''}{r['guard_fidelity']:.3f} vs {r['guard_fidelity_parent']:.3f}")
+            kept_out = f" (new {r['version']}: {new['score']:.3f} / {new['fidelity']:.3f} / {new['quality']:.3f})" \
+                if flagged else ""
+            wlt = "-".join(map(str, r.get("blind_wins_losses_ties", []))) if r["round"] else ""
+            lines.append(f"| {run['arm']} | {run['taste']} | {run['seed']} | {r['round']} | "
+                         f"{r.get('active_version', r['version'])} | {r['score']:.3f}{kept_out} | "
+                         f"{r['fidelity']:.3f} | {r['fidelity_held_out']:.3f} | {r['quality']:.3f} | {guard} | {wlt} | "
+                         f"{r.get('round_wall_s', '')} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -300,6 +327,7 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
     p.add_argument("--plot", default=str(ROOT / "bench" / "results" / "loop.png"))
     p.add_argument("--from-cache", action="store_true", help="summarise the cached runs only")
+    p.add_argument("--markdown", action="store_true", help="also print the per-round table in markdown")
     p.add_argument("--one", nargs=3, metavar=("ARM", "TASTE", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -335,6 +363,8 @@ def main() -> None:
                 title="score and pixel-judged fidelity per round (means over seeds)")
     for t in summary["targets"]:
         print(f"{'MET ' if t['met'] else 'MISS'}  {t['check']}: {t['value']}")
+    if args.markdown:
+        print(markdown(runs))
     write_json(args.json, {"loop": {**LOOP, "rate_prompts": RATE_PROMPTS, "held_out": HELD_OUT,
                                     "score_seeds": SCORE_SEEDS, "fidelity_seeds": FIDELITY_SEEDS,
                                     "rounds": args.rounds, "arms": {a: ARMS[a] for a in args.arms},

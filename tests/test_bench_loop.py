@@ -1,0 +1,61 @@
+"""bench/loop.py's verdicts: the checks it writes as targets, on runs whose answers are known."""
+
+from __future__ import annotations
+
+from bench.loop import ARMS, markdown, run_checks, summarise
+
+
+def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
+        version_id: int | None = None) -> dict:
+    out = {"round": r, "version": f"v{r}", "version_id": version_id if version_id is not None else r + 1,
+           "scores": scores, "score": sum(scores) / len(scores), "fidelity": fidelity, "fidelity_held_out": fidelity,
+           "quality": 0.8}
+    if r:
+        out.update(active_version=f"v{r}", guard_flagged=flagged, guard_fidelity=0.9, guard_fidelity_parent=0.95,
+                   round_wall_s=100.0, blind_wins_losses_ties=[3, 1, 0],
+                   new_version={"score": out["score"], "fidelity": new_fidelity if new_fidelity is not None
+                                else fidelity, "fidelity_held_out": fidelity, "quality": 0.8})
+    return out
+
+
+BASE = [0.40, 0.42, 0.38, 0.41, 0.39, 0.40]
+
+
+def test_a_clean_rise_that_keeps_fidelity_meets_every_check():
+    up = [x + 0.1 + 0.002 * i for i, x in enumerate(BASE)]
+    run = {"arm": "default", "taste": "bold", "seed": 0,
+           "rounds": [row(0, BASE, 0.91), row(1, up, 0.90), row(2, [x + 0.01 for x in up], 0.89)]}
+    checks = run_checks(run)
+    assert checks["rise_ok"] and checks["fidelity_ok"] and checks["last_ok"]
+    assert checks["unflagged_fidelity_losses"] == []
+    assert "| default | bold | 0 | 2 |" in markdown([run])
+
+
+def test_a_noisy_rise_a_fidelity_loss_and_an_unflagged_bad_version_are_caught():
+    noisy = [x + d for x, d in zip(BASE, [0.2, -0.2, 0.2, -0.2, 0.2, -0.18])]
+    run = {"arm": "tbp1", "taste": "bold", "seed": 0,
+           "rounds": [row(0, BASE, 0.91), row(1, noisy, 0.80, new_fidelity=0.80)]}
+    checks = run_checks(run)
+    assert not checks["rise_ok"]  # +0.003 against a paired SE of about 0.09
+    assert not checks["fidelity_ok"] and checks["fidelity_drops"] == [0.11]
+    assert checks["unflagged_fidelity_losses"] == [1]
+    flagged = {**run, "rounds": [row(0, BASE, 0.91), row(1, BASE, 0.91, flagged=True, new_fidelity=0.7,
+                                                         version_id=1)]}
+    assert run_checks(flagged)["unflagged_fidelity_losses"] == []  # the guard caught it
+
+
+def test_the_targets_need_two_tastes_and_three_seeds_of_the_default():
+    runs = [{"arm": "default", "taste": t, "seed": s, "rounds": [row(0, BASE, 0.91), row(1, BASE, 0.91)]}
+            for t in ("bold", "composition") for s in (0, 1)]
+    targets = summarise(runs, "default")["targets"]
+    coverage = next(t for t in targets if "tastes x seeds" in t["check"])
+    assert not coverage["met"] and coverage["value"] == {"bold": 2, "composition": 2}
+    rise = next(t for t in targets if "rises" in t["check"])
+    assert not rise["met"]  # no rise at all
+
+
+def test_every_arm_is_a_valid_set_of_round_settings():
+    from app.round_config import BUILTIN_IMAGE_DEFAULTS, RoundConfig
+
+    for settings in ARMS.values():
+        RoundConfig.parse(settings, BUILTIN_IMAGE_DEFAULTS)  # raises on an unknown or bad value
