@@ -9,14 +9,16 @@ spots fastest. So every round is checked by the backend's fidelity judge
   the backend's held-out prompts (ones the round did not see), keeping those the judge can
   check. Drawn like the Generate tab draws (the round's sample settings).
 - **After the round** (:class:`Verdict`): the new version, its parent and the base model are
-  judged on the same probes. Each version records ``fidelity``, ``fidelity_parent``,
+  judged on the same probes, by the judge's ``accuracy`` (for the built-in models the fraction
+  of the named attributes read back: the soft score also fell for images that were still right,
+  and flagged versions the pixels found faithful). Each version records ``fidelity``, ``fidelity_parent``,
   ``fidelity_base`` and the drop. It is **flagged** when it falls more than the round's
   ``fidelity_threshold`` below its parent or below the base model (so small losses cannot add
   up over rounds); a flagged version is not made active, and auto-train does not build on it.
   The person can still activate it by hand. A relative judge (CLIP similarity) reports every
   version as a fraction of the base model's score on the same probes.
 - **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
-  smaller probe set (one image per prompt); if it fell past the threshold below the parent's
+  smaller probe set (8 prompts, 2 images each); if it fell past the threshold below the parent's
   score on the same probes, the adapter goes back to the last checked step that passed and the
   round ends there (an early stop that keeps the version).
 
@@ -42,7 +44,8 @@ from rlr_core.training import lora
 PROBE_SEED = 424242  # fixed: every version is judged on the same noise
 PROBE_IMAGES = 2  # per prompt, after the round
 MAX_PROBE_PROMPTS = 16
-WATCH_PROMPTS = 8  # inside the round: one image each
+WATCH_PROMPTS = 8  # inside the round
+WATCH_IMAGES = 2  # per prompt
 CACHE_FILE = "fidelity_probes.json"
 
 
@@ -62,17 +65,17 @@ def probe_prompts(judge: Any, trained: Sequence[str], stages: Sequence[Sequence[
 @torch.no_grad()
 def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], settings: GenerationSettings,
             per_prompt: int, seed: int = PROBE_SEED) -> dict[str, float]:
-    """The judge's mean score per prompt, each prompt drawn ``per_prompt`` times from ``seed``."""
+    """The judge's mean accuracy per prompt, each prompt drawn ``per_prompt`` times from ``seed``."""
     texts = [p for p in prompts for _ in range(per_prompt)]
     if not texts:
         return {}
     images = draw(backend, texts, seed, settings)
-    scores = judge.score(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
+    scores = judge.accuracy(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
     return {p: float(s) for p, s in zip(prompts, scores)}
 
 
 class ProbeCache:
-    """Per version, per probe (prompt, seed, images, steps, guidance): the judge's raw score."""
+    """Per version, per probe (prompt, seed, images, steps, guidance): the judge's raw accuracy."""
 
     def __init__(self, data_dir: Path):
         self.path = Path(data_dir) / CACHE_FILE
@@ -80,8 +83,8 @@ class ProbeCache:
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
-        return json.dumps([judge.name, prompt, PROBE_SEED, per_prompt, settings.steps, settings.guidance,
-                           settings.eta])
+        return json.dumps([judge.name, "accuracy", prompt, PROBE_SEED, per_prompt, settings.steps,
+                           settings.guidance, settings.eta])
 
     def _read(self) -> dict[str, dict[str, float]]:
         try:
@@ -184,7 +187,9 @@ class FidelityWatch:
         return bool(self.prompts) and self.every > 0 and self.threshold > 0 and bool(self.params)
 
     def _score(self) -> float:
-        return mean(measure(self.backend, self.judge, self.prompts, self.settings, 1)) if self.prompts else 0.0
+        if not self.prompts:
+            return 0.0
+        return mean(measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES))
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]

@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
 # score. patience 0: RLR's noisier per-step reward made the plateau stop end its rounds at
 # step 9 of 20. The fidelity term keeps the gradient on the prompt; the KL (about 2x the
 # round's time) stays off by default.
-BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0}
+BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 
 

@@ -5,8 +5,9 @@ judgements knows nothing about the rest, and a round that raises it can quietly 
 what prompts ask for. A judge scores that independently of the proxy, per image in [0, 1]:
 
 - :class:`ShapesFidelity` (the built-in image model): the perception model's attribute heads
-  against the words of the prompt, the mean over the attributes it names of
-  p(attribute = value | image). Differentiable, so a round can also add it to its reward.
+  against the words of the prompt. ``score``: the mean over the attributes it names of
+  p(attribute = value | image), differentiable, so a round can add it to its reward;
+  ``accuracy``: the fraction of them the heads read back, what the guard decides on.
 - :class:`ClipsFidelity` (the built-in clip model): the same with the clip perception model,
   whose heads read kind, colour, size and background from the frames and direction and speed
   from the motion (a speed counts only for a moving clip).
@@ -37,7 +38,21 @@ class FidelityJudge(Protocol):
         """Whether the prompt asks for anything this judge can check."""
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """(B,) fidelity of each image to its prompt, in [0, 1]."""
+        """(B,) fidelity of each image to its prompt, in [0, 1] (differentiable when ``differentiable``)."""
+
+    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) the verdict's measure, in [0, 1]: for attribute judges the fraction of the named
+        attributes read back (a confident-but-right image is not penalised, as the soft score
+        is); for similarity judges the score itself."""
+
+
+def _attribute_accuracy(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
+                        values: dict[str, tuple[str, ...]]) -> torch.Tensor:
+    """Fraction of each row's named attributes whose most likely value is the named one; 1 for none."""
+    best = {name: lg.argmax(-1) for name, lg in logits.items()}
+    rows = [sum(int(best[a][i]) == values[a].index(v) for a, v in attrs.items()) / len(attrs) if attrs else 1.0
+            for i, attrs in enumerate(wanted)]
+    return torch.tensor(rows)
 
 
 def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
@@ -79,6 +94,13 @@ class ShapesFidelity:
         logits = self.perception(images.to(device))
         return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], sw.ATTRIBUTES).to(images.device)
 
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from rlr_core.shapesworld import world as sw
+
+        logits = self.perception(images.to(self.perception.coords.device))
+        return _attribute_accuracy(logits, [self._wanted(p) for p in prompts], sw.ATTRIBUTES)
+
 
 class ClipsFidelity:
     """The built-in clip model's judge (see the module docstring)."""
@@ -109,6 +131,13 @@ class ClipsFidelity:
 
         logits = self.judge(images.to(self.judge.coords.device))
         return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], clips.CLIP_ATTRIBUTES).to(images.device)
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from rlr_core.shapesworld import clips
+
+        logits = self.judge(images.to(self.judge.coords.device))
+        return _attribute_accuracy(logits, [self._wanted(p) for p in prompts], clips.CLIP_ATTRIBUTES)
 
 
 class ClipTextImageFidelity:
@@ -169,6 +198,10 @@ class ClipTextImageFidelity:
         else:
             sims = (self.images.embed(images) * text).sum(-1)
         return sims.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.score(images, prompts)
 
 
 @functools.cache
