@@ -15,9 +15,9 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "api_loop.py"
-# The rounds use the app's default estimator on the built-in model (truncated backprop through
-# the last step, the race's pick) and settings (6 optimiser steps each), as bench/safeguards.py
-# does; this test is that benchmark's first two rounds at seed 0. MIN_GAIN, on a utility in
+# The rounds use the app's default estimator on the built-in model (the loop benchmark's pick)
+# and settings (6 optimiser steps each), as bench/safeguards.py does; this test is that
+# benchmark's first two rounds at seed 0. MIN_GAIN, on a utility in
 # [0, 1] (the base model scores 0.167 with this rater on these fixed seeds): the two-round gain
 # measured by `python -m bench.safeguards` (bench/results/safeguards.json, "two_round_gain") was
 # 0.323, 0.277 and 0.125 (seeds 1-3): mean 0.242, seed-to-seed sd 0.104. The test requires

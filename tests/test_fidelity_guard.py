@@ -248,3 +248,22 @@ def test_the_guard_settings_are_validated():
         RoundConfig.parse({"kl_coef": -1})
     config = RoundConfig.parse({"estimator": "ddpo", "kl_coef": 0.2})
     assert config.training.estimator.options == {"kl_coef": 0.2} and config.public()["kl_coef"] == 0.2
+
+
+def test_probe_scores_are_cached_per_version_and_probe(tmp_path, builtin_backend):
+    from app.fidelity_guard import CACHE_FILE, ProbeCache
+
+    cache = ProbeCache(tmp_path)
+    judge_ = builtin_backend.fidelity_judge()
+    settings = SamplerSettings(steps=3, guidance=3.0)
+    first = cache.scores(1, builtin_backend, judge_, ["a red circle", "a small blue square"], settings, 1)
+    stored = (tmp_path / CACHE_FILE).read_text()
+    again = cache.scores(1, builtin_backend, judge_, ["a red circle", "a small blue square"], settings, 1)
+    assert again == first and (tmp_path / CACHE_FILE).read_text() == stored  # nothing drawn twice
+    more = cache.scores(1, builtin_backend, judge_, ["a red circle", "a green triangle"], settings, 1)
+    assert more["a red circle"] == first["a red circle"] and set(more) == {"a red circle", "a green triangle"}
+    other = cache.scores(2, builtin_backend, judge_, ["a red circle"], SamplerSettings(steps=4, guidance=3.0), 1)
+    assert set(other) == {"a red circle"}
+    (tmp_path / CACHE_FILE).write_text("not json")  # a damaged cache costs a redraw, not the round
+    redrawn = cache.scores(1, builtin_backend, judge_, ["a red circle"], settings, 1)
+    assert redrawn == {"a red circle": first["a red circle"]}  # the same noise, the same score
