@@ -240,66 +240,75 @@ class RoundRunner:
                                     {p.prompt: p.stages.as_list() for p in prompts if p.stages}, seed,
                                     boundaries, window)
         judge = self.judge
-        watch = None
-        if judge is not None and config.fidelity_check_every and config.fidelity_threshold:
-            watched = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts], [], self.held_out_prompts,
-                                                   limit=fidelity_guard.WATCH_PROMPTS)
-            # drawn as the round's samples are: at the training chain's length (10 steps) it missed a
-            # drop the after-round guard saw at 20 (bench/loop.py, truncated BP)
-            watch = lambda: fidelity_guard.FidelityWatch(backend, judge, watched, config.samples,  # noqa: E731
-                                                         config.fidelity_threshold, config.fidelity_check_every)
         trained = train_lora(backend, proxy, training, out_dir, ctx,
                              on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.7 * frac),
                              penalty=config.uncertainty_penalty, patience=config.patience,
                              judge=judge if judge is not None and judge.differentiable else None,
-                             fidelity_weight=config.fidelity_weight, watch=watch)
+                             fidelity_weight=config.fidelity_weight, watch=self._watch(backend, prompts, config))
         ctx.check_stop()
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
 
-        new_scores, verdict = {}, None
-        if judge is not None:
-            ctx.report(0.75, "judging prompt fidelity: the new version, its parent and the base model on fixed probes")
-            probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
-                                                  [p.stages.as_list() for p in prompts if p.stages],
-                                                  self.held_out_prompts)
-            new_scores = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES)
-            parent_scores = self.probes.scores(base_version, self.models.backend(base_version), judge, probes,
-                                               config.samples)
-            root = self._root_of(base_version)
-            base_scores = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples)
-            verdict = fidelity_guard.verdict(judge, new_scores, parent_scores, base_scores, config.fidelity_threshold)
-            metrics.update(verdict.metrics())
+        name = f"v{len(self.store.model_versions())} ({config.estimator})"
+        new_scores, verdict = self._judge_fidelity(ctx, backend, base_version, prompts, config)
+        note = verdict.note(name) if verdict is not None else "prompt fidelity is not guarded: this model has no judge"
+        if verdict is not None:
+            metrics.update(verdict.metrics(), fidelity_note=note)
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")
         parent = self.store.get_model_version(base_version)
-        n_versions = len(self.store.model_versions())
         version_id = self.store.add_model_version(
-            f"v{n_versions} ({config.estimator})", parent_id=base_version,
+            name, parent_id=base_version,
             weights_path=str(Path(trained.weights_path).resolve().relative_to(self.data_dir.resolve())),
             config={**config.public(), "round_id": round_id, "seed": seed,
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)
-        if judge is not None:
+        if verdict is not None:  # versions never change: the parent of a later round reuses these
             self.probes.remember(version_id, {fidelity_guard.ProbeCache.key(p, config.samples,
-                                                                            fidelity_guard.PROBE_IMAGES, judge): v
+                                                                            fidelity_guard.PROBE_IMAGES, self.judge): v
                                               for p, v in new_scores.items()})
         ctx.report(0.85, "drawing the new version's samples and before/after pairs")
         n_pairs = self._draw_after_round(version_id, base_version, prompts, config, seed)
-        name = self.store.get_model_version(version_id)["name"]
-        note = verdict.note(name) if verdict is not None else "prompt fidelity is not guarded: this model has no judge"
         flagged = verdict is not None and verdict.flagged
         self.store.finish_training_round(round_id, version_id, {**metrics, "before_after_pairs": n_pairs,
                                                                 "fidelity_note": note, "history": ctx.history()})
         if not flagged:
             self.state.update(active_version_id=version_id)  # only now: the round is complete
-        message = (f"finished: {note}; {self.store.get_model_version(base_version)['name']} stays active" if flagged
-                   else f"finished: {name} is active")
+        message = (f"finished: {note}; {self.store.get_model_version(self.active_version())['name']} stays active"
+                   if flagged else f"finished: {name} is active")
         ctx.report(1.0, message, version_id=version_id, version_name=name, before_after_pairs=n_pairs,
                    plateau_stopped_at=metrics.get("plateau_stopped_at"),
                    fidelity_stopped_at=metrics.get("fidelity_stopped_at"), fidelity_note=note,
                    **({"fidelity_flagged": False} if verdict is None else verdict.metrics()))
         return {"round_id": round_id, "version_id": version_id, "metrics": metrics}
+
+    def _watch(self, backend, prompts: list[RoundPrompt],
+               config: RoundConfig) -> Callable[[], fidelity_guard.FidelityWatch] | None:
+        """What makes the in-round fidelity check once the adapter exists; None when it is off."""
+        if self.judge is None or not config.fidelity_check_every or not config.fidelity_threshold:
+            return None
+        watched = fidelity_guard.probe_prompts(self.judge, [p.prompt for p in prompts], [], self.held_out_prompts,
+                                               limit=fidelity_guard.WATCH_PROMPTS)
+        # drawn as the round's samples are: at the training chain's length (10 steps) it missed a
+        # drop the after-round guard saw at 20 (bench/loop.py, truncated BP)
+        return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
+                                                    config.fidelity_threshold, config.fidelity_check_every)
+
+    def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],
+                        config: RoundConfig) -> tuple[dict[str, float], fidelity_guard.Verdict | None]:
+        """The guard (app/fidelity_guard.py): the new version (the trained copy), its parent and the
+        base model judged on the same probes; (the new version's scores, the verdict)."""
+        judge = self.judge
+        if judge is None:
+            return {}, None
+        ctx.report(0.75, "judging prompt fidelity: the new version, its parent and the base model on fixed probes")
+        probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
+                                              [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
+        new = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES)
+        parent = self.probes.scores(base_version, self.models.backend(base_version), judge, probes, config.samples)
+        root = self._root_of(base_version)
+        base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples)
+        return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold)
 
     def _root_of(self, version_id: int) -> int:
         """The base version at the start of this version's lineage."""
