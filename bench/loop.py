@@ -215,7 +215,8 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
             "round_wall_s": [r["round_wall_s"] for r in rows[1:]]}
 
 
-def summarise(runs: list[dict[str, Any]], default_arm: str) -> dict[str, Any]:
+def summarise(runs: list[dict[str, Any]], default_arm: str,
+              idle: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
@@ -255,10 +256,16 @@ def summarise(runs: list[dict[str, Any]], default_arm: str) -> dict[str, Any]:
         {"check": f"no arm loses more than {FIDELITY_TOLERANCE} pixel fidelity in a new version without the guard "
                   "flagging it",
          "value": unflagged or "none", "met": not unflagged},
-        {"check": "a default round takes <= 120 s on 2 idle cores (longest round per arm, s)",
-         "value": walls, "met": walls.get(default_arm, math.inf) <= 120},
     ]
-    return {"table": table, "checks": checks, "targets": targets}
+    idle_walls = [x["round_wall_s"] for r in idle or [] if r["arm"] == default_arm for x in r["rounds"][1:]]
+    if idle_walls:  # runs alone on the machine, 2 torch threads (--idle-cache)
+        targets.append({"check": f"a {default_arm} round takes <= 120 s on 2 idle cores (s, each round measured)",
+                        "value": idle_walls, "met": max(idle_walls) <= 120})
+    else:
+        targets.append({"check": f"a {default_arm} round takes <= 120 s on 2 idle cores",
+                        "value": "not measured on idle cores (--idle-cache)", "met": False})
+    # two runs shared the 2 cores, 1 thread each: upper bounds of what a person waits
+    return {"table": table, "checks": checks, "targets": targets, "longest_round_s_per_arm_shared_cores": walls}
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:
@@ -328,6 +335,9 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "bench" / "results" / "loop.png"))
     p.add_argument("--from-cache", action="store_true", help="summarise the cached runs only")
     p.add_argument("--markdown", action="store_true", help="also print the per-round table in markdown")
+    p.add_argument("--idle-cache", default=None,
+                   help="runs made alone on the machine (--one ... --threads 2 --cache DIR): their round times "
+                        "decide the 120 s target")
     p.add_argument("--one", nargs=3, metavar=("ARM", "TASTE", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -356,7 +366,8 @@ def main() -> None:
             if cache_path(cache, *w, args.rounds).exists()]
     if not runs:
         raise SystemExit("no finished runs to summarise")
-    summary = summarise(runs, args.default_arm)
+    idle = [json.loads(f.read_text()) for f in sorted(Path(args.idle_cache).glob("*.json"))] if args.idle_cache else []
+    summary = summarise(runs, args.default_arm, idle)
     n = args.rounds + 1
     print_table(summary["table"], ["arm", "taste", "seeds", *[f"score_{i}" for i in range(n)],
                                    *[f"fidelity_{i}" for i in range(n)], "quality_last", "flagged", "round_s"],
@@ -368,7 +379,8 @@ def main() -> None:
     write_json(args.json, {"loop": {**LOOP, "rate_prompts": RATE_PROMPTS, "held_out": HELD_OUT,
                                     "score_seeds": SCORE_SEEDS, "fidelity_seeds": FIDELITY_SEEDS,
                                     "rounds": args.rounds, "arms": {a: ARMS[a] for a in args.arms},
-                                    "tastes": args.tastes, "seeds": args.seeds}, **summary, "runs": runs})
+                                    "tastes": args.tastes, "seeds": args.seeds}, **summary, "runs": runs,
+                           "idle_runs": idle})
     if args.plot:
         plot(runs, args.plot)
 
