@@ -200,13 +200,17 @@ def test_round_defaults_are_the_benchmarks_pick_for_the_loaded_model(builtin_bac
     from rlr_core.backends.loading import load_backend
     from tests.clip_model import clip_model_dir
 
-    builtin = defaults_for(builtin_backend)  # the race's pick on the built-in image model
-    picked = RoundConfig.parse({}, builtin).training.estimator
-    assert (picked.name, picked.options) == ("truncated-bp", {"steps": 1})
-    assert {k: v for k, v in builtin.items() if DEFAULTS[k] != v} == {"estimator": "truncated-bp", "truncation": 1}
-    assert defaults_for(load_backend(clip_model_dir())) == DEFAULTS  # no race on clips: RLR
-    chosen = RoundConfig.parse({"estimator": "rlr"}, builtin)  # a person's choice wins over the default
-    assert chosen.training.estimator.name == "rlr" and RoundConfig.parse(chosen.public(), builtin) == chosen
+    builtin = defaults_for(builtin_backend)  # the loop benchmark's pick on the built-in image model
+    picked = RoundConfig.parse({}, builtin)
+    assert (picked.training.estimator.name, picked.training.estimator.options) == (
+        "rlr", {"block": 2, "rest": "lr", "kl_coef": 0.3})
+    assert picked.fidelity_weight == 1.0 and picked.patience == 0
+    assert {k: v for k, v in builtin.items() if DEFAULTS[k] != v} == {
+        "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3}
+    assert defaults_for(load_backend(clip_model_dir())) == DEFAULTS  # no loop benchmark on clips: the form's
+    chosen = RoundConfig.parse({"estimator": "truncated-bp", "kl_coef": 0}, builtin)  # a person's choice wins
+    assert chosen.training.estimator.name == "truncated-bp" and "kl_coef" not in chosen.training.estimator.options
+    assert RoundConfig.parse(chosen.public(), builtin) == chosen
 
 
 def test_round_config_nests_the_estimator_options_and_reads_back_its_public_form():
@@ -268,6 +272,6 @@ def test_the_round_plots_the_spread_of_each_steps_own_samples():
     spread = lambda x: float(proxy.head_rewards(x, ["a red circle"] * 4).detach().std(0).mean())
     reward(samples, ["a red circle"] * 4)
     reward(predictions, ["a red circle"] * 4)
-    assert reward.observe() == pytest.approx(spread(samples)) != pytest.approx(spread(predictions))
+    assert reward.observe()["uncertainty"] == pytest.approx(spread(samples)) != pytest.approx(spread(predictions))
     reward(predictions, ["a red circle"] * 4)  # the next step's first call
-    assert reward.observe() == pytest.approx(spread(predictions))
+    assert reward.observe()["uncertainty"] == pytest.approx(spread(predictions))
