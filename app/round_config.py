@@ -66,14 +66,14 @@ DEFAULTS: dict[str, Any] = {
 
 
 # The built-in image model's pick, from the loop the person lives with (bench/loop.py,
-# docs/benchmarks.md "The loop"): a proxy learnt from 32 ratings and 24 comparisons per round,
-# several rounds in a row, judged from the pixels. Truncated backprop (the race's pick on a
-# fixed reward) raised the rater's score most (0.41 -> 0.60 in round 1) but lost pixel-judged
-# prompt fidelity (0.91 -> 0.74) and image quality (0.86 -> 0.68), so the guard flagged every
-# version it made and the person kept the base model. RLR kept fidelity (0.94) and raised the
-# score. patience 0: RLR's noisier per-step reward made the plateau stop end its rounds at
-# step 9 of 20. The fidelity term keeps the gradient on the prompt; the KL (about 2x the
-# round's time) stays off by default.
+# docs/benchmarks.md "The loop"; bench/results/loop.json, loop_screen.json): a proxy learnt from
+# 32 ratings and 24 comparisons per round, four rounds in a row, judged from the pixels.
+# Truncated backprop (the race's pick on a fixed reward) raised the bold rater's score most in a
+# round (0.41 -> 0.60) but lost pixel-judged prompt fidelity (0.91 -> 0.74) and image quality
+# (0.86 -> 0.68): the guard flagged every version it made, so the person kept the base model.
+# RLR's rounds kept fidelity within 0.05 of the base. patience 0: RLR's noisier per-step reward
+# made the plateau stop end its rounds at step 9 of 20. The fidelity term and the KL to the
+# round's parent keep each round's step on the prompt and small.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 
