@@ -87,7 +87,8 @@ def test_sigkill_during_a_round_loses_nothing(tmp_path):
         assert counts["ratings"] == 5 and counts["comparisons"] == 1
         versions = client.predict(api_name="/versions")
         assert [v["version_id"] for v in versions if v["active"]] == [v1]
-        assert client.predict(api_name="/train_status")["state"] == "idle"
+        status = client.predict(api_name="/train_status")  # the last finished round, from the store
+        assert status["state"] == "finished" and status["version_id"] == v1 and status["history"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -196,9 +196,9 @@ def test_full_loop_in_the_browser(running, page):
 
     # --- a short training round, watched live ------------------------------------------------
     open_tab(page, "Train")
-    expect_text(page, "#train-panel", "The default here is truncated backprop")
-    # RLR, whose half-order block the prompt lab's focus stage places (the built-in model's
-    # default estimator is truncated backprop, which has no block)
+    expect_text(page, "#train-panel", "The default here is RLR")
+    expect_text(page, "#train-panel", "fidelity guard")
+    # RLR (the built-in model's default), whose half-order block the prompt lab's focus stage places
     page.locator("#train-estimator input").click()
     page.get_by_role("option", name="RLR", exact=True).click()
     set_number(page, "train-steps", 2)

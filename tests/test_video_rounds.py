@@ -11,8 +11,10 @@ from app.round_config import RoundConfig
 from tests.clip_model import clip_model_dir
 
 PROMPT = "a small yellow square moving up, navy background"
+# The fidelity guard off: these rounds check each estimator's mechanics on clips, and a 2-step
+# draw is no probe of fidelity (tests/test_fidelity_guard.py tests the guard, the clip judge too).
 TINY = {"steps": 1, "batch_size": 2, "sampling_steps": 3, "samples_per_prompt": 1, "sample_steps": 2,
-        "max_prompts": 1, "truncation": 1, "seed": 1}
+        "max_prompts": 1, "truncation": 1, "seed": 1, "fidelity_threshold": 0}
 
 
 @pytest.fixture(scope="module")
