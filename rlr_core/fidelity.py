@@ -66,78 +66,71 @@ def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, 
     return torch.stack(rows)
 
 
-class ShapesFidelity:
-    """The built-in image model's judge (see the module docstring)."""
+class AttributeFidelity:
+    """A judge that reads attributes with a perception model's heads: ``score`` is the mean over
+    the prompt's named attributes of p(attribute = value), ``accuracy`` the fraction read back.
+    Subclasses name the model, its attribute values and how a prompt names them."""
 
-    name = "perception"
+    name = "attributes"
     differentiable = True
     relative = False
 
+    def __init__(self, model: torch.nn.Module, values: dict[str, tuple[str, ...]]):
+        self.model = model.requires_grad_(False)
+        self.values = values
+
+    def wanted(self, prompt: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def judges(self, prompt: str) -> bool:
+        return bool(self.wanted(prompt))
+
+    def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(images.to(self.model.coords.device))
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        wanted = [self.wanted(p) for p in prompts]
+        return _attribute_fidelity(self._logits(images), wanted, self.values).to(images.device)
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return _attribute_accuracy(self._logits(images), [self.wanted(p) for p in prompts], self.values)
+
+
+class ShapesFidelity(AttributeFidelity):
+    """The built-in image model's judge: the shipped perception model (see the module docstring)."""
+
+    name = "perception"
+
     def __init__(self, perception=None):
         from rlr_core.shapesworld import perception as perception_mod
+        from rlr_core.shapesworld import world as sw
 
-        self.perception = perception if perception is not None else perception_mod.load()
-        self.perception.requires_grad_(False)
+        super().__init__(perception if perception is not None else perception_mod.load(), sw.ATTRIBUTES)
 
-    def _wanted(self, prompt: str) -> dict[str, str]:
+    def wanted(self, prompt: str) -> dict[str, str]:
         from rlr_core.shapesworld import world as sw
 
         return sw.parse_caption(prompt).specified()
 
-    def judges(self, prompt: str) -> bool:
-        return bool(self._wanted(prompt))
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from rlr_core.shapesworld import world as sw
-
-        device = self.perception.coords.device
-        logits = self.perception(images.to(device))
-        return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], sw.ATTRIBUTES).to(images.device)
-
-    @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from rlr_core.shapesworld import world as sw
-
-        logits = self.perception(images.to(self.perception.coords.device))
-        return _attribute_accuracy(logits, [self._wanted(p) for p in prompts], sw.ATTRIBUTES)
-
-
-class ClipsFidelity:
-    """The built-in clip model's judge (see the module docstring)."""
+class ClipsFidelity(AttributeFidelity):
+    """The built-in clip model's judge: the clip perception model (see the module docstring)."""
 
     name = "clip-perception"
-    differentiable = True
-    relative = False
 
     def __init__(self, judge=None):
-        from rlr_core.shapesworld import clip_perception
+        from rlr_core.shapesworld import clip_perception, clips
 
-        self.judge = judge if judge is not None else clip_perception.load()
-        self.judge.requires_grad_(False)
+        super().__init__(judge if judge is not None else clip_perception.load(), clips.CLIP_ATTRIBUTES)
 
-    def _wanted(self, prompt: str) -> dict[str, str]:
+    def wanted(self, prompt: str) -> dict[str, str]:
         from rlr_core.shapesworld import clips
 
         wanted = clips.parse_clip_caption(prompt).specified()
         if wanted.get("direction") == "still":
             wanted.pop("speed", None)  # a still clip has no speed to judge
         return wanted
-
-    def judges(self, prompt: str) -> bool:
-        return bool(self._wanted(prompt))
-
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from rlr_core.shapesworld import clips
-
-        logits = self.judge(images.to(self.judge.coords.device))
-        return _attribute_fidelity(logits, [self._wanted(p) for p in prompts], clips.CLIP_ATTRIBUTES).to(images.device)
-
-    @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        from rlr_core.shapesworld import clips
-
-        logits = self.judge(images.to(self.judge.coords.device))
-        return _attribute_accuracy(logits, [self._wanted(p) for p in prompts], clips.CLIP_ATTRIBUTES)
 
 
 class ClipTextImageFidelity:

@@ -138,13 +138,19 @@ def test_kl_is_zero_at_init_positive_after_a_perturbation_and_pulls_back() -> No
     assert float(kl_grad @ delta) > 0  # a descent step on .grad moves theta back towards the base
 
 
-def test_kl_gradient_matches_finite_differences() -> None:
+def moved_toy() -> tuple[ToyChain, ToyContext, object]:
+    """A toy chain moved off its reference, a batch of 5 and one of its trajectories."""
     toy = ToyChain(dim=4, steps=6)
     with torch.no_grad():
         toy.theta += torch.tensor([0.3, -0.2, 0.1, 0.05], dtype=torch.float64)
     ctx = ToyContext(5)
-    traj = toy.rollout(ctx, torch.Generator().manual_seed(1))
+    return toy, ctx, toy.rollout(ctx, torch.Generator().manual_seed(1))
+
+
+def test_kl_gradient_matches_finite_differences() -> None:
     from rlr_core.estimators.kl import kl_backward
+
+    toy, ctx, traj = moved_toy()
 
     toy.theta.grad = None
     kl_backward(toy, ctx, traj, coef=0.7, steps=None)
@@ -193,11 +199,7 @@ def test_the_kl_gradient_on_a_random_subset_of_steps_is_unbiased() -> None:
     """KL_STEPS: the scaled gradient at a random subset of steps averages to the full sum's."""
     from rlr_core.estimators.kl import kl_backward
 
-    toy = ToyChain(dim=4, steps=6)
-    with torch.no_grad():
-        toy.theta += torch.tensor([0.3, -0.2, 0.1, 0.05], dtype=torch.float64)
-    ctx = ToyContext(5)
-    traj = toy.rollout(ctx, torch.Generator().manual_seed(1))
+    toy, ctx, traj = moved_toy()
     toy.theta.grad = None
     kl_backward(toy, ctx, traj, coef=1.0, steps=None)
     full = toy.theta.grad.clone()
