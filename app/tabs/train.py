@@ -155,7 +155,7 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                                       height=260, elem_id="train-reward-plot")
             unc_plot = gr.LinePlot(x="step", y="uncertainty", title="Proxy uncertainty (ensemble spread)",
                                    height=260, elem_id="train-uncertainty-plot")
-            fid_plot = gr.LinePlot(x="step", y="fidelity", title="Prompt fidelity of the round's samples (judge)",
+            fid_plot = gr.LinePlot(x="step", y="fidelity", title="Prompt fidelity (judge)",
                                    height=260, elem_id="train-fidelity-plot")
         used = gr.Dataframe(headers=["prompt", "stage prompts", "source"], label="Prompts this round trains on",
                             interactive=False, elem_id="train-prompts-used", wrap=True)
