@@ -99,15 +99,18 @@ class ProbeCache:
         keys = {p: self.key(p, settings, per_prompt, judge) for p in prompts}
         missing = [p for p in prompts if keys[p] not in known]
         fresh = measure(backend, judge, missing, settings, per_prompt)
-        self.remember(version_id, {keys[p]: s for p, s in fresh.items()})
+        self.remember(version_id, judge, fresh, settings, per_prompt)
         return {p: fresh[p] if p in fresh else known[keys[p]] for p in prompts}
 
-    def remember(self, version_id: int, scores: dict[str, float]) -> None:
+    def remember(self, version_id: int, judge: Any, scores: dict[str, float], settings: GenerationSettings,
+                 per_prompt: int = PROBE_IMAGES) -> None:
+        """Store a version's scores per prompt (as :func:`measure` gives them) under their probe keys."""
         if not scores:
             return
+        keyed = {self.key(p, settings, per_prompt, judge): v for p, v in scores.items()}
         with self._lock:
             data = self._read()
-            data.setdefault(str(version_id), {}).update(scores)
+            data.setdefault(str(version_id), {}).update(keyed)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(self.path)

@@ -264,9 +264,7 @@ class RoundRunner:
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)
         if verdict is not None:  # versions never change: the parent of a later round reuses these
-            self.probes.remember(version_id, {fidelity_guard.ProbeCache.key(p, config.samples,
-                                                                            fidelity_guard.PROBE_IMAGES, self.judge): v
-                                              for p, v in new_scores.items()})
+            self.probes.remember(version_id, self.judge, new_scores, config.samples)
         ctx.report(0.85, "drawing the new version's samples and before/after pairs")
         n_pairs = self._draw_after_round(version_id, base_version, prompts, config, seed)
         flagged = verdict is not None and verdict.flagged
