@@ -64,10 +64,6 @@ class ProxyReward:
             self._armed = False
         return reward + self.fidelity_weight * fidelity if self.fidelity_weight else reward
 
-    @property
-    def last_uncertainty(self) -> float | None:
-        return self.last["uncertainty"]
-
     def observe(self) -> dict[str, float | None]:
         """The step's spread and fidelity, read once after each step (also in a ZeroGPU worker);
         re-arms for the next."""
