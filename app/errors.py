@@ -15,8 +15,8 @@ import gradio as gr
 
 from app.worker import WorkerBusy
 from feedback_store import StoreError
+from rlr_core.backends.base import PromptError
 from rlr_core.dcot import StageError
-from rlr_core.shapesworld.text import PromptError
 
 F = TypeVar("F", bound=Callable)
 

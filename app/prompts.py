@@ -13,6 +13,7 @@ from typing import Any
 
 from feedback_store import FeedbackStore
 from rlr_core import dcot
+from rlr_core.backends.base import PromptError
 from rlr_core.shapesworld import text
 
 
@@ -49,7 +50,7 @@ def round_prompts(store: FeedbackStore, limit: int,
     for prompt, source in [*lab, *edited, *used]:
         try:
             canonical = check(prompt)
-        except text.PromptError:
+        except PromptError:
             continue  # e.g. imported data from another model's vocabulary
         if canonical in seen:
             continue

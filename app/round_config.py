@@ -23,7 +23,7 @@ from typing import Any
 
 from app import validate as check
 from app.errors import AppError
-from rlr_core.backends.builtin import BuiltinBackend
+from rlr_core.backends.base import DiffusionBackend
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import EstimatorConfig, TrainConfig
 
@@ -76,22 +76,37 @@ DEFAULTS: dict[str, Any] = {
 # round's parent keep each round's step on the prompt and small.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
+# Stable Diffusion and AnimateDiff (docs/own-model.md, "Round defaults"): learning rate 3e-4, the
+# top of the range docs/own-model.md recommends for a LoRA on Stable Diffusion (and DDPO's
+# published SD 1.5 LoRA configuration); batch 2, the batch measured on a GPU
+# (bench/results/gpu_sd15.json). No loop benchmark has been run on these models.
+LATENT_PICK: dict[str, Any] = {"learning_rate": 3e-4, "batch_size": 2}
+
+# One table: a backend's ``family`` -> the settings that differ from DEFAULTS on it.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "builtin-image": BUILTIN_IMAGE_PICK,
+    "builtin-clips": {},
+    "stable-diffusion": LATENT_PICK,
+    "animatediff": LATENT_PICK,
+}
+DEFAULT_NOTES: dict[str, str] = {
+    "builtin-image": ("The default here is RLR with a fidelity term: in the app's own loop (a reward proxy learnt from "
+                      "ratings, several rounds, judged from the pixels) truncated backprop raised the rater's score "
+                      "faster but lost prompt fidelity and image quality, so the guard rejected its versions; RLR kept "
+                      "the prompt (docs/benchmarks.md, the loop)."),
+}
+OTHER_NOTE = ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "
+              "this model.")
 
 
-def defaults_for(backend: Any) -> dict[str, Any]:
-    """The public form's defaults on this model: the benchmark's pick where one was measured."""
-    return dict(BUILTIN_IMAGE_DEFAULTS if isinstance(backend, BuiltinBackend) else DEFAULTS)
+def defaults_for(backend: DiffusionBackend) -> dict[str, Any]:
+    """The public form's defaults on this model (its family's row of :data:`FAMILY_DEFAULTS`)."""
+    return {**DEFAULTS, **FAMILY_DEFAULTS.get(backend.family, {})}
 
 
-def defaults_note(backend: Any) -> str:
+def defaults_note(backend: DiffusionBackend) -> str:
     """One sentence for the Train tab: why its default estimator is the default on this model."""
-    if isinstance(backend, BuiltinBackend):
-        return ("The default here is RLR with a fidelity term: in the app's own loop (a reward proxy learnt from "
-                "ratings, several rounds, judged from the pixels) truncated backprop raised the rater's score faster "
-                "but lost prompt fidelity and image quality, so the guard rejected its versions; RLR kept the prompt "
-                "(docs/benchmarks.md, the loop).")
-    return ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "
-            "this model.")
+    return DEFAULT_NOTES.get(backend.family, OTHER_NOTE)
 
 
 def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

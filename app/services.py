@@ -225,7 +225,7 @@ class AppServices:
 
     @property
     def is_video(self) -> bool:
-        return video.is_video(self.base_backend)
+        return self.base_backend.is_video
 
     def my_rating(self, sample_id: int, rater: str) -> int | None:
         return self.store.star_rating(sample_id, rater)
@@ -382,5 +382,5 @@ class AppServices:
         b = self.base_backend
         h, w = b.image_size
         dtype = str(b.dtype).removeprefix("torch.")
-        size = f"{b.num_frames} frames of {w}x{h}" if video.is_video(b) else f"{w}x{h}"
+        size = f"{b.frames} frames of {w}x{h}" if b.is_video else f"{w}x{h}"
         return f"{b.name} on {b.device}, {dtype}, {size} ({torch.get_num_threads()} torch thread(s))"

@@ -64,6 +64,13 @@ class ProxyReward:
             self._armed = False
         return reward + self.fidelity_weight * fidelity if self.fidelity_weight else reward
 
+    def to(self, device: str | torch.device) -> ProxyReward:
+        """Move the proxy (with its image encoder) and the judge, e.g. into a GPU worker."""
+        self.proxy.to(device)
+        if self.judge is not None:
+            self.judge.to(device)
+        return self
+
     def observe(self) -> dict[str, float | None]:
         """The step's spread and fidelity, read once after each step (also in a ZeroGPU worker);
         re-arms for the next."""

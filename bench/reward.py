@@ -31,11 +31,11 @@ import torch
 
 from feedback_store import OUTCOME_LABEL, FeedbackStore
 from rlr_core.feedback.active_selection import SelectionPolicy, disagreement_from_features
+from rlr_core.feedback.encoders import PerceptionImageEncoder
+from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
 from rlr_core.feedback.reward_proxy import (
-    BagOfWordsPromptEncoder,
     Features,
     FitConfig,
-    PerceptionImageEncoder,
     RewardProxy,
     embed_items,
     fit_features,

@@ -40,6 +40,9 @@ class FidelityJudge(Protocol):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) fidelity of each image to its prompt, in [0, 1] (differentiable when ``differentiable``)."""
 
+    def to(self, device: str | torch.device) -> FidelityJudge:
+        """Move the judge's models to ``device`` in place; returns the judge."""
+
     def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) the verdict's measure, in [0, 1]: for attribute judges the fraction of the named
         attributes read back (a confident-but-right image is not penalised, as the soft score
@@ -78,6 +81,10 @@ class AttributeFidelity:
     def __init__(self, model: torch.nn.Module, values: dict[str, tuple[str, ...]]):
         self.model = model.requires_grad_(False)
         self.values = values
+
+    def to(self, device: str | torch.device) -> AttributeFidelity:
+        self.model.to(device)
+        return self
 
     def wanted(self, prompt: str) -> dict[str, str]:
         raise NotImplementedError
@@ -145,6 +152,11 @@ class ClipTextImageFidelity:
         self.text_model = text_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.spec = spec
+
+    def to(self, device: str | torch.device) -> ClipTextImageFidelity:
+        self.images.to(device)
+        self.text_model.to(device)
+        return self
 
     @classmethod
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu") -> ClipTextImageFidelity:

@@ -21,11 +21,11 @@ from diffusers import AnimateDiffPipeline
 
 from rlr_core import sampler
 from rlr_core.backends.animatediff import AnimateDiffBackend
+from rlr_core.backends.base import PromptError
 from rlr_core.backends.loading import ModelLoadError, load_backend
 from rlr_core.estimators import make_estimator
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.sampler import SamplerSettings
-from rlr_core.shapesworld.text import PromptError
 from rlr_core.training import lora
 from tests.test_real_model import offline, run_main  # noqa: F401  (offline is a fixture)
 from tests.tiny_animatediff import save_tiny_animatediff

@@ -51,10 +51,9 @@ def frames(sample: dict) -> np.ndarray:
 
 
 def test_the_folder_loads_as_a_video_model(app):
-    from app import video
 
     backend = app.services.base_backend
-    assert video.is_video(backend)
+    assert backend.is_video and backend.frames == backend.num_frames
     n = backend.num_frames
     assert app.services.device_summary().startswith(f"tiny-ad on cpu, float32, {n} frames of 16x16")
 

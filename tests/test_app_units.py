@@ -263,7 +263,9 @@ def test_the_round_plots_the_spread_of_each_steps_own_samples():
     import torch
 
     from app.training_job import ProxyReward
-    from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, PerceptionImageEncoder, RewardProxy
+    from rlr_core.feedback.encoders import PerceptionImageEncoder
+    from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
+    from rlr_core.feedback.reward_proxy import RewardProxy
 
     torch.manual_seed(0)
     proxy = RewardProxy(PerceptionImageEncoder(), BagOfWordsPromptEncoder())

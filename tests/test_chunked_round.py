@@ -139,17 +139,18 @@ def test_spaces_gpu_decorator_wraps_a_chunk_off_spaces(tmp_path: Path) -> None:
     assert result.metrics["chunks"] == 2 and result.version is not None
 
 
-def test_move_to_moves_a_backend_with_its_caches() -> None:
+def test_move_to_moves_a_backend_with_all_its_modules() -> None:
     backend = fresh_backend()
-    backend._uncond_cache = torch.zeros(1, 2)
     move_to({"backend": backend}, "meta")
-    assert backend.device.type == "meta" and backend._uncond_cache.device.type == "meta"
+    assert backend.device.type == "meta"
     assert all(p.device.type == "meta" for p in backend.model.text_encoder.parameters())
 
 
 def test_move_to_moves_the_reward_proxy_with_its_image_encoder() -> None:
     from app.training_job import ProxyReward
-    from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, PerceptionImageEncoder, RewardProxy
+    from rlr_core.feedback.encoders import PerceptionImageEncoder
+    from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
+    from rlr_core.feedback.reward_proxy import RewardProxy
 
     proxy = RewardProxy(PerceptionImageEncoder(PerceptionNet()), BagOfWordsPromptEncoder())
     move_to(ProxyReward(proxy), "meta")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rlr_core import rewards
-from rlr_core.feedback import encoders
-from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, RewardProxy
+from rlr_core.feedback import encoders, reward_proxy
+from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
+from rlr_core.feedback.reward_proxy import RewardProxy
 from rlr_core.shapesworld import clip_perception as cp
 from rlr_core.shapesworld import clips
 
@@ -98,8 +99,8 @@ def test_video_backend_gets_the_clip_encoder_and_proxies_reload(judge, tmp_path)
     frames = torch.cat([clip_of(), clip_of(direction="down")])
     proxy.set_normalizer(proxy.image_encoder.embed(frames))
     proxy.save(tmp_path / "proxy")
-    assert encoders.saved_encoder_spec(tmp_path / "proxy") == "clip-perception"
-    again = encoders.load_proxy(tmp_path / "proxy")
+    assert reward_proxy.saved_encoder_spec(tmp_path / "proxy") == "clip-perception"
+    again = reward_proxy.load_proxy(tmp_path / "proxy")
     prompts = ["a red circle moving right", "a red circle moving down"]
     with torch.no_grad():
         assert torch.allclose(proxy(frames, prompts), again(frames, prompts))

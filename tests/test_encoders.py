@@ -14,23 +14,14 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 from feedback_store import FeedbackStore
 from rlr_core.backends.latent import DiffusersLatentBackend
 from rlr_core.feedback import encoders
-from rlr_core.feedback.encoders import (
-    CLIPImageEncoder,
-    EncoderError,
-    HashedWordsPromptEncoder,
-    VAELatentEncoder,
-    default_prompt_encoder,
-    load_proxy,
-    make_image_encoder,
-)
-from rlr_core.feedback.reward_proxy import (
+from rlr_core.feedback.encoders import CLIPImageEncoder, EncoderError, VAELatentEncoder, make_image_encoder
+from rlr_core.feedback.prompt_encoders import (
     BagOfWordsPromptEncoder,
-    FitConfig,
-    RewardProxy,
-    fit,
+    HashedWordsPromptEncoder,
+    default_prompt_encoder,
     prompt_encoder_from_config,
-    train_from_store,
 )
+from rlr_core.feedback.reward_proxy import FitConfig, RewardProxy, fit, load_proxy, train_from_store
 from tests.test_latent_backend import tiny_pipeline
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,

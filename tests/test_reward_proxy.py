@@ -15,16 +15,9 @@ from safetensors.torch import load_file
 from bench.reward import clear_test_pairs, learning_curve, make_pool, make_prompts
 from feedback_store import FeedbackStore
 from rlr_core.feedback.active_selection import DisagreementScorer, SelectionPolicy, pair_disagreement
-from rlr_core.feedback.reward_proxy import (
-    BagOfWordsPromptEncoder,
-    FitConfig,
-    ImageEncoder,
-    PerceptionImageEncoder,
-    PromptEncoder,
-    RewardProxy,
-    fit,
-    train_from_store,
-)
+from rlr_core.feedback.encoders import PerceptionImageEncoder, make_image_encoder
+from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder, prompt_encoder_from_config
+from rlr_core.feedback.reward_proxy import FitConfig, RewardProxy, fit, train_from_store
 from rlr_core.shapesworld import perception
 from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.raters import RATERS
@@ -44,9 +37,17 @@ def untrained_proxy():
     return RewardProxy(enc, BagOfWordsPromptEncoder(), n_heads=5)
 
 
-def test_protocols_and_prompt_features(untrained_proxy):
-    assert isinstance(untrained_proxy.image_encoder, ImageEncoder)
-    assert isinstance(untrained_proxy.prompt_encoder, PromptEncoder)
+def test_encoders_rebuild_from_what_a_saved_proxy_records(untrained_proxy):
+    image, prompt = untrained_proxy.image_encoder, untrained_proxy.prompt_encoder
+    rebuilt = make_image_encoder(image.spec)  # the shipped perception model, not this random one
+    assert (rebuilt.name, rebuilt.dim) == (image.name, image.dim)
+    assert rebuilt.fingerprint() != image.fingerprint()  # other weights: a saved proxy would refuse them
+    assert rebuilt.fingerprint() == make_image_encoder(image.spec).fingerprint()
+    words = ["a red circle, blue background", "a small square on the left"]
+    assert torch.equal(prompt_encoder_from_config(prompt.config()).encode(words), prompt.encode(words))
+
+
+def test_prompt_features(untrained_proxy):
     feats = untrained_proxy.prompt_encoder.encode(["a red circle, blue background", "a blue circle, red background",
                                                     "a big violet zebra"])
     assert feats.shape == (3, untrained_proxy.prompt_encoder.dim)
@@ -87,6 +88,17 @@ def test_save_load_round_trip_without_pickle(untrained_proxy, tmp_path):
     other = PerceptionImageEncoder(perception.PerceptionNet())
     with pytest.raises(ValueError, match="weights changed"):
         RewardProxy.load(folder, other)
+
+
+def test_a_bilinear_proxy_saves_and_loads(untrained_proxy, tmp_path):
+    torch.manual_seed(2)
+    proxy = RewardProxy(untrained_proxy.image_encoder, untrained_proxy.prompt_encoder, n_heads=3, bilinear_rank=2)
+    x, prompts = torch.rand(4, 3, 32, 32), ["a red circle", "a blue square", "a circle", "a square"]
+    fit(proxy, x, prompts, [(0, 1, 1.0), (2, 3, 0.0)], [(0, 5)], FitConfig(steps=5))
+    loaded = RewardProxy.load(proxy.save(tmp_path / "bilinear"), proxy.image_encoder)
+    assert loaded.bilinear_rank == 2
+    with torch.no_grad():
+        assert torch.allclose(loaded.head_rewards(x, prompts), proxy.head_rewards(x, prompts))
 
 
 def test_stars_alone_teach_the_ordering(untrained_proxy):

@@ -69,7 +69,9 @@ def test_round_settings_validate_the_penalty_and_patience():
 
 def test_penalised_reward_is_mean_minus_lambda_spread():
     from app.training_job import ProxyReward
-    from rlr_core.feedback.reward_proxy import BagOfWordsPromptEncoder, PerceptionImageEncoder, RewardProxy
+    from rlr_core.feedback.encoders import PerceptionImageEncoder
+    from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
+    from rlr_core.feedback.reward_proxy import RewardProxy
 
     torch.manual_seed(0)
     proxy = RewardProxy(PerceptionImageEncoder(), BagOfWordsPromptEncoder())

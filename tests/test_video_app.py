@@ -39,9 +39,8 @@ def clip_app(tmp_path_factory, clip_backend):
 
 
 def test_loading_a_clip_model_folder_gives_a_video_backend(clip_backend):
-    from app import video
 
-    assert video.is_video(clip_backend) and clip_backend.name == "shapesworld-clips"
+    assert clip_backend.is_video and clip_backend.frames == 8 and clip_backend.name == "shapesworld-clips"
     assert clip_backend.split_prompt(PROMPT) == (
         "a large shape moving fast to the right, black background",
         "a large circle moving fast to the right, black background", PROMPT)

@@ -14,7 +14,6 @@ from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session
 from rlr_core import dcot
-from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.images import display_scale, to_pil
 
 INTRO = ("**Diffusive Chain-of-Thought.** Early sampling steps fix the layout, middle steps the shape, "
@@ -31,12 +30,8 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 
 def build(services: AppServices, session: Session) -> None:
     settings = services.stage_settings()
-    default = "a large red circle on the left, black background"
-    clips = video.is_video(services.base_backend)
-    if video.builtin_clip_model(services.base_backend):  # the clip grammar: layout and motion first
-        default = video.CLIP_EXAMPLES[0]
-    elif not isinstance(services.base_backend, BuiltinBackend):  # free text: the person writes the stages
-        default = "a lighthouse on a cliff at sunset, oil painting"
+    default = services.base_backend.example_prompts[0]
+    clips = services.base_backend.is_video
     try:
         first = services.split_prompt(default)
     except ValueError:  # a model whose prompt check refuses the example (e.g. a short token limit)
@@ -91,8 +86,7 @@ def build(services: AppServices, session: Session) -> None:
     @user_errors
     def on_split(text: str):
         st = services.split_prompt(text)
-        rules = isinstance(services.base_backend, BuiltinBackend) or video.builtin_clip_model(services.base_backend)
-        how = ("Split with the built-in rules" if rules
+        how = ("Split with the built-in rules" if services.base_backend.prompt_rules
                else "Each stage starts as the prompt itself: write what the layout, shape and detail stages get")
         return st["coarse"], st["mid"], st["fine"], f"{how}; edit any stage."
 

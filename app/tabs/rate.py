@@ -10,22 +10,8 @@ from app import video
 from app.errors import user_errors
 from app.services import MAX_IMAGES, MAX_SEED, AppServices
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session, sample_caption, stars_text
-from rlr_core.backends.builtin import BuiltinBackend
 from rlr_core.images import display_height
 
-EXAMPLES = [
-    "a large red circle on the left, black background",
-    "a small blue square in the center, white background",
-    "a yellow triangle, navy background",
-    "a large green triangle on the right",
-]
-# For a diffusers model (free text; short enough for any CLIP tokenizer's 75 tokens).
-FREE_TEXT_EXAMPLES = [
-    "a watercolor painting of a red fox in the snow",
-    "a cozy reading nook with a window, warm light",
-    "a lighthouse on a cliff at sunset, oil painting",
-    "a bowl of ramen, studio photo",
-]
 HELP = ("**Keys:** `1`-`5` rate the big image · `←` `→` previous / next. "
         "Click a thumbnail to pick it. *Load my queue* brings samples you have not rated yet, "
         "newest model version first.")
@@ -35,9 +21,7 @@ def build(services: AppServices, session: Session) -> None:
     batch = gr.State([])  # sample ids shown in the gallery
     cursor = gr.State(0)  # index of the sample shown big
     view_height = display_height(services.base_backend.image_size)
-    examples = EXAMPLES if isinstance(services.base_backend, BuiltinBackend) else FREE_TEXT_EXAMPLES
-    if video.builtin_clip_model(services.base_backend):
-        examples = video.CLIP_EXAMPLES
+    examples = list(services.base_backend.example_prompts)
     things = video.noun(services.base_backend, plural=True).capitalize()  # Images or Clips (they loop)
     with gr.Column(elem_id="rate-panel"):
         with gr.Row():

@@ -28,6 +28,7 @@ DECODE_CHUNK = 4  # frames per VAE call while training: the reward's backward ho
 class AnimateDiffBackend(DiffusersLatentBackend):
     """A latent video backend: clips of ``num_frames`` frames from an AnimateDiff pipeline."""
 
+    family = "animatediff"
     is_video = True
 
     def __init__(self, unet: UNetMotionModel, vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer,
@@ -61,6 +62,10 @@ class AnimateDiffBackend(DiffusersLatentBackend):
         # The attention projections of the image layers and of the temporal (motion) layers alike:
         # diffusers' AnimateDiffPipeline.load_lora_weights loads both.
         return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @property
+    def frames(self) -> int:
+        return self.num_frames
 
     @property
     def state_shape(self) -> tuple[int, ...]:

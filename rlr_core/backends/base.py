@@ -9,16 +9,65 @@ is the identity for pixel models and a VAE decode for latent ones.
 from __future__ import annotations
 
 import abc
+from typing import Self
 
 import torch
 from diffusers import DDIMScheduler
 
+# Prompts for a model without rules of its own (the UI's examples on free-text models).
+# Short enough for any CLIP tokenizer's 75 tokens.
+FREE_TEXT_EXAMPLES = ("a lighthouse on a cliff at sunset, oil painting",
+                      "a watercolor painting of a red fox in the snow",
+                      "a cozy reading nook with a window, warm light", "a bowl of ramen, studio photo")
+
+
+class PromptError(ValueError):
+    """A prompt this model cannot take; the message is meant for the person who typed it."""
+
 
 class DiffusionBackend(abc.ABC):
-    """A text-conditioned diffusion model seen through the operations RLR needs."""
+    """A text-conditioned diffusion model seen through the operations RLR needs.
+
+    Besides the operations, a backend says what the layers above need to know about it, so
+    they never ask for its concrete class: ``family`` (the row of the per-family round
+    defaults), ``is_video`` and ``frames``, ``vae`` (latent models), ``prompt_rules`` and
+    ``example_prompts`` (what the UI offers), ``default_reward_encoder``, ``fidelity_judge``
+    and ``to(device)``."""
 
     name: str
     scheduler: DDIMScheduler
+    family: str = "custom"  # the key of app/round_config.py's defaults table
+    is_video: bool = False  # samples are clips (B, F, 3, H, W) after decoding
+    vae: torch.nn.Module | None = None  # latent models' autoencoder (the "vae" reward encoder uses it)
+    # Whether prompts follow the model's own grammar (the built-in models): the UI then checks
+    # them word by word and splits them into stage prompts by rules, not by hand.
+    prompt_rules: bool = False
+    example_prompts: tuple[str, ...] = FREE_TEXT_EXAMPLES
+
+    @property
+    def frames(self) -> int:
+        """Frames per sample: 1 for images."""
+        return 1
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every torch module the backend holds (what ``to`` moves)."""
+        return [self.denoiser]
+
+    def to(self, device: str | torch.device) -> Self:
+        """Move the whole model (and anything cached from it) to ``device``, in place."""
+        for module in self.modules():
+            module.to(device)
+        self.clear_caches()
+        return self
+
+    def clear_caches(self) -> None:
+        """Forget tensors cached from the model (after a move or a weight change)."""
+        return None
+
+    def default_reward_encoder(self) -> str:
+        """The reward proxy's image encoder spec when the person names none: "auto" here means a
+        known CLIP from the local cache, else the model's VAE (``rlr_core.feedback.encoders``)."""
+        return "auto"
 
     @property
     @abc.abstractmethod
@@ -50,7 +99,7 @@ class DiffusionBackend(abc.ABC):
         return tuple(self.state_shape[-2:])  # type: ignore[return-value]
 
     def check_prompt(self, prompt: str) -> str:
-        """Validate a prompt; raise ``text.PromptError`` with a message for the user."""
+        """Validate a prompt; raise :class:`PromptError` with a message for the user."""
         return prompt
 
     def describe_prompt(self, prompt: str) -> str:

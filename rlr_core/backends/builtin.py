@@ -16,6 +16,11 @@ class BuiltinBackend(DiffusionBackend):
     """The built-in pixel-space ShapesWorld model (the app's default)."""
 
     name = "shapesworld-tiny"
+    family = "builtin-image"
+    prompt_rules = True
+    example_prompts = ("a large red circle on the left, black background",
+                       "a small blue square in the center, white background",
+                       "a yellow triangle, navy background", "a large green triangle on the right")
     # Each names what a drifting model loses first: position, size, colour, kind and background.
     held_out_prompts = (
         "a small blue circle on the right", "a large green square on the left, white background",
@@ -28,7 +33,6 @@ class BuiltinBackend(DiffusionBackend):
         self.model = model
         self.scheduler = model.scheduler
         self.path = path
-        self._uncond_cache: torch.Tensor | None = None
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_MODEL_DIR, device: str | torch.device = "cpu") -> BuiltinBackend:
@@ -41,6 +45,12 @@ class BuiltinBackend(DiffusionBackend):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.model.unet
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def default_reward_encoder(self) -> str:
+        return "perception"
 
     @property
     def state_shape(self) -> tuple[int, ...]:

@@ -22,7 +22,12 @@ class BuiltinClipBackend(DiffusionBackend):
     """The built-in clip model: 8 frames of 32x32, the image model plus motion modules."""
 
     name = "shapesworld-clips"
+    family = "builtin-clips"
     is_video = True
+    prompt_rules = True
+    example_prompts = ("a large red circle moving fast to the right, black background",
+                       "a small blue square moving slowly up, white background",
+                       "a yellow triangle standing still, navy background", "a large green triangle moving left")
     held_out_prompts = (
         "a large red circle moving fast to the right, black background",
         "a small blue square moving slowly up, white background",
@@ -58,6 +63,16 @@ class BuiltinClipBackend(DiffusionBackend):
     @property
     def num_frames(self) -> int:
         return self.model.num_frames
+
+    @property
+    def frames(self) -> int:
+        return self.num_frames
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def default_reward_encoder(self) -> str:
+        return "clip-perception"
 
     @property
     def state_shape(self) -> tuple[int, ...]:

@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from rlr_core.backends.base import DiffusionBackend
-from rlr_core.shapesworld.text import PromptError
+from rlr_core.backends.base import DiffusionBackend, PromptError
 
 
 class DiffusersLatentBackend(DiffusionBackend):
+    """A Stable Diffusion 1.x/2.x pipeline's UNet, VAE and text encoder (images)."""
+
+    family = "stable-diffusion"
+
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: torch.nn.Module,
                  tokenizer, scheduler, name: str = "latent-diffusion"):
         self.unet = unet
@@ -59,6 +62,9 @@ class DiffusersLatentBackend(DiffusionBackend):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.unet
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder]
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
     encoder = make_image_encoder("auto", backend, device="cuda")
 
-Image encoders (the :class:`~rlr_core.feedback.reward_proxy.ImageEncoder` protocol: images in
+Image encoders (the :class:`~rlr_core.feedback.protocols.ImageEncoder` protocol: images in
 [0, 1], (B, 3, H, W) -> (B, dim), differentiable in the pixels):
 
 - ``"perception"``: the built-in ShapesWorld perception model (32x32 shapes only); for a video
@@ -19,35 +19,24 @@ Image encoders (the :class:`~rlr_core.feedback.reward_proxy.ImageEncoder` protoc
 - ``"auto"``: perception for the built-in model (clip perception for the built-in clip model);
   else the first known CLIP found in the local cache (:data:`KNOWN_CLIPS`); else vae.
 
-Prompt encoder for free text (``HashedWordsPromptEncoder``): hashed words and word bigrams,
-with no fixed vocabulary (the built-in ``BagOfWordsPromptEncoder`` knows only ShapesWorld's
-words and ignores the rest).
+- ``"per-frame:<spec>"``: an image encoder on every frame of a clip (CLIP on AnimateDiff).
 
 Each encoder has a ``spec`` (the string that rebuilds it) which the proxy's saved file records
-next to the encoder's name and weight fingerprint; :func:`load_proxy` rebuilds it from there.
+next to the encoder's name and weight fingerprint; ``reward_proxy.load_proxy`` rebuilds it from
+there. Prompt encoders live in :mod:`rlr_core.feedback.prompt_encoders`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import zlib
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rlr_core.feedback.reward_proxy import (
-    BagOfWordsPromptEncoder,
-    ImageEncoder,
-    PerceptionImageEncoder,
-    PromptEncoder,
-    RewardProxy,
-)
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.feedback.protocols import ImageEncoder, weights_fingerprint
+from rlr_core.shapesworld import perception
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,17 +47,6 @@ KNOWN_CLIPS = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch16", 
 
 class EncoderError(ValueError):
     """An encoder could not be built; the message says why and what to do."""
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 (16 hex digits) of every parameter and buffer as loaded. Loading the same model in
-    another dtype gives another fingerprint (its features differ slightly too)."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -84,6 +62,33 @@ def _chunked(fn, images: torch.Tensor, max_batch: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- CLIP
+class PerceptionImageEncoder:
+    """The built-in ShapesWorld perception model's embedding as an ``ImageEncoder``."""
+
+    name = "shapesworld-perception"
+    spec = "perception"  # what rlr_core.feedback.encoders.make_image_encoder rebuilds it from
+
+    def __init__(self, model: perception.PerceptionNet | None = None):
+        self.model = model if model is not None else perception.load()
+        self.model.eval().requires_grad_(False)
+        self.dim = perception.EMBED_DIM
+        self._fingerprint: str | None = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (32, 32):  # e.g. a larger generated image
+            images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return self.model.embed(images)
+
+    def to(self, device: str | torch.device) -> PerceptionImageEncoder:
+        self.model.to(device)
+        return self
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+
 class CLIPImageEncoder:
     """CLIP's projected image embedding (L2-normalised), differentiable in the pixels.
 
@@ -99,6 +104,10 @@ class CLIPImageEncoder:
         self.dim = int(model.config.projection_dim)
         self.max_batch = max_batch
         self._fingerprint: str | None = None
+
+    def to(self, device: str | torch.device) -> CLIPImageEncoder:
+        self.model.to(device)
+        return self
 
     @classmethod
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu",
@@ -181,6 +190,10 @@ class VAELatentEncoder:
         self.dim = channels * (2 + grid * grid)
         self._fingerprint: str | None = None
 
+    def to(self, device: str | torch.device) -> VAELatentEncoder:
+        self.vae.to(device)  # the backend's own VAE: it moves with the backend anyway
+        return self
+
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         device, dtype = _module_device_dtype(self.vae)
         x = images.to(device=device, dtype=torch.float32)
@@ -200,51 +213,31 @@ class VAELatentEncoder:
         return self._fingerprint
 
 
-# ----------------------------------------------------------------------------- free-text prompts
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+class PerFrameClipEncoder:
+    """An image encoder applied to every frame of a clip (B, F, 3, H, W), for video models whose
+    encoder reads images (CLIP on AnimateDiff): the mean over frames and the change from the
+    first frame to the last (so the proxy sees motion, crudely). An image is a one-frame clip.
+    Its spec, ``per-frame:<inner spec>``, rebuilds it (:func:`make_image_encoder`)."""
 
+    def __init__(self, inner: ImageEncoder):
+        self.inner = inner
+        self.name = f"per-frame-{inner.name}"
+        self.spec = f"per-frame:{inner.spec}"
+        self.dim = 2 * inner.dim
 
-def free_text_words(prompt: str) -> list[str]:
-    return _WORD.findall(prompt.lower())
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        b, f = x.shape[:2]
+        emb = self.inner.embed(x.flatten(0, 1)).view(b, f, -1)
+        return torch.cat([emb.mean(1), emb[:, -1] - emb[:, 0]], dim=1)
 
+    def fingerprint(self) -> str:
+        return f"{self.inner.fingerprint()}-frames"
 
-class HashedWordsPromptEncoder:
-    """Any prompt -> word indicators hashed into ``word_buckets`` plus word-bigram indicators in
-    ``bigram_buckets`` ("red car" differs from "car red"). No vocabulary: unseen words still
-    count (and may share a bucket with another word; more buckets make that rarer)."""
-
-    kind = "hashed-words"
-
-    def __init__(self, word_buckets: int = 256, bigram_buckets: int = 64):
-        if word_buckets < 1 or bigram_buckets < 0:
-            raise ValueError("word_buckets must be >= 1 and bigram_buckets >= 0")
-        self.word_buckets, self.bigram_buckets = word_buckets, bigram_buckets
-        self.dim = word_buckets + bigram_buckets
-
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        out = torch.zeros(len(prompts), self.dim)
-        for i, prompt in enumerate(prompts):
-            words = free_text_words(prompt)
-            for w in words:
-                out[i, zlib.crc32(w.encode()) % self.word_buckets] = 1.0
-            if self.bigram_buckets:
-                for a, b in zip(words, words[1:]):
-                    out[i, self.word_buckets + zlib.crc32(f"{a} {b}".encode()) % self.bigram_buckets] = 1.0
-        return out
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "word_buckets": self.word_buckets, "bigram_buckets": self.bigram_buckets}
-
-
-def default_prompt_encoder(prompts: Iterable[str]) -> PromptEncoder:
-    """The ShapesWorld bag of words when every word of every prompt is in its vocabulary (the
-    built-in model's prompts), else the free-text encoder."""
-    bow = BagOfWordsPromptEncoder()
-    known = set(bow.vocabulary)
-    for prompt in prompts:
-        if any(w not in known for w in bow._split(prompt) if w.isalnum()):
-            return HashedWordsPromptEncoder()
-    return bow
+    def to(self, device: str | torch.device) -> PerFrameClipEncoder:
+        self.inner.to(device)
+        return self
 
 
 # ----------------------------------------------------------------------------- choosing one
@@ -261,33 +254,23 @@ def cached_clip() -> str | None:
     return None
 
 
-def _is_builtin(backend: Any) -> bool:
-    from rlr_core.backends.builtin import BuiltinBackend
-
-    return isinstance(backend, BuiltinBackend)
-
-
-def _is_builtin_clips(backend: Any) -> bool:
-    from rlr_core.backends.builtin_clips import BuiltinClipBackend
-
-    return isinstance(backend, BuiltinClipBackend)
-
-
-def make_image_encoder(spec: str, backend: Any = None, device: str | torch.device = "cpu") -> ImageEncoder:
+def make_image_encoder(spec: str, backend: DiffusionBackend | None = None,
+                       device: str | torch.device = "cpu") -> ImageEncoder:
     """An image encoder from a spec: "perception", "clip-perception", "clip:<id-or-path>", "vae"
     or "auto"."""
     spec = (spec or "").strip()
-    if spec == "clip-perception" or (spec == "perception" and getattr(backend, "is_video", False)):
+    if spec == "clip-perception" or (spec == "perception" and backend is not None and backend.is_video):
         from rlr_core.shapesworld.clip_perception import ClipPerceptionEncoder, load
 
         return ClipPerceptionEncoder(load(device=device))
     if spec == "auto":
-        if backend is None or _is_builtin(backend) or _is_builtin_clips(backend):
-            return make_image_encoder("perception", backend, device)
+        own = "perception" if backend is None else backend.default_reward_encoder()
+        if own != "auto":
+            return make_image_encoder(own, backend, device)
         repo = cached_clip()
         if repo is not None:
             return make_image_encoder(f"clip:{repo}", backend, device)
-        if getattr(backend, "vae", None) is not None:
+        if backend.vae is not None:
             return make_image_encoder("vae", backend, device)
         raise EncoderError("no image encoder fits: no known CLIP in the local cache "
                            f"({', '.join(KNOWN_CLIPS)}) and the model has no VAE; pass clip:<folder>")
@@ -296,31 +279,20 @@ def make_image_encoder(spec: str, backend: Any = None, device: str | torch.devic
         enc.model.to(device)
         enc.spec = "perception"
         return enc
+    if spec.startswith("per-frame:"):
+        return PerFrameClipEncoder(make_image_encoder(spec[len("per-frame:"):], backend, device))
     if spec.startswith("clip:"):
         source = spec[len("clip:"):].strip()
         if not source:
             raise EncoderError("clip: needs a hub id or a folder, e.g. clip:openai/clip-vit-large-patch14")
         return CLIPImageEncoder.from_pretrained(source, device=device)
     if spec == "vae":
-        vae = getattr(backend, "vae", None)
+        vae = None if backend is None else backend.vae
         if vae is None:
             raise EncoderError("--reward-encoder vae needs a latent model (one with a VAE); "
                                "the built-in model uses 'perception'")
         return VAELatentEncoder(vae)
     raise EncoderError(f"unknown reward encoder {spec!r}; use perception, clip-perception, clip:<hub id or folder>, "
-                       "vae or auto")
+                       "vae, per-frame:<one of those> or auto")
 
 
-def saved_encoder_spec(folder: str | Path) -> str:
-    """The spec of the image encoder a saved proxy was trained with ("perception" for files
-    written before specs were recorded: only the perception encoder existed then)."""
-    meta = json.loads((Path(folder) / "reward_proxy.json").read_text())
-    return meta["image_encoder"].get("spec") or "perception"
-
-
-def load_proxy(folder: str | Path, backend: Any = None, device: str | torch.device = "cpu",
-               image_encoder: ImageEncoder | None = None) -> RewardProxy:
-    """Load a saved proxy with the encoder it was trained with (rebuilt from its recorded spec
-    unless given); refuses, like :meth:`RewardProxy.load`, when name, size or weights differ."""
-    encoder = image_encoder or make_image_encoder(saved_encoder_spec(folder), backend, device)
-    return RewardProxy.load(folder, image_encoder=encoder)

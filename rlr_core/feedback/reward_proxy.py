@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,110 +30,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from rlr_core.backends.base import DiffusionBackend
+from rlr_core.feedback.encoders import PerceptionImageEncoder, make_image_encoder
+from rlr_core.feedback.prompt_encoders import default_prompt_encoder, prompt_encoder_from_config
+from rlr_core.feedback.protocols import ImageEncoder, PromptEncoder
+
 if TYPE_CHECKING:
     from feedback_store import FeedbackStore
-    from rlr_core.shapesworld.perception import PerceptionNet
 
 FORMAT = "rlr-reward-proxy"
 FORMAT_VERSION = 1
 N_STARS = 5
-
-
-# ----------------------------------------------------------------------------- encoders
-@runtime_checkable
-class ImageEncoder(Protocol):
-    """Frozen image features: (B, 3, H, W) floats in [0, 1] -> (B, dim), differentiable in images."""
-
-    name: str
-    dim: int
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor: ...
-
-    def fingerprint(self) -> str:
-        """Changes whenever the encoder's weights change (a saved proxy is tied to them)."""
-        ...
-
-
-class PerceptionImageEncoder:
-    """The built-in ShapesWorld perception model's embedding as an ``ImageEncoder``."""
-
-    name = "shapesworld-perception"
-    spec = "perception"  # what rlr_core.feedback.encoders.make_image_encoder rebuilds it from
-
-    def __init__(self, model: PerceptionNet | None = None):
-        from rlr_core.shapesworld import perception
-
-        self.model = model if model is not None else perception.load()
-        self.model.eval().requires_grad_(False)
-        self.dim = perception.EMBED_DIM
-        self._fingerprint: str | None = None
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != (32, 32):  # e.g. a larger generated image
-            images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        return self.model.embed(images)
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for key, tensor in sorted(self.model.state_dict().items()):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
-
-
-@runtime_checkable
-class PromptEncoder(Protocol):
-    """Fixed-size prompt features: list of prompts -> (B, dim). ``config()`` rebuilds it."""
-
-    dim: int
-
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor: ...
-
-    def config(self) -> dict[str, Any]: ...
-
-
-class BagOfWordsPromptEncoder:
-    """Word indicators over a vocabulary plus hashed word bigrams ("red background" differs
-    from "red circle"). Unknown words are ignored. Generic: any vocabulary works."""
-
-    kind = "bag-of-words"
-
-    def __init__(self, vocabulary: Sequence[str] | None = None, bigram_buckets: int = 32):
-        from rlr_core.shapesworld import text
-
-        if vocabulary is None:
-            vocabulary = [w for w in text.vocabulary() if w not in text.SPECIAL_TOKENS and w.isalnum()]
-        self.vocabulary = list(vocabulary)
-        self.bigram_buckets = bigram_buckets
-        self._index = {w: i for i, w in enumerate(self.vocabulary)}
-        self.dim = len(self.vocabulary) + bigram_buckets
-        self._split = text.split_words
-
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        out = torch.zeros(len(prompts), self.dim)
-        for i, prompt in enumerate(prompts):
-            words = [w for w in self._split(prompt) if w in self._index]
-            for w in words:
-                out[i, self._index[w]] = 1.0
-            for a, b in zip(words, words[1:]):
-                bucket = zlib.crc32(f"{a} {b}".encode()) % self.bigram_buckets
-                out[i, len(self.vocabulary) + bucket] = 1.0
-        return out
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "vocabulary": self.vocabulary, "bigram_buckets": self.bigram_buckets}
-
-
-def prompt_encoder_from_config(config: dict[str, Any]) -> PromptEncoder:
-    if config.get("kind") == BagOfWordsPromptEncoder.kind:
-        return BagOfWordsPromptEncoder(config["vocabulary"], config["bigram_buckets"])
-    from rlr_core.feedback.encoders import HashedWordsPromptEncoder  # free text (real models)
-
-    if config.get("kind") == HashedWordsPromptEncoder.kind:
-        return HashedWordsPromptEncoder(int(config["word_buckets"]), int(config["bigram_buckets"]))
-    raise ValueError(f"unknown prompt encoder {config.get('kind')!r}")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -166,6 +71,13 @@ class RewardProxy(nn.Module):
         self.cut_gaps = nn.Parameter(torch.empty(n_heads, N_STARS - 2))
         self.training_info: dict[str, Any] = {}
         self.reset_parameters(seed)
+
+    def to(self, *args, **kwargs) -> RewardProxy:
+        # The frozen image encoder is a plain attribute (not trained, not saved with the heads), so
+        # nn.Module.to does not reach it; it follows the heads.
+        super().to(*args, **kwargs)
+        self.image_encoder.to(self.w1.device)
+        return self
 
     def reset_parameters(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)  # each head gets its own init: part of the diversity
@@ -235,10 +147,10 @@ class RewardProxy(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   folder / "reward_proxy.safetensors")
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "n_heads": self.n_heads,
-                "hidden": self.hidden,
+                "hidden": self.hidden, "bilinear_rank": self.bilinear_rank,
                 "image_encoder": {"name": self.image_encoder.name, "dim": self.image_encoder.dim,
                                   "fingerprint": self.image_encoder.fingerprint(),
-                                  "spec": getattr(self.image_encoder, "spec", None)},
+                                  "spec": self.image_encoder.spec},
                 "prompt_encoder": self.prompt_encoder.config(), "training": self.training_info}
         (folder / "reward_proxy.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         return folder
@@ -259,7 +171,7 @@ class RewardProxy(nn.Module):
             raise ValueError(f"the {want['name']} encoder's weights changed (or were loaded in another dtype) "
                              "since this proxy was trained; retrain it")
         proxy = cls(image_encoder, prompt_encoder_from_config(meta["prompt_encoder"]), meta["n_heads"],
-                    meta["hidden"])
+                    meta["hidden"], bilinear_rank=int(meta.get("bilinear_rank", 0)))
         proxy.load_state_dict(load_file(folder / "reward_proxy.safetensors"))
         proxy.training_info = meta["training"]
         return proxy.eval()
@@ -426,8 +338,6 @@ def train_from_store(store: FeedbackStore, image_encoder: ImageEncoder | None = 
     index = {sid: i for i, sid in enumerate(ids)}
     prompts = [records.samples[i]["prompt"] for i in ids]
     if prompt_encoder is None:
-        from rlr_core.feedback.encoders import default_prompt_encoder
-
         prompt_encoder = default_prompt_encoder(prompts)
     proxy = RewardProxy(image_encoder or PerceptionImageEncoder(), prompt_encoder, n_heads=n_heads)
     images = load_image_tensor([records.samples[i]["path"] for i in ids])
@@ -436,3 +346,18 @@ def train_from_store(store: FeedbackStore, image_encoder: ImageEncoder | None = 
                  [(index[s], k) for s, k in records.ratings], cfg)
     report["rater_ids"] = list(rater_ids) if rater_ids is not None else None
     return proxy, report
+
+
+def saved_encoder_spec(folder: str | Path) -> str:
+    """The spec of the image encoder a saved proxy was trained with ("perception" for files
+    written before specs were recorded: only the perception encoder existed then)."""
+    meta = json.loads((Path(folder) / "reward_proxy.json").read_text())
+    return meta["image_encoder"].get("spec") or "perception"
+
+
+def load_proxy(folder: str | Path, backend: DiffusionBackend | None = None, device: str | torch.device = "cpu",
+               image_encoder: ImageEncoder | None = None) -> RewardProxy:
+    """Load a saved proxy with the encoder it was trained with (rebuilt from its recorded spec
+    unless given); refuses, like :meth:`RewardProxy.load`, when name, size or weights differ."""
+    encoder = image_encoder or make_image_encoder(saved_encoder_spec(folder), backend, device)
+    return RewardProxy.load(folder, image_encoder=encoder)

@@ -15,7 +15,6 @@ embedding next to the motion embedding, differentiable in the frames).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from rlr_core.feedback.protocols import weights_fingerprint
 from rlr_core.shapesworld import clips
 from rlr_core.shapesworld import perception as image_perception
 from rlr_core.shapesworld.model import REPO_ROOT
@@ -155,13 +155,13 @@ class ClipPerceptionEncoder:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images.to(self.model.coords.device)).to(images.device)
 
+    def to(self, device: str | torch.device) -> ClipPerceptionEncoder:
+        self.model.to(device)
+        return self
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for key, tensor in sorted(self.model.state_dict().items()):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
 

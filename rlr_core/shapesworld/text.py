@@ -13,6 +13,7 @@ import re
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from rlr_core.backends.base import PromptError  # the generic prompt error; the grammar raises it
 from rlr_core.shapesworld import world as sw
 
 MAX_TOKENS = 16  # bos + up to 14 words + eos; the grammar needs at most 12
@@ -34,10 +35,6 @@ _SYNONYMS = {"big": "large", "little": "small", "centre": "center", "middle": "c
 # words so a clip tokenizer gives every image word the image model's id.
 _MOTION_WORDS = ["moving", "slowly", "fast", "to", "up", "down", "standing", "still"]
 _MOTION_SYNONYMS = {"quickly": "fast", "quick": "fast", "slow": "slowly"}
-
-
-class PromptError(ValueError):
-    """A prompt the built-in model cannot take (empty, too long, unknown words)."""
 
 
 class UnknownWordsError(PromptError):
