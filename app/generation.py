@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from app import zerogpu
 from feedback_store import FeedbackStore
 from rlr_core import dcot, sampler
 from rlr_core.backends.base import DiffusionBackend
@@ -19,32 +20,13 @@ from rlr_core.backends.base import DiffusionBackend
 GenerationSettings = sampler.SamplerSettings
 
 
-def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
-         stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
-         boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1]; rows with stage prompts follow the DCoT schedule.
+def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] (clips (B, F, 3, H, W)), on the CPU when drawn on a GPU.
     On a ZeroGPU Space they are drawn inside a ``spaces.GPU`` call (:mod:`app.zerogpu`)."""
-    from app import zerogpu
-
     if zerogpu.on_zero_gpu():
-        return zerogpu.draw_on_gpu(backend, list(prompts), seed, settings, stage_prompts, boundaries)
-    return draw_here(backend, prompts, seed, settings, stage_prompts, boundaries)
-
-
-@torch.no_grad()
-def draw_here(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
-              stage_prompts: Sequence[dcot.StagePrompts | None] | None = None,
-              boundaries: Sequence[float] = dcot.DEFAULT_BOUNDARIES) -> torch.Tensor:
-    """``draw`` in this process, on the backend's device."""
-    if stage_prompts is None or not any(stage_prompts):
+        return zerogpu.draw_on_gpu(backend, list(prompts), seed, settings)
+    with torch.no_grad():
         return sampler.generate(backend, list(prompts), settings, seed=seed)
-    per_image = [
-        dcot.step_prompts(st, settings.steps, boundaries) if st else [p] * settings.steps
-        for p, st in zip(prompts, stage_prompts)
-    ]
-    per_step = [[rows[i] for rows in per_image] for i in range(settings.steps)]
-    images, _ = dcot.sample_staged(backend, per_step, seed, settings.guidance, settings.eta)
-    return images
 
 
 def store_images(store: FeedbackStore, images: torch.Tensor, prompts: Sequence[str], seed: int,

@@ -27,7 +27,7 @@ from app import fidelity_guard, round_config, round_files
 from app import validate as check
 from app.errors import AppError
 from app.generation import draw, store_images
-from app.models import ModelRegistry
+from app.models import VERSIONS_DIR, ModelRegistry
 from app.prompts import RoundPrompt, round_prompts
 from app.round_config import RoundConfig
 from app.state import StateFile
@@ -37,7 +37,6 @@ from rlr_core import dcot
 
 PROXY_DIR = "reward_proxy"
 PROXY_KEYS = ("proxy_heldout_accuracy", "proxy_heldout_pairs", "proxy_comparisons", "proxy_ratings")
-VERSIONS_DIR = "versions"
 
 
 class RoundRunner:

@@ -72,7 +72,7 @@ class AppServices:
         encoder = video.reward_encoder(config.reward_encoder, self.base_backend, config.device)
         # prompt fidelity's judge (rlr_core/fidelity.py); None: the model has none and fidelity is not guarded
         # (a CLIP-judged model uses the CLIP the proxy uses, also when "auto" chose it)
-        self.fidelity_judge = self.base_backend.fidelity_judge(getattr(encoder, "spec", None) or config.reward_encoder)
+        self.fidelity_judge = self.base_backend.fidelity_judge(encoder.spec)
         self.rounds = RoundRunner(self.store, self.worker, self.state, self.models, self.data_dir,
                                   authorise=self.check_admin, active_version=lambda: self.active_version_id,
                                   check_prompt=self.base_backend.check_prompt, image_encoder=encoder,

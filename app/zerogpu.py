@@ -19,13 +19,13 @@ looks for them when the app starts.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from app.errors import AppError
-from rlr_core import dcot
+from rlr_core import sampler
 from rlr_core.training.chunked import run_chunk
 from rlr_core.training.devices import move_to
 
@@ -76,13 +76,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _draw_on_gpu(backend, prompts: list[str], seed: int, settings,
-                 stage_prompts: Sequence[dcot.StagePrompts | None] | None,
-                 boundaries: Sequence[float]) -> torch.Tensor:
-    from app.generation import draw_here
-
+@torch.no_grad()
+def _draw_on_gpu(backend, prompts: list[str], seed: int, settings: sampler.SamplerSettings) -> torch.Tensor:
     move_to(backend, _device())
-    return draw_here(backend, prompts, seed, settings, stage_prompts, boundaries).cpu()
+    return sampler.generate(backend, prompts, settings, seed=seed).cpu()
 
 
 draw_on_gpu = _gpu(GENERATION_SECONDS)(_draw_on_gpu)

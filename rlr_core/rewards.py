@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from rlr_core.estimators.backend_chain import RewardFn
 from rlr_core.shapesworld import clip_perception as clip_perception_mod
 from rlr_core.shapesworld import clips
 from rlr_core.shapesworld import perception as perception_mod
@@ -36,7 +37,6 @@ from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.clip_perception import ClipPerceptionNet
 from rlr_core.shapesworld.perception import PerceptionNet
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 RewardFactory = Callable[[PerceptionNet, str | None], RewardFn]
 REWARDS: dict[str, RewardFactory] = {}
 ClipRewardFactory = Callable[[ClipPerceptionNet, str | None], RewardFn]

@@ -83,7 +83,7 @@ def test_auto_train_starts_a_round_after_n_new_judgements(services):
     services.rate(ids[0], "bo", 2)
     assert not services.worker.status().active
     services.rate(ids[1], "bo", 4)  # the 2nd new judgement starts a round, with the last settings
-    assert services.worker.status().active or services.worker.status().job_id == 2
+    assert services.worker.status().job_id == 2  # a second job was started (it may have finished already)
     assert wait(services)["state"] == "finished"
     assert [r["state"] for r in services.store.training_rounds()] == ["finished", "finished"]
     assert services.store.training_rounds()[1]["config"]["steps"] == TINY["steps"]

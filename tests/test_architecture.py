@@ -60,6 +60,20 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def all_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import, deferred ones in function bodies included (a deferred cycle is still a
+    cycle: it only hides the dependency); not those under ``if TYPE_CHECKING:`` (never run)."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def module_level_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
     """Imports that run at import time: not in functions or classes' methods, not TYPE_CHECKING."""
     stack: list[ast.stmt] = list(tree.body)
@@ -77,7 +91,7 @@ def module_level_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFr
                     stack.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
 
 
-def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+def import_graph(root: Path, packages: tuple[str, ...], imports=module_level_imports) -> dict[str, set[str]]:
     files = {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
     graph: dict[str, set[str]] = {name: set() for name in files}
 
@@ -88,7 +102,7 @@ def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
 
     for name, path in files.items():
         is_pkg = path.name == "__init__.py"
-        for node in module_level_imports(ast.parse(path.read_text(), str(path))):
+        for node in imports(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -147,6 +161,12 @@ def test_no_import_cycles() -> None:
     assert find_cycles(graph) == []
 
 
+def test_no_import_cycles_through_deferred_imports_either() -> None:
+    graph = import_graph(ROOT, PACKAGES, all_imports)
+    assert "app.zerogpu" in graph["app.generation"]  # deferred and module-level edges alike
+    assert find_cycles(graph) == []
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -157,6 +177,9 @@ def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
     assert find_cycles(import_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]
     (pkg / "c.py").write_text("")
     assert find_cycles(import_graph(tmp_path, ("pkg",))) == []  # the import in a function does not count
+    (pkg / "c.py").write_text("def g():\n    from pkg import a\n")
+    assert find_cycles(import_graph(tmp_path, ("pkg",))) == []
+    assert find_cycles(import_graph(tmp_path, ("pkg",), all_imports)) == [["pkg.a", "pkg.b", "pkg.c"]]  # deferred count
 
 
 # --- (b) module size ------------------------------------------------------------------------
@@ -282,3 +305,33 @@ def test_only_the_sampler_touches_scheduler_state() -> None:
     assert found == {"rlr_core/sampler.py": ["scheduler.set_timesteps"]}
     oracle = scheduler_calls((ROOT / "tests/oracles/diffusers_loop.py").read_text())
     assert sorted(oracle) == ["scheduler.set_timesteps", "scheduler.step"]
+
+
+# --- (d) the backend interface is complete ------------------------------------------------------
+
+CONCRETE_BACKENDS = {"BuiltinBackend", "BuiltinClipBackend", "DiffusersLatentBackend", "AnimateDiffBackend"}
+
+
+def backend_guesses(tree: ast.Module) -> list[int]:
+    """Lines that ask for a concrete backend class (``isinstance(x, BuiltinBackend)``) or guess at
+    an attribute of a backend (``getattr(backend, ...)``): what the interface should say instead."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or _call_name(node) not in ("isinstance", "getattr") or len(node.args) < 2:
+            continue
+        if _call_name(node) == "isinstance":
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any(isinstance(k, (ast.Name, ast.Attribute)) and ast.unparse(k).split(".")[-1] in CONCRETE_BACKENDS
+                   for k in kinds):
+                lines.append(node.lineno)
+        elif "backend" in ast.unparse(node.args[0]).split(".")[-1]:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_concrete_backend_checks_outside_the_backends() -> None:
+    found = {rel(p): backend_guesses(ast.parse(p.read_text())) for p in python_files(*PACKAGES, "bench")
+             if not rel(p).startswith("rlr_core/backends/")}
+    assert {path: lines for path, lines in found.items() if lines} == {}
+    sample = "if isinstance(b, BuiltinBackend) or getattr(backend, 'is_video', False): pass"
+    assert backend_guesses(ast.parse(sample)) == [1, 1]  # the check can fail

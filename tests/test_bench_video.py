@@ -49,8 +49,8 @@ def test_video_fidelity_at_a_tiny_size(clip_model_dir, judge_dir, tmp_path):
     result = json.loads(out.read_text())
     for group in ("all", "held_out"):
         assert set(result["accuracy"][group]) == set(clips.CLIP_ATTRIBUTES)
-    for value in result["accuracy"]["all"].values():
-        assert value is None or 0 <= value <= 1
+    measured = [v for v in result["accuracy"]["all"].values() if v is not None]  # None: no prompt named it
+    assert measured and all(0 <= v <= 1 for v in measured)
     assert result["settings"]["held_out_prompts"] == 1 and result["settings"]["frames"] == clips.NUM_FRAMES
     assert result["seconds_per_4_clips"] > 0
     checks = {t["check"].split(" ")[0]: t for t in result["targets"]}

@@ -237,7 +237,7 @@ def test_a_baseline_that_sees_the_steps_own_noise_is_biased(chain: ToyChain, mon
     mu_k. It correlates with the score of that very noise, so the check must flag it."""
     from rlr_core.estimators import baselines
 
-    monkeypatch.setattr(baselines, "baseline_state", lambda traj, ks, rows: traj.x[ks - 1, rows])
+    monkeypatch.setattr(baselines, "noise_free_next", lambda traj, ks, rows: traj.x[ks - 1, rows])
     s = summarise(chain, LikelihoodRatio(chunk=BIG_CHUNK, baseline="state"))
     assert not is_unbiased(s, chain.exact_grad()), f"bias only {bias_in_se(s, chain.exact_grad()):.1f} SE"
 

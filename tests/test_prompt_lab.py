@@ -21,8 +21,8 @@ def test_preview_rows_are_the_images_generation_draws(tmp_path, builtin_backend)
         services.close()
     settings = GenerationSettings(steps=5, guidance=3.0)
     plain = draw(builtin_backend, [prompt], 11, settings)
-    staged = draw(builtin_backend, [prompt], 11, settings,
-                  stage_prompts=[dcot.StagePrompts(stages.coarse, mid, stages.fine)], boundaries=(0.3, 0.6))
+    per_step = [[p] for p in dcot.step_prompts(dcot.StagePrompts(stages.coarse, mid, stages.fine), 5, (0.3, 0.6))]
+    staged, _ = dcot.sample_staged(builtin_backend, per_step, 11, 3.0, settings.eta)
     # The last capture is the final step's prediction of x_0, which is the final image (sigma_1 = 0).
     torch.testing.assert_close(out["plain"][-1], plain[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out["staged"][-1], staged[0], rtol=0, atol=1e-5)

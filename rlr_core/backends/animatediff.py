@@ -20,6 +20,7 @@ from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
 from torch.utils.checkpoint import checkpoint
 
 from rlr_core.backends.latent import DiffusersLatentBackend
+from rlr_core.backends.load_errors import ModelLoadError, first_line, model_name
 
 DEFAULT_FRAMES = 16  # AnimateDiff's usual clip length (the v1.5 adapters were trained on 16)
 DECODE_CHUNK = 4  # frames per VAE call while training: the reward's backward holds one chunk
@@ -136,8 +137,6 @@ def is_motion_adapter_folder(path: Path) -> bool:
 def load_folder(path: Path, label: str, meta: dict, device, dtype: torch.dtype,
                 num_frames: int | None = None) -> AnimateDiffBackend:
     """The backend for an AnimateDiff pipeline folder; every failure is one ``ModelLoadError`` line."""
-    from rlr_core.backends.loading import ModelLoadError, _first_line, _model_name
-
     if is_motion_adapter_folder(path):
         raise ModelLoadError(f"--model {label}: a motion adapter on its own, not a whole AnimateDiff pipeline; "
                              f"join it to a Stable Diffusion 1.5 pipeline once with {BUILD_HINT} and pass FOLDER")
@@ -155,13 +154,13 @@ def load_folder(path: Path, label: str, meta: dict, device, dtype: torch.dtype,
                                                    use_safetensors=True)
     except Exception as err:
         raise ModelLoadError(f"--model {label}: the {PIPELINE_CLASS} in {path} did not load "
-                             f"({type(err).__name__}: {_first_line(err)})") from None
-    name = _model_name(label, path)
+                             f"({type(err).__name__}: {first_line(err)})") from None
+    name = model_name(label, path)
     try:
         pipe.to(device)
     except Exception as err:
-        raise ModelLoadError(f"--model {name}: could not move the model to {device} ({_first_line(err)})") from None
+        raise ModelLoadError(f"--model {name}: could not move the model to {device} ({first_line(err)})") from None
     try:
         return AnimateDiffBackend.from_pipeline(pipe, name=name, num_frames=num_frames)
     except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"--model {label}: {_first_line(err)}") from None
+        raise ModelLoadError(f"--model {label}: {first_line(err)}") from None

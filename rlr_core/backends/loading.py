@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from rlr_core.backends import animatediff
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.backends.load_errors import HUB_ID, ModelLoadError, first_line, model_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What a Stable-Diffusion-class pipeline needs (SDXL has a second text encoder: not served).
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_NOTE = "the built-in model (no --model) needs nothing"
-
-
-class ModelLoadError(ValueError):
-    """The model could not be loaded; the message says why and what to do, in one line."""
 
 
 def is_builtin_folder(path: Path) -> bool:
@@ -147,8 +143,6 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
             meta = json.loads(index.read_text())
         except ValueError:
             meta = {}
-    from rlr_core.backends import animatediff
-
     if str(meta.get("_class_name", "")).startswith("AnimateDiff") or animatediff.is_motion_adapter_folder(path):
         return animatediff.load_folder(path, label, meta, device, dtype)
     missing = [c for c in NEEDED if not isinstance(meta.get(c), list)]
@@ -165,8 +159,8 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
             local_files_only=True)
     except Exception as err:
         raise ModelLoadError(f"--model {label}: the pipeline in {path} did not load "
-                             f"({type(err).__name__}: {_first_line(err)})") from None
-    return _from_pipe(pipe, _model_name(label, path), device)
+                             f"({type(err).__name__}: {first_line(err)})") from None
+    return _from_pipe(pipe, model_name(label, path), device)
 
 
 def _load_single_file(path: Path, device, dtype: torch.dtype) -> DiffusionBackend:
@@ -184,7 +178,7 @@ def _load_single_file(path: Path, device, dtype: torch.dtype) -> DiffusionBacken
     except Exception as err:
         raise ModelLoadError(
             f"--model {path}: diffusers could not load this single-file checkpoint as a Stable Diffusion pipeline "
-            f"({type(err).__name__}: {_first_line(err)}); from_single_file also needs the base pipeline's configs "
+            f"({type(err).__name__}: {first_line(err)}); from_single_file also needs the base pipeline's configs "
             "from the hub or its local cache (e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 "
             "--include '*.json' '*.txt'`)") from None
     return _from_pipe(pipe, path.stem, device)
@@ -196,17 +190,5 @@ def _from_pipe(pipe, name: str, device) -> DiffusionBackend:
     try:
         pipe.to(device)
     except Exception as err:
-        raise ModelLoadError(f"--model {name}: could not move the model to {device} ({_first_line(err)})") from None
+        raise ModelLoadError(f"--model {name}: could not move the model to {device} ({first_line(err)})") from None
     return DiffusersLatentBackend.from_pipeline(pipe, name=name)
-
-
-def _model_name(label: str, path: Path) -> str:
-    """A readable name: the hub id, else the folder's name."""
-    if HUB_ID.match(label) and not Path(label).exists():
-        return label
-    return path.resolve().name
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__

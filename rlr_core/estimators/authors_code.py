@@ -23,8 +23,8 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, deterministic_tail, fo_backward, mean_with_graph, pathwise
-from rlr_core.estimators.ddpo import log_ratio
-from rlr_core.estimators.kl import KL_STEPS, kl_backward
+from rlr_core.estimators.ddpo import clipped_surrogate, log_ratio
+from rlr_core.estimators.kl import KL_STEPS, kl_term
 from rlr_core.rollout import Trajectory
 
 SAMPLER_ETA = 0.05  # their script's sample_eta
@@ -88,9 +88,7 @@ class AuthorsCode(Estimator):
         fo_backward(chain, ctx, traj, tail)
         loss = -float(R.mean())
         stats = {}
-        if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps)  # subset: the global generator
-            loss += self.kl_coef * stats["kl"]
+        loss += kl_term(chain, ctx, traj, self.kl_coef, self.kl_steps, stats)  # subset: the global generator
         return Estimate(R, loss, stats)
 
     def _ho(self, chain: Chain, ctx: ChainContext, batch: tuple) -> Estimate:
@@ -102,9 +100,7 @@ class AuthorsCode(Estimator):
         x = pathwise(chain, ctx, traj.x[top, rows].detach(), top, noise=traj.noise, steps=self.chain_len - 1)
         m = mean_with_graph(chain, x, starts, ctx)
         ratio = torch.exp(log_ratio(m, traj.mean[starts, rows], traj.noise[starts, rows], chain.sigma[starts].to(m)))
-        adv = A.to(m)
-        clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
-        loss = self.ho_coef * torch.maximum(-adv * ratio, -adv * clipped).mean()
+        per_row, outside = clipped_surrogate(ratio, A.to(m), self.clip_range)
+        loss = self.ho_coef * per_row.mean()
         loss.backward()
-        frac = float(((ratio - 1).abs() > self.clip_range).float().mean())
-        return Estimate(R, float(loss.detach()), {"clip_fraction": frac})
+        return Estimate(R, float(loss.detach()), {"clip_fraction": outside / len(ratio)})

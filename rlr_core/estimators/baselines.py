@@ -56,9 +56,19 @@ def mean_of_others(values: torch.Tensor, groups: torch.Tensor, alone: float | No
     return torch.where(others > 0, (sums[index] - values) / others.clamp(min=1), fallback)
 
 
-def baseline_state(traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The state a baseline for step k may look at: mu_k, the next state without step k's noise."""
+def noise_free_next(traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """mu_k, the next state without step k's noise: what a baseline for step k may look at, and
+    where the Taylor control variate linearises (a function of x_k only)."""
     return traj.mean[ks, rows]
+
+
+def surrogate(chain: Chain, x: torch.Tensor, k: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    """S_k(x) = R(x0_hat(x, k-1)) per row (k = 1: R(x), x is already x_0); differentiable in x."""
+    x0 = x.clone()
+    later = (k > 1).nonzero().flatten()
+    if len(later):
+        x0[later] = chain.denoised(x[later], k[later] - 1, ctx.take(later)).to(x0)
+    return chain.reward(x0, ctx)
 
 
 @torch.no_grad()
@@ -70,13 +80,7 @@ def state_values(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Te
     out = []
     for start in range(0, len(ks), chunk):
         k, r = ks[start:start + chunk], rows[start:start + chunk]
-        sub = ctx.take(r)
-        x = baseline_state(traj, k, r)
-        x0 = x.clone()
-        later = (k > 1).nonzero().flatten()
-        if len(later):
-            x0[later] = chain.denoised(x[later], k[later] - 1, sub.take(later)).to(x0)
-        out.append(chain.reward(x0, sub).detach())
+        out.append(surrogate(chain, noise_free_next(traj, k, r), k, ctx.take(r)).detach())
     return torch.cat(out)
 
 

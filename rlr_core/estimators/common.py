@@ -146,8 +146,3 @@ def lr_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Ten
         loss.backward()
         total += float(loss.detach())
     return total
-
-
-def grad_norm(params: list[torch.nn.Parameter]) -> float:
-    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
-    return float(torch.cat(grads).norm()) if grads else 0.0

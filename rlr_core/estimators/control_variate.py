@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from rlr_core.estimators.baselines import Baseline, advantages, noise_free_next, state_values, surrogate
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.rollout import Trajectory
-
-
-def linearisation_point(traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Where S_k is linearised: mu_k, the next state without step k's noise."""
-    return traj.mean[ks, rows]
 
 
 def surrogate_and_slope(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: torch.Tensor, rows: torch.Tensor,
@@ -41,14 +37,9 @@ def surrogate_and_slope(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: t
     values, slopes = [], []
     for start in range(0, len(ks), chunk):
         k, r = ks[start:start + chunk], rows[start:start + chunk]
-        sub = ctx.take(r)
         with torch.enable_grad():
-            x = linearisation_point(traj, k, r).detach().clone().requires_grad_(True)
-            later = (k > 1).nonzero().flatten()
-            x0 = x.clone()
-            if len(later):
-                x0[later] = chain.denoised(x[later], k[later] - 1, sub.take(later)).to(x0)
-            S = chain.reward(x0, sub)
+            x = noise_free_next(traj, k, r).detach().clone().requires_grad_(True)
+            S = surrogate(chain, x, k, ctx.take(r))
             (a,) = torch.autograd.grad(S.sum(), x)
         values.append(S.detach())
         slopes.append(a.detach())
@@ -61,3 +52,27 @@ def surrogate_and_slope(chain: Chain, ctx: ChainContext, traj: Trajectory, ks: t
 def linear_term(slopes: torch.Tensor, x_next: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     """<a_k, x_{k-1} - mu_k> per pair (or per branch: x_next (M, P, *state) gives (M, P))."""
     return (slopes.to(x_next) * (x_next - point.to(x_next))).flatten(-slopes.ndim + 1).sum(-1)
+
+
+def taylor_advantages(A: torch.Tensor, slopes: torch.Tensor, x_next: torch.Tensor, traj: Trajectory,
+                      ks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """R - beta - <a_k, x_{k-1} - mu_k>: the advantages with the linear term taken out (per pair, or
+    per branch end when ``x_next`` is (M, P, *state)); its expectation comes back through ``slopes``
+    in the backward (``lr_backward``, ``RLR.ho_backward``)."""
+    return A - linear_term(slopes, x_next, noise_free_next(traj, ks, rows))
+
+
+def pair_advantages(chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, ks: torch.Tensor,
+                    rows: torch.Tensor, baseline: Baseline, control_variate: str, chunk: int,
+                    groups: torch.Tensor | None = None,
+                    peers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """R - beta for the likelihood-ratio pairs (ks[i], rows[i]) and, with ``control_variate`` "taylor",
+    their slopes a_k (else None). S_k(mu_k) is the state value T too: one pass gives both."""
+    values = slopes = None
+    if control_variate == "taylor":
+        values, slopes = surrogate_and_slope(chain, ctx, traj, ks, rows, chunk)
+    elif control_variate != "none":
+        raise ValueError(f"unknown control variate {control_variate!r}; choose 'none' or 'taylor'")
+    elif baseline != "loo":
+        values = state_values(chain, ctx, traj, ks, rows, chunk)
+    return advantages(R, rows, baseline, values, groups=groups, peers=peers), slopes

@@ -27,7 +27,7 @@ from rlr_core.estimators.common import (
     fo_backward,
     leave_one_out,
 )
-from rlr_core.estimators.kl import KL_STEPS, kl_backward
+from rlr_core.estimators.kl import KL_STEPS, kl_term
 from rlr_core.estimators.likelihood_ratio import stochastic_pairs
 from rlr_core.rollout import Trajectory
 
@@ -105,17 +105,14 @@ class DDPO(Estimator):
             k, b = ks[start:start + self.chunk], rows[start:start + self.chunk]
             mu = chain.mean(traj.x[k, b], k, ctx.take(b))
             ratio = torch.exp(log_ratio(mu, traj.mean[k, b], traj.noise[k, b], chain.sigma[k].to(mu)))
-            adv = A[b].to(mu)
-            clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
-            loss = torch.maximum(-adv * ratio, -adv * clipped).sum() / ctx.batch
+            per_row, outside = clipped_surrogate(ratio, A[b].to(mu), self.clip_range)
+            loss = per_row.sum() / ctx.batch
             loss.backward()
             loss_value += float(loss.detach())
-            n_clipped += int(((ratio - 1).abs() > self.clip_range).sum())
+            n_clipped += outside
         stats = {"clip_fraction": n_clipped / max(len(ks), 1)}
-        if self.kl_coef:
-            # the subset of steps from torch's global generator (seeded by the round): no generator here
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps)
-            loss_value += self.kl_coef * stats["kl"]
+        # the KL's subset of steps from torch's global generator (seeded by the round): no generator here
+        loss_value += kl_term(chain, ctx, traj, self.kl_coef, self.kl_steps, stats)
         return Estimate(R, loss_value, stats)
 
 
@@ -128,3 +125,10 @@ def log_ratio(mu_new: torch.Tensor, mu_old: torch.Tensor, eps: torch.Tensor, sig
     d = (mu_new - mu_old).flatten(1)
     e = eps.flatten(1)
     return (2 * sigma * (d * e).sum(1) - (d * d).sum(1)) / (2 * sigma**2)
+
+
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, int]:
+    """PPO's clipped objective per row, max(-A r, -A clip(r, 1 - c, 1 + c)) (to minimise), and how many
+    rows' ratios lie outside the clip range."""
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(-adv * ratio, -adv * clipped), int(((ratio - 1).abs() > clip_range).sum())

@@ -75,6 +75,16 @@ def kl_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, coef: float,
     return total
 
 
+def kl_term(chain: Chain, ctx: ChainContext, traj: Trajectory, coef: float, steps: int | None,
+            stats: dict, generator: torch.Generator | None = None) -> float:
+    """Every estimator's KL epilogue: :func:`kl_backward` when ``coef`` > 0, the estimate recorded
+    in ``stats["kl"]``; returns coef * KL, the term's share of the reported loss (0 when off)."""
+    if not coef:
+        return 0.0
+    stats["kl"] = kl_backward(chain, ctx, traj, coef, steps, generator)
+    return coef * stats["kl"]
+
+
 def replay(chain: Chain, ctx: ChainContext, generator_state: torch.Tensor) -> Trajectory:
     """The trajectory an estimator that does not record one (full or truncated BP) sampled from
     ``generator_state``: the same draws in the same order, recorded without a graph."""

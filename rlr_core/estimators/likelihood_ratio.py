@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from rlr_core.estimators.baselines import Baseline, advantages, state_values
+from rlr_core.estimators.baselines import Baseline
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import (
     Estimate,
@@ -24,8 +24,8 @@ from rlr_core.estimators.common import (
     fo_backward,
     lr_backward,
 )
-from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
-from rlr_core.estimators.kl import KL_STEPS, kl_backward
+from rlr_core.estimators.control_variate import pair_advantages, taylor_advantages
+from rlr_core.estimators.kl import KL_STEPS, kl_term
 
 
 def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +54,11 @@ class LikelihoodRatio(Estimator):
         else:
             R = chain.reward(traj.x0, ctx).detach()
         ks, rows = stochastic_pairs(tail + 1, chain.num_steps, ctx.batch)
-        slopes = None
-        if self.control_variate == "taylor":
-            values, slopes = surrogate_and_slope(chain, ctx, traj, ks, rows, self.chunk)
-        else:
-            values = None if self.baseline == "loo" else state_values(chain, ctx, traj, ks, rows, self.chunk)
-        A = advantages(R, rows, self.baseline, values, groups=ks)
+        A, slopes = pair_advantages(chain, ctx, traj, R, ks, rows, self.baseline, self.control_variate, self.chunk,
+                                    groups=ks)
         if slopes is not None:
-            A = A - linear_term(slopes, traj.x[ks - 1, rows], linearisation_point(traj, ks, rows))
+            A = taylor_advantages(A, slopes, traj.x[ks - 1, rows], traj, ks, rows)
         loss += lr_backward(chain, ctx, traj, ks, rows, A, self.chunk, slopes)
         stats = {}
-        if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps, generator)
-            loss += self.kl_coef * stats["kl"]
+        loss += kl_term(chain, ctx, traj, self.kl_coef, self.kl_steps, stats, generator)
         return Estimate(R, loss, stats)

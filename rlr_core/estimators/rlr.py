@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from rlr_core.estimators.baselines import Baseline, advantages, state_values
+from rlr_core.estimators.baselines import Baseline
 from rlr_core.estimators.chain import Chain, ChainContext, ZOPerturbation
 from rlr_core.estimators.common import (
     Estimate,
@@ -44,9 +44,9 @@ from rlr_core.estimators.common import (
     mean_with_graph,
     pathwise,
 )
-from rlr_core.estimators.control_variate import linear_term, linearisation_point, surrogate_and_slope
+from rlr_core.estimators.control_variate import pair_advantages, taylor_advantages
 from rlr_core.estimators.groups import group_batch
-from rlr_core.estimators.kl import KL_STEPS, kl_backward
+from rlr_core.estimators.kl import KL_STEPS, kl_term
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
 from rlr_core.rollout import Prediction, Trajectory, draw_noise, rollout
 
@@ -201,21 +201,19 @@ class RLR(Estimator):
                 A_ho, slope_ho = self.weights(chain, ctx, traj, R, starts, chunk, peers=peers)
                 ends, A_ho = traj.x[starts - 1, rows][None], A_ho[None]
             if slope_ho is not None:  # Taylor control variate, per branch end
-                A_ho = A_ho - linear_term(slope_ho, ends, linearisation_point(traj, starts, rows))
+                A_ho = taylor_advantages(A_ho, slope_ho, ends, traj, starts, rows)
             loss += self.ho_backward(chain, ctx, traj, starts, h, A_ho, ends, slope_ho)
         if self.rest == "lr":
             ks, rows_c = rest.nonzero(as_tuple=True)
             A, slope = self.weights(chain, ctx, traj, R, ks, chunk, rows_c, peers)
             if slope is not None:
-                A = A - linear_term(slope, traj.x[ks - 1, rows_c], linearisation_point(traj, ks, rows_c))
+                A = taylor_advantages(A, slope, traj.x[ks - 1, rows_c], traj, ks, rows_c)
                 slope = slope * scale[rows_c].to(slope).reshape(-1, *[1] * (slope.ndim - 1))
             loss += lr_backward(chain, ctx, traj, ks, rows_c, A * scale[rows_c].to(A), chunk, slope)
         elif self.rest == "zo":
             zo_accumulate(chain, perturb, leave_one_out(R, peers))
         stats = {"tail": tail, "block": h, "block_start_mean": float(starts.float().mean())}
-        if self.kl_coef:
-            stats["kl"] = kl_backward(chain, ctx, traj, self.kl_coef, self.kl_steps, generator)
-            loss += self.kl_coef * stats["kl"]
+        loss += kl_term(chain, ctx, traj, self.kl_coef, self.kl_steps, stats, generator)
         return Estimate(R, loss, stats)
 
     def weights(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, ks: torch.Tensor,
@@ -226,15 +224,8 @@ class RLR(Estimator):
         None (the HO term, ks = the block starts j, grouped together for "state+loo")."""
         per_row = rows is None
         rows = torch.arange(ctx.batch) if per_row else rows
-        values = slopes = None
-        if self.control_variate == "taylor":  # S_k(mu_k) is the state value T too: one pass for both
-            values, slopes = surrogate_and_slope(chain, ctx, traj, ks, rows, chunk)
-        elif self.control_variate != "none":
-            raise ValueError(f"unknown control variate {self.control_variate!r}; choose 'none' or 'taylor'")
-        elif self.baseline != "loo":
-            values = state_values(chain, ctx, traj, ks, rows, chunk)
-        A = advantages(R, rows, self.baseline, values, groups=None if per_row else ks, peers=peers)
-        return A, slopes
+        return pair_advantages(chain, ctx, traj, R, ks, rows, self.baseline, self.control_variate, chunk,
+                               groups=None if per_row else ks, peers=peers)
 
     @torch.no_grad()
     def branch(self, chain: Chain, ctx: ChainContext, traj: Trajectory, R: torch.Tensor, starts: torch.Tensor,

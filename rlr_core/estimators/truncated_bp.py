@@ -17,7 +17,7 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
-from rlr_core.estimators.kl import KL_STEPS, kl_backward, replay
+from rlr_core.estimators.kl import KL_STEPS, kl_term, replay
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TruncatedBackprop(Estimator):
         loss = -R.mean()
         loss.backward()
         stats = {"kept_steps": kept}
+        kl = 0.0
         if state is not None:  # along the same trajectory, re-sampled without a graph
-            stats["kl"] = kl_backward(chain, ctx, replay(chain, ctx, state), self.kl_coef, self.kl_steps, generator)
-        return Estimate(R.detach(), float(loss.detach()) + self.kl_coef * stats.get("kl", 0.0), stats)
+            kl = kl_term(chain, ctx, replay(chain, ctx, state), self.kl_coef, self.kl_steps, stats, generator)
+        return Estimate(R.detach(), float(loss.detach()) + kl, stats)
