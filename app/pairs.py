@@ -1,7 +1,7 @@
 """Which pair to show next: blind before/after pairs first, then the proxy's active selection.
 
-After a round, the new version and its parent draw the same prompts from the same noise
-(same seed, batch size and index). Those pairs measure the round, so they jump the queue;
+After a round, the new version and its parent draw the same prompts from the same noise:
+before/after pairs (``feedback_store.queries.is_before_after``). They measure the round, so they jump the queue;
 the rest follows ``rlr_core.feedback.active_selection`` when a reward proxy exists, else the store's
 default order.
 """
@@ -16,18 +16,9 @@ from feedback_store import FeedbackStore, PairCandidate, queries
 BEFORE_AFTER_BONUS = 1e3  # larger than any active-selection log-score
 
 
-def noise_keys(store: FeedbackStore, ids: Sequence[int]) -> dict[int, tuple]:
-    """sample id -> (seed, batch size, batch index, steps): equal keys mean equal starting noise."""
-    return {sid: (seed, s.get("batch_size"), s.get("batch_index"), s.get("steps"))
-            for sid, (seed, s) in store.noise_settings(ids).items()}
-
-
-def is_before_after(c: PairCandidate, keys: dict[int, tuple], parents: dict[int, int | None]) -> bool:
-    if c.left_version is None or c.right_version is None or c.left_version == c.right_version:
-        return False
-    related = parents.get(c.left_version) == c.right_version or parents.get(c.right_version) == c.left_version
-    key = keys.get(c.left_id)
-    return related and key is not None and key[0] is not None and key == keys.get(c.right_id)
+def noise_keys(store: FeedbackStore, ids: Sequence[int]) -> dict[int, tuple | None]:
+    """sample id -> its noise key (``queries.noise_key``): equal keys mean equal starting noise."""
+    return {sid: queries.noise_key(seed, s) for sid, (seed, s) in store.noise_settings(ids).items()}
 
 
 class PairScorer:
@@ -46,5 +37,6 @@ class PairScorer:
             base = [float(s) for s in self.fallback(candidates)]
         else:  # the store's own order: cross-version pairs, then prompts seen least recently
             base = queries.default_pair_scores(candidates, self.rng)
-        return [b + (BEFORE_AFTER_BONUS if is_before_after(c, keys, parents) else 0.0)
+        return [b + (BEFORE_AFTER_BONUS if queries.is_before_after(c.left_version, c.right_version, keys.get(c.left_id),
+                                                                   keys.get(c.right_id), parents) else 0.0)
                 for b, c in zip(base, candidates)]

@@ -100,19 +100,42 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(statistics.fmean(values)) if values else None
 
 
+def noise_key(seed: int | None, settings: dict[str, Any]) -> tuple | None:
+    """What decides a sample's starting noise (seed, batch size, batch index, steps); None without a seed."""
+    if seed is None:
+        return None
+    return (seed, settings.get("batch_size"), settings.get("batch_index"), settings.get("steps"))
+
+
+def is_before_after(left_version: int | None, right_version: int | None, left_key: tuple | None,
+                    right_key: tuple | None, parents: dict[int, int | None]) -> bool:
+    """The one definition of a before/after pair: a sample of a version and one of its parent drawn
+    from the same noise (what a round draws after it trains: the same prompts and seed through both),
+    so the pair differs only by the round."""
+    if left_version is None or right_version is None or left_version == right_version:
+        return False
+    related = parents.get(left_version) == right_version or parents.get(right_version) == left_version
+    return related and left_key is not None and left_key == right_key
+
+
 def version_stats(db: Database) -> list[dict[str, Any]]:
-    """Per model version: samples, ratings, mean stars, and human win rate over its parent
-    (from comparisons between a sample of the version and one of its parent; ties count 1/2)."""
+    """Per model version: samples, ratings, mean stars, and the human win rate over its parent in
+    blind before/after pairs (:func:`is_before_after`; ties count 1/2)."""
     versions = list(db.query("SELECT id, name, parent_id FROM model_versions ORDER BY id"))
     star_rows = db.query("""SELECT s.model_version_id AS v, count(DISTINCT s.id) AS n_samples,
                             count(r.id) AS n_ratings, avg(r.stars) AS mean_stars
                             FROM samples s LEFT JOIN ratings r ON r.sample_id = s.id
                             GROUP BY s.model_version_id""")
     stars = {row["v"]: row for row in star_rows}
-    duels = list(db.query("""SELECT c.outcome, sl.model_version_id AS lv, sr.model_version_id AS rv
-                             FROM comparisons c JOIN samples sl ON sl.id = c.left_id
-                             JOIN samples sr ON sr.id = c.right_id
-                             WHERE c.outcome != 'skip' AND sl.model_version_id != sr.model_version_id"""))
+    parents = {v["id"]: v["parent_id"] for v in versions}
+    duels = [d for d in db.query("""SELECT c.outcome, sl.model_version_id AS lv, sr.model_version_id AS rv,
+                                    sl.seed AS ls, sl.sampler_settings AS lset, sr.seed AS rs,
+                                    sr.sampler_settings AS rset
+                                    FROM comparisons c JOIN samples sl ON sl.id = c.left_id
+                                    JOIN samples sr ON sr.id = c.right_id
+                                    WHERE c.outcome != 'skip' AND sl.model_version_id != sr.model_version_id""")
+             if is_before_after(d["lv"], d["rv"], noise_key(d["ls"], json.loads(d["lset"] or "{}")),
+                                noise_key(d["rs"], json.loads(d["rset"] or "{}")), parents)]
     out = []
     for ver in versions:
         s = stars.get(ver["id"], {})

@@ -156,7 +156,9 @@ def test_version_stats_win_rate_over_parent(world):
     for i, outcome in enumerate(outcomes):
         store.add_comparison(samples[child][i % 4], samples[base][(i + 1) % 4] if i == 4 else samples[base][i % 4],
                              outcome, f"r{i}")
-    store.add_comparison(samples[base][0], samples[child][1], "left", "r9")  # parent wins, sides swapped
+    store.add_comparison(samples[base][1], samples[child][1], "left", "r9")  # parent wins, sides swapped
+    # not a before/after pair (other noise): it says nothing about the round, so it does not count
+    store.add_comparison(samples[child][2], samples[base][3], "left", "r10")
     store.add_rating(samples[child][0], "alice", 5)
     store.add_rating(samples[child][1], "alice", 3)
     stats = {s["version_id"]: s for s in store.version_stats()}
