@@ -4,7 +4,8 @@ The reward proxy knows only the prompts people rated; an exact gradient of it fi
 spots fastest. So every round is checked by the backend's fidelity judge
 (:mod:`rlr_core.fidelity`), which the proxy never trained on:
 
-- **Probes**: a fixed set of prompts drawn from fixed seeds, side effect free (nothing is
+- **Probes**: a fixed set of prompts, each drawn from its own fixed seed (so its noise is the
+  same whatever else is probed), side effect free (nothing is
   stored as a sample): the prompts the round trained on, their prompt-lab stage prompts, and
   the backend's held-out prompts (ones the round did not see), keeping those the judge can
   check. Drawn like the Generate tab draws (the round's sample settings).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,16 +64,24 @@ def probe_prompts(judge: Any, trained: Sequence[str], stages: Sequence[Sequence[
     return own[:limit - n_held] + others[:n_held]
 
 
+def probe_seed(prompt: str, seed: int = PROBE_SEED) -> int:
+    """Each probe prompt's own seed: its noise must not depend on which other prompts are probed
+    with it (a batch's noise depends on each row's position and the batch size), or a version's
+    cached scores would not be paired with a later version's on the same noise."""
+    return (seed + zlib.crc32(prompt.encode())) % 2**31
+
+
 @torch.no_grad()
 def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], settings: GenerationSettings,
             per_prompt: int, seed: int = PROBE_SEED) -> dict[str, float]:
-    """The judge's mean accuracy per prompt, each prompt drawn ``per_prompt`` times from ``seed``."""
-    texts = [p for p in prompts for _ in range(per_prompt)]
-    if not texts:
-        return {}
-    images = draw(backend, texts, seed, settings)
-    scores = judge.accuracy(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
-    return {p: float(s) for p, s in zip(prompts, scores)}
+    """The judge's mean accuracy per prompt, each prompt drawn ``per_prompt`` times from its own
+    seed (:func:`probe_seed`)."""
+    scores = {}
+    for prompt in prompts:
+        texts = [prompt] * per_prompt
+        images = draw(backend, texts, probe_seed(prompt, seed), settings)
+        scores[prompt] = float(judge.accuracy(images, texts).detach().float().mean())
+    return scores
 
 
 class ProbeCache:
@@ -83,7 +93,7 @@ class ProbeCache:
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
-        return json.dumps([judge.name, "accuracy", prompt, PROBE_SEED, per_prompt, settings.steps,
+        return json.dumps([judge.name, "accuracy", prompt, probe_seed(prompt), per_prompt, settings.steps,
                            settings.guidance, settings.eta])
 
     def _read(self) -> dict[str, dict[str, float]]:
@@ -174,12 +184,16 @@ class FidelityWatch:
     means the round must end now, with the adapter already back at the last good step."""
 
     def __init__(self, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
-                 settings: GenerationSettings, threshold: float, every: int):
+                 settings: GenerationSettings, threshold: float, every: int,
+                 reference: dict[str, float] | None = None):
         self.backend, self.judge, self.settings = backend, judge, settings
         self.prompts = list(prompts)[:WATCH_PROMPTS]
         self.threshold, self.every = threshold, every
         self.params = lora.lora_parameters(backend) if lora.has_lora(backend) else []
-        self.reference = self._score()  # the parent, as the round found it
+        # the parent, as the round found it: its cached probe scores when given (the training copy
+        # starts as the parent, so they are the copy's own), else drawn now
+        known = reference is not None and all(p in reference for p in self.prompts)
+        self.reference = mean({p: reference[p] for p in self.prompts}) if known and self.prompts else self._score()
         self.good = self._snapshot()
         self.good_step = 0
         self.stopped_at: int | None = None

@@ -243,7 +243,8 @@ class RoundRunner:
                              on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.7 * frac),
                              penalty=config.uncertainty_penalty, patience=config.patience,
                              judge=judge if judge is not None and judge.differentiable else None,
-                             fidelity_weight=config.fidelity_weight, watch=self._watch(backend, prompts, config))
+                             fidelity_weight=config.fidelity_weight,
+                             watch=self._watch(backend, prompts, config, base_version))
         ctx.check_stop()
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
 
@@ -279,17 +280,21 @@ class RoundRunner:
                    **({"fidelity_flagged": False} if verdict is None else verdict.metrics()))
         return {"round_id": round_id, "version_id": version_id, "metrics": metrics}
 
-    def _watch(self, backend, prompts: list[RoundPrompt],
-               config: RoundConfig) -> Callable[[], fidelity_guard.FidelityWatch] | None:
+    def _watch(self, backend, prompts: list[RoundPrompt], config: RoundConfig,
+               parent: int) -> Callable[[], fidelity_guard.FidelityWatch] | None:
         """What makes the in-round fidelity check once the adapter exists; None when it is off."""
         if self.judge is None or not config.fidelity_check_every or not config.fidelity_threshold:
             return None
         watched = fidelity_guard.probe_prompts(self.judge, [p.prompt for p in prompts], [], self.held_out_prompts,
                                                limit=fidelity_guard.WATCH_PROMPTS)
         # drawn as the round's samples are: at the training chain's length (10 steps) it missed a
-        # drop the after-round guard saw at 20 (bench/loop.py, truncated BP)
+        # drop the after-round guard saw at 20 (bench/loop.py, truncated BP). The parent's scores on
+        # these probes come from the guard's cache (WATCH_IMAGES = PROBE_IMAGES: the same keys).
+        reference = self.probes.scores(parent, self.models.backend(parent), self.judge, watched, config.samples,
+                                       fidelity_guard.WATCH_IMAGES)
         return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
-                                                    config.fidelity_threshold, config.fidelity_check_every)
+                                                    config.fidelity_threshold, config.fidelity_check_every,
+                                                    reference)
 
     def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],
                         config: RoundConfig) -> tuple[dict[str, float], fidelity_guard.Verdict | None]:

@@ -267,3 +267,35 @@ def test_probe_scores_are_cached_per_version_and_probe(tmp_path, builtin_backend
     (tmp_path / CACHE_FILE).write_text("not json")  # a damaged cache costs a redraw, not the round
     redrawn = cache.scores(1, builtin_backend, judge_, ["a red circle"], settings, 1)
     assert redrawn == {"a red circle": first["a red circle"]}  # the same noise, the same score
+
+
+def test_a_probe_prompt_scores_the_same_whatever_is_probed_with_it(builtin_backend, tmp_path):
+    """The guard caches a version's scores per prompt, so a prompt's noise must not depend on the
+    other probes; and a fresh adapter (B = 0) is the parent, so the watch may start from the cache."""
+    import copy
+
+    from app.fidelity_guard import ProbeCache, measure
+
+    judge_ = builtin_backend.fidelity_judge()
+    settings = SamplerSettings(steps=4, guidance=3.0)
+    prompts = ["a small red circle on the left", "a large blue square on the right, white background",
+               "a green triangle in the center"]
+    seen: list[tuple[list[str], torch.Tensor]] = []
+
+    class Recording:  # the judge, keeping the images it was shown
+        def accuracy(self, images, texts):
+            seen.append((list(texts), images.clone()))
+            return judge_.accuracy(images, texts)
+
+    alone = measure(builtin_backend, Recording(), prompts[2:], settings, 2)
+    together = measure(builtin_backend, Recording(), prompts, settings, 2)
+    assert together[prompts[2]] == alone[prompts[2]]
+    shown = [images for texts, images in seen if texts[0] == prompts[2]]
+    assert len(shown) == 2 and torch.equal(shown[0], shown[1])  # the same noise, drawn alone or with others
+    cached = ProbeCache(tmp_path).scores(1, builtin_backend, judge_, prompts, settings, 2)
+    assert cached == together
+    backend = copy.deepcopy(builtin_backend)
+    lora.add_lora(backend, rank=2, seed=0)
+    fresh = FidelityWatch(backend, judge_, prompts, settings, threshold=0.05, every=2)
+    from_cache = FidelityWatch(backend, judge_, prompts, settings, threshold=0.05, every=2, reference=cached)
+    assert from_cache.reference == fresh.reference
