@@ -19,6 +19,29 @@ INTRO = ("A round fits the reward proxy to everyone's ratings and comparisons, t
 POLL_SECONDS = 1.0
 
 
+# The round settings the form sends (app/round_config.py's public names) -> their elements.
+FORM_IDS: dict[str, str] = {
+    "estimator": "train-estimator",
+    "steps": "train-steps",
+    "batch_size": "train-batch",
+    "sampling_steps": "train-sampling-steps",
+    "learning_rate": "train-lr",
+    "lora_rank": "train-rank",
+    "block": "train-block",
+    "rest": "train-rest",
+    "truncation": "train-truncation",
+    "max_prompts": "train-prompts",
+    "guidance": "train-guidance",
+    "sample_steps": "train-sample-steps",
+    "uncertainty_penalty": "train-penalty",
+    "patience": "train-patience",
+    "kl_coef": "train-kl",
+    "fidelity_weight": "train-fidelity-weight",
+    "fidelity_threshold": "train-fidelity-threshold",
+    "fidelity_check_every": "train-fidelity-every",
+}
+
+
 def progress_html(status: dict[str, Any]) -> str:
     pct = int(round(100 * status["progress"]))
     state = status["state"]
@@ -98,51 +121,52 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         gr.Markdown(f"{INTRO} {defaults_note(services.base_backend)} {guard_note(services.fidelity_judge)}")
         with gr.Row():
             estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"], label="Gradient estimator",
-                                    elem_id="train-estimator", scale=2)
-            steps = gr.Number(value=d["steps"], precision=0, label="Optimiser steps", minimum=1, elem_id="train-steps")
+                                    elem_id=FORM_IDS["estimator"], scale=2)
+            steps = gr.Number(value=d["steps"], precision=0, label="Optimiser steps", minimum=1,
+                              elem_id=FORM_IDS["steps"])
             batch = gr.Number(value=d["batch_size"], precision=0, label="Batch size", minimum=2,
-                              elem_id="train-batch")
+                              elem_id=FORM_IDS["batch_size"])
             sampling = gr.Number(value=d["sampling_steps"], precision=0, label="Sampling steps", minimum=3,
-                                 elem_id="train-sampling-steps")
-            lr = gr.Number(value=d["learning_rate"], label="Learning rate", elem_id="train-lr")
+                                 elem_id=FORM_IDS["sampling_steps"])
+            lr = gr.Number(value=d["learning_rate"], label="Learning rate", elem_id=FORM_IDS["learning_rate"])
         with gr.Accordion("More settings", open=False):
             with gr.Row():
-                rank = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank", elem_id="train-rank")
+                rank = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank", elem_id=FORM_IDS["lora_rank"])
                 # the model's default (as /train_start); auto: the longest block that fits in memory.
                 block = gr.Dropdown(["auto", "1", "2", "3", "4", "6", "8"], allow_custom_value=True,
-                                    value=str(d["block"]), label="RLR: HO block length h", elem_id="train-block")
+                                    value=str(d["block"]), label="RLR: HO block length h", elem_id=FORM_IDS["block"])
                 rest = gr.Dropdown(REST_CHOICES, value=d["rest"], label="RLR: rest of the chain",
-                                   info="lr: likelihood ratio; zo: zeroth order", elem_id="train-rest")
+                                   info="lr: likelihood ratio; zo: zeroth order", elem_id=FORM_IDS["rest"])
                 truncation = gr.Number(value=d["truncation"], precision=0, label="Truncated BP: last K' steps",
-                                       elem_id="train-truncation")
+                                       elem_id=FORM_IDS["truncation"])
                 n_prompts = gr.Number(value=d["max_prompts"], precision=0, label="Prompts per round",
-                                      elem_id="train-prompts")
+                                      elem_id=FORM_IDS["max_prompts"])
                 guidance = gr.Number(value=d["guidance"], label="Guidance while training (1 = off, 2x faster)",
-                                     elem_id="train-guidance")
+                                     elem_id=FORM_IDS["guidance"])
                 sample_steps = gr.Number(value=d["sample_steps"], precision=0, label="New version's samples: steps",
-                                         elem_id="train-sample-steps")
+                                         elem_id=FORM_IDS["sample_steps"])
                 penalty = gr.Number(value=d["uncertainty_penalty"], minimum=0, label="Uncertainty penalty λ",
                                     info="maximise reward - λ·(proxy ensemble spread); 0 = off",
-                                    elem_id="train-penalty")
+                                    elem_id=FORM_IDS["uncertainty_penalty"])
                 patience = gr.Number(value=d["patience"], precision=0, minimum=0, label="Early-stop patience",
                                      info="steps without a new best penalised reward; 0 = never stop early",
-                                     elem_id="train-patience")
+                                     elem_id=FORM_IDS["patience"])
                 kl = gr.Number(value=d["kl_coef"], minimum=0, label="KL to the parent β",
                                info="exact per-step KL of the sampler to the round's parent; 0 = off",
-                               elem_id="train-kl")
+                               elem_id=FORM_IDS["kl_coef"])
                 judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
                 fidelity_weight = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
                                             info="maximise reward + w·(prompt fidelity)" if judged else
                                             "this model has no differentiable fidelity judge",
-                                            interactive=judged, elem_id="train-fidelity-weight")
+                                            interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
                 threshold = gr.Number(value=d["fidelity_threshold"], minimum=0, maximum=1,
                                       label="Fidelity guard threshold",
                                       info="a version this far below its parent or the base is flagged; 0 = off",
-                                      elem_id="train-fidelity-threshold")
+                                      elem_id=FORM_IDS["fidelity_threshold"])
                 check_every = gr.Number(value=d["fidelity_check_every"], precision=0, minimum=0,
                                         label="Check fidelity every N steps",
                                         info="inside the round; on a drop, back to the last good step; 0 = off",
-                                        elem_id="train-fidelity-every")
+                                        elem_id=FORM_IDS["fidelity_check_every"])
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -162,18 +186,14 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         timer = gr.Timer(POLL_SECONDS)
         seen = gr.State(None)  # what the page shows, to skip re-sending unchanged plots
 
-    setting_inputs = [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts, guidance,
-                      sample_steps, penalty, patience, kl, fidelity_weight, threshold, check_every]
+    form = dict(zip(FORM_IDS, [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts,
+                               guidance, sample_steps, penalty, patience, kl, fidelity_weight, threshold, check_every]))
+    setting_inputs = list(form.values())
 
     @user_errors
-    def on_start(est, n_steps, bs, ss, rate, r, h, rst, trunc, k, g, s_steps, lam, wait, beta, w, thr, every,
-                 password):
-        config = RoundConfig.parse(dict(estimator=est, steps=n_steps, batch_size=bs, sampling_steps=ss,
-                                        learning_rate=rate, lora_rank=r, block=h, rest=rst, truncation=trunc,
-                                        max_prompts=k, guidance=g, sample_steps=s_steps,
-                                        uncertainty_penalty=lam, patience=wait, kl_coef=beta, fidelity_weight=w,
-                                        fidelity_threshold=thr, fidelity_check_every=every),
-                                   services.round_defaults)
+    def on_start(*values):
+        *settings, password = values
+        config = RoundConfig.parse(dict(zip(form, settings)), services.round_defaults)
         services.rounds.start(config, password)
         gr.Info("Training round started: watch it here, keep rating elsewhere.")
         return poll(None)
