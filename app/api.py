@@ -176,7 +176,10 @@ def register(services: AppServices) -> None:
 
     @user_errors
     def export_lora(version_id: int) -> FileData:
-        """The version's LoRA weights (safetensors)."""
+        """The version's folder as one .zip (<version name>-lora.zip): pytorch_lora_weights.safetensors
+        (the LoRA, in diffusers' format), config.json (base model, the round's settings) and
+        metrics.json; unzipped, diffusers' pipe.load_lora_weights(folder) loads it. The base model
+        has none (an error). Open to everyone, also on a public app."""
         return FileData(path=str(s.export_lora(version_id)))
 
     # ------------------------------------------------------------------ data

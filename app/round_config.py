@@ -35,8 +35,10 @@ REST_CHOICES = [("lr", "lr"), ("zo", "zo"), ("none (biased)", "none")]
 DEFAULTS: dict[str, Any] = {
     "estimator": "rlr",
     "steps": 20,
-    # 8, not 4: RLR's likelihood-ratio terms use the leave-one-out mean as baseline, and at
-    # batch 4 the built-in model's rounds lowered the reward as often as they raised it.
+    # 8, not 4: at batch 4 the built-in model's rounds lowered the reward as often as they raised
+    # it (observed while developing, when RLR's likelihood-ratio terms still used the leave-one-out
+    # mean, not recorded in bench/results; RLR's default baseline is now "state"). The loop and
+    # safeguards benchmarks (bench/results/loop.json, safeguards.json) ran at batch 8 only.
     "batch_size": 8,
     "sampling_steps": 10,
     "learning_rate": 3e-3,

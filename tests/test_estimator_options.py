@@ -5,12 +5,13 @@ with a deliberately broken variant the same check must flag; plus the KL on the 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
 import torch
 
-from rlr_core.estimators import DDPO, RLR, AuthorsCode, FullBackprop, LikelihoodRatio, TruncatedBackprop
+from rlr_core.estimators import DDPO, ESTIMATORS, RLR, AuthorsCode, FullBackprop, LikelihoodRatio, TruncatedBackprop
 from rlr_core.estimators.kl import kl_to_reference, stochastic_steps
 from rlr_core.estimators.toy_chain import ToyChain, ToyContext
 from tests.test_estimators_analytic import BIG_CHUNK, bias_in_se, is_unbiased, summarise
@@ -342,3 +343,19 @@ def test_cli_flags_reach_the_estimators() -> None:
     assert (est.control_variate, est.group_size, est.kl_coef) == ("taylor", 2, 0.1)
     args = parse_args(["--estimator", "truncated-bp", "--kl-coef", "0.2", "--out", "x"])
     assert make_estimator("truncated-bp", **estimator_options(args)).kl_coef == 0.2
+
+
+def test_cli_flags_left_out_take_the_estimators_own_defaults(capsys) -> None:
+    from rlr_core.estimators import RLR, make_estimator
+    from rlr_core.training.cli import OPTION_FLAGS, estimator_options, parse_args
+
+    args = parse_args(["--out", "x"])
+    assert estimator_options(args) == {}  # nothing passed: the dataclass decides
+    assert make_estimator("rlr", **estimator_options(args)) == RLR()
+    args = parse_args(["--estimator", "truncated-bp", "--truncate", "3", "--block", "4", "--out", "x"])
+    assert estimator_options(args) == {"steps": 3}  # --block is RLR's, not truncated BP's
+    fields = {name: {f.name for f in dataclasses.fields(ESTIMATORS[name])} for name in ESTIMATORS}
+    assert all(field in fields[name] for names, field in OPTION_FLAGS.values() for name in names)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "(default: 0.3)" in capsys.readouterr().out  # --min-sigma-ratio's help, read from RLR

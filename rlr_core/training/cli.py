@@ -10,45 +10,54 @@ processes; the main process writes the version). See docs/training.md for every 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from rlr_core.estimators import ESTIMATORS
 from rlr_core.sampler import SamplerSettings
 from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
 from rlr_core.training import DEFAULT_PROMPTS, EstimatorConfig, Progress, TrainConfig, TrainingDiverged, run_round
 from rlr_core.training.presets import PRESETS, apply_preset
 
+# An estimator flag -> (the estimators that take it, their option's field). The option's default is
+# its dataclass's (rlr_core/estimators): a flag left out is not passed, so there is no second copy.
+OPTION_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "block": (("rlr",), "block"), "rest": (("rlr",), "rest"), "tail": (("rlr",), "tail"),
+    "min_sigma_ratio": (("rlr",), "min_sigma_ratio"), "block_start": (("rlr",), "block_start"),
+    "window": (("rlr",), "window"), "rest_steps": (("rlr",), "rest_steps"), "zo_scale": (("rlr",), "zo_scale"),
+    "memory_budget_gb": (("rlr",), "memory_budget_gb"), "branches": (("rlr",), "branches"),
+    "group_size": (("rlr",), "group_size"),
+    "baseline": (("rlr", "lr"), "baseline"), "control_variate": (("rlr", "lr"), "control_variate"),
+    "truncate": (("truncated-bp",), "steps"), "randomize_truncation": (("truncated-bp",), "randomize"),
+    "inner_epochs": (("ddpo",), "inner_epochs"), "clip_range": (("ddpo",), "clip_range"),
+    "whiten": (("ddpo",), "whiten"),
+}
+
 
 def estimator_options(args: argparse.Namespace) -> dict:
-    """The settings of the chosen estimator, from the flags that apply to it (and --kl-coef,
-    which every estimator takes)."""
-    opts = _own_options(args)
+    """The settings of the chosen estimator from the flags given that apply to it (and --kl-coef,
+    which every estimator takes); what is not given takes the estimator's own default."""
+    opts = {field: getattr(args, dest) for dest, (names, field) in OPTION_FLAGS.items()
+            if args.estimator in names and getattr(args, dest) is not None}
+    if isinstance(opts.get("window"), list):
+        opts["window"] = tuple(opts["window"])
     return {**opts, "kl_coef": args.kl_coef} if args.kl_coef else opts
 
 
-def _own_options(args: argparse.Namespace) -> dict:
-    if args.estimator == "rlr":
-        opts = {"block": args.block if args.block == "auto" else int(args.block), "rest": args.rest,
-                "tail": args.tail, "min_sigma_ratio": args.min_sigma_ratio, "block_start": args.block_start,
-                "rest_steps": args.rest_steps, "zo_scale": args.zo_scale,
-                "memory_budget_gb": args.memory_budget_gb, "branches": args.branches,
-                "group_size": args.group_size,
-                **({"baseline": args.baseline} if args.baseline else {}),
-                **({"control_variate": args.control_variate} if args.control_variate else {})}
-        if args.window:
-            opts["window"] = tuple(args.window)
-        return opts
-    if args.estimator == "lr":
-        return {**({"baseline": args.baseline} if args.baseline else {}),
-                **({"control_variate": args.control_variate} if args.control_variate else {})}
-    if args.estimator == "truncated-bp":
-        return {"steps": args.truncate, "randomize": args.randomize_truncation}
-    if args.estimator == "ddpo":
-        return {"inner_epochs": args.inner_epochs, "clip_range": args.clip_range, "whiten": args.whiten}
-    return {}
+def _default(estimator: str, field: str) -> str:
+    """' (default: X)' from the estimator's dataclass, for a flag's help."""
+    for f in dataclasses.fields(ESTIMATORS[estimator]):
+        if f.name == field and f.default is not dataclasses.MISSING:
+            return f" (default: {f.default})"
+    return ""
+
+
+def _block(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,32 +68,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="a named recipe that sets the estimator and the sampler's eta. authors-code: "
                    + PRESETS["authors-code"].summary)
-    g.add_argument("--block", default="2", help="RLR: HO block size h, or 'auto' (from --memory-budget-gb)")
-    g.add_argument("--rest", default="lr", choices=["lr", "zo", "none"], help="RLR: rest-of-chain term")
-    g.add_argument("--tail", type=int, default=None, help="RLR: FO tail L (default: from the sigma schedule)")
-    g.add_argument("--min-sigma-ratio", type=float, default=0.3, help="RLR: sigma threshold for the default L")
-    g.add_argument("--block-start", default="uniform", choices=["uniform", "grad-norm"])
+    g.add_argument("--block", type=_block, help="RLR: HO block size h, or 'auto' (from --memory-budget-gb)"
+                   + _default("rlr", "block"))
+    g.add_argument("--rest", choices=["lr", "zo", "none"], help="RLR: rest-of-chain term" + _default("rlr", "rest"))
+    g.add_argument("--tail", type=int, help="RLR: FO tail L (default: from the sigma schedule)")
+    g.add_argument("--min-sigma-ratio", type=float,
+                   help="RLR: sigma threshold for the default L" + _default("rlr", "min_sigma_ratio"))
+    g.add_argument("--block-start", choices=["uniform", "grad-norm"], help="RLR" + _default("rlr", "block_start"))
     g.add_argument("--window", type=int, nargs=2, metavar=("A", "B"), help="RLR: block starts j in [A, B] (DCoT)")
-    g.add_argument("--rest-steps", type=int, default=None, help="RLR 'lr': m random steps, rescaled by |C|/m")
-    g.add_argument("--zo-scale", type=float, default=1e-3, help="RLR 'zo': perturbation std s")
-    g.add_argument("--memory-budget-gb", type=float, default=None)
-    g.add_argument("--baseline", default=None, choices=["loo", "state", "state+loo"],
+    g.add_argument("--rest-steps", type=int, help="RLR 'lr': m random steps, rescaled by |C|/m")
+    g.add_argument("--zo-scale", type=float, help="RLR 'zo': perturbation std s" + _default("rlr", "zo_scale"))
+    g.add_argument("--memory-budget-gb", type=float, help="RLR: the memory h = 'auto' may use")
+    g.add_argument("--baseline", choices=["loo", "state", "state+loo"],
                    help="rlr/lr: what R is compared with in likelihood-ratio terms (docs/method.md section 2; "
                    "default: state for rlr, loo for lr)")
-    g.add_argument("--branches", type=int, default=1, help="RLR: M continuations of the HO block's last step")
-    g.add_argument("--control-variate", default=None, choices=["none", "taylor"],
+    g.add_argument("--branches", type=int,
+                   help="RLR: M continuations of the HO block's last step" + _default("rlr", "branches"))
+    g.add_argument("--control-variate", choices=["none", "taylor"],
                    help="rlr/lr: the first-order (Taylor) control variate on likelihood-ratio terms "
                    "(docs/method.md section 2; default: the estimator's)")
-    g.add_argument("--group-size", type=int, default=1,
+    g.add_argument("--group-size", type=int,
                    help="RLR: G > 1 makes each batch B/G prompts x G rows sharing the initial noise, "
-                   "with per-prompt leave-one-out baselines")
+                   "with per-prompt leave-one-out baselines" + _default("rlr", "group_size"))
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="any estimator: weight of the exact per-step KL to the base model (LoRA off)")
-    g.add_argument("--truncate", type=int, default=1, help="truncated-bp: K' final steps")
-    g.add_argument("--randomize-truncation", action="store_true")
-    g.add_argument("--inner-epochs", type=int, default=4, help="ddpo: optimiser steps per batch")
-    g.add_argument("--clip-range", type=float, default=1e-4, help="ddpo: PPO clip range")
-    g.add_argument("--whiten", action="store_true", help="ddpo: divide advantages by the reward std")
+    g.add_argument("--truncate", type=int, help="truncated-bp: K' final steps" + _default("truncated-bp", "steps"))
+    g.add_argument("--randomize-truncation", action="store_true", default=None)
+    g.add_argument("--inner-epochs", type=int,
+                   help="ddpo: optimiser steps per batch" + _default("ddpo", "inner_epochs"))
+    g.add_argument("--clip-range", type=float, help="ddpo: PPO clip range" + _default("ddpo", "clip_range"))
+    g.add_argument("--whiten", action="store_true", default=None, help="ddpo: divide advantages by the reward std")
     g = p.add_argument_group("round")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--batch", type=int, default=4)
