@@ -36,6 +36,7 @@ from feedback_store import OUTCOMES, FeedbackStore
 from rlr_core import dcot
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.backends.loading import load_backend
+from rlr_core.feedback.encoders import auto_choice
 
 MAX_IMAGES = 16
 MAX_STEPS = 100
@@ -69,6 +70,9 @@ class AppServices:
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
         # made at start-up, so a bad --reward-encoder fails before the page is served; clips for a video model
+        if config.reward_encoder.strip() == "auto" and not self.base_backend.prompt_rules:
+            spec, why = auto_choice(self.base_backend)
+            print(f"reward encoder: {spec}: {why}")
         encoder = video.reward_encoder(config.reward_encoder, self.base_backend, config.device)
         # prompt fidelity's judge (rlr_core/fidelity.py); None: the model has none and fidelity is not guarded
         # (a CLIP-judged model uses the CLIP the proxy uses, also when "auto" chose it)

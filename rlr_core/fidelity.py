@@ -160,13 +160,15 @@ class ClipTextImageFidelity:
 
     @classmethod
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu") -> ClipTextImageFidelity:
-        """A folder or cached hub id holding a full CLIPModel (both towers, safetensors)."""
+        """A folder or hub id holding a full CLIPModel (both towers, safetensors; a hub id is read
+        from the local cache, else downloaded: ``encoders.clip_folder``)."""
         from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
         from transformers.utils import logging
 
-        from rlr_core.feedback.encoders import CLIPImageEncoder, EncoderError
+        from rlr_core.feedback.encoders import CLIPImageEncoder, EncoderError, clip_folder
 
         images = CLIPImageEncoder.from_pretrained(source, device)
+        label, source = source, clip_folder(source)
         previous = logging.get_verbosity()
         logging.set_verbosity_error()  # a full CLIPModel's vision weights are expected leftovers
         try:
@@ -179,11 +181,11 @@ class ClipTextImageFidelity:
                                                                use_safetensors=True)
             tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise EncoderError(f"{source!r} has no CLIP text tower and tokenizer to judge prompt fidelity "
+            raise EncoderError(f"{label!r} has no CLIP text tower and tokenizer to judge prompt fidelity "
                                f"with: {err}") from err
         finally:
             logging.set_verbosity(previous)
-        return cls(images, text.to(device), tokenizer, spec=f"clip:{source}")
+        return cls(images, text.to(device), tokenizer, spec=f"clip:{label}")
 
     def judges(self, prompt: str) -> bool:
         return bool(prompt.strip())

@@ -147,8 +147,6 @@ def test_make_image_encoder_specs_and_errors(builtin_backend, latent_backend, tm
         make_image_encoder("resnet")
     with pytest.raises(EncoderError, match="needs a hub id or a folder"):
         make_image_encoder("clip:")
-    with pytest.raises(EncoderError, match="huggingface-cli download nobody/no-such-clip"):
-        make_image_encoder("clip:nobody/no-such-clip")
     with pytest.raises(EncoderError, match="needs a latent model"):
         make_image_encoder("vae", builtin_backend)
     (tmp_path / "not-clip").mkdir()
@@ -197,3 +195,30 @@ def test_train_from_store_with_clip_and_free_text(clip, tmp_path):
     assert isinstance(proxy.prompt_encoder, HashedWordsPromptEncoder)
     assert report["n_comparisons"] == 12 and report["train_accuracy"] == 1.0
     store.close()
+
+
+def test_a_clip_hub_id_comes_from_the_cache_or_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(EncoderError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set.*"
+                                           "hf download nobody/no-such-clip"):
+        make_image_encoder("clip:nobody/no-such-clip")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def hub(repo_id, **kwargs):  # the download, recorded: this machine has no hub
+        asked.append((repo_id, kwargs))
+        raise OSError("no hub here")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", hub)
+    with pytest.raises(EncoderError, match="the hub did not answer"):
+        encoders.clip_folder("nobody/no-such-clip")
+    assert asked[0][1] == {"local_files_only": True}  # the cache first
+    assert "model.safetensors" in asked[1][1]["allow_patterns"]  # then the hub: safetensors, no pickles
+    assert encoders.clip_folder(str(tmp_path)) == str(tmp_path)  # a folder is used as it is
+

@@ -29,10 +29,13 @@ def load(family: str, folder, builtin_backend):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_DEFAULTS))
-def test_every_entry_point_starts_the_same_round(family, tmp_path, builtin_backend):
+def test_every_entry_point_starts_the_same_round(family, tmp_path, builtin_backend, capsys):
     backend = load(family, tmp_path, builtin_backend)
     assert backend.family == family
     demo, services = create_app(AppConfig(data_dir=tmp_path / "data", reward_encoder="auto"), backend)
+    said = capsys.readouterr().out
+    if not backend.prompt_rules:  # a model of one's own: start-up says which encoder "auto" chose and why
+        assert "reward encoder: vae: no known CLIP is in the local cache" in said or "reward encoder: clip:" in said
     try:
         elements = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
         form = {name: elements[elem_id].value for name, elem_id in FORM_IDS.items()}

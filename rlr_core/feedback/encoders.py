@@ -11,7 +11,8 @@ Image encoders (the :class:`~rlr_core.feedback.protocols.ImageEncoder` protocol:
   the frames' pooled image embedding plus a motion embedding).
 - ``"clip:<hub id or folder>"``: CLIP image features (``CLIPImageEncoder``). Resizing, cropping
   and normalisation are done in torch, so dR/dpixels exists (CLIPImageProcessor works in PIL and
-  numpy and cuts the graph). Read from a folder or the local Hugging Face cache only: no download.
+  numpy and cuts the graph). A hub id is read from the local Hugging Face cache, else downloaded
+  when the hub answers (:func:`clip_folder`).
 - ``"vae"``: the fallback when no CLIP is available offline (``VAELatentEncoder``): pooled
   statistics of the diffusion model's own VAE latents. They describe colour, brightness, layout
   and texture, not meaning: a proxy on them learns "brighter", "more red on the left", "busier",
@@ -28,6 +29,7 @@ there. Prompt encoders live in :mod:`rlr_core.feedback.prompt_encoders`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.backends.load_errors import HUB_ID
 from rlr_core.feedback.protocols import ImageEncoder, weights_fingerprint
 from rlr_core.shapesworld import perception
 
@@ -89,6 +92,29 @@ class PerceptionImageEncoder:
         return self._fingerprint
 
 
+def clip_folder(source: str) -> str:
+    """A local folder for ``clip:<source>``: the folder itself, or a hub id's snapshot from the
+    local cache, else downloaded (configs, tokenizer files and safetensors weights only) unless
+    ``HF_HUB_OFFLINE`` is set."""
+    if Path(source).exists() or not HUB_ID.match(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception:
+        pass  # not cached: ask the hub unless told to stay offline
+    fetch = f"fetch it once with `hf download {source}`, pass a folder, or use --reward-encoder vae (no download)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        raise EncoderError(f"CLIP model {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                           + fetch)
+    try:
+        return snapshot_download(source, allow_patterns=["*.json", "*.txt", "model.safetensors"])
+    except Exception as err:
+        raise EncoderError(f"CLIP model {source!r} is not in the local Hugging Face cache and the hub did not "
+                           f"answer ({type(err).__name__}); {fetch}") from None
+
+
 class CLIPImageEncoder:
     """CLIP's projected image embedding (L2-normalised), differentiable in the pixels.
 
@@ -113,18 +139,15 @@ class CLIPImageEncoder:
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> CLIPImageEncoder:
         """``source``: a folder holding a CLIPModel or CLIPVisionModelWithProjection (safetensors),
-        or a hub id already in the local cache. Never downloads."""
+        or a hub id (:func:`clip_folder`: the local cache, else downloaded when the hub answers)."""
         from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
         from transformers.utils import logging
 
+        folder = clip_folder(source)
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as err:
-            hint = ("" if Path(source).exists() else
-                    f"; it is not in the local Hugging Face cache. Fetch it once with "
-                    f"`huggingface-cli download {source}`, pass a folder, or use --reward-encoder vae "
-                    "(no download)")
-            raise EncoderError(f"CLIP model {source!r} could not be read: {err}{hint}") from err
+            raise EncoderError(f"CLIP model {source!r} could not be read: {err}") from err
         if config.model_type == "clip":  # a full CLIPModel: keep the vision tower and its projection
             vision = config.vision_config
             vision.projection_dim = config.projection_dim  # not carried over by the sub-config
@@ -136,7 +159,7 @@ class CLIPImageEncoder:
         logging.set_verbosity_error()  # a full CLIPModel's text weights are expected leftovers
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(
-                source, config=config, local_files_only=True, use_safetensors=True, dtype=dtype)
+                folder, config=config, local_files_only=True, use_safetensors=True, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as err:
             raise EncoderError(f"CLIP weights in {source!r} could not be loaded (safetensors "
                                f"required): {err}") from err
@@ -254,6 +277,22 @@ def cached_clip() -> str | None:
     return None
 
 
+def auto_choice(backend: DiffusionBackend | None) -> tuple[str, str]:
+    """What ``--reward-encoder auto`` picks on this model, and why (one sentence, said at start-up)."""
+    own = "perception" if backend is None else backend.default_reward_encoder()
+    if own != "auto":
+        return own, f"the built-in model's own perception features ({own})"
+    repo = cached_clip()
+    if repo is not None:
+        return f"clip:{repo}", f"{repo} is in the local Hugging Face cache (the first of the known CLIPs found)"
+    if backend.vae is not None:
+        return "vae", ("no known CLIP is in the local cache, so the model's own VAE latents (colour and layout, "
+                       "not meaning; prompt fidelity is not guarded): pass --reward-encoder "
+                       "clip:openai/clip-vit-large-patch14 to download one")
+    raise EncoderError("no image encoder fits: no known CLIP in the local cache "
+                       f"({', '.join(KNOWN_CLIPS)}) and the model has no VAE; pass clip:<folder>")
+
+
 def make_image_encoder(spec: str, backend: DiffusionBackend | None = None,
                        device: str | torch.device = "cpu") -> ImageEncoder:
     """An image encoder from a spec: "perception", "clip-perception", "clip:<id-or-path>", "vae"
@@ -264,16 +303,7 @@ def make_image_encoder(spec: str, backend: DiffusionBackend | None = None,
 
         return ClipPerceptionEncoder(load(device=device))
     if spec == "auto":
-        own = "perception" if backend is None else backend.default_reward_encoder()
-        if own != "auto":
-            return make_image_encoder(own, backend, device)
-        repo = cached_clip()
-        if repo is not None:
-            return make_image_encoder(f"clip:{repo}", backend, device)
-        if backend.vae is not None:
-            return make_image_encoder("vae", backend, device)
-        raise EncoderError("no image encoder fits: no known CLIP in the local cache "
-                           f"({', '.join(KNOWN_CLIPS)}) and the model has no VAE; pass clip:<folder>")
+        return make_image_encoder(auto_choice(backend)[0], backend, device)
     if spec == "perception":
         enc = PerceptionImageEncoder()
         enc.model.to(device)
