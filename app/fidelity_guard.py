@@ -76,12 +76,12 @@ def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], setti
             per_prompt: int, seed: int = PROBE_SEED) -> dict[str, float]:
     """The judge's mean accuracy per prompt, each prompt drawn ``per_prompt`` times from its own
     seed (:func:`probe_seed`)."""
-    scores = {}
-    for prompt in prompts:
-        texts = [prompt] * per_prompt
-        images = draw(backend, texts, probe_seed(prompt, seed), settings)
-        scores[prompt] = float(judge.accuracy(images, texts).detach().float().mean())
-    return scores
+    texts = [p for p in prompts for _ in range(per_prompt)]
+    if not texts:
+        return {}
+    images = draw(backend, texts, seed, settings, row_seeds=[probe_seed(p, seed) for p in texts])  # one batch
+    scores = judge.accuracy(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
+    return {p: float(s) for p, s in zip(prompts, scores)}
 
 
 class ProbeCache:

@@ -20,13 +20,15 @@ from rlr_core.backends.base import DiffusionBackend
 GenerationSettings = sampler.SamplerSettings
 
 
-def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings) -> torch.Tensor:
+def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,
+         row_seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] (clips (B, F, 3, H, W)), on the CPU when drawn on a GPU.
-    On a ZeroGPU Space they are drawn inside a ``spaces.GPU`` call (:mod:`app.zerogpu`)."""
+    ``row_seeds``: each run of equal seeds drawn as if alone (``sampler.generate_per_row_seeds``;
+    ``seed`` is then unused). On a ZeroGPU Space they are drawn inside a ``spaces.GPU`` call
+    (:mod:`app.zerogpu`)."""
     if zerogpu.on_zero_gpu():
-        return zerogpu.draw_on_gpu(backend, list(prompts), seed, settings)
-    with torch.no_grad():
-        return sampler.generate(backend, list(prompts), settings, seed=seed)
+        return zerogpu.draw_on_gpu(backend, list(prompts), seed, settings, row_seeds)
+    return zerogpu.draw_here(backend, list(prompts), seed, settings, row_seeds)
 
 
 def store_images(store: FeedbackStore, images: torch.Tensor, prompts: Sequence[str], seed: int,

@@ -19,7 +19,7 @@ looks for them when the app starts.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,9 +77,18 @@ def _device() -> str:
 
 
 @torch.no_grad()
-def _draw_on_gpu(backend, prompts: list[str], seed: int, settings: sampler.SamplerSettings) -> torch.Tensor:
+def draw_here(backend, prompts: list[str], seed: int, settings: sampler.SamplerSettings,
+              row_seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """Images drawn in this process (see ``app.generation.draw``)."""
+    if row_seeds is not None:
+        return sampler.generate_per_row_seeds(backend, prompts, settings, row_seeds)
+    return sampler.generate(backend, prompts, settings, seed=seed)
+
+
+def _draw_on_gpu(backend, prompts: list[str], seed: int, settings: sampler.SamplerSettings,
+                 row_seeds: Sequence[int] | None = None) -> torch.Tensor:
     move_to(backend, _device())
-    return sampler.generate(backend, prompts, settings, seed=seed).cpu()
+    return draw_here(backend, prompts, seed, settings, row_seeds).cpu()
 
 
 draw_on_gpu = _gpu(GENERATION_SECONDS)(_draw_on_gpu)

@@ -18,6 +18,7 @@ timesteps and a differentiable mean; tests check it against ``DDIMScheduler.step
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections import OrderedDict
@@ -288,19 +289,22 @@ class SampleResult:
 @torch.no_grad()
 def sample(backend: DiffusionBackend, cond: Conditioning, settings: SamplerSettings, generator: torch.Generator,
            record: bool = False, x_init: torch.Tensor | None = None,
-           schedule: StepSchedule | None = None, on_step: Sequence[Callable[[Step], None]] = ()) -> SampleResult:
+           schedule: StepSchedule | None = None, on_step: Sequence[Callable[[Step], None]] = (),
+           noise: torch.Tensor | None = None) -> SampleResult:
     """Run the chain from x_K (drawn from ``generator`` unless given) to x_0.
 
     The noise is drawn in the same order as the plain loop in :mod:`tests.oracles.diffusers_loop` (x_K,
     then one draw per step, also at sigma = 0), so the same seed gives the same images. ``on_step``
-    hooks see each step (see :mod:`rlr_core.rollout`)."""
+    hooks see each step (see :mod:`rlr_core.rollout`). ``noise``: a (K+1, B, *state) table of the
+    steps' draws instead of the generator's."""
     schedule = schedule or make_schedule(backend.scheduler, settings.steps, settings.eta)
     x = x_init if x_init is not None else backend.initial_noise(cond.batch, generator)
 
     def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
         return step_prediction(backend, schedule, x, k, cond, settings.guidance)
 
-    run = rollout(predict, x, schedule.sigma, generator, start=schedule.num_steps, record=record, on_step=on_step)
+    run = rollout(predict, x, schedule.sigma, generator if noise is None else noise, start=schedule.num_steps,
+                  record=record, on_step=on_step)
     return SampleResult(run.x, run.trajectory)
 
 
@@ -323,6 +327,27 @@ def generate(backend: DiffusionBackend, prompts: list[str], settings: SamplerSet
     result = sample(backend, cond, settings, torch.Generator("cpu").manual_seed(seed))
     with torch.no_grad():
         return backend.decode(result.x0).cpu()
+
+
+@torch.no_grad()
+def generate_per_row_seeds(backend: DiffusionBackend, prompts: list[str], settings: SamplerSettings,
+                           seeds: Sequence[int]) -> torch.Tensor:
+    """:func:`generate` in one batch, each run of equal ``seeds`` drawn as :func:`generate` draws it
+    alone (x_K, then one draw per step, from its own generator): a row's noise does not depend on
+    which rows share the batch."""
+    schedule = make_schedule(backend.scheduler, settings.steps, settings.eta)
+    inits, tables = [], []
+    for seed, run in itertools.groupby(seeds):
+        n = len(list(run))
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        x = backend.initial_noise(n, generator)
+        draws = [draw_noise(x, generator) for _ in range(schedule.num_steps)]  # k = K, ..., 1
+        inits.append(x)
+        tables.append(torch.stack([torch.zeros_like(x), *reversed(draws)]))  # entry k = eps_k
+    cond = prompt_conditioning(backend, prompts, settings.steps, guidance=settings.guidance)
+    result = sample(backend, cond, settings, torch.Generator("cpu"), x_init=torch.cat(inits), schedule=schedule,
+                    noise=torch.cat(tables, dim=1))
+    return backend.decode(result.x0).cpu()
 
 
 @torch.no_grad()
