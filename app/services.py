@@ -70,10 +70,11 @@ class AppServices:
         if config.auto_train_every and not self.state.get().auto_train_every:
             self.state.update(auto_train_every=config.auto_train_every)
         # made at start-up, so a bad --reward-encoder fails before the page is served; clips for a video model
-        if config.reward_encoder.strip() == "auto" and not self.base_backend.prompt_rules:
+        spec = config.reward_encoder
+        if spec.strip() == "auto" and not self.base_backend.prompt_rules:  # resolved once, and said why
             spec, why = auto_choice(self.base_backend)
             print(f"reward encoder: {spec}: {why}")
-        encoder = video.reward_encoder(config.reward_encoder, self.base_backend, config.device)
+        encoder = video.reward_encoder(spec, self.base_backend, config.device)
         # prompt fidelity's judge (rlr_core/fidelity.py); None: the model has none and fidelity is not guarded
         # (a CLIP-judged model uses the CLIP the proxy uses, also when "auto" chose it)
         self.fidelity_judge = self.base_backend.fidelity_judge(encoder.spec)

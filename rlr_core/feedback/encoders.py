@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.backends.load_errors import HUB_ID
-from rlr_core.feedback.protocols import ImageEncoder, weights_fingerprint
+from rlr_core.feedback.protocols import FrozenModelEncoder, ImageEncoder
 from rlr_core.shapesworld import perception
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,8 +64,8 @@ def _chunked(fn, images: torch.Tensor, max_batch: int) -> torch.Tensor:
     return torch.cat([fn(images[i:i + max_batch]) for i in range(0, len(images), max_batch)])
 
 
-# ----------------------------------------------------------------------------- CLIP
-class PerceptionImageEncoder:
+# ----------------------------------------------------------------------------- image encoders
+class PerceptionImageEncoder(FrozenModelEncoder):
     """The built-in ShapesWorld perception model's embedding as an ``ImageEncoder``."""
 
     name = "shapesworld-perception"
@@ -75,21 +75,11 @@ class PerceptionImageEncoder:
         self.model = model if model is not None else perception.load()
         self.model.eval().requires_grad_(False)
         self.dim = perception.EMBED_DIM
-        self._fingerprint: str | None = None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (32, 32):  # e.g. a larger generated image
             images = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
         return self.model.embed(images)
-
-    def to(self, device: str | torch.device) -> PerceptionImageEncoder:
-        self.model.to(device)
-        return self
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
 
 def clip_folder(source: str) -> str:
@@ -115,7 +105,7 @@ def clip_folder(source: str) -> str:
                            f"answer ({type(err).__name__}); {fetch}") from None
 
 
-class CLIPImageEncoder:
+class CLIPImageEncoder(FrozenModelEncoder):
     """CLIP's projected image embedding (L2-normalised), differentiable in the pixels.
 
     Pixels go through CLIP's own preprocessing in torch: resize the short side to the model's
@@ -129,11 +119,6 @@ class CLIPImageEncoder:
         self.size = int(model.config.image_size)
         self.dim = int(model.config.projection_dim)
         self.max_batch = max_batch
-        self._fingerprint: str | None = None
-
-    def to(self, device: str | torch.device) -> CLIPImageEncoder:
-        self.model.to(device)
-        return self
 
     @classmethod
     def from_pretrained(cls, source: str, device: str | torch.device = "cpu",
@@ -188,14 +173,9 @@ class CLIPImageEncoder:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return _chunked(self._embed, images, self.max_batch)
 
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
-
 
 # ----------------------------------------------------------------------------- VAE fallback
-class VAELatentEncoder:
+class VAELatentEncoder(FrozenModelEncoder):
     """Pooled statistics of the model's own VAE latents (the offline fallback; see the module doc).
 
     Per latent channel: the mean and std over the image, and a ``grid`` x ``grid`` average pool
@@ -211,11 +191,10 @@ class VAELatentEncoder:
         self.size, self.grid, self.max_batch, self.spec = size, grid, max_batch, spec
         channels = int(vae.config.latent_channels)
         self.dim = channels * (2 + grid * grid)
-        self._fingerprint: str | None = None
 
-    def to(self, device: str | torch.device) -> VAELatentEncoder:
-        self.vae.to(device)  # the backend's own VAE: it moves with the backend anyway
-        return self
+    @property
+    def model(self) -> nn.Module:  # what FrozenModelEncoder moves and fingerprints
+        return self.vae
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         device, dtype = _module_device_dtype(self.vae)
@@ -230,10 +209,6 @@ class VAELatentEncoder:
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return _chunked(self._embed, images, self.max_batch)
 
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.vae)
-        return self._fingerprint
 
 
 class PerFrameClipEncoder:

@@ -53,3 +53,20 @@ def weights_fingerprint(module: nn.Module) -> str:
         h.update(f"{key}:{t.dtype}:{tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class FrozenModelEncoder:
+    """Shared by the encoders whose features come from one frozen module, ``model``: it moves with
+    :meth:`to`, and the encoder's fingerprint is that module's weights' (computed once)."""
+
+    model: nn.Module
+    _fingerprint: str | None = None
+
+    def to(self, device: str | torch.device):
+        self.model.to(device)
+        return self
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from rlr_core.feedback.protocols import weights_fingerprint
+from rlr_core.feedback.protocols import FrozenModelEncoder
 from rlr_core.shapesworld import clips
 from rlr_core.shapesworld import perception as image_perception
 from rlr_core.shapesworld.model import REPO_ROOT
@@ -139,9 +139,9 @@ class ClipPerceptionNet(nn.Module):
         return total
 
 
-class ClipPerceptionEncoder:
+class ClipPerceptionEncoder(FrozenModelEncoder):
     """The clip perception embedding as the reward proxy's encoder (the ``ImageEncoder`` protocol
-    of rlr_core.feedback.reward_proxy, but on clips (B, F, 3, H, W) in [0, 1])."""
+    of rlr_core.feedback.protocols, but on clips (B, F, 3, H, W) in [0, 1])."""
 
     name = "shapesworld-clip-perception"
     spec = "clip-perception"
@@ -150,19 +150,9 @@ class ClipPerceptionEncoder:
     def __init__(self, model: ClipPerceptionNet | None = None):
         self.model = model if model is not None else load()
         self.model.eval().requires_grad_(False)
-        self._fingerprint: str | None = None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images.to(self.model.coords.device)).to(images.device)
-
-    def to(self, device: str | torch.device) -> ClipPerceptionEncoder:
-        self.model.to(device)
-        return self
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model)
-        return self._fingerprint
 
 
 # ----------------------------------------------------------------------------- data and training
