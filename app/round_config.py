@@ -83,6 +83,22 @@ BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 # published SD 1.5 LoRA configuration); batch 2, the batch measured on a GPU
 # (bench/results/gpu_sd15.json). No loop benchmark has been run on these models.
 LATENT_PICK: dict[str, Any] = {"learning_rate": 3e-4, "batch_size": 2}
+# Stable Diffusion XL (docs/own-model.md, "Stable Diffusion XL"); nothing here was measured on SDXL.
+# learning rate 1e-4: the default of diffusers' SDXL LoRA training script
+# (train_text_to_image_lora_sdxl.py in diffusers' examples), a peer's published configuration;
+# batch 2 and block 2: the SD 1.5 choice (bench/results/gpu_sd15.json), kept for SDXL's ~3x larger
+# UNet at 4x the pixels; sample_guidance 5.0: StableDiffusionXLPipeline's default guidance_scale.
+# Training guidance stays 1 (DEFAULTS: half the cost, the adapter carries over to guided sampling).
+SDXL_PICK: dict[str, Any] = {"learning_rate": 1e-4, "batch_size": 2, "block": 2, "sample_guidance": 5.0}
+# Stable Diffusion 3 / 3.5 (docs/own-model.md, "Stable Diffusion 3"); nothing here was measured on it.
+# From Flow-GRPO's SD3.5-Medium configuration (github.com/yifan123/flow_grpo, config/base.py and
+# general_ocr_sd3 in config/grpo.py): learning rate 3e-4 (train.learning_rate), 10 sampling steps
+# while training (sample.num_steps) and 40 to draw (sample.eval_num_steps), guidance 4.5 while
+# sampling and training (sample.guidance_scale, train.cfg = True); LoRA rank 32 (their
+# train_sd3.py script, r=32, lora_alpha=64: here alpha = rank; not re-checked). Their noise level 0.7 is the
+# backend's (rlr_core/backends/flow_models.py, NOISE_LEVEL). Batch 2: the SD 1.5 choice, unmeasured.
+SD3_PICK: dict[str, Any] = {"learning_rate": 3e-4, "lora_rank": 32, "sampling_steps": 10, "guidance": 4.5,
+                            "sample_steps": 40, "sample_guidance": 4.5, "batch_size": 2}
 
 # One table: a backend's ``family`` -> the settings that differ from DEFAULTS on it.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -90,6 +106,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin-clips": {},
     "stable-diffusion": LATENT_PICK,
     "animatediff": LATENT_PICK,
+    "stable-diffusion-xl": SDXL_PICK,
+    "stable-diffusion-3": SD3_PICK,
 }
 DEFAULT_NOTES: dict[str, str] = {
     "builtin-image": ("The default here is RLR with a fidelity term: in the app's own loop (a reward proxy learnt from "

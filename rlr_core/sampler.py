@@ -29,6 +29,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.flow import FlowSchedule
 from rlr_core.rollout import (
     Prediction,
     Step,
@@ -42,7 +43,7 @@ from rlr_core.rollout import (
 __all__ = [  # Trajectory, draw_noise, gaussian_log_prob, StepIndex: re-exported from rlr_core.rollout
     "Conditioning", "Prediction", "SampleResult", "SamplerSettings", "StepIndex", "StepSchedule", "Trajectory",
     "ddim_mean", "ddim_step", "draw_noise", "gaussian_log_prob", "generate", "guided_output", "make_schedule",
-    "prompt_conditioning", "sample", "sample_prompts", "stage_schedule", "step_log_prob", "step_mean",
+    "prompt_conditioning", "sample", "sample_prompts", "schedule_for", "stage_schedule", "step_log_prob", "step_mean",
     "step_prediction",
 ]
 
@@ -68,6 +69,13 @@ class StepSchedule:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps) - 1
+
+    def from_output(self, model_output: torch.Tensor, sample: torch.Tensor, k: StepIndex) -> Prediction:
+        """mu(x_k, k) and the predicted x_0 of step k (k an int or a CPU (B,) tensor): :func:`ddim_step`.
+
+        The step rule is the schedule's: flow models' :class:`rlr_core.flow.FlowSchedule` has its own."""
+        return ddim_step(model_output, sample, self.alpha_prod[k], self.alpha_prod_prev[k], self.sigma[k],
+                         self.prediction_type, self.clip_range)
 
 
 # Schedules by (scheduler config, steps, eta). Each is computed on a private copy of the
@@ -98,6 +106,13 @@ def make_schedule(scheduler: DDIMScheduler, steps: int, eta: float) -> StepSched
         while len(_SCHEDULES) > _SCHEDULES_MAX:
             _SCHEDULES.popitem(last=False)
     return schedule
+
+
+def schedule_for(backend: DiffusionBackend, steps: int, eta: float,
+                 training: bool = False) -> StepSchedule | FlowSchedule:
+    """The backend's step table (:meth:`DiffusionBackend.step_schedule`), DDIM's by default."""
+    own = backend.step_schedule(steps, eta, training=training)
+    return own if own is not None else make_schedule(backend.scheduler, steps, eta)
 
 
 def _compute_schedule(scheduler: DDIMScheduler, steps: int, eta: float) -> StepSchedule:
@@ -241,7 +256,7 @@ def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, c
     return out_u + guidance * (out_c - out_u)
 
 
-def step_prediction(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
+def step_prediction(backend: DiffusionBackend, schedule: StepSchedule | FlowSchedule, x: torch.Tensor, k: StepIndex,
                     cond: Conditioning, guidance: float) -> Prediction:
     """mu_theta(x_k, k, c) and the predicted x_0 of step k, differentiable in the denoiser's parameters.
 
@@ -254,8 +269,7 @@ def step_prediction(backend: DiffusionBackend, schedule: StepSchedule, x: torch.
         kk = int(k)
         t = schedule.timesteps[kk].to(x.device)
     out = guided_output(backend, x, t, cond.at(k), cond.uncond, guidance)
-    return ddim_step(out, x, schedule.alpha_prod[kk], schedule.alpha_prod_prev[kk], schedule.sigma[kk],
-                     schedule.prediction_type, schedule.clip_range)
+    return schedule.from_output(out, x, kk)
 
 
 def step_mean(backend: DiffusionBackend, schedule: StepSchedule, x: torch.Tensor, k: StepIndex,
@@ -297,7 +311,7 @@ def sample(backend: DiffusionBackend, cond: Conditioning, settings: SamplerSetti
     then one draw per step, also at sigma = 0), so the same seed gives the same images. ``on_step``
     hooks see each step (see :mod:`rlr_core.rollout`). ``noise``: a (K+1, B, *state) table of the
     steps' draws instead of the generator's."""
-    schedule = schedule or make_schedule(backend.scheduler, settings.steps, settings.eta)
+    schedule = schedule or schedule_for(backend, settings.steps, settings.eta)
     x = x_init if x_init is not None else backend.initial_noise(cond.batch, generator)
 
     def predict(x: torch.Tensor, k: StepIndex) -> Prediction:
@@ -335,7 +349,7 @@ def generate_per_row_seeds(backend: DiffusionBackend, prompts: list[str], settin
     """:func:`generate` in one batch, each run of equal ``seeds`` drawn as :func:`generate` draws it
     alone (x_K, then one draw per step, from its own generator): a row's noise does not depend on
     which rows share the batch."""
-    schedule = make_schedule(backend.scheduler, settings.steps, settings.eta)
+    schedule = schedule_for(backend, settings.steps, settings.eta)
     inits, tables = [], []
     for seed, run in itertools.groupby(seeds):
         n = len(list(run))

@@ -302,14 +302,16 @@ def test_only_the_sampler_touches_scheduler_state() -> None:
     """Only the sampler's schedule table (on a private copy of the scheduler) sets timesteps."""
     found = {rel(p): calls for p in [ROOT / "app.py", *python_files(*LOOP_CHECKED)]
              if (calls := scheduler_calls(p.read_text()))}
-    assert found == {"rlr_core/sampler.py": ["scheduler.set_timesteps"]}
+    assert found == {"rlr_core/sampler.py": ["scheduler.set_timesteps"],  # DDIM's table
+                     "rlr_core/flow.py": ["scheduler_copy.set_timesteps"]}  # flow models' table
     oracle = scheduler_calls((ROOT / "tests/oracles/diffusers_loop.py").read_text())
     assert sorted(oracle) == ["scheduler.set_timesteps", "scheduler.step"]
 
 
 # --- (d) the backend interface is complete ------------------------------------------------------
 
-CONCRETE_BACKENDS = {"BuiltinBackend", "BuiltinClipBackend", "DiffusersLatentBackend", "AnimateDiffBackend"}
+CONCRETE_BACKENDS = {"BuiltinBackend", "BuiltinClipBackend", "DiffusersLatentBackend", "AnimateDiffBackend",
+                     "SDXLBackend"}
 
 
 def backend_guesses(tree: ast.Module) -> list[int]:

@@ -25,6 +25,14 @@ def load(family: str, folder, builtin_backend):
         return load_backend(clip_model_dir())
     if family == "stable-diffusion":
         return DiffusersLatentBackend.from_pipeline(tiny_pipeline(), name="tiny-sd")
+    if family == "stable-diffusion-xl":
+        from tests.tiny_sdxl import save_tiny_sdxl
+
+        return load_backend(save_tiny_sdxl(folder / "tiny-sdxl"))
+    if family == "stable-diffusion-3":
+        from tests.tiny_flow import save_tiny_sd3
+
+        return load_backend(save_tiny_sd3(folder / "tiny-sd3"))
     return load_backend(save_tiny_animatediff(folder / "tiny-ad"))
 
 
@@ -47,5 +55,10 @@ def test_every_entry_point_starts_the_same_round(family, tmp_path, builtin_backe
         assert from_api.training.estimator.options.get("block", 2) != "auto"  # h = 2, not sized from RAM
         if family in ("stable-diffusion", "animatediff"):
             assert (from_api.training.lr, from_api.training.batch) == (3e-4, 2)
+        if family == "stable-diffusion-xl":
+            assert (from_api.training.lr, from_api.training.batch, from_api.samples.guidance) == (1e-4, 2, 5.0)
+        if family == "stable-diffusion-3":  # Flow-GRPO's SD3.5-M settings
+            assert (from_api.training.lr, from_api.training.sampler.steps, from_api.training.sampler.guidance,
+                    from_api.training.lora_rank) == (3e-4, 10, 4.5, 32)
     finally:
         services.close()

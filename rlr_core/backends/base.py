@@ -79,6 +79,10 @@ class DiffusionBackend(abc.ABC):
     def state_shape(self) -> tuple[int, ...]:
         """Shape of one sample of the diffusion state x_k, without the batch dimension."""
 
+    # The key prefix of the exported LoRA file: "unet" (UNet models) or "transformer" (flow
+    # transformers, written by StableDiffusion3Pipeline.save_lora_weights).
+    lora_prefix: str = "unet"
+
     @property
     def lora_target_modules(self) -> list[str]:
         """Names of the denoiser's linear layers a LoRA adapter should wrap."""
@@ -153,6 +157,14 @@ class DiffusionBackend(abc.ABC):
         """Map final states to images in [0, 1] (B, 3, H, W), or (B, F, 3, H, W) for video.
 
         Differentiable: the estimators backpropagate the reward through it."""
+
+    def step_schedule(self, steps: int, eta: float, training: bool = False):
+        """The sampler's step table for ``steps`` steps at noise scale ``eta``, or None for the DDIM
+        table of ``scheduler`` (:func:`rlr_core.sampler.schedule_for` asks). Flow models give their
+        own (:class:`rlr_core.flow.FlowSchedule`). ``training``: the table the estimators' chain
+        runs on, which must be stochastic where the model's usual sampler is not (flow models
+        generate with the ODE and train on the SDE)."""
+        return None
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((batch, *self.state_shape), generator=generator).to(self.device)

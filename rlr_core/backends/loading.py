@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from rlr_core.backends import animatediff
+from rlr_core.backends import animatediff, flow_models, sdxl
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.backends.load_errors import HUB_ID, ModelLoadError, first_line, model_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# What a Stable-Diffusion-class pipeline needs (SDXL has a second text encoder: not served).
+# What a Stable-Diffusion-class pipeline needs (SDXL, with a second text encoder: backends.sdxl).
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BUILTIN_NOTE = "the built-in model (no --model) needs nothing"
 
@@ -145,11 +145,16 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
             meta = {}
     if str(meta.get("_class_name", "")).startswith("AnimateDiff") or animatediff.is_motion_adapter_folder(path):
         return animatediff.load_folder(path, label, meta, device, dtype)
+    if sdxl.is_sdxl_index(meta):
+        return sdxl.load_folder(path, label, meta, device, dtype)
+    if flow_models.is_flow_index(meta):  # Stable Diffusion 3 / 3.5
+        return flow_models.load_folder(path, label, meta, device, dtype)
     missing = [c for c in NEEDED if not isinstance(meta.get(c), list)]
-    if not meta or missing or "text_encoder_2" in meta:
+    if not meta or missing:
         raise ModelLoadError(
             f"--model {label}: not a text-to-image pipeline this app can serve: found {describe_folder(path)}; "
             f"it needs a Stable Diffusion 1.x/2.x-class diffusers folder ({', '.join(NEEDED)}), "
+            f"a Stable Diffusion XL folder ({sdxl.PIPELINE_CLASS}: also text_encoder_2, tokenizer_2), "
             "or an AnimateDiffPipeline folder for video")
     from diffusers import StableDiffusionPipeline
 

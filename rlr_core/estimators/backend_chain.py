@@ -13,8 +13,8 @@ from rlr_core.sampler import (
     Conditioning,
     SamplerSettings,
     StepIndex,
-    make_schedule,
     prompt_conditioning,
+    schedule_for,
     step_mean,
     step_x0,
 )
@@ -42,7 +42,8 @@ class BackendChain(Chain):
         self.backend = backend
         self.reward_fn = reward_fn
         self.settings = settings
-        self.schedule = make_schedule(backend.scheduler, settings.steps, settings.eta)
+        # the training sampler: for flow models the SDE even where generation uses the ODE (method doc section 10)
+        self.schedule = schedule_for(backend, settings.steps, settings.eta, training=True)
         self.sigma = self.schedule.sigma
         self.reference: list[torch.Tensor] | None = None  # the KL's reference weights (None: the base)
 

@@ -9,7 +9,9 @@ A version folder holds what one training round produced:
     metrics.json                        (what the round measured)
 
 The LoRA file is what ``StableDiffusionPipeline.save_lora_weights`` writes, so a plain diffusers
-pipeline of the same base model loads a version with ``pipe.load_lora_weights(folder)``, and the
+pipeline of the same base model loads a version with ``pipe.load_lora_weights(folder)``
+(``StableDiffusionXLPipeline`` and ``AnimateDiffPipeline`` write and read the same "unet." keys for a
+UNet-only LoRA: tests/test_sdxl_backend.py and tests/test_animatediff.py load them), and the
 app loads it the same way (``unet.load_lora_adapter``). Folders from before this format
 (``adapter_model.safetensors`` + ``adapter_config.json``, peft's) still load.
 
@@ -91,6 +93,13 @@ def save_weights(backend: DiffusionBackend, folder: Path, kind: str, adapter_nam
         from diffusers import StableDiffusionPipeline  # its LoRA writer is a classmethod: no pipeline needed
 
         state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(backend, adapter_name).items()}
+        if backend.lora_prefix == "transformer":  # flow models: "transformer."-prefixed keys
+            from diffusers import StableDiffusion3Pipeline
+
+            StableDiffusion3Pipeline.save_lora_weights(
+                str(folder), transformer_lora_layers=state, weight_name=LORA_WEIGHTS, safe_serialization=True,
+                transformer_lora_adapter_metadata=backend.denoiser.peft_config[adapter_name].to_dict())
+            return
         StableDiffusionPipeline.save_lora_weights(
             str(folder), unet_lora_layers=state, weight_name=LORA_WEIGHTS, safe_serialization=True,
             # Without the adapter's config diffusers would reload lora_alpha as the rank.
@@ -133,7 +142,8 @@ def load_lora(backend: DiffusionBackend, folder: str | Path, adapter_name: str =
     if (folder / LORA_WEIGHTS).is_file():
         n_saved = len(load_file(folder / LORA_WEIGHTS))
         # The loader a plain diffusers pipeline uses (load_lora_weights calls it for the UNet).
-        unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=adapter_name)
+        unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix=backend.lora_prefix,
+                               adapter_name=adapter_name)
         if len(lora_parameters(backend, adapter_name)) != n_saved:
             remove_lora(backend, adapter_name)
             raise ValueError(f"{folder}: adapter weights do not fit this model")
