@@ -67,6 +67,11 @@ def register(services: AppServices) -> None:
         token = new_token()
         return {"rater_token": token, "rater_id": s.identity.from_token(token)}
 
+    def ping() -> dict:
+        """Answers at once and does nothing: a health check, and the floor the queue itself puts
+        under every action (bench/load.py times it)."""
+        return {"ok": True}
+
     # ------------------------------------------------------------------ generate & rate
     @user_errors
     def generate(prompt: str, n: int = 4, seed: int = 0, steps: int = 20, guidance: float = 3.0,
@@ -211,7 +216,7 @@ def register(services: AppServices) -> None:
         return s.import_data(Path(path), admin_password)
 
     slow = {generate, preview_stages}
-    for fn in (rater_token, generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,
+    for fn in (ping, rater_token, generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,
                set_stage_settings, preview_stages, train_start, train_status, train_stop, set_auto_train,
                versions, set_active_version, rollback, export_lora, counts, rater_stats, export_data,
                import_data):

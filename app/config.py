@@ -9,6 +9,7 @@ from pathlib import Path
 
 # Not imported from rlr_core.shapesworld.model: `python app.py --help` should not wait for torch.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapesworld-tiny"
+DEFAULT_QUEUE_SIZE = 256
 
 
 @dataclass
@@ -26,6 +27,9 @@ class AppConfig:
     # A public app (--share, or running on a Space) guards model-changing actions.
     public: bool = False
     auto_train_every: int = 0
+    # Requests waiting in Gradio's queue past which a new one is answered "busy, try again"
+    # (HTTP 503) at once instead of waiting; docs/deploy.md, "Queue limits".
+    queue_size: int = DEFAULT_QUEUE_SIZE
     # Running on a Hugging Face Space (SPACE_ID): raters may sign in with Hugging Face.
     space: bool = False
     admins: tuple[str, ...] = ()  # HF usernames with admin rights once signed in (RLR_ADMINS)
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-train-every",
                    help="start a training round after every N new ratings and comparisons; 0 = off "
                    "(can be changed in the Train tab) [RLR_AUTO_TRAIN_EVERY] (default: 0)")
+    p.add_argument("--queue-size",
+                   help="requests that may wait in the queue; past it a new one is told the app is busy "
+                   f"(try again) at once instead of waiting [RLR_QUEUE_SIZE] (default: {DEFAULT_QUEUE_SIZE})")
     return p
 
 
@@ -130,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     port = _whole(*get("--port", "PORT", "7860"), 1, 65535)
     threads = _whole(*get("--threads", "THREADS", "1"), 1, 1024)
     auto_train = _whole(*get("--auto-train-every", "AUTO_TRAIN_EVERY", "0"), 0, 100_000)
+    queue_size = _whole(*get("--queue-size", "QUEUE_SIZE", str(DEFAULT_QUEUE_SIZE)), 1, 100_000)
     share = bool(args.share) or _flag("SHARE")
     return AppConfig(
         model=get("--model", "MODEL", str(DEFAULT_MODEL_DIR))[0],
@@ -140,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         reward_encoder=get("--reward-encoder", "REWARD_ENCODER", "auto")[0],
         admin_password=os.environ.get("RLR_ADMIN_PASSWORD") or None,
         public=share or bool(os.environ.get("SPACE_ID")),
-        auto_train_every=auto_train,
+        auto_train_every=auto_train, queue_size=queue_size,
         space=bool(os.environ.get("SPACE_ID")),
         admins=tuple(a.strip() for a in os.environ.get("RLR_ADMINS", "").split(",") if a.strip()),
     )

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from app.generation import GenerationSettings, draw
+from app.generation import DrawFn, GenerationSettings, draw
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.training import lora
 
@@ -73,13 +73,14 @@ def probe_seed(prompt: str, seed: int = PROBE_SEED) -> int:
 
 @torch.no_grad()
 def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], settings: GenerationSettings,
-            per_prompt: int, seed: int = PROBE_SEED) -> dict[str, float]:
+            per_prompt: int, seed: int = PROBE_SEED, draw_fn: DrawFn = draw) -> dict[str, float]:
     """The judge's mean accuracy per prompt, each prompt drawn ``per_prompt`` times from its own
-    seed (:func:`probe_seed`)."""
+    seed (:func:`probe_seed`). ``draw_fn``: :func:`app.generation.draw`, or it run elsewhere (a
+    round's process: the same images, since every row has its own seed)."""
     texts = [p for p in prompts for _ in range(per_prompt)]
     if not texts:
         return {}
-    images = draw(backend, texts, seed, settings, row_seeds=[probe_seed(p, seed) for p in texts])  # one batch
+    images = draw_fn(backend, texts, seed, settings, row_seeds=[probe_seed(p, seed) for p in texts])  # one batch
     scores = judge.accuracy(images, texts).detach().float().cpu().view(len(prompts), per_prompt).mean(1)
     return {p: float(s) for p, s in zip(prompts, scores)}
 
@@ -103,12 +104,13 @@ class ProbeCache:
             return {}  # a missing or damaged cache only costs drawing the probes again
 
     def scores(self, version_id: int, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
-               settings: GenerationSettings, per_prompt: int = PROBE_IMAGES) -> dict[str, float]:
+               settings: GenerationSettings, per_prompt: int = PROBE_IMAGES,
+               draw_fn: DrawFn = draw) -> dict[str, float]:
         with self._lock:
             known = self._read().get(str(version_id), {})
         keys = {p: self.key(p, settings, per_prompt, judge) for p in prompts}
         missing = [p for p in prompts if keys[p] not in known]
-        fresh = measure(backend, judge, missing, settings, per_prompt)
+        fresh = measure(backend, judge, missing, settings, per_prompt, draw_fn=draw_fn)
         self.remember(version_id, judge, fresh, settings, per_prompt)
         return {p: fresh[p] if p in fresh else known[keys[p]] for p in prompts}
 
@@ -185,8 +187,8 @@ class FidelityWatch:
 
     def __init__(self, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
                  settings: GenerationSettings, threshold: float, every: int,
-                 reference: dict[str, float] | None = None):
-        self.backend, self.judge, self.settings = backend, judge, settings
+                 reference: dict[str, float] | None = None, draw_fn: DrawFn = draw):
+        self.backend, self.judge, self.settings, self.draw_fn = backend, judge, settings, draw_fn
         self.prompts = list(prompts)[:WATCH_PROMPTS]
         self.threshold, self.every = threshold, every
         self.params = lora.lora_parameters(backend) if lora.has_lora(backend) else []
@@ -206,7 +208,7 @@ class FidelityWatch:
     def _score(self) -> float:
         if not self.prompts:
             return 0.0
-        return mean(measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES))
+        return mean(measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES, draw_fn=self.draw_fn))
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]

@@ -7,7 +7,7 @@ through two versions give two images made from the same noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,6 +18,10 @@ from rlr_core.backends.base import DiffusionBackend
 
 # The app draws with the sampler's own settings (steps, eta, guidance); one type, not two.
 GenerationSettings = sampler.SamplerSettings
+
+
+# draw's signature: what code that may draw elsewhere (a round's process) takes instead of it
+DrawFn = Callable[..., torch.Tensor]
 
 
 def draw(backend: DiffusionBackend, prompts: Sequence[str], seed: int, settings: GenerationSettings,

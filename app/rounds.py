@@ -4,7 +4,9 @@ One round:
 1. fit the reward proxy to every rating and comparison in the store (its held-out accuracy is
    shown; it also drives the comparison tab's active selection from then on);
 2. collect the prompts people used and edited, with their prompt-lab stage prompts;
-3. fine-tune a LoRA adapter on a private copy of the active version (``rlr_core.training``);
+3. fine-tune a LoRA adapter on a private copy of the active version (``rlr_core.training``); on a
+   CPU the steps run in a process of their own (``rlr_core.training.round_process``), so serving
+   raters never waits on them;
 4. save it as a new model version, draw its samples into the rating queue, and draw blind
    before/after pairs (same prompts and seed through the parent) into the comparison queue;
 5. finish the round in the store, and only then make the new version active.
@@ -15,6 +17,7 @@ it failed, and the active version is still the last good one (see ``app/state.py
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -23,10 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from app import fidelity_guard, round_config, round_files
+import torch
+
+from app import fidelity_guard, round_config, round_files, zerogpu
 from app import validate as check
 from app.errors import AppError
-from app.generation import draw, store_images
+from app.generation import DrawFn, draw, store_images
 from app.models import VERSIONS_DIR, ModelRegistry
 from app.prompts import RoundPrompt, round_prompts
 from app.round_config import RoundConfig
@@ -34,6 +39,7 @@ from app.state import StateFile
 from app.worker import JobContext, JobStatus, Worker, WorkerBusy
 from feedback_store import FeedbackStore
 from rlr_core import dcot
+from rlr_core.training.round_process import RoundProcess
 
 PROXY_DIR = "reward_proxy"
 PROXY_KEYS = ("proxy_heldout_accuracy", "proxy_heldout_pairs", "proxy_comparisons", "proxy_ratings")
@@ -67,6 +73,7 @@ class RoundRunner:
         self.judge = judge  # the backend's fidelity judge; None: fidelity is not guarded
         self.held_out_prompts = list(held_out_prompts)
         self.probes = fidelity_guard.ProbeCache(self.data_dir)
+        self._process: RoundProcess | None = None  # started with the first round trained on a CPU
         self._load_proxy()
         round_files.discard_orphans(self.store)  # folders of rounds a killed process left behind
 
@@ -244,7 +251,8 @@ class RoundRunner:
                              penalty=config.uncertainty_penalty, patience=config.patience,
                              judge=judge if judge is not None and judge.differentiable else None,
                              fidelity_weight=config.fidelity_weight,
-                             watch=self._watch(backend, prompts, config, base_version))
+                             watch=self._watch(backend, prompts, config, base_version),
+                             process=self._round_process(backend))
         ctx.check_stop()
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
 
@@ -280,6 +288,26 @@ class RoundRunner:
                    **({"fidelity_flagged": False} if verdict is None else verdict.metrics()))
         return {"round_id": round_id, "version_id": version_id, "metrics": metrics}
 
+    def _round_process(self, backend) -> RoundProcess | None:
+        """The process a round trained on the CPU runs its steps in (kept for later rounds); None on
+        a GPU (the steps run on the device and the thread mostly waits for it) and on ZeroGPU
+        (its own chunked path)."""
+        if backend.device.type != "cpu" or zerogpu.chunked_training():
+            return None
+        if self._process is None:
+            self._process = RoundProcess(threads=torch.get_num_threads())
+        return self._process
+
+    def _drawer(self, backend) -> DrawFn:
+        """How a round draws (its probes, its new samples): in the round process when there is one."""
+        process = self._round_process(backend)
+        return draw if process is None else functools.partial(process.run, draw)
+
+    def close(self) -> None:
+        """End the round process, if one was started (after the worker has stopped)."""
+        if self._process is not None:
+            self._process.close()
+
     def _watch(self, backend, prompts: list[RoundPrompt], config: RoundConfig,
                parent: int) -> Callable[[], fidelity_guard.FidelityWatch] | None:
         """What makes the in-round fidelity check once the adapter exists; None when it is off."""
@@ -290,11 +318,12 @@ class RoundRunner:
         # drawn as the round's samples are: at the training chain's length (10 steps) it missed a
         # drop the after-round guard saw at 20 (bench/loop.py, truncated BP). The parent's scores on
         # these probes come from the guard's cache (WATCH_IMAGES = PROBE_IMAGES: the same keys).
+        drawer = self._drawer(backend)
         reference = self.probes.scores(parent, self.models.backend(parent), self.judge, watched, config.samples,
-                                       fidelity_guard.WATCH_IMAGES)
+                                       fidelity_guard.WATCH_IMAGES, draw_fn=drawer)
         return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
                                                     config.fidelity_threshold, config.fidelity_check_every,
-                                                    reference)
+                                                    reference, draw_fn=drawer)
 
     def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],
                         config: RoundConfig) -> tuple[dict[str, float], fidelity_guard.Verdict | None]:
@@ -306,10 +335,13 @@ class RoundRunner:
         ctx.report(0.75, "judging prompt fidelity: the new version, its parent and the base model on fixed probes")
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
-        new = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES)
-        parent = self.probes.scores(base_version, self.models.backend(base_version), judge, probes, config.samples)
+        drawer = self._drawer(backend)
+        new = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES,
+                                     draw_fn=drawer)
+        parent = self.probes.scores(base_version, self.models.backend(base_version), judge, probes, config.samples,
+                                    draw_fn=drawer)
         root = self._root_of(base_version)
-        base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples)
+        base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, draw_fn=drawer)
         return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold)
 
     def _root_of(self, version_id: int) -> int:
@@ -335,6 +367,7 @@ class RoundRunner:
         texts = [p.prompt for p in prompts for _ in range(config.samples_per_prompt)]
         sample_seed = (seed + 1) % (2**31)
         for vid in (version_id, parent_id):
-            images = draw(self.models.backend(vid), texts, sample_seed, config.samples)
+            backend = self.models.backend(vid)
+            images = self._drawer(backend)(backend, texts, sample_seed, config.samples)
             store_images(self.store, images, texts, sample_seed, config.samples, vid, origin="round")
         return len(texts)

@@ -87,6 +87,7 @@ class AppServices:
     def close(self) -> None:
         self.worker.stop()
         self.worker.wait(timeout=30)
+        self.rounds.close()
         self.store.close()
         self.images.close()
         self.downloads.close()

@@ -26,6 +26,12 @@ from app.plateau import Plateau
 from app.worker import JobContext, JobStopped
 from rlr_core import training
 from rlr_core.backends.base import DiffusionBackend
+from rlr_core.training.chunked import run_chunked_round
+from rlr_core.training.resume import RoundState
+from rlr_core.training.round_process import RoundProcess
+
+# A round process's chunk: stop requests and progress wait at most this long (plus one step).
+PROCESS_CHUNK_SECONDS = 10.0
 
 
 @dataclass
@@ -96,13 +102,15 @@ class ProxyReward:
 def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, out_dir: Path, ctx: JobContext,
                on_progress: Callable[[float], None], penalty: float = 0.0, patience: int = 0,
                judge=None, fidelity_weight: float = 0.0,
-               watch: Callable[[], FidelityWatch | None] | None = None) -> Trained:
+               watch: Callable[[], FidelityWatch | None] | None = None,
+               process: RoundProcess | None = None) -> Trained:
     """Fine-tune ``backend`` (a private copy) in place with ``config``; write the version folder ``out_dir``.
     ``penalty``: lambda of the penalised reward; ``patience``: steps without a new best (smoothed)
     penalised reward before the round stops early (0: never); ``judge`` and ``fidelity_weight``:
     the fidelity term of the reward; ``watch``: makes the in-round fidelity check
     (:class:`app.fidelity_guard.FidelityWatch`) once the adapter exists (not on ZeroGPU, where
-    the weights live in the GPU worker between steps)."""
+    the weights live in the GPU worker between steps); ``process``: train in that process
+    (:mod:`rlr_core.training.round_process`), the watch checking the weights between its chunks."""
     reward = ProxyReward(proxy, penalty, judge, fidelity_weight)
     plateau = Plateau(patience)
     chunked = zerogpu.chunked_training()
@@ -110,24 +118,47 @@ def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, o
         training.trainable_parameters(backend, config)  # the adapter the round trains (the watch snapshots it)
     watcher = watch() if watch is not None and not chunked else None
 
+    def rolled_back() -> str:
+        return (f" · probe fidelity fell to {watcher.last:.3f} from {watcher.reference:.3f}: back to step "
+                f"{watcher.good_step}, ending the round")
+
     def progress(p: training.Progress) -> bool:
         observed = reward.observe()
         raw = reward.proxy_reward(p.reward_mean, observed)
         ctx.log_step(step=p.step, reward=raw, penalised=p.reward_mean, uncertainty=observed["uncertainty"],
                      fidelity=observed["fidelity"], reward_std=p.reward_std, grad_norm=p.grad_norm)
         plateaued = plateau.update(p.step, p.reward_mean)
-        unfaithful = watcher is not None and watcher.check(p.step)
+        # in a round process the weights here are the chunk's last, so the watch checks between chunks
+        unfaithful = watcher is not None and process is None and watcher.check(p.step)
         note = (" · the penalised reward stopped rising: ending the round" if plateaued else
-                f" · probe fidelity fell to {watcher.last:.3f} from {watcher.reference:.3f}: back to step "
-                f"{watcher.good_step}, ending the round" if unfaithful else "")
+                rolled_back() if unfaithful else "")
         ctx.report(message=f"step {p.step}/{p.total} · proxy reward {raw:.3f} · round reward "
                            f"{p.reward_mean:.3f} · {p.elapsed:.0f} s" + note)
         on_progress(p.step / p.total)
         return ctx.stopped or plateaued or unfaithful
 
+    def check_between_chunks(state: RoundState) -> bool:
+        """The watch on the weights the round process reached; a roll-back goes into the state."""
+        if watcher is None:
+            return False
+        params = training.trainable_parameters(backend, config)
+        with torch.no_grad():
+            for p, value in zip(params, state.params):
+                p.copy_(value)
+        if not watcher.check(state.step):
+            return False
+        state.params = [p.detach().cpu().clone() for p in params]
+        ctx.report(message=f"step {state.step}/{config.steps}" + rolled_back())
+        return True
+
     if chunked:  # a ZeroGPU Space: the round as GPU calls of a bounded duration
         result = zerogpu.run_round(backend, reward, config, out_dir, progress, ctx.stop_event, observe=reward.observe,
                                    on_observed=reward.restore)
+    elif process is not None:  # the steps in their own process; stop, progress and the watch between chunks
+        every = watcher.every if watcher is not None and watcher.active else 0
+        result = run_chunked_round(backend, reward, config, out_dir, progress, ctx.stop_event,
+                                   chunk_seconds=PROCESS_CHUNK_SECONDS, call=process.chunk_call(),
+                                   on_observed=reward.restore, check_every=every, on_check=check_between_chunks)
     else:
         result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
     early = plateau.stopped_at is not None or (watcher is not None and watcher.stopped_at is not None)

@@ -13,9 +13,10 @@ from typing import Any
 
 import gradio as gr
 
-from app import api, hub_export, video, video_export
+from app import api, gradio_sessions, hub_export, video, video_export
 from app.archive import MAX_BYTES
 from app.config import AppConfig
+from app.queue_settings import configure_queue
 from app.round_config import ESTIMATOR_CHOICES
 from app.services import AppServices
 from app.storage import storage_warning
@@ -46,6 +47,7 @@ def header_text(services: AppServices) -> str:
 
 
 def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tuple[gr.Blocks, AppServices]:
+    gradio_sessions.install()  # an API call must not build the whole page's config (bench/load.py)
     services = AppServices(config, backend)
     # Gradio's cache holds the copies it serves (images, exports): drop those older than a day.
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
@@ -99,7 +101,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
         api.register(services)
         hub_export.register_api(services)
         video_export.register_api(services)
-    demo.queue(default_concurrency_limit=1, max_size=256)
+    configure_queue(demo, config.queue_size)
     return demo, services
 
 

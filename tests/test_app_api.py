@@ -40,11 +40,12 @@ def refused(client, endpoint: str, *args, match: str, **kwargs) -> None:
 
 def test_every_action_is_a_named_endpoint(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    expected = {"generate", "samples_to_rate", "rate", "next_pair", "compare", "split_prompt",
+    expected = {"ping", "generate", "samples_to_rate", "rate", "next_pair", "compare", "split_prompt",
                 "save_stage_prompts", "set_stage_settings", "preview_stages", "train_start", "train_status",
                 "train_stop", "set_auto_train", "versions", "set_active_version", "rollback", "export_lora",
                 "counts", "rater_stats", "export_data", "import_data"}
     assert {f"/{n}" for n in expected} <= names
+    assert call(client, "ping") == {"ok": True}
 
 
 def test_generate_returns_samples_with_version_and_image(samples):

@@ -48,12 +48,14 @@ def chunk_budget(chunk_seconds: float) -> float:
 
 def run_chunk(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
               state: RoundState | None, budget_s: float, device: str | None = None,
-              observe: Callable[[], Any] | None = None) -> ChunkOutcome:
+              observe: Callable[[], Any] | None = None, pause_at: int | None = None,
+              hold: bool = False) -> ChunkOutcome:
     """One chunk of a round (module level, so a ZeroGPU worker can unpickle it).
 
     ``device``: where to train ("auto" = CUDA when the worker has it); the returned state is
     on the CPU whatever the device. ``observe``: called after each step (e.g. a reward's
-    side statistics), its values come back with the progress."""
+    side statistics), its values come back with the progress. ``pause_at`` and ``hold``: as
+    :func:`rlr_core.training.round.run_round` takes them."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:
@@ -65,7 +67,8 @@ def run_chunk(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
         outcome.progress.append(p)
         outcome.observed.append(observe() if observe is not None else None)
 
-    outcome.result = run_round(backend, reward_fn, config, out, progress=record, resume=state, budget_s=budget_s)
+    outcome.result = run_round(backend, reward_fn, config, out, progress=record, resume=state, budget_s=budget_s,
+                               pause_at=pause_at, hold=hold)
     return outcome
 
 
@@ -76,18 +79,27 @@ def run_chunked_round(backend: DiffusionBackend, reward_fn: RewardFn, config: Tr
                       progress: ProgressFn | None = None, stop: threading.Event | None = None,
                       chunk_seconds: float = 60.0, call: ChunkCall = run_chunk, device: str | None = None,
                       observe: Callable[[], Any] | None = None,
-                      on_observed: Callable[[Any], None] | None = None) -> RoundResult:
+                      on_observed: Callable[[Any], None] | None = None, check_every: int = 0,
+                      on_check: Callable[[RoundState], bool] | None = None) -> RoundResult:
     """Run a round as chunks of at most ``chunk_seconds`` each; same result as ``run_round``.
 
     ``call`` runs one chunk: :func:`run_chunk` itself (in this process), or it wrapped by
-    ``spaces.GPU``. ``on_observed`` gets each step's ``observe()`` value just before
-    ``progress`` gets the step. The metrics gain ``chunks`` (calls made)."""
+    ``spaces.GPU`` or sent to another process. ``on_observed`` gets each step's ``observe()``
+    value just before ``progress`` gets the step. With ``on_check``, chunks also end every
+    ``check_every`` steps and after the last one, and ``on_check`` sees the round's state there
+    (it may change ``state.params``; True ends the round with them); the version is then written
+    here, not in the call. The metrics gain ``chunks`` (calls made)."""
     state: RoundState | None = None
     chunks = 0
     while True:
         if stop is not None and stop.is_set():
             break
-        outcome = call(backend, reward_fn, config, out, state, chunk_budget(chunk_seconds), device, observe)
+        checks = {}
+        if on_check is not None:
+            done = state.step if state is not None else 0
+            checks = {"hold": True, "pause_at": done + check_every - done % check_every if check_every > 0 else None}
+        outcome = call(backend, reward_fn, config, out, state, chunk_budget(chunk_seconds), device, observe,
+                       **checks)
         chunks += 1
         asked_to_stop = False
         for p, seen in zip(outcome.progress, outcome.observed):
@@ -99,9 +111,13 @@ def run_chunked_round(backend: DiffusionBackend, reward_fn: RewardFn, config: Tr
             outcome.result.metrics["chunks"] = chunks
             return outcome.result
         state = outcome.result.state
-        if asked_to_stop:
+        if asked_to_stop or state.step >= config.steps:
             break
-    # Stopped between chunks: write what was trained so far, as run_round does when stopped.
+        if on_check is not None and check_every > 0 and state.step % check_every == 0 and on_check(state):
+            break
+    if state is not None and on_check is not None and state.step >= config.steps and not asked_to_stop:
+        on_check(state)  # the last step's check: it may put back the last good weights
+    # Stopped between chunks, or held after the last step: write what was trained, as run_round does.
     halt = threading.Event()
     halt.set()
     result = run_round(backend, reward_fn, config, out, stop=halt, resume=state)

@@ -177,21 +177,23 @@ def _batch_prompts(rng: random.Random, prompts: list[str], batch: int) -> list[s
 def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
               progress: ProgressFn | None = None, stop: threading.Event | None = None,
               accelerator=None, estimator: Estimator | None = None, resume: RoundState | None = None,
-              budget_s: float | None = None) -> RoundResult:
+              budget_s: float | None = None, pause_at: int | None = None, hold: bool = False) -> RoundResult:
     """Run one training round and write its version folder ``out`` (see the module docstring).
 
     ``accelerator``: an ``accelerate.Accelerator`` (the CLI passes one); gradients are averaged
     over its processes and only the main process writes the version.
     ``budget_s``: pause (at least one step in) before a step that would end past this many
     seconds; the result then has no version and a ``state`` that ``resume`` continues from
-    (:mod:`rlr_core.training.resume`, :mod:`rlr_core.training.chunked`)."""
+    (:mod:`rlr_core.training.resume`, :mod:`rlr_core.training.chunked`). ``pause_at``: pause the
+    same way once this many steps are done; ``hold``: pause after the last step too, instead of
+    writing the version (the caller checks the weights first, then resumes to write it)."""
     if config.batch < 2:
         raise ValueError("batch must be at least 2 (the leave-one-out baseline needs other samples)")
     if not config.prompts:
         raise ValueError("no prompts to train on")
     for p in config.prompts:
         backend.check_prompt(p)
-    if accelerator is not None and (resume is not None or budget_s is not None):
+    if accelerator is not None and (resume is not None or budget_s is not None or pause_at is not None or hold):
         raise ValueError("pausing and resuming a round is not supported with an accelerator")
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1  # each process draws its own batch
@@ -246,8 +248,9 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                 stopped = True
                 break
             now = time.perf_counter()
-            if budget_s is not None and step > first and now - chunk_start + longest_step > budget_s:
-                paused = True  # the next step would not fit in the budget
+            if step > first and ((budget_s is not None and now - chunk_start + longest_step > budget_s)
+                                 or (pause_at is not None and step >= pause_at)):
+                paused = True  # the next step would not fit in the budget, or the caller checks here
                 break
             prompts = _batch_prompts(rng, config.prompts, config.batch)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
@@ -273,6 +276,8 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
         for p in params:
             p.grad = None
 
+    if hold and not stopped and history and len(history) == config.steps:
+        paused, step = True, config.steps  # done: the caller writes the version once it has checked it
     if paused:
         return RoundResult(None, {}, False, RoundState.capture(
             step, params, optimizer, generator, rng, history, time.perf_counter() - start, guard.norms, estimator,
