@@ -35,10 +35,14 @@ class BrowserRater(threading.Thread):
     def rate_in(self, page) -> None:
         page.goto(self.url)
         box = page.locator("#rater textarea, #rater input").first
+        deadline = time.time() + 60
+        while not box.input_value().startswith("guest-") and time.time() < deadline:
+            time.sleep(0.1)  # the guest id arrives first and would overwrite a typed name
         visitor = 0
         while not self.stop_event.is_set():
             visitor += 1  # a new name once the queue is rated through: a new person arrives
             box.fill(f"browser-{visitor}")
+            box.press("Tab")
             page.click("#load-queue")
             if not self.wait_for_image(page, None):
                 continue

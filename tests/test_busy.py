@@ -79,7 +79,10 @@ def test_the_browser_says_busy_and_the_click_works_again(small_queue):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(url)
-        page.locator("#rater textarea, #rater input").first.fill("bob")
+        name_box = page.locator("#rater textarea, #rater input").first
+        wait_until(lambda: name_box.input_value().startswith("guest-"), what="a guest rater id")
+        name_box.fill("bob")  # after the guest id arrived, which would overwrite it
+        name_box.press("Tab")
         page.click("#load-queue")
         page.wait_for_selector("#current img")
         threads = fill_queue(url)
