@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     # One torch thread by default: generation and training then leave a core to the UI threads.
     torch.set_num_threads(config.threads)
     from app.ui import create_app, launch_kwargs
-    from rlr_core.backends.builtin import BuiltinBackend
     from rlr_core.backends.loading import ModelLoadError
     from rlr_core.feedback.encoders import EncoderError
 
@@ -27,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         demo, services = create_app(config)
     except (ModelLoadError, EncoderError) as err:
         raise SystemExit(_exit_line("error: " + " ".join(str(err).split()))) from None
-    print(f"model: {config.model}\n  {services.device_summary()}")
+    print(f"model: {config.model}\n  {services.model.device_summary()}")
     backend = services.base_backend
-    if backend.device.type == "cpu" and not isinstance(backend, BuiltinBackend):
+    if backend.device.type == "cpu" and not backend.cpu_sized:
         note = f" (--dtype {config.dtype} applies on CUDA only)" if config.dtype in ("fp16", "bf16") else ""
         print(f"warning: running {backend.name} on a CPU in fp32{note}: expect minutes per batch of images "
               "and hours per training round; use a CUDA GPU (--device cuda) for real work")

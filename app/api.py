@@ -79,23 +79,23 @@ def register(services: AppServices) -> None:
         """Draw n samples of a prompt with the active model version (or ``version``, an id from
         /versions); they join the rating queue. preview=true stores nothing: the images come back
         (sample_id null) and nothing the app learns from or judges changes."""
-        return [public_sample(x) for x in s.generate(prompt, n, seed, steps, guidance, version, preview)]
+        return [public_sample(x) for x in s.generation.generate(prompt, n, seed, steps, guidance, version, preview)]
 
     @user_errors
     def samples_to_rate(rater: str, limit: int = 8) -> list[dict]:
         """Samples this rater has not rated yet, newest model version first."""
-        return [public_sample(x) for x in s.to_rate(who(rater), limit)]
+        return [public_sample(x) for x in s.judgements.to_rate(who(rater), limit)]
 
     @user_errors
     def rate(sample_id: int, stars: int, rater: str) -> dict:
         """Give a sample 1-5 stars (a second rating by the same rater replaces the first)."""
-        return s.rate(sample_id, who(rater), stars)
+        return s.judgements.rate(sample_id, who(rater), stars)
 
     # ------------------------------------------------------------------ compare
     @user_errors
     def next_pair(rater: str) -> dict:
         """Two samples of one prompt to compare ({} when there is none); sides are random."""
-        pair = s.next_pair(who(rater))
+        pair = s.judgements.next_pair(who(rater))
         if pair is None:
             return {}
         return {"prompt": pair["prompt"], "left": public_sample(pair["left"]), "right": public_sample(pair["right"])}
@@ -104,18 +104,18 @@ def register(services: AppServices) -> None:
     def compare(left_id: int, right_id: int, outcome: str, rater: str,
                 response_time_s: float | None = None) -> dict:
         """Record a judgement: left, right, tie-both-good, tie-both-bad or skip."""
-        return s.compare(left_id, right_id, outcome, who(rater), response_time_s)
+        return s.judgements.compare(left_id, right_id, outcome, who(rater), response_time_s)
 
     # ------------------------------------------------------------------ prompt lab
     @user_errors
     def split_prompt(prompt: str) -> dict:
         """The rule-based DCoT split: coarse, mid and fine stage prompts."""
-        return s.split_prompt(prompt)
+        return s.prompt_lab.split_prompt(prompt)
 
     @user_errors
     def save_stage_prompts(prompt: str, coarse: str, mid: str, fine: str, rater: str) -> dict:
         """Save a prompt's stage prompts (as prompt edits); training rounds then use them."""
-        out = s.save_stage_prompts(prompt, coarse, mid, fine, who(rater))
+        out = s.prompt_lab.save_stage_prompts(prompt, coarse, mid, fine, who(rater))
         return {"prompt": out["prompt"], "stage_prompts": out["stage_prompts"], "edit_ids": out["edit_ids"]}
 
     @user_errors
@@ -123,13 +123,13 @@ def register(services: AppServices) -> None:
                            admin_password: str = "") -> dict:
         """Stage boundaries (shares of the chain) and the stage the next round's HO block is drawn in
         (they change what rounds train: admins only on a public app)."""
-        return s.set_stage_settings(mid_start, fine_start, focus_stage, admin_password)
+        return s.prompt_lab.set_stage_settings(mid_start, fine_start, focus_stage, admin_password)
 
     @user_errors
     def preview_stages(prompt: str, coarse: str, mid: str, fine: str, mid_start: float = 0.3,
                        fine_start: float = 0.6, seed: int = 0, steps: int = 20) -> dict:
         """Plain prompt vs stage prompts from the same noise, at the end of each stage (base64 PNGs)."""
-        out = s.preview_stages(prompt, coarse, mid, fine, mid_start, fine_start, seed, steps)
+        out = s.prompt_lab.preview_stages(prompt, coarse, mid, fine, mid_start, fine_start, seed, steps)
         enc = lambda ims: [base64.b64encode(video.png_bytes(im)).decode() for im in ims]  # clips: animated PNGs
         return {"plain": enc(out["plain"]), "staged": enc(out["staged"]), "stage_steps": out["stage_steps"],
                 "schedule": out["schedule"]}
@@ -167,17 +167,17 @@ def register(services: AppServices) -> None:
     def versions() -> list[dict]:
         """Every model version with mean stars, the human-judged win rate over its parent, whether it
         is flagged (worse than its parent with confidence) or the best-judged, and its round's seed."""
-        return public(s.versions())
+        return public(s.model_versions.table())
 
     @user_errors
     def set_active_version(version_id: int, admin_password: str = "") -> dict:
         """Draw new samples with this version."""
-        return public(s.set_active_version(version_id, admin_password))
+        return public(s.model_versions.set_active(version_id, admin_password))
 
     @user_errors
     def rollback(admin_password: str = "", version_id: int | None = None) -> dict:
         """Make the active version's parent active again (or version_id, e.g. the best-judged one)."""
-        return public(s.rollback(admin_password, version_id))
+        return public(s.model_versions.rollback(admin_password, version_id))
 
     @user_errors
     def export_lora(version_id: int) -> FileData:
@@ -185,24 +185,24 @@ def register(services: AppServices) -> None:
         (the LoRA, in diffusers' format), config.json (base model, the round's settings) and
         metrics.json; unzipped, diffusers' pipe.load_lora_weights(folder) loads it. The base model
         has none (an error). Open to everyone, also on a public app."""
-        return FileData(path=str(s.export_lora(version_id)))
+        return FileData(path=str(s.model_versions.export_lora(version_id)))
 
     # ------------------------------------------------------------------ data
     @user_errors
     def counts() -> dict:
         """Rows per table: ratings, comparisons, samples, prompts, versions, rounds, ..."""
-        return s.counts()
+        return s.data.counts()
 
     @user_errors
     def rater_stats() -> list[dict]:
         """Per rater: ratings, mean stars, comparisons, tie and skip rates, median response time."""
-        return public(s.rater_stats())
+        return public(s.data.rater_stats())
 
     @user_errors
     def export_data(admin_password: str = "") -> FileData:
         """Everything (database rows as JSON, images) as one .zip that import_data reads
         (on a public app: admins only, since it holds every rater's answers)."""
-        return FileData(path=str(s.export_data(admin_password)))
+        return FileData(path=str(s.data.export_data(admin_password)))
 
     @user_errors
     def import_data(archive: FileData, admin_password: str = "") -> dict:
@@ -213,7 +213,7 @@ def register(services: AppServices) -> None:
         if not files.inside(Path(path), Path(get_upload_folder())):  # never a file already on the server
             raise gr.Error("upload the export .zip with the request (gradio_client: handle_file(path))",
                            print_exception=False)
-        return s.import_data(Path(path), admin_password)
+        return s.data.import_data(Path(path), admin_password)
 
     slow = {generate, preview_stages}
     for fn in (ping, rater_token, generate, samples_to_rate, rate, next_pair, compare, split_prompt, save_stage_prompts,

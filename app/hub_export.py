@@ -41,14 +41,14 @@ def _remove_export(archive: Path) -> None:
 
 def push_export(services: AppServices, repo_id: Any, password: Any = None, token: str | None = None) -> dict:
     """Export everything and upload it to the private dataset repo ``repo_id``; returns where."""
-    services.check_admin(password)
+    services.admin.check(password)
     repo = check_repo_id(repo_id)
     token = token or os.environ.get("HF_TOKEN")
     if not token:
         raise AppError("no Hub token: add a write token as the Space secret HF_TOKEN, then restart the Space")
     from huggingface_hub import HfApi
 
-    archive = services.export_data(password)
+    archive = services.data.export_data(password)
     try:
         api = HfApi(token=token)
         path_in_repo = f"exports/{archive.name}"

@@ -198,7 +198,7 @@ class RoundRunner:
         seed = config.seed if config.seed is not None else random.randint(0, 2**31 - 1)
         app_state = self.state.get()
         window = None
-        if config.estimator == "rlr" and app_state.focus_stage != "all":
+        if config.takes_window and app_state.focus_stage != "all":  # RLR: its HO block in the stage
             window = dcot.stage_window(app_state.focus_stage, config.training.sampler.steps, app_state.boundaries)
         record = {**config.public(), "seed": seed, "focus_stage": app_state.focus_stage,
                   "boundaries": list(app_state.boundaries), "window": list(window) if window else None}

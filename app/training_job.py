@@ -30,9 +30,6 @@ from rlr_core.training.chunked import run_chunked_round
 from rlr_core.training.resume import RoundState
 from rlr_core.training.round_process import RoundProcess
 
-# A round process's chunk: stop requests and progress wait at most this long (plus one step).
-PROCESS_CHUNK_SECONDS = 10.0
-
 
 @dataclass
 class Trained:
@@ -154,11 +151,11 @@ def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, o
     if chunked:  # a ZeroGPU Space: the round as GPU calls of a bounded duration
         result = zerogpu.run_round(backend, reward, config, out_dir, progress, ctx.stop_event, observe=reward.observe,
                                    on_observed=reward.restore)
-    elif process is not None:  # the steps in their own process; stop, progress and the watch between chunks
+    elif process is not None:  # the steps in their own process, one per chunk: stop, progress and watch between
         every = watcher.every if watcher is not None and watcher.active else 0
         result = run_chunked_round(backend, reward, config, out_dir, progress, ctx.stop_event,
-                                   chunk_seconds=PROCESS_CHUNK_SECONDS, call=process.chunk_call(),
-                                   on_observed=reward.restore, check_every=every, on_check=check_between_chunks)
+                                   call=process.chunk_call(), on_observed=reward.restore, check_every=every,
+                                   on_check=check_between_chunks, chunk_steps=1)
     else:
         result = training.run_round(backend, reward, config, out_dir, progress=progress, stop=ctx.stop_event)
     early = plateau.stopped_at is not None or (watcher is not None and watcher.stopped_at is not None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import api, gradio_sessions, hub_export, video, video_export
+from app import api, gradio_sessions, hub_export, video_export
 from app.archive import MAX_BYTES
 from app.config import AppConfig
 from app.queue_settings import configure_queue
@@ -40,10 +40,10 @@ TITLE = "RLR feedback"
 
 def header_text(services: AppServices) -> str:
     public = " · public: model changes need the admin password" if services.config.needs_admin else ""
-    things = video.noun(services.base_backend, plural=True)
+    things = services.model.noun(plural=True)
     return (f"# {TITLE}\nRate the model's {things}; the app learns what you like and fine-tunes the model "
             f"in the background with the gradient estimator the Train tab picks (RLR by design, the default "
-            f"where the loop benchmark chose it). Model: **{services.device_summary()}**{public}")
+            f"where the loop benchmark chose it). Model: **{services.model.device_summary()}**{public}")
 
 
 def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tuple[gr.Blocks, AppServices]:
@@ -79,7 +79,7 @@ def create_app(config: AppConfig, backend: DiffusionBackend | None = None) -> tu
             with gr.Tab("Data", id="data", elem_id="tab-data") as data_tab:
                 data.build(services, session, data_tab)
                 hub_export.build(services, session)
-                if services.is_video:
+                if services.model.is_video:
                     video_export.build(services, session)
 
         if services.identity.public:
@@ -135,7 +135,7 @@ def identity_header(services: AppServices):
 
 
 def active_text(services: AppServices) -> str:
-    versions_ = services.versions()
+    versions_ = services.model_versions.table()
     active = next((v for v in versions_ if v["active"]), None)
     name = active["name"] if active else "v0 (base)"
     status = services.rounds.status()
@@ -151,7 +151,7 @@ def estimator_label(name: str | None) -> str:
 
 def launch_kwargs(services: AppServices) -> dict[str, Any]:
     keys = (STATIC / "keys.js").read_text()
-    css = (PIXEL_ART_CSS if is_pixel_art(services.base_backend.image_size) else "") + CSS
+    css = (PIXEL_ART_CSS if is_pixel_art(services.model.image_size) else "") + CSS
     # No allowed_paths: nothing in the data folder is served, and blocking it also keeps anyone
     # from making Gradio open feedback.db (which would drop SQLite's locks in this process).
     return {"css": css, "head": f"<script>{keys}</script>", "theme": gr.themes.Soft(),

@@ -19,8 +19,8 @@ from feedback_store.videofolder import export_videofolder
 
 def export_videos(services: AppServices, password: Any = None) -> Path:
     """The clips as a videofolder .zip (videos/*.avi, metadata.jsonl, comparisons.jsonl)."""
-    services.check_admin(password)
-    if not services.is_video:
+    services.admin.check(password)
+    if not services.model.is_video:
         raise AppError("this app serves an image model: its samples are images, not clips (use Export)")
     out = services.downloads.new_folder()
     folder = export_videofolder(services.store, out / "videofolder")

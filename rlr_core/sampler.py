@@ -247,9 +247,17 @@ def stage_schedule(stage_conds: Sequence[torch.Tensor], num_steps: int,
     return [stage_conds[s] for s in stages]
 
 
+def _uses_cfg(backend: DiffusionBackend, guidance: float) -> bool:
+    """Whether sampling at ``guidance`` needs the unconditional embedding (classifier-free guidance)."""
+    return guidance != 1.0 and not backend.guidance_in_model
+
+
 def guided_output(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """The denoiser output with classifier-free guidance: u + g (c - u); one batched call."""
+    """The denoiser output with classifier-free guidance: u + g (c - u); one batched call. A model
+    that takes the guidance scale as an input (FLUX.1-dev's embedded guidance) gets it instead."""
+    if backend.guidance_in_model:
+        return backend.model_output(x, t, cond, guidance=guidance)
     if uncond is None or guidance == 1.0:
         return backend.model_output(x, t, cond)
     out_u, out_c = backend.guided_model_outputs(x, t, uncond, cond)
@@ -327,7 +335,7 @@ def prompt_conditioning(backend: DiffusionBackend, prompts: list[str], num_steps
                         stages: Sequence[int] | None = None) -> Conditioning:
     """Encode prompts into a Conditioning; for DCoT, per-stage prompt lists (coarse first) and
     optionally the stage of each sampling step (see :func:`stage_schedule`)."""
-    uncond = backend.unconditional(len(prompts)) if guidance != 1.0 else None
+    uncond = backend.unconditional(len(prompts)) if _uses_cfg(backend, guidance) else None
     if stage_prompts:
         encoded = [backend.encode_prompts(list(p)) for p in stage_prompts]
         return Conditioning(stage_schedule(encoded, num_steps, stages), num_steps, uncond)
@@ -382,7 +390,7 @@ def sample_prompts(backend: DiffusionBackend, prompts_per_step: Sequence[Sequenc
             encoded[key] = backend.encode_prompts(list(key))
     per_step = [encoded[tuple(p)] for p in prompts_per_step]
     batch = len(prompts_per_step[0])
-    uncond = backend.unconditional(batch) if settings.guidance != 1.0 else None
+    uncond = backend.unconditional(batch) if _uses_cfg(backend, settings.guidance) else None
     cond = Conditioning(per_step[0] if len(encoded) == 1 else per_step, K, uncond)
     captured: dict[int, torch.Tensor] = {}
     wanted = set(capture_steps)

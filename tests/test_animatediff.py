@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,10 +65,10 @@ def test_the_loader_takes_an_animatediff_folder(loaded):
 
 
 def test_the_start_up_line_names_frames_and_frame_size(loaded):
-    from app.services import AppServices
+    from app.services import ModelInfo
 
-    # the method alone, on the loaded backend (a whole app on a video backend is the app's tests' job)
-    line = AppServices.device_summary(SimpleNamespace(base_backend=loaded))
+    # the summary alone, of the loaded backend (a whole app on a video backend is the app's tests' job)
+    line = ModelInfo.of(loaded).device_summary()
     assert line.startswith("tiny-ad on cpu, float32, 8 frames of 16x16 ("), line
 
 

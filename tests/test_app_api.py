@@ -172,7 +172,7 @@ def test_public_app_guards_model_changes_but_not_rating(tmp_path, builtin_backen
         with pytest.raises(NotAllowed, match="admin password"):
             services.rounds.set_auto_train(5, "wrong")
         with pytest.raises(NotAllowed, match="admin password"):
-            services.set_active_version(services.active_version_id, None)
+            services.set_active_version(services.model_versions.active(), None)
         with pytest.raises(NotAllowed):
             services.import_data(tmp_path / "x.zip", "")
         assert services.rounds.set_auto_train(5, "s3cret") == 5

@@ -50,7 +50,7 @@ def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tm
     assert status["state"] == "finished", status
     assert status["prompts"] == [{"prompt": "a blue circle", "stages": None, "source": "generated"}]
     v1 = status["version_id"]
-    assert services.active_version_id == v1
+    assert services.model_versions.active() == v1
     services.rounds.start(RoundConfig.parse({**TINY, "steps": 200}))
     with pytest.raises(AppError, match="already running"):  # one round at a time
         services.rounds.start(RoundConfig.parse(TINY))
@@ -59,7 +59,7 @@ def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tm
     assert stopped["state"] == "stopped"
     rounds = services.store.training_rounds()
     assert [r["state"] for r in rounds] == ["finished", "failed"] and "stopped" in rounds[1]["error"]
-    assert services.active_version_id == v1  # a stopped round changes nothing
+    assert services.model_versions.active() == v1  # a stopped round changes nothing
 
     archive = services.export_lora(v1)
     with zipfile.ZipFile(archive) as zf:

@@ -337,3 +337,76 @@ def test_no_concrete_backend_checks_outside_the_backends() -> None:
     assert {path: lines for path, lines in found.items() if lines} == {}
     sample = "if isinstance(b, BuiltinBackend) or getattr(backend, 'is_video', False): pass"
     assert backend_guesses(ast.parse(sample)) == [1, 1]  # the check can fail
+
+
+# --- (e) one schema per estimator ----------------------------------------------------------------
+
+SCHEMA_FREE = ("app", "rlr_core")  # outside rlr_core/estimators/: no code keyed on an estimator's name
+
+
+def estimator_names() -> set[str]:
+    """The ``name: ClassVar[str] = "..."`` of every estimator class, read from the source."""
+    names = set()
+    for path in python_files("rlr_core/estimators"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                names |= {st.value.value for st in node.body if isinstance(st, ast.AnnAssign)
+                          and isinstance(st.target, ast.Name) and st.target.id == "name"
+                          and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)}
+    return names
+
+
+def name_checks(tree: ast.Module, names: set[str]) -> list[int]:
+    """Lines that ask which estimator it is by name (``estimator == "rlr"``, ``name in ("rlr", "lr")``):
+    what an estimator's schema or a capability of its class should say instead. (Tables keyed by
+    name are not looked for: "lr" is also the learning rate's flag.)"""
+    def named(node: ast.AST) -> bool:
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value in names for c in items)
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(named(side) for side in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_estimator_is_told_apart_by_its_name_outside_the_estimators() -> None:
+    names = estimator_names()
+    assert {"rlr", "truncated-bp", "ddpo", "full-bp", "lr", "authors-code"} <= names
+    found = {rel(p): lines for p in python_files(*SCHEMA_FREE) if not rel(p).startswith("rlr_core/estimators/")
+             and (lines := name_checks(ast.parse(p.read_text()), names))}
+    assert found == {}
+    sample = 'if config.estimator == "rlr": pass\nok = name in ("ddpo", x) or name != "lrs"'
+    assert name_checks(ast.parse(sample), names) == [1, 2]  # the check can fail
+
+
+def test_each_estimator_has_one_options_schema() -> None:
+    """Each estimator's options are declared once, in its dataclass (rlr_core/estimators/schema.py);
+    the app's estimator settings and the command line's flags are exactly what the schemas say."""
+    import dataclasses
+
+    from rlr_core.estimators import ESTIMATORS
+    from rlr_core.estimators.schema import options_schema, public_options
+    from rlr_core.training.cli import OPTION_FLAGS
+    from rlr_core.training.defaults import DEFAULTS, PUBLIC_OPTIONS
+
+    assert set(ESTIMATORS) == estimator_names()
+    declared = {}
+    for name, cls in ESTIMATORS.items():
+        assert dataclasses.is_dataclass(cls)
+        specs = options_schema(cls)
+        assert specs and all(s.help and s.label for s in specs), name
+        assert "kl_coef" in {s.name for s in specs}, name  # every estimator takes the KL
+        declared[name] = {s.name for s in specs}
+    # the command line: one flag per option, and nothing else
+    flagged = {(n, field) for names, field in OPTION_FLAGS.values() for n in names}
+    assert flagged == {(n, field) for n, fields in declared.items() for field in fields}
+    # the app's flat settings: the schemas' public options (declared alike where shared), no other
+    assert PUBLIC_OPTIONS == public_options(ESTIMATORS.values())
+    assert set(PUBLIC_OPTIONS) <= set(DEFAULTS)
+    # options are declared in the estimators' dataclasses only
+    outside = [rel(p) for p in python_files(*SCHEMA_FREE) if not rel(p).startswith("rlr_core/estimators/")
+               and any(isinstance(n, ast.ImportFrom) and n.module == "rlr_core.estimators.schema"
+                       and any(a.name == "option" for a in n.names) for n in ast.walk(ast.parse(p.read_text())))]
+    assert outside == []

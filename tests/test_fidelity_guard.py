@@ -179,7 +179,7 @@ def finish(services, timeout: float = 300) -> dict:
 
 def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services):
     rate_some(services)
-    base = services.active_version_id
+    base = services.model_versions.active()
     # A reward that ignores the prompt at a learning rate that overwrites the model; no regularisers.
     services.rounds.start(RoundConfig.parse({**TINY, "steps": 3, "learning_rate": 0.5, "lora_rank": 8,
                                              "uncertainty_penalty": 0, "patience": 0, "fidelity_check_every": 0,
@@ -188,12 +188,12 @@ def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services)
     assert status["fidelity_flagged"], status
     assert status["fidelity_parent"] - status["fidelity"] > 0.05
     assert "lost prompt fidelity" in status["fidelity_note"] and "stays active" in status["message"]
-    assert services.active_version_id == base  # not made active
+    assert services.model_versions.active() == base  # not made active
     row = next(v for v in services.versions() if v["version_id"] == status["version_id"])
     assert row["flagged"] and row["fidelity_flagged"] and row["metrics"]["fidelity_drop"] > 0.05
     assert services.rounds.best_judged_version() == base  # auto-train does not build on it
     services.set_active_version(status["version_id"])  # the person can still choose it
-    assert services.active_version_id == status["version_id"]
+    assert services.model_versions.active() == status["version_id"]
 
 
 def test_a_gentle_round_keeps_fidelity_and_goes_live(services):
@@ -201,7 +201,7 @@ def test_a_gentle_round_keeps_fidelity_and_goes_live(services):
     services.rounds.start(RoundConfig.parse({**TINY, "learning_rate": 1e-6, "kl_coef": 0.5, "fidelity_weight": 1.0}))
     status = finish(services)
     assert not status["fidelity_flagged"] and abs(status["fidelity_drop"]) < 0.02, status
-    assert services.active_version_id == status["version_id"]
+    assert services.model_versions.active() == status["version_id"]
     metrics = services.store.get_model_version(status["version_id"])["metrics"]
     assert metrics["fidelity_weight"] == 1.0 and metrics["fidelity_probes"] >= 8
     assert status["history"][0]["fidelity"] is not None  # the judge on the round's own samples, plotted

@@ -89,3 +89,30 @@ def test_video_rows_on_a_tiny_animatediff(tmp_path):
     for r in data["rows"]:
         assert _number(r["time_s"]) and _number(r["reward_mean"]) and _number(r["grad_norm"]), r
     assert data["rows"][0]["grad_norm"] > 0  # the pathwise step reaches the motion UNet's adapter
+
+
+def test_sdxl_and_flow_rows_behind_their_switches(tmp_path):
+    """SDXL=1 FLOW=1 (MAIN=0): bench.gpu_sdxl and bench.gpu_flow for each flow model, at a tiny size."""
+    env = dict(os.environ, PYTHON=sys.executable, MAIN="0", SDXL="1", FLOW="1",
+               GPU_CHECK_ARGS="--tiny --steps 4 --round-steps 1 --threads 1")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("gpu_sdxl exit 0", "gpu_flow sd35m exit 0", "gpu_flow flux-dev exit 0"):
+        assert line in proc.stdout, proc.stdout + (out / "gpu_flow.log").read_text()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["env.txt", "gpu_flow.log", "gpu_flow_flux-dev.json", "gpu_flow_sd35m.json", "gpu_sdxl.json",
+                     "gpu_sdxl.log"] and len(names) <= 8
+    for name, model in (("gpu_sdxl.json", "sdxl-tiny-random"), ("gpu_flow_sd35m.json", "sd35m-tiny-random"),
+                        ("gpu_flow_flux-dev.json", "flux-dev-tiny-random")):
+        data = json.loads((out / name).read_text())
+        assert data["complete"] and data["model"]["name"] == model
+        assert all("time_s" in r for r in data["rows"]) and data["round"]["steps_done"] == 1
+
+
+def test_a_combination_of_more_than_8_files_stops_first(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, PAPER="1", VIDEO="1", SDXL="1", GPU_CHECK_ARGS="--tiny")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "writes 9 files" in proc.stderr and not (tmp_path / "out").exists()

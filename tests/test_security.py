@@ -79,7 +79,7 @@ def test_public_answers_hold_no_absolute_server_path(public_app, client):
     services = public_app.services
     # A version row as older apps wrote it: an absolute path into the data folder.
     folder = services.data_dir.resolve() / "versions" / "round-77"
-    vid = services.store.add_model_version("v-old", parent_id=services.active_version_id,
+    vid = services.store.add_model_version("v-old", parent_id=services.model_versions.ensure_base(),
                                            weights_path=str(folder))
     answers = [client.predict(api_name="/versions"), client.predict(api_name="/train_status"),
                client.predict(api_name="/rater_stats"), client.predict(api_name="/counts")]

@@ -48,7 +48,7 @@ def test_a_version_pointing_outside_is_never_loaded_or_zipped(tmp_path, builtin_
 
     services = AppServices(AppConfig(data_dir=tmp_path / "data"), builtin_backend)
     try:
-        vid = services.store.add_model_version("evil", parent_id=services.active_version_id,
+        vid = services.store.add_model_version("evil", parent_id=services.model_versions.ensure_base(),
                                                weights_path="/etc")
         with pytest.raises(AppError, match="outside this app's data folder"):
             services.export_lora(vid)

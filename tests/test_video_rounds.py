@@ -41,20 +41,20 @@ def wait(services, timeout: float = 1800) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["ddpo", "truncated-bp", "full-bp"])
 def test_a_clip_round_with_each_estimator(services, estimator):
-    parent = services.active_version_id
+    parent = services.model_versions.active()
     services.rounds.start(RoundConfig.parse({**TINY, "estimator": estimator}))
     status = wait(services)
     assert status["state"] == "finished", status
     assert status["estimator"] == estimator and len(status["history"]) == 1
     version = services.store.get_model_version(status["version_id"])
-    assert version["parent_id"] == parent and services.active_version_id == status["version_id"]
+    assert version["parent_id"] == parent and services.model_versions.active() == status["version_id"]
     after = [services.sample(r["id"]) for r in services.store.db["samples"].rows_where(
         "model_version_id = ?", [status["version_id"]])]
     assert len(after) == 1 and after[0]["frames"] == 8  # the new version's clip (and its pair)
 
 
 def test_a_stopped_clip_round_changes_nothing(services):
-    before = services.active_version_id
+    before = services.model_versions.active()
     n_rounds = len(services.store.training_rounds())
     services.rounds.start(RoundConfig.parse({**TINY, "steps": 200}))
     services.rounds.stop()
@@ -62,5 +62,5 @@ def test_a_stopped_clip_round_changes_nothing(services):
     assert status["state"] == "stopped", status
     last = services.store.training_rounds()[n_rounds]
     assert last["state"] == "failed" and "stopped" in last["error"]
-    assert services.active_version_id == before
+    assert services.model_versions.active() == before
     assert not (services.data_dir / "versions" / f"round-{last['id']}").exists()

@@ -8,7 +8,6 @@ from typing import Any
 
 import gradio as gr
 
-from app import video
 from app.errors import user_errors
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
@@ -24,7 +23,7 @@ BUTTONS = [("← Left is better", "left", "cmp-left"), ("↑ Both good", "tie-bo
 
 def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
     pair = gr.State(None)  # {"left": id, "right": id, "shown_at": time, "token": str}
-    height = max(300, display_height(services.base_backend.image_size))
+    height = max(300, display_height(services.model.image_size))
     with gr.Column(elem_id="compare-panel"):
         question = gr.Markdown("Press *Load a pair* to start.", elem_id="cmp-prompt")
         with gr.Row():
@@ -41,17 +40,17 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
         gr.Markdown(HELP)
 
     def counts_text(rater: str) -> str:
-        c = services.comparison_counts((rater or "").strip() or None)
+        c = services.judgements.comparison_counts((rater or "").strip() or None)
         return f"**{c['my_comparisons']}** comparisons by you · **{c['all_comparisons']}** by everyone"
 
     def show_next(rater: str) -> tuple[Any, ...]:
-        nxt = services.next_pair(rater)
+        nxt = services.judgements.next_pair(rater)
         if nxt is None:
             return (None, "Nothing left to compare for you: generate more samples (two or more of one "
                     "prompt make a pair).", None, None, counts_text(rater))
         state = {"left": nxt["left"]["sample_id"], "right": nxt["right"]["sample_id"],
                  "shown_at": time.time(), "token": uuid.uuid4().hex}
-        what = video.noun(services.base_backend)
+        what = services.model.noun()
         return (state, f"Which {what} fits **{nxt['prompt']}** better?",
                 services.images.copy(nxt["left"]["image_file"]), services.images.copy(nxt["right"]["image_file"]),
                 counts_text(rater))
@@ -68,7 +67,7 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
             if not state:
                 raise gr.Error("No pair is shown: press Load a pair first.")
             elapsed = time.time() - state["shown_at"]
-            services.compare(state["left"], state["right"], outcome, rater, response_time_s=elapsed,
+            services.judgements.compare(state["left"], state["right"], outcome, rater, response_time_s=elapsed,
                              submission_id=f"{state['token']}-{outcome}")
             return show_next(rater)
         return handler

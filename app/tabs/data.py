@@ -16,16 +16,16 @@ AGREEMENT_COLUMNS = ["rater_a", "rater_b", "n_common_ratings", "stars_mean_abs_d
 
 
 def counts_table(services: AppServices) -> pd.DataFrame:
-    return pd.DataFrame([{"what": k.replace("_", " "), "count": v} for k, v in services.counts().items()])
+    return pd.DataFrame([{"what": k.replace("_", " "), "count": v} for k, v in services.data.counts().items()])
 
 
 def rater_table(services: AppServices) -> pd.DataFrame:
-    rows = [{c: fmt(r.get(c)) for c in RATER_COLUMNS} for r in services.rater_stats()]
+    rows = [{c: fmt(r.get(c)) for c in RATER_COLUMNS} for r in services.data.rater_stats()]
     return pd.DataFrame(rows, columns=RATER_COLUMNS)
 
 
 def agreement_table(services: AppServices) -> pd.DataFrame:
-    rows = [{c: fmt(r.get(c)) for c in AGREEMENT_COLUMNS} for r in services.rater_agreement()]
+    rows = [{c: fmt(r.get(c)) for c in AGREEMENT_COLUMNS} for r in services.data.rater_agreement()]
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
 
@@ -58,13 +58,13 @@ def build(services: AppServices, session: Session, tab: gr.Tab) -> None:
 
     @user_errors
     def on_export(password: str):
-        path = services.export_data(password)
+        path = services.data.export_data(password)
         return (gr.File(value=str(path), visible=True),
                 f"Exported to `{path.name}`: ratings, comparisons, prompts, images, versions.")
 
     @user_errors
     def on_import(file, password):
-        added = services.import_data(file, password)
+        added = services.data.import_data(file, password)
         summary = ", ".join(f"{v} {k}" for k, v in added.items() if v) or "nothing new"
         return (*tables(), f"Imported: {summary}.")
 

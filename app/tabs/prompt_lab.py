@@ -29,11 +29,12 @@ FOCUS_CHOICES = [("whole chain (default)", "all"), ("coarse: layout", "coarse"),
 
 
 def build(services: AppServices, session: Session) -> None:
-    settings = services.stage_settings()
-    default = services.base_backend.example_prompts[0]
-    clips = services.base_backend.is_video
+    lab, model = services.prompt_lab, services.model
+    settings = lab.stage_settings()
+    default = model.example_prompts[0]
+    clips = model.is_video
     try:
-        first = services.split_prompt(default)
+        first = lab.split_prompt(default)
     except ValueError:  # a model whose prompt check refuses the example (e.g. a short token limit)
         default = ""
         first = dict.fromkeys(dcot.STAGES, "")
@@ -85,16 +86,16 @@ def build(services: AppServices, session: Session) -> None:
 
     @user_errors
     def on_split(text: str):
-        st = services.split_prompt(text)
-        how = ("Split with the built-in rules" if services.base_backend.prompt_rules
+        st = lab.split_prompt(text)
+        how = ("Split with the built-in rules" if model.prompt_rules
                else "Each stage starts as the prompt itself: write what the layout, shape and detail stages get")
         return st["coarse"], st["mid"], st["fine"], f"{how}; edit any stage."
 
     @user_errors
     def on_preview(text, c, m, f, lo, hi, seed_value, n_steps):
-        out = services.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
+        out = lab.preview_stages(text, c, m, f, lo, hi, seed_value, n_steps)
         names = ["end of coarse", "end of mid", "final"]
-        scale = display_scale(services.base_backend.image_size)
+        scale = display_scale(model.image_size)
         # clips as looping animated PNGs (a gallery given PIL images would keep only a frame)
         show = ((lambda im: services.images.put(video.png_bytes(im, scale))) if clips
                 else (lambda im: to_pil(im, scale=scale)))
@@ -107,19 +108,19 @@ def build(services: AppServices, session: Session) -> None:
 
     @user_errors
     def on_save(text, c, m, f, rater):  # the boundaries and focus are saved as they change (on_settings)
-        saved = services.save_stage_prompts(text, c, m, f, rater)
+        saved = lab.save_stage_prompts(text, c, m, f, rater)
         return (f"Saved stage prompts for *{saved['prompt']}* ({len(saved['edit_ids'])} prompt edits). "
                 "The next training round uses them.")
 
     @user_errors
     def on_settings(lo, hi, stage, n_steps, password):
-        services.set_stage_settings(lo, hi, stage, password)
+        lab.set_stage_settings(lo, hi, stage, password)
         return window_text(stage, lo, hi, n_steps)
 
     split.click(on_split, prompt, [coarse, mid, fine, status], **QUICK, **PRIVATE)
     @user_errors
     def check_preview(*values):
-        services.check_preview(*values)
+        lab.check_preview(*values)
 
     preview_inputs = [prompt, coarse, mid, fine, mid_start, fine_start, seed, steps]
     preview.click(check_preview, preview_inputs, None, **QUICK, **PRIVATE).success(

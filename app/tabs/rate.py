@@ -6,9 +6,9 @@ import random
 
 import gradio as gr
 
-from app import video
 from app.errors import user_errors
-from app.services import MAX_IMAGES, MAX_SEED, AppServices
+from app.services import AppServices
+from app.services.generation import MAX_IMAGES, MAX_SEED
 from app.tabs.common import MODEL, PRIVATE, QUICK, Session, sample_caption, stars_text
 from rlr_core.images import display_height
 
@@ -20,15 +20,15 @@ HELP = ("**Keys:** `1`-`5` rate the big image · `←` `→` previous / next. "
 def build(services: AppServices, session: Session) -> None:
     batch = gr.State([])  # sample ids shown in the gallery
     cursor = gr.State(0)  # index of the sample shown big
-    view_height = display_height(services.base_backend.image_size)
-    examples = list(services.base_backend.example_prompts)
-    things = video.noun(services.base_backend, plural=True).capitalize()  # Images or Clips (they loop)
+    view_height = display_height(services.model.image_size)
+    examples = list(services.model.example_prompts)
+    things = services.model.noun(plural=True).capitalize()  # Images or Clips (they loop)
     with gr.Column(elem_id="rate-panel"):
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value=examples[0], elem_id="prompt", scale=5,
                                 max_length=10_000)
             go = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
-        note = gr.Markdown(services.describe_prompt(examples[0]), elem_id="prompt-note")
+        note = gr.Markdown(services.prompts.describe(examples[0]), elem_id="prompt-note")
         with gr.Row():
             n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label=things, elem_id="n-images")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed", minimum=0, maximum=MAX_SEED)
@@ -59,9 +59,9 @@ def build(services: AppServices, session: Session) -> None:
         if not ids:
             return [], None, "Nothing to rate here yet.", 0
         index = min(max(index, 0), len(ids) - 1)
-        samples = [services.sample(i) for i in ids]
+        samples = [services.generation.sample(i) for i in ids]
         name = (rater or "").strip()
-        stars = [services.my_rating(s["sample_id"], name) if name else None for s in samples]
+        stars = [services.judgements.my_rating(s["sample_id"], name) if name else None for s in samples]
         # Copies outside the data folder (app/files.py): Gradio never gets a data-folder path.
         items = [(services.images.copy(s["image_file"]), ("▶ " if i == index else "") + sample_caption(s, st))
                  for i, (s, st) in enumerate(zip(samples, stars))]
@@ -74,12 +74,12 @@ def build(services: AppServices, session: Session) -> None:
 
     @user_errors
     def on_generate(text: str, count: float, seed_value: float, n_steps: float, g: float, rater: str):
-        samples = services.generate(text, count, seed_value, n_steps, g)
+        samples = services.generation.generate(text, count, seed_value, n_steps, g)
         return ([s["sample_id"] for s in samples], *render([s["sample_id"] for s in samples], 0, rater))
 
     @user_errors
     def on_queue(rater: str):
-        samples = services.to_rate(rater, MAX_IMAGES)
+        samples = services.judgements.to_rate(rater, MAX_IMAGES)
         ids = [s["sample_id"] for s in samples]
         if not ids:
             gr.Info("You have rated every sample. Generate more, or wait for the next model version.")
@@ -100,20 +100,20 @@ def build(services: AppServices, session: Session) -> None:
         def handler(ids: list[int], index: int, rater: str):
             if not ids:
                 raise gr.Error("Nothing to rate yet: generate samples or load your queue first.")
-            services.rate(ids[min(index, len(ids) - 1)], rater, stars)
+            services.judgements.rate(ids[min(index, len(ids) - 1)], rater, stars)
             return render(ids, index + 1 if index + 1 < len(ids) else index, rater)
         return handler
 
     @user_errors
     def check_request(text: str, count: float, seed_value: float, n_steps: float, g: float, rater: str) -> None:
-        services.check_generation(text, count, seed_value, n_steps, g)
+        services.generation.check_generation(text, count, seed_value, n_steps, g)
 
     # Check first (quick, no outputs): a bad prompt then shows a message and leaves the gallery as is.
     gen_inputs = [prompt, n, seed, steps, guidance, session.rater]
     for trigger in (go.click, prompt.submit):
         trigger(check_request, gen_inputs, None, **QUICK, **PRIVATE).success(
             on_generate, gen_inputs, [batch, *outputs], **MODEL, **PRIVATE)
-    prompt.change(services.describe_prompt, prompt, note, **QUICK, **PRIVATE)
+    prompt.change(services.prompts.describe, prompt, note, **QUICK, **PRIVATE)
     dice.click(lambda: random.randint(0, 99_999), None, seed, **QUICK, **PRIVATE)
     load_queue.click(on_queue, session.rater, [batch, *outputs], **QUICK, **PRIVATE)
     gallery.select(on_select, [batch, session.rater], outputs, **QUICK, **PRIVATE)

@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.errors import user_errors
-from app.round_config import ESTIMATOR_CHOICES, REST_CHOICES, RoundConfig, defaults_note
+from app.round_config import ESTIMATOR_CHOICES, PUBLIC_OPTIONS, RoundConfig, defaults_note
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 
@@ -19,6 +19,13 @@ INTRO = ("A round fits the reward proxy to everyone's ratings and comparisons, t
 POLL_SECONDS = 1.0
 
 
+# The estimators' options among the round settings, from their schemas (rlr_core/estimators/schema.py):
+# those of some estimators (RLR's block and rest, truncated backprop's K'), shown while one of them
+# is chosen, and those every estimator takes (the KL), always shown.
+ESTIMATOR_LABELS = {value: label for label, value in ESTIMATOR_CHOICES}
+SHARED_OPTIONS = [k for k, (_, names) in PUBLIC_OPTIONS.items() if set(ESTIMATOR_LABELS) <= set(names)]
+OWN_OPTIONS = [k for k in PUBLIC_OPTIONS if k not in SHARED_OPTIONS]
+
 # The round settings the form sends (app/round_config.py's public names) -> their elements.
 FORM_IDS: dict[str, str] = {
     "estimator": "train-estimator",
@@ -27,19 +34,38 @@ FORM_IDS: dict[str, str] = {
     "sampling_steps": "train-sampling-steps",
     "learning_rate": "train-lr",
     "lora_rank": "train-rank",
-    "block": "train-block",
-    "rest": "train-rest",
-    "truncation": "train-truncation",
+    **{key: f"train-{key.replace('_', '-')}" for key in OWN_OPTIONS},
     "max_prompts": "train-prompts",
     "guidance": "train-guidance",
     "sample_steps": "train-sample-steps",
     "uncertainty_penalty": "train-penalty",
     "patience": "train-patience",
-    "kl_coef": "train-kl",
+    **{key: f"train-{key.replace('_', '-')}" for key in SHARED_OPTIONS},
     "fidelity_weight": "train-fidelity-weight",
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
 }
+
+
+def option_widget(key: str, d: dict[str, Any]) -> gr.components.Component:
+    """The widget of one estimator option: kind, range, label and help from its schema; the
+    model's default (as /train_start has it)."""
+    spec, names = PUBLIC_OPTIONS[key]
+    own = [ESTIMATOR_LABELS[n] for n in names if n in ESTIMATOR_LABELS]
+    common = {"label": spec.label if key in SHARED_OPTIONS else f"{' / '.join(own)}: {spec.label}",
+              "info": spec.help, "elem_id": FORM_IDS[key], "visible": key in SHARED_OPTIONS or d["estimator"] in names}
+    if spec.choices:
+        return gr.Dropdown(list(spec.choices), value=d[key], **common)
+    if spec.words:  # a number or a word ("auto": the longest block that fits in memory)
+        return gr.Dropdown([*spec.words, *map(str, spec.examples)], allow_custom_value=True, value=str(d[key]),
+                           **common)
+    return gr.Number(value=d[key], precision=0 if spec.kind is int else None, minimum=spec.low, maximum=spec.high,
+                     **common)
+
+
+def shown_options(estimator: str) -> list[dict[str, Any]]:
+    """Show the chosen estimator's own options, hide the others'."""
+    return [gr.update(visible=estimator in PUBLIC_OPTIONS[key][1]) for key in OWN_OPTIONS]
 
 
 def progress_html(status: dict[str, Any]) -> str:
@@ -118,55 +144,54 @@ def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
 def build(services: AppServices, session: Session) -> gr.Timer:
     d = services.round_defaults
     with gr.Column(elem_id="train-panel"):
-        gr.Markdown(f"{INTRO} {defaults_note(services.base_backend)} {guard_note(services.fidelity_judge)}")
+        gr.Markdown(f"{INTRO} {defaults_note(services.model)} {guard_note(services.fidelity_judge)}")
+        form: dict[str, Any] = {}  # public setting name -> its widget
         with gr.Row():
-            estimator = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"], label="Gradient estimator",
-                                    elem_id=FORM_IDS["estimator"], scale=2)
-            steps = gr.Number(value=d["steps"], precision=0, label="Optimiser steps", minimum=1,
-                              elem_id=FORM_IDS["steps"])
-            batch = gr.Number(value=d["batch_size"], precision=0, label="Batch size", minimum=2,
-                              elem_id=FORM_IDS["batch_size"])
-            sampling = gr.Number(value=d["sampling_steps"], precision=0, label="Sampling steps", minimum=3,
-                                 elem_id=FORM_IDS["sampling_steps"])
-            lr = gr.Number(value=d["learning_rate"], label="Learning rate", elem_id=FORM_IDS["learning_rate"])
+            estimator = form["estimator"] = gr.Dropdown(ESTIMATOR_CHOICES, value=d["estimator"],
+                                                        label="Gradient estimator", elem_id=FORM_IDS["estimator"],
+                                                        scale=2)
+            form["steps"] = gr.Number(value=d["steps"], precision=0, label="Optimiser steps", minimum=1,
+                                      elem_id=FORM_IDS["steps"])
+            form["batch_size"] = gr.Number(value=d["batch_size"], precision=0, label="Batch size", minimum=2,
+                                           elem_id=FORM_IDS["batch_size"])
+            form["sampling_steps"] = gr.Number(value=d["sampling_steps"], precision=0, label="Sampling steps",
+                                               minimum=3, elem_id=FORM_IDS["sampling_steps"])
+            form["learning_rate"] = gr.Number(value=d["learning_rate"], label="Learning rate",
+                                              elem_id=FORM_IDS["learning_rate"])
         with gr.Accordion("More settings", open=False):
             with gr.Row():
-                rank = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank", elem_id=FORM_IDS["lora_rank"])
-                # the model's default (as /train_start); auto: the longest block that fits in memory.
-                block = gr.Dropdown(["auto", "1", "2", "3", "4", "6", "8"], allow_custom_value=True,
-                                    value=str(d["block"]), label="RLR: HO block length h", elem_id=FORM_IDS["block"])
-                rest = gr.Dropdown(REST_CHOICES, value=d["rest"], label="RLR: rest of the chain",
-                                   info="lr: likelihood ratio; zo: zeroth order", elem_id=FORM_IDS["rest"])
-                truncation = gr.Number(value=d["truncation"], precision=0, label="Truncated BP: last K' steps",
-                                       elem_id=FORM_IDS["truncation"])
-                n_prompts = gr.Number(value=d["max_prompts"], precision=0, label="Prompts per round",
-                                      elem_id=FORM_IDS["max_prompts"])
-                guidance = gr.Number(value=d["guidance"], label="Guidance while training (1 = off, 2x faster)",
-                                     elem_id=FORM_IDS["guidance"])
-                sample_steps = gr.Number(value=d["sample_steps"], precision=0, label="New version's samples: steps",
-                                         elem_id=FORM_IDS["sample_steps"])
-                penalty = gr.Number(value=d["uncertainty_penalty"], minimum=0, label="Uncertainty penalty λ",
-                                    info="maximise reward - λ·(proxy ensemble spread); 0 = off",
-                                    elem_id=FORM_IDS["uncertainty_penalty"])
-                patience = gr.Number(value=d["patience"], precision=0, minimum=0, label="Early-stop patience",
-                                     info="steps without a new best penalised reward; 0 = never stop early",
-                                     elem_id=FORM_IDS["patience"])
-                kl = gr.Number(value=d["kl_coef"], minimum=0, label="KL to the parent β",
-                               info="exact per-step KL of the sampler to the round's parent; 0 = off",
-                               elem_id=FORM_IDS["kl_coef"])
+                form["lora_rank"] = gr.Number(value=d["lora_rank"], precision=0, label="LoRA rank",
+                                              elem_id=FORM_IDS["lora_rank"])
+                for key in OWN_OPTIONS:  # the chosen estimator's own options
+                    form[key] = option_widget(key, d)
+                form["max_prompts"] = gr.Number(value=d["max_prompts"], precision=0, label="Prompts per round",
+                                                elem_id=FORM_IDS["max_prompts"])
+                form["guidance"] = gr.Number(value=d["guidance"], label="Guidance while training (1 = off, 2x faster)",
+                                             elem_id=FORM_IDS["guidance"])
+                form["sample_steps"] = gr.Number(value=d["sample_steps"], precision=0,
+                                                 label="New version's samples: steps", elem_id=FORM_IDS["sample_steps"])
+                form["uncertainty_penalty"] = gr.Number(
+                    value=d["uncertainty_penalty"], minimum=0, label="Uncertainty penalty λ",
+                    info="maximise reward - λ·(proxy ensemble spread); 0 = off",
+                    elem_id=FORM_IDS["uncertainty_penalty"])
+                form["patience"] = gr.Number(value=d["patience"], precision=0, minimum=0, label="Early-stop patience",
+                                             info="steps without a new best penalised reward; 0 = never stop early",
+                                             elem_id=FORM_IDS["patience"])
+                for key in SHARED_OPTIONS:  # every estimator's (the KL to the round's parent)
+                    form[key] = option_widget(key, d)
                 judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
-                fidelity_weight = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
-                                            info="maximise reward + w·(prompt fidelity)" if judged else
-                                            "this model has no differentiable fidelity judge",
-                                            interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
-                threshold = gr.Number(value=d["fidelity_threshold"], minimum=0, maximum=1,
-                                      label="Fidelity guard threshold",
-                                      info="a version this far below its parent or the base is flagged; 0 = off",
-                                      elem_id=FORM_IDS["fidelity_threshold"])
-                check_every = gr.Number(value=d["fidelity_check_every"], precision=0, minimum=0,
-                                        label="Check fidelity every N steps",
-                                        info="inside the round; on a drop, back to the last good step; 0 = off",
-                                        elem_id=FORM_IDS["fidelity_check_every"])
+                form["fidelity_weight"] = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
+                                                    info="maximise reward + w·(prompt fidelity)" if judged else
+                                                    "this model has no differentiable fidelity judge",
+                                                    interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
+                form["fidelity_threshold"] = gr.Number(
+                    value=d["fidelity_threshold"], minimum=0, maximum=1, label="Fidelity guard threshold",
+                    info="a version this far below its parent or the base is flagged; 0 = off",
+                    elem_id=FORM_IDS["fidelity_threshold"])
+                form["fidelity_check_every"] = gr.Number(
+                    value=d["fidelity_check_every"], precision=0, minimum=0, label="Check fidelity every N steps",
+                    info="inside the round; on a drop, back to the last good step; 0 = off",
+                    elem_id=FORM_IDS["fidelity_check_every"])
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -186,8 +211,6 @@ def build(services: AppServices, session: Session) -> gr.Timer:
         timer = gr.Timer(POLL_SECONDS)
         seen = gr.State(None)  # what the page shows, to skip re-sending unchanged plots
 
-    form = dict(zip(FORM_IDS, [estimator, steps, batch, sampling, lr, rank, block, rest, truncation, n_prompts,
-                               guidance, sample_steps, penalty, patience, kl, fidelity_weight, threshold, check_every]))
     setting_inputs = list(form.values())
 
     @user_errors
@@ -223,4 +246,5 @@ def build(services: AppServices, session: Session) -> gr.Timer:
     auto.submit(on_auto, [auto, session.password], None, **QUICK, **PRIVATE)
     auto.blur(on_auto, [auto, session.password], None, **QUICK, **PRIVATE)
     timer.tick(poll, seen, poll_outputs, **QUICK, **PRIVATE)
+    estimator.change(shown_options, estimator, [form[key] for key in OWN_OPTIONS], **QUICK, **PRIVATE)
     return timer

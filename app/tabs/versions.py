@@ -24,7 +24,7 @@ UNSTORED_BASE = "base"
 
 
 def table(services: AppServices, versions: list[dict] | None = None) -> pd.DataFrame:
-    versions = services.versions() if versions is None else versions
+    versions = services.model_versions.table() if versions is None else versions
     if not versions:
         return pd.DataFrame([{**{c: "" for c in COLUMNS}, "active": "●", "name": BASE_VERSION_NAME, "samples": 0,
                               "ratings": 0}], columns=COLUMNS)
@@ -102,30 +102,30 @@ def build(services: AppServices, session: Session, tab: gr.Tab, demo: gr.Blocks)
 
     def stored(version: int | str | None) -> int | str | None:
         """The version id; picking the base version before it is stored stores it (first use)."""
-        return services.active_version_id if version == UNSTORED_BASE else version
+        return services.model_versions.ensure_base() if version == UNSTORED_BASE else version
 
     @user_errors
     def on_activate(version: int | str, password: str):
-        services.check_admin(password)
-        v = services.set_active_version(stored(version), password)
+        services.admin.check(password)
+        v = services.model_versions.set_active(stored(version), password)
         return refreshed(f"Active version: **{v['name']}**. New samples are drawn with it.")
 
     @user_errors
     def on_rollback(password: str):
-        v = services.rollback(password)
+        v = services.model_versions.rollback(password)
         return refreshed(f"Rolled back: **{v['name']}** is active again.")
 
     @user_errors
     def on_rollback_best(password: str):
-        best = next((v for v in services.versions() if v.get("best_judged")), None)
+        best = next((v for v in services.model_versions.table() if v.get("best_judged")), None)
         if best is None:
             raise AppError("no version is judged good enough to roll back to")
-        v = services.rollback(password, best["version_id"])
+        v = services.model_versions.rollback(password, best["version_id"])
         return refreshed(f"Rolled back: **{v['name']}** (best-judged) is active.")
 
     @user_errors
     def on_export(version: int | str):
-        path = services.export_lora(stored(version))
+        path = services.model_versions.export_lora(stored(version))
         return gr.File(value=str(path), visible=True), f"Exported `{path.name}`."
 
     outs = [versions, pick, status]
@@ -146,7 +146,7 @@ def version_choices(versions: list[dict]) -> list[tuple[str, int | str]]:
 
 def refresh_outputs(services: AppServices, with_versions: bool = False) -> tuple:
     """The table and the version picker (on the active version). Reads only: a page load stores nothing."""
-    versions = services.versions()
+    versions = services.model_versions.table()
     active = next((v["version_id"] for v in versions if v["active"]), UNSTORED_BASE if not versions else None)
     out = table(services, versions), gr.Dropdown(choices=version_choices(versions), value=active)
     return (*out, versions) if with_versions else out

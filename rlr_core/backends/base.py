@@ -36,12 +36,13 @@ class DiffusionBackend(abc.ABC):
 
     name: str
     scheduler: DDIMScheduler
-    family: str = "custom"  # the key of app/round_config.py's defaults table
+    family: str = "custom"  # the key of rlr_core/training/defaults.py's round defaults table
     is_video: bool = False  # samples are clips (B, F, 3, H, W) after decoding
     vae: torch.nn.Module | None = None  # latent models' autoencoder (the "vae" reward encoder uses it)
     # Whether prompts follow the model's own grammar (the built-in models): the UI then checks
     # them word by word and splits them into stage prompts by rules, not by hand.
     prompt_rules: bool = False
+    cpu_sized: bool = False  # small enough to draw and train on a CPU (the built-in models)
     example_prompts: tuple[str, ...] = FREE_TEXT_EXAMPLES
 
     @property
@@ -82,6 +83,9 @@ class DiffusionBackend(abc.ABC):
     # The key prefix of the exported LoRA file: "unet" (UNet models) or "transformer" (flow
     # transformers, written by StableDiffusion3Pipeline.save_lora_weights).
     lora_prefix: str = "unet"
+    # The diffusers pipeline class whose ``save_lora_weights`` writes a "transformer" export
+    # (StableDiffusion3Pipeline, FluxPipeline); "unet" exports use StableDiffusionPipeline's.
+    lora_pipeline: str = "StableDiffusionPipeline"
 
     @property
     def lora_target_modules(self) -> list[str]:
@@ -134,6 +138,11 @@ class DiffusionBackend(abc.ABC):
     def prepare_for_training(self) -> None:
         """Memory savings for a training copy (e.g. gradient checkpointing); default: none."""
         return None
+
+    # The guidance scale is an input of the denoiser, not classifier-free guidance (FLUX.1-dev's
+    # embedded guidance; FLUX.1-schnell ignores it): the sampler then calls
+    # ``model_output(x, t, cond, guidance=g)`` and never encodes the unconditional prompt.
+    guidance_in_model: bool = False
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -18,6 +18,7 @@ class BuiltinBackend(DiffusionBackend):
     name = "shapesworld-tiny"
     family = "builtin-image"
     prompt_rules = True
+    cpu_sized = True
     example_prompts = ("a large red circle on the left, black background",
                        "a small blue square in the center, white background",
                        "a yellow triangle, navy background", "a large green triangle on the right")

@@ -25,6 +25,7 @@ class BuiltinClipBackend(DiffusionBackend):
     family = "builtin-clips"
     is_video = True
     prompt_rules = True
+    cpu_sized = True
     example_prompts = ("a large red circle moving fast to the right, black background",
                        "a small blue square moving slowly up, white background",
                        "a yellow triangle standing still, navy background", "a large green triangle moving left")

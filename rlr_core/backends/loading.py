@@ -6,6 +6,8 @@
     load_backend("org/name", "cuda")                     a hub id (from the local cache when offline)
     load_backend("./model.safetensors", "cuda")          a single-file checkpoint (diffusers from_single_file)
     load_backend("./my-animatediff", "cuda")             an AnimateDiffPipeline folder (video; backends.animatediff)
+    load_backend("./my-flux", "cuda", "bf16")            a StableDiffusion3Pipeline or FluxPipeline folder
+                                                         (flow matching; backends.flow_models)
 
 Every failure is a :class:`ModelLoadError` whose message (one line) says what was found and
 what to do; ``python app.py`` prints it and exits with code 2.
@@ -147,7 +149,7 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
         return animatediff.load_folder(path, label, meta, device, dtype)
     if sdxl.is_sdxl_index(meta):
         return sdxl.load_folder(path, label, meta, device, dtype)
-    if flow_models.is_flow_index(meta):  # Stable Diffusion 3 / 3.5
+    if flow_models.is_flow_index(meta):  # Stable Diffusion 3 / 3.5, FLUX.1
         return flow_models.load_folder(path, label, meta, device, dtype)
     missing = [c for c in NEEDED if not isinstance(meta.get(c), list)]
     if not meta or missing:
@@ -155,7 +157,7 @@ def _load_folder(path: Path, label: str, device, dtype: torch.dtype) -> Diffusio
             f"--model {label}: not a text-to-image pipeline this app can serve: found {describe_folder(path)}; "
             f"it needs a Stable Diffusion 1.x/2.x-class diffusers folder ({', '.join(NEEDED)}), "
             f"a Stable Diffusion XL folder ({sdxl.PIPELINE_CLASS}: also text_encoder_2, tokenizer_2), "
-            "or an AnimateDiffPipeline folder for video")
+            "a StableDiffusion3Pipeline or FluxPipeline folder, or an AnimateDiffPipeline folder for video")
     from diffusers import StableDiffusionPipeline
 
     try:

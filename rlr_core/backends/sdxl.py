@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 
 from rlr_core.backends.latent import DiffusersLatentBackend
 from rlr_core.backends.load_errors import ModelLoadError, first_line, model_name
+from rlr_core.backends.picklable import register_capture, without_capture_hooks
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 NEEDED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -86,6 +87,24 @@ class SDXLBackend(DiffusersLatentBackend):
         out.unet = copy.deepcopy(self.unet, memo)
         out.scheduler = copy.deepcopy(self.scheduler, memo)
         return out
+
+    def __copy__(self) -> SDXLBackend:
+        # A plain shallow copy (copy.copy would otherwise go through __getstate__, meant for pickling).
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def __getstate__(self) -> dict:
+        # To the CPU round process: both CLIPs without transformers' unpicklable capture hooks
+        # (rlr_core/backends/picklable.py), weights shared.
+        state = self.__dict__.copy()
+        for name in ("text_encoder", "text_encoder_2"):
+            state[name] = without_capture_hooks(state[name])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        register_capture(self.text_encoder, self.text_encoder_2)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]

@@ -4,7 +4,8 @@ Each estimator is one small module citing the formula of docs/method.md it imple
 each works on any :class:`~rlr_core.estimators.chain.Chain` (the UNet backends and the toy chain).
 ``accumulate(chain, ctx, generator)`` adds an estimate of -grad J into ``.grad``;
 ``step(chain, ctx, generator, optimizer_step, zero_grad)`` is one training step with it (DDPO's
-takes several optimiser steps per batch).
+takes several optimiser steps per batch). Each estimator's dataclass is the one schema of its
+options (:mod:`.schema`): the app's round settings and the command line's flags come from it.
 """
 
 from __future__ import annotations

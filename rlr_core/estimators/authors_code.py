@@ -24,7 +24,7 @@ import torch
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, deterministic_tail, fo_backward, mean_with_graph, pathwise
 from rlr_core.estimators.ddpo import clipped_surrogate, log_ratio
-from rlr_core.estimators.kl import KL_STEPS, kl_term
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term
 from rlr_core.rollout import Trajectory
 
 SAMPLER_ETA = 0.05  # their script's sample_eta
@@ -37,7 +37,7 @@ class AuthorsCode(Estimator):
     ho_coef: float = 1e-3  # their script's ho_loss_coeff
     clip_range: float = 1e-4  # PPO clip of the ratio
     adv_clip: float = 5.0  # whitened advantages clipped to +-adv_clip
-    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    kl_coef: float = kl_coef_option()  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "authors-code"
     biased: ClassVar[bool] = True

@@ -27,18 +27,21 @@ from rlr_core.estimators.common import (
     fo_backward,
     leave_one_out,
 )
-from rlr_core.estimators.kl import KL_STEPS, kl_term
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term
 from rlr_core.estimators.likelihood_ratio import stochastic_pairs
+from rlr_core.estimators.schema import option
 from rlr_core.rollout import Trajectory
 
 
 @dataclass
 class DDPO(Estimator):
-    inner_epochs: int = 4
-    clip_range: float = 1e-4  # DDPO's published setting; ratios of a whole image are sharp
-    whiten: bool = False  # divide advantages by their std (DDPO does; changes the gradient's scale)
+    inner_epochs: int = option(4, label="inner epochs", low=1, help="optimiser steps per batch")
+    # DDPO's published setting; ratios of a whole image are sharp
+    clip_range: float = option(1e-4, label="clip range", low=0.0, help="PPO clip range of the ratios")
+    # DDPO does; changes the gradient's scale
+    whiten: bool = option(False, label="whiten", help="divide advantages by the reward std")
     chunk: int = 16
-    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py), every inner step
+    kl_coef: float = kl_coef_option()  # the KL regulariser to the round's parent (kl.py), every inner step
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "ddpo"
 

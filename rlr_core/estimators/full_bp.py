@@ -14,13 +14,13 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
-from rlr_core.estimators.kl import KL_STEPS, kl_term, replay
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term, replay
 
 
 @dataclass
 class FullBackprop(Estimator):
     use_checkpoint: bool = True
-    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    kl_coef: float = kl_coef_option()  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "full-bp"
 

@@ -16,9 +16,12 @@ x_k held fixed, as Flow-GRPO's per-step KL does) to the -grad J they accumulate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
+from rlr_core.estimators.schema import option
 from rlr_core.rollout import Trajectory
 
 
@@ -52,6 +55,13 @@ def kl_to_reference(chain: Chain, ctx: ChainContext, traj: Trajectory) -> torch.
 # gradient. Every step costs a reference and a denoiser call and a backward; on the built-in
 # model the full sum over 10 steps made a truncated-BP step about 5x slower. None: every step.
 KL_STEPS = 2
+
+
+def kl_coef_option() -> Any:
+    """Every estimator's ``kl_coef`` field: one declaration, so the app and the CLI treat it alike.
+    Implicit: rounds stored before the KL existed have no ``kl_coef``, and 0 is still left out."""
+    return option(0.0, label="KL coefficient β", low=0.0, high=1000.0, public=True, implicit=True,
+                  help="exact per-step KL of the sampler to the round's parent (the base model at first); 0 = off")
 
 
 def kl_backward(chain: Chain, ctx: ChainContext, traj: Trajectory, coef: float,

@@ -25,7 +25,8 @@ from rlr_core.estimators.common import (
     lr_backward,
 )
 from rlr_core.estimators.control_variate import pair_advantages, taylor_advantages
-from rlr_core.estimators.kl import KL_STEPS, kl_term
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term
+from rlr_core.estimators.schema import option
 
 
 def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +39,11 @@ def stochastic_pairs(first: int, last: int, batch: int) -> tuple[torch.Tensor, t
 @dataclass
 class LikelihoodRatio(Estimator):
     chunk: int = 16  # (k, row) pairs per batched denoiser call
-    baseline: Baseline = "loo"  # see rlr_core/estimators/baselines.py
-    control_variate: Literal["none", "taylor"] = "none"  # see rlr_core/estimators/control_variate.py
-    kl_coef: float = 0.0  # see rlr_core/estimators/kl.py
+    baseline: Baseline = option("loo", label="baseline",  # see rlr_core/estimators/baselines.py
+                                help="what R is compared with in likelihood-ratio terms (docs/method.md section 2)")
+    control_variate: Literal["none", "taylor"] = option(  # see rlr_core/estimators/control_variate.py
+        "none", label="control variate", help="the first-order (Taylor) control variate on likelihood-ratio terms")
+    kl_coef: float = kl_coef_option()  # see rlr_core/estimators/kl.py
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "lr"
 

@@ -46,8 +46,9 @@ from rlr_core.estimators.common import (
 )
 from rlr_core.estimators.control_variate import pair_advantages, taylor_advantages
 from rlr_core.estimators.groups import group_batch
-from rlr_core.estimators.kl import KL_STEPS, kl_term
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term
 from rlr_core.estimators.memory import auto_block_size, default_budget, measure_step_memory
+from rlr_core.estimators.schema import option
 from rlr_core.rollout import Prediction, Trajectory, draw_noise, rollout
 
 Rest = Literal["lr", "zo", "none"]
@@ -56,18 +57,27 @@ ControlVariate = Literal["none", "taylor"]
 
 @dataclass
 class RLR(Estimator):
-    block: int | Literal["auto"] = 2  # h; "auto": the closed form from a memory budget
-    rest: Rest = "lr"
-    tail: int | None = None  # L; None: derived from the sigma schedule (min_sigma_ratio)
+    block: int | Literal["auto"] = option(2, label="HO block length h", low=1, high=200, public=True,
+                                          examples=(1, 2, 3, 4, 6, 8),
+                                          help="HO block size h, or auto: the longest that fits in memory")
+    rest: Rest = option("lr", label="rest of the chain", public=True,
+                        help="the rest-of-chain term: lr (likelihood ratio), zo (zeroth order), none (biased)")
+    tail: int | None = option(None, label="FO tail L", low=1,
+                              help="FO tail L (default: from the sigma schedule, see --min-sigma-ratio)")
     # 0.3: on the built-in model at K = 10 (sigmas 0, 0.144, 0.243, 0.327, ...) this gives L = 3,
     # which cut the per-sample variance 4.1x below LR's (L = 1: 1.2x higher; L = 2: 2.2x lower;
     # bench.estimators, docs/benchmarks.md). The likelihood ratios at the smallest sigmas carry most of it.
-    min_sigma_ratio: float = 0.3
-    block_start: Literal["uniform", "grad-norm"] = "uniform"
-    window: tuple[int, int] | None = None  # allowed block starts j in [a, b] (DCoT stage)
-    rest_steps: int | None = None  # m: "lr" on m random steps of C, rescaled by |C|/m
-    zo_scale: float = 1e-3  # s: std of the ZO parameter perturbation
-    memory_budget_gb: float | None = None  # for block="auto"; default: free memory
+    min_sigma_ratio: float = option(0.3, label="sigma ratio for L", low=0.0,
+                                    help="sigma threshold for the default L")
+    block_start: Literal["uniform", "grad-norm"] = option("uniform", label="block start",
+                                                          help="how j is drawn")
+    window: tuple[int, int] | None = option(None, label="block window", low=1,
+                                            help="block starts j in [A, B] (a DCoT stage)")
+    rest_steps: int | None = option(None, label="rest steps m", low=1,
+                                    help="lr on m random steps of the rest, rescaled by |C|/m")
+    zo_scale: float = option(1e-3, label="ZO scale s", low=0.0, help="std s of the zo term's perturbation")
+    memory_budget_gb: float | None = option(None, label="memory budget (GB)", low=0.0,
+                                            help="the memory block = auto may use (default: what is free)")
     temperature: float = 1.0  # grad-norm block start: p_j proportional to norm_j^(1/T)
     # (k, row) pairs per denoiser call in the "lr" term. None: the batch size, so the term holds
     # one sampling step's graph at a time, the memory the method doc's budget for h assumes;
@@ -81,21 +91,24 @@ class RLR(Estimator):
     # choice keeps G unbiased. "state" (the reward of the model's own x_0 prediction from the
     # noise-free next state) cut the variance 8x below "loo" on the built-in model at K = 10
     # (bench/results/estimators_baselines.json; docs/benchmarks.md). ZO always uses the leave-one-out mean.
-    baseline: Baseline = "state"
+    baseline: Baseline = option("state", label="baseline",
+                                help="what R is compared with in likelihood-ratio terms (docs/method.md section 2)")
     # M >= 2 branches at the HO block: its last step's noise is drawn M - 1 more times from the same
     # mean and each continuation is run to x_0; the branches are each other's leave-one-out
     # baseline, so the HO advantage carries only the variance of the steps after the block (the
     # block's graph is shared; M - 1 extra forward rollouts). Unbiased: each branch is an
     # independent draw given x_j. The HO term then ignores ``baseline``.
-    branches: int = 1
+    branches: int = option(1, label="branches M", low=1, help="M continuations of the HO block's last step")
     # "taylor": subtract from each HO and "lr" advantage the linearisation of the reward in that
     # step's noise around the noise-free next state, and add back its exact expectation (MuProp;
     # rlr_core/estimators/control_variate.py). One denoiser forward + backward per (k, row).
-    control_variate: ControlVariate = "none"
+    control_variate: ControlVariate = option("none", label="control variate",
+                                             help="the first-order (Taylor) control variate on likelihood-ratio terms")
     # G > 1: the batch is B/G prompts, each repeated G times from one shared x_K, with per-group
     # leave-one-out means (rlr_core/estimators/groups.py). Unbiased (see there).
-    group_size: int = 1
-    kl_coef: float = 0.0  # beta of the exact KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    group_size: int = option(1, label="group size G", low=1,
+                             help="G > 1: each batch is B/G prompts x G rows sharing the initial noise")
+    kl_coef: float = kl_coef_option()  # beta of the exact KL to the round's parent (rlr_core/estimators/kl.py)
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "rlr"
     _step_norms: torch.Tensor | None = field(default=None, repr=False)

@@ -17,15 +17,18 @@ import torch
 
 from rlr_core.estimators.chain import Chain, ChainContext
 from rlr_core.estimators.common import Estimate, Estimator, pathwise
-from rlr_core.estimators.kl import KL_STEPS, kl_term, replay
+from rlr_core.estimators.kl import KL_STEPS, kl_coef_option, kl_term, replay
+from rlr_core.estimators.schema import option
 
 
 @dataclass
 class TruncatedBackprop(Estimator):
-    steps: int = 1  # K': how many final steps keep the graph
-    randomize: bool = False
+    steps: int = option(1, label="last K' steps", low=1, high=200, public="truncation", flag="truncate",
+                        chain_steps=True, help="K': how many final steps keep the graph")
+    randomize: bool = option(False, label="randomised truncation", flag="randomize-truncation",
+                             help="K' drawn from 1..K' at every step (AlignProp)")
     use_checkpoint: bool = True
-    kl_coef: float = 0.0  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
+    kl_coef: float = kl_coef_option()  # the KL regulariser to the round's parent (rlr_core/estimators/kl.py)
     kl_steps: int | None = KL_STEPS  # the KL's gradient at this many random steps (None: every step)
     name: ClassVar[str] = "truncated-bp"
 

@@ -80,7 +80,7 @@ def run_chunked_round(backend: DiffusionBackend, reward_fn: RewardFn, config: Tr
                       chunk_seconds: float = 60.0, call: ChunkCall = run_chunk, device: str | None = None,
                       observe: Callable[[], Any] | None = None,
                       on_observed: Callable[[Any], None] | None = None, check_every: int = 0,
-                      on_check: Callable[[RoundState], bool] | None = None) -> RoundResult:
+                      on_check: Callable[[RoundState], bool] | None = None, chunk_steps: int = 0) -> RoundResult:
     """Run a round as chunks of at most ``chunk_seconds`` each; same result as ``run_round``.
 
     ``call`` runs one chunk: :func:`run_chunk` itself (in this process), or it wrapped by
@@ -88,7 +88,9 @@ def run_chunked_round(backend: DiffusionBackend, reward_fn: RewardFn, config: Tr
     value just before ``progress`` gets the step. With ``on_check``, chunks also end every
     ``check_every`` steps and after the last one, and ``on_check`` sees the round's state there
     (it may change ``state.params``; True ends the round with them); the version is then written
-    here, not in the call. The metrics gain ``chunks`` (calls made)."""
+    here, not in the call. ``chunk_steps`` (with ``on_check``): a chunk takes at most this many
+    steps (1: ``progress`` can end the round after any step, as in an unchunked round). The
+    metrics gain ``chunks`` (calls made)."""
     state: RoundState | None = None
     chunks = 0
     while True:
@@ -97,7 +99,9 @@ def run_chunked_round(backend: DiffusionBackend, reward_fn: RewardFn, config: Tr
         checks = {}
         if on_check is not None:
             done = state.step if state is not None else 0
-            checks = {"hold": True, "pause_at": done + check_every - done % check_every if check_every > 0 else None}
+            stops = [done + check_every - done % check_every] if check_every > 0 else []
+            stops += [done + chunk_steps] if chunk_steps > 0 else []
+            checks = {"hold": True, "pause_at": min(stops) if stops else None}
         outcome = call(backend, reward_fn, config, out, state, chunk_budget(chunk_seconds), device, observe,
                        **checks)
         chunks += 1

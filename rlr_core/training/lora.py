@@ -94,9 +94,11 @@ def save_weights(backend: DiffusionBackend, folder: Path, kind: str, adapter_nam
 
         state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(backend, adapter_name).items()}
         if backend.lora_prefix == "transformer":  # flow models: "transformer."-prefixed keys
-            from diffusers import StableDiffusion3Pipeline
+            import diffusers
 
-            StableDiffusion3Pipeline.save_lora_weights(
+            # the model's own pipeline class writes it (StableDiffusion3Pipeline, FluxPipeline)
+            writer = getattr(diffusers, backend.lora_pipeline)
+            writer.save_lora_weights(
                 str(folder), transformer_lora_layers=state, weight_name=LORA_WEIGHTS, safe_serialization=True,
                 transformer_lora_adapter_metadata=backend.denoiser.peft_config[adapter_name].to_dict())
             return
