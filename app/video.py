@@ -39,28 +39,16 @@ def png_bytes(media: torch.Tensor, scale: int = 1) -> bytes:
 
 # ----------------------------------------------------------------------------- reward encoder
 def reward_encoder(spec: str, backend: Any, device: str | torch.device = "cpu"):
-    """The reward proxy's encoder: ``make_image_encoder``'s, used as it is for images, and for
-    a video model when it takes clips (B, F, 3, H, W) (the built-in clip model's perception
-    does); an image encoder (CLIP for AnimateDiff) is applied frame by frame."""
-    from rlr_core.feedback.encoders import EncoderError, PerFrameClipEncoder, make_image_encoder
+    """The reward proxy's encoder: ``make_image_encoder(..., for_clips=True)`` (which keeps an
+    encoder that takes clips, and applies an image encoder frame by frame on a video model)."""
+    from rlr_core.feedback.encoders import make_image_encoder
 
-    if not backend.is_video:
-        return make_image_encoder(spec, backend, device)
-    try:
-        encoder = make_image_encoder(spec, backend, device)
-    except EncoderError:
-        encoder = None
-    if encoder is not None and takes_clips(encoder, backend):
-        return encoder
-    return PerFrameClipEncoder(encoder if encoder is not None else make_image_encoder("perception", None, device))
+    return make_image_encoder(spec, backend, device, for_clips=True)
 
 
 def takes_clips(encoder: Any, backend: Any) -> bool:
-    """Whether ``encoder.embed`` maps a clip batch (1, F, 3, H, W) to (1, dim)."""
-    h, w = backend.image_size
-    try:
-        with torch.no_grad():
-            out = encoder.embed(torch.zeros(1, backend.frames, 3, h, w))
-    except Exception:
-        return False
-    return tuple(out.shape) == (1, encoder.dim)
+    """Whether ``encoder.embed`` maps a clip batch (1, F, 3, H, W) to (1, dim)
+    (:func:`rlr_core.feedback.encoders.takes_clips`)."""
+    from rlr_core.feedback.encoders import takes_clips as check
+
+    return check(encoder, backend)

@@ -126,6 +126,66 @@ def test_vae_encoder_is_deterministic_and_differentiable(latent_backend):
     assert len(enc.fingerprint()) == 16
 
 
+def test_vae_options_are_in_the_spec_and_rebuild_the_encoder(latent_backend, tmp_path):
+    """size and grid travel in the spec ("vae:size=..,grid=.."); plain "vae" is the defaults."""
+    plain = make_image_encoder("vae", latent_backend)
+    assert plain.spec == "vae" and (plain.size, plain.grid) == (256, 4)
+    assert make_image_encoder(plain.spec, latent_backend).spec == "vae"
+    assert VAELatentEncoder(latent_backend.vae, size=256, grid=4).spec == "vae"  # the defaults, spelt out
+
+    enc = VAELatentEncoder(latent_backend.vae, size=16, grid=2)
+    assert enc.spec == "vae:size=16,grid=2" and enc.dim == 4 * (2 + 4)
+    rebuilt = make_image_encoder(enc.spec, latent_backend)
+    assert isinstance(rebuilt, VAELatentEncoder) and (rebuilt.size, rebuilt.grid, rebuilt.dim) == (16, 2, enc.dim)
+    images = torch.rand(3, 3, 24, 24)
+    torch.testing.assert_close(rebuilt.embed(images), enc.embed(images))
+    one = make_image_encoder("vae:grid=3", latent_backend)  # either option alone; the other keeps its default
+    assert (one.size, one.grid) == (256, 3) and one.spec == "vae:size=256,grid=3"
+    enc.size = 24  # changing an option later changes the spec with it
+    assert enc.spec == "vae:size=24,grid=2"
+
+    # a saved proxy records the spec, and load_proxy rebuilds the same encoder from it
+    store = FeedbackStore(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    ids = [store.add_sample((rng.random((24, 24, 3)) * 255).astype(np.uint8), "a photo", seed=i) for i in range(4)]
+    store.add_comparison(ids[0], ids[1], "left", "me", 1.0)
+    store.add_comparison(ids[2], ids[3], "right", "me", 1.0)
+    proxy, _ = train_from_store(store, enc, cfg=FitConfig(steps=2), n_heads=2)
+    store.close()
+    proxy.save(tmp_path / "proxy")
+    loaded = load_proxy(tmp_path / "proxy", backend=latent_backend)
+    assert loaded.image_encoder.spec == "vae:size=24,grid=2" and loaded.image_encoder.dim == enc.dim
+
+    for bad in ("vae:size=abc", "vae:depth=3", "vae:size", "vae:size=16,size=32", "vae:grid=0"):
+        with pytest.raises(EncoderError, match="vae"):
+            make_image_encoder(bad, latent_backend)
+
+
+class _VideoStub:
+    """What make_image_encoder(for_clips=True) asks of a video backend."""
+
+    is_video, vae, image_size, frames = True, None, (32, 32), 8
+
+    def default_reward_encoder(self) -> str:
+        return "clip-perception"
+
+
+def test_for_clips_keeps_clip_encoders_and_wraps_image_ones(clip, clip_dir, latent_backend):
+    from rlr_core.shapesworld.clip_perception import ClipPerceptionEncoder
+
+    video = _VideoStub()
+    own = make_image_encoder("perception", video, for_clips=True)  # takes clips: used as it is
+    assert isinstance(own, ClipPerceptionEncoder) and encoders.takes_clips(own, video)
+    per_frame = make_image_encoder(f"clip:{clip_dir}", video, for_clips=True)  # an image encoder: frame by frame
+    assert isinstance(per_frame, encoders.PerFrameClipEncoder) and per_frame.spec == f"per-frame:clip:{clip_dir}"
+    assert per_frame.embed(torch.rand(2, 8, 3, 32, 32)).shape == (2, 2 * clip.dim)
+    fallback = make_image_encoder("vae", video, for_clips=True)  # no VAE here: perception frame by frame
+    assert fallback.spec == "per-frame:perception"
+    assert make_image_encoder(per_frame.spec, video).spec == per_frame.spec  # the saved spec rebuilds it
+    # an image model: for_clips changes nothing
+    assert make_image_encoder("vae", latent_backend, for_clips=True).spec == "vae"
+
+
 def test_free_text_prompt_encoder():
     enc = HashedWordsPromptEncoder(word_buckets=128, bigram_buckets=32)
     f = enc.encode(["A photo of a zebra", "a photo of a zebra", "a zebra of a photo", "an astronaut riding"])

@@ -16,11 +16,14 @@ Image encoders (the :class:`~rlr_core.feedback.protocols.ImageEncoder` protocol:
 - ``"vae"``: the fallback when no CLIP is available offline (``VAELatentEncoder``): pooled
   statistics of the diffusion model's own VAE latents. They describe colour, brightness, layout
   and texture, not meaning: a proxy on them learns "brighter", "more red on the left", "busier",
-  but not "a cat". Prefer CLIP when you can fetch one.
+  but not "a cat". Prefer CLIP when you can fetch one. ``"vae:size=<pixels>,grid=<cells>"`` sets
+  its options (either may be left out; plain ``"vae"`` is ``size=256,grid=4``).
 - ``"auto"``: perception for the built-in model (clip perception for the built-in clip model);
   else the first known CLIP found in the local cache (:data:`KNOWN_CLIPS`); else vae.
 
-- ``"per-frame:<spec>"``: an image encoder on every frame of a clip (CLIP on AnimateDiff).
+- ``"per-frame:<spec>"``: an image encoder on every frame of a clip (CLIP on AnimateDiff);
+  ``make_image_encoder(spec, backend, for_clips=True)`` picks it for a video model whose
+  encoder reads images.
 
 Each encoder has a ``spec`` (the string that rebuilds it) which the proxy's saved file records
 next to the encoder's name and weight fingerprint; ``reward_proxy.load_proxy`` rebuilds it from
@@ -183,14 +186,28 @@ class VAELatentEncoder(FrozenModelEncoder):
     features and encoding stays cheap. Uses the posterior mean (no sampling: deterministic)."""
 
     name = "vae-latent"
+    SIZE, GRID = 256, 4  # the defaults, which the plain spec "vae" means
 
-    def __init__(self, vae: nn.Module, size: int = 256, grid: int = 4, max_batch: int = 8, spec: str = "vae"):
+    def __init__(self, vae: nn.Module, size: int = SIZE, grid: int = GRID, max_batch: int = 8):
         if not hasattr(vae, "encode"):
             raise EncoderError("the VAE encoder needs a diffusers AutoencoderKL (an object with .encode)")
+        if int(size) < 8 or int(grid) < 1:
+            raise EncoderError(f"vae: size must be at least 8 and grid at least 1 (got size={size}, grid={grid})")
         self.vae = vae
-        self.size, self.grid, self.max_batch, self.spec = size, grid, max_batch, spec
-        channels = int(vae.config.latent_channels)
-        self.dim = channels * (2 + grid * grid)
+        self.size, self.grid, self.max_batch = int(size), int(grid), max_batch
+        self.channels = int(vae.config.latent_channels)
+
+    @property
+    def dim(self) -> int:
+        return self.channels * (2 + self.grid * self.grid)
+
+    @property
+    def spec(self) -> str:
+        """``vae`` for the defaults, else ``vae:size=<size>,grid=<grid>`` (:func:`parse_vae_spec`).
+        ``max_batch`` only bounds memory, so it is not part of the spec."""
+        if (self.size, self.grid) == (self.SIZE, self.GRID):
+            return "vae"
+        return f"vae:size={self.size},grid={self.grid}"
 
     @property
     def model(self) -> nn.Module:  # what FrozenModelEncoder moves and fingerprints
@@ -238,6 +255,26 @@ class PerFrameClipEncoder:
         return self
 
 
+def parse_vae_spec(spec: str) -> dict[str, int]:
+    """The options of a ``vae`` spec: ``"vae"`` -> ``{}`` (the defaults); ``"vae:size=256,grid=4"``
+    -> ``{"size": 256, "grid": 4}`` (either option may be left out)."""
+    spec = spec.strip()
+    if spec == "vae":
+        return {}
+    if not spec.startswith("vae:"):
+        raise EncoderError(f"not a vae spec: {spec!r}")
+    options: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec[len("vae:"):].split(","))):
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or key not in ("size", "grid") or key in options:
+            raise EncoderError(f"bad vae option {part!r} in {spec!r}; use vae:size=<pixels>,grid=<cells>")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise EncoderError(f"vae option {key} must be a whole number, not {value!r}") from None
+    return options
+
+
 # ----------------------------------------------------------------------------- choosing one
 def cached_clip() -> str | None:
     """The first of :data:`KNOWN_CLIPS` whose config and safetensors weights are in the local cache."""
@@ -268,10 +305,35 @@ def auto_choice(backend: DiffusionBackend | None) -> tuple[str, str]:
                        f"({', '.join(KNOWN_CLIPS)}) and the model has no VAE; pass clip:<folder>")
 
 
+def takes_clips(encoder: ImageEncoder, backend: DiffusionBackend) -> bool:
+    """Whether ``encoder.embed`` maps a clip batch (1, F, 3, H, W) of ``backend``'s size to (1, dim)."""
+    h, w = backend.image_size
+    try:
+        with torch.no_grad():
+            out = encoder.embed(torch.zeros(1, backend.frames, 3, h, w))
+    except Exception:
+        return False
+    return tuple(out.shape) == (1, encoder.dim)
+
+
 def make_image_encoder(spec: str, backend: DiffusionBackend | None = None,
-                       device: str | torch.device = "cpu") -> ImageEncoder:
+                       device: str | torch.device = "cpu", for_clips: bool = False) -> ImageEncoder:
     """An image encoder from a spec: "perception", "clip-perception", "clip:<id-or-path>", "vae"
-    or "auto"."""
+    (or "vae:size=<pixels>,grid=<cells>"), "per-frame:<spec>" or "auto".
+
+    ``for_clips``: the encoder must take ``backend``'s clips (B, F, 3, H, W) (the reward proxy on
+    a video model, ``backend.is_video``). The spec's encoder is used as it is when it takes them
+    (the built-in clip model's perception does); an image encoder (CLIP on AnimateDiff) is
+    wrapped in :class:`PerFrameClipEncoder`; a spec that fits no encoder on this model falls back
+    to the built-in perception model frame by frame. Ignored for an image model."""
+    if for_clips and backend is not None and backend.is_video:
+        try:
+            encoder = make_image_encoder(spec, backend, device)
+        except EncoderError:
+            encoder = None
+        if encoder is not None and takes_clips(encoder, backend):
+            return encoder
+        return PerFrameClipEncoder(encoder if encoder is not None else make_image_encoder("perception", None, device))
     spec = (spec or "").strip()
     if spec == "clip-perception" or (spec == "perception" and backend is not None and backend.is_video):
         from rlr_core.shapesworld.clip_perception import ClipPerceptionEncoder, load
@@ -291,13 +353,14 @@ def make_image_encoder(spec: str, backend: DiffusionBackend | None = None,
         if not source:
             raise EncoderError("clip: needs a hub id or a folder, e.g. clip:openai/clip-vit-large-patch14")
         return CLIPImageEncoder.from_pretrained(source, device=device)
-    if spec == "vae":
+    if spec == "vae" or spec.startswith("vae:"):
+        options = parse_vae_spec(spec)
         vae = None if backend is None else backend.vae
         if vae is None:
             raise EncoderError("--reward-encoder vae needs a latent model (one with a VAE); "
                                "the built-in model uses 'perception'")
-        return VAELatentEncoder(vae)
+        return VAELatentEncoder(vae, **options)
     raise EncoderError(f"unknown reward encoder {spec!r}; use perception, clip-perception, clip:<hub id or folder>, "
-                       "vae, per-frame:<one of those> or auto")
+                       "vae[:size=<pixels>,grid=<cells>], per-frame:<one of those> or auto")
 
 
