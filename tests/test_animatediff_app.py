@@ -55,7 +55,7 @@ def test_the_folder_loads_as_a_video_model(app):
     backend = app.services.base_backend
     assert backend.is_video and backend.frames == backend.num_frames
     n = backend.num_frames
-    assert app.services.device_summary().startswith(f"tiny-ad on cpu, float32, {n} frames of 16x16")
+    assert app.services.model.device_summary().startswith(f"tiny-ad on cpu, float32, {n} frames of 16x16")
 
 
 def test_clips_are_generated_stored_rated_and_compared(client, app):

@@ -52,7 +52,7 @@ def test_every_endpoint_is_fuzzed(endpoints):
 
 def test_arbitrary_json_gets_an_answer_or_a_message(app, client, endpoints):
     token = client.predict(api_name="/rater_token")["rater_token"]
-    app.services.generate("a red circle", 2, 0, 3, 3.0)  # something to rate and compare
+    app.services.generation.generate("a red circle", 2, 0, 3, 3.0)  # something to rate and compare
     calls = 0
 
     def fuzz(name: str, required: int, total: int) -> None:

@@ -111,10 +111,10 @@ BAD_PROMPTS = [("", "empty"), ("   ", "empty"), ("a red circle " * 770, "limit i
 
 @pytest.mark.parametrize("prompt,match", BAD_PROMPTS)
 def test_bad_prompts_are_refused_and_nothing_is_stored(client, app, prompt, match):
-    before = app.services.counts()
+    before = app.services.data.counts()
     refused(client, "generate", prompt, 2, 0, 4, 3.0, match=match)
     refused(client, "split_prompt", prompt, match=match)
-    assert app.services.counts() == before
+    assert app.services.data.counts() == before
 
 
 @pytest.mark.parametrize("args,match", [
@@ -123,14 +123,14 @@ def test_bad_prompts_are_refused_and_nothing_is_stored(client, app, prompt, matc
     ((2, 0, 4, 50.0), "guidance"), ((2.5, 0, 4, 3.0), "whole number"),
 ])
 def test_out_of_range_generation_settings(client, app, args, match):
-    before = app.services.counts()
+    before = app.services.data.counts()
     refused(client, "generate", "a red circle", *args, match=match)
-    assert app.services.counts() == before
+    assert app.services.data.counts() == before
 
 
 def test_bad_ratings_and_comparisons_change_nothing(client, app, samples):
     sid = samples[1]["sample_id"]
-    before = app.services.counts()
+    before = app.services.data.counts()
     refused(client, "rate", 999_999, 4, "carol", match="no sample with id 999999")
     refused(client, "rate", sid, 0, "carol", match="stars must be a whole number from 1 to 5")
     refused(client, "rate", sid, 6, "carol", match="stars")
@@ -144,19 +144,19 @@ def test_bad_ratings_and_comparisons_change_nothing(client, app, samples):
             match="mid stage prompt: unknown word")
     refused(client, "set_stage_settings", 0.7, 0.3, "mid", match="boundaries")
     refused(client, "set_active_version", 999, "", match="no model version with id 999")
-    assert app.services.counts() == before
+    assert app.services.data.counts() == before
 
 
 def test_concurrent_double_clicks_record_one_answer(client, app, samples):
     sid, other = samples[2]["sample_id"], samples[0]["sample_id"]
-    before = app.services.counts()
+    before = app.services.data.counts()
     with cf.ThreadPoolExecutor(4) as pool:
         rates = [pool.submit(call, client, "rate", sid, 4, "dave") for _ in range(4)]
         cmps = [pool.submit(call, client, "compare", sid, other, "left", "dave", 0.5) for _ in range(4)]
         results = [f.result() for f in rates + cmps]
     assert len({r["rating_id"] for r in results[:4]}) == 1
     assert len({r["comparison_id"] for r in results[4:]}) == 1
-    after = app.services.counts()
+    after = app.services.data.counts()
     assert after["ratings"] == before["ratings"] + 1 and after["comparisons"] == before["comparisons"] + 1
 
 
@@ -167,14 +167,14 @@ def test_public_app_guards_model_changes_but_not_rating(tmp_path, builtin_backen
 
     services = AppServices(AppConfig(data_dir=tmp_path, public=True, admin_password="s3cret"), builtin_backend)
     try:
-        sample = services.generate("a red circle", 1, 0, 3, 3.0)[0]
-        services.rate(sample["sample_id"], "eve", 4)  # rating stays open
+        sample = services.generation.generate("a red circle", 1, 0, 3, 3.0)[0]
+        services.judgements.rate(sample["sample_id"], "eve", 4)  # rating stays open
         with pytest.raises(NotAllowed, match="admin password"):
             services.rounds.set_auto_train(5, "wrong")
         with pytest.raises(NotAllowed, match="admin password"):
-            services.set_active_version(services.model_versions.active(), None)
+            services.model_versions.set_active(services.model_versions.active(), None)
         with pytest.raises(NotAllowed):
-            services.import_data(tmp_path / "x.zip", "")
+            services.data.import_data(tmp_path / "x.zip", "")
         assert services.rounds.set_auto_train(5, "s3cret") == 5
     finally:
         services.close()

@@ -24,11 +24,11 @@ def services(tmp_path, builtin_backend):
 
 
 def judge(services, rater: str = "ann") -> list[int]:
-    samples = services.generate("a blue circle", 3, 0, 3, 3.0)
+    samples = services.generation.generate("a blue circle", 3, 0, 3, 3.0)
     ids = [x["sample_id"] for x in samples]
     for sid, stars in zip(ids, [1, 3, 5]):
-        services.rate(sid, rater, stars)
-    services.compare(ids[0], ids[2], "right", rater, 1.0)
+        services.judgements.rate(sid, rater, stars)
+    services.judgements.compare(ids[0], ids[2], "right", rater, 1.0)
     return ids
 
 
@@ -61,17 +61,17 @@ def test_round_makes_a_version_that_can_be_rolled_back_and_exported(services, tm
     assert [r["state"] for r in rounds] == ["finished", "failed"] and "stopped" in rounds[1]["error"]
     assert services.model_versions.active() == v1  # a stopped round changes nothing
 
-    archive = services.export_lora(v1)
+    archive = services.model_versions.export_lora(v1)
     with zipfile.ZipFile(archive) as zf:
         assert {"pytorch_lora_weights.safetensors", "config.json"} <= set(zf.namelist())
-    new = services.generate("a blue circle", 1, 5, 3, 3.0)[0]
+    new = services.generation.generate("a blue circle", 1, 5, 3, 3.0)[0]
     assert new["version"].startswith("v1")
-    assert services.rollback()["name"] == "v0 (base)"
-    assert services.generate("a blue circle", 1, 5, 3, 3.0)[0]["version"] == "v0 (base)"
+    assert services.model_versions.rollback()["name"] == "v0 (base)"
+    assert services.generation.generate("a blue circle", 1, 5, 3, 3.0)[0]["version"] == "v0 (base)"
     with pytest.raises(AppError, match="nothing to roll back"):
-        services.rollback()
-    services.set_active_version(v1)
-    table = {v["version_id"]: v for v in services.versions()}
+        services.model_versions.rollback()
+    services.model_versions.set_active(v1)
+    table = {v["version_id"]: v for v in services.model_versions.table()}
     assert table[v1]["active"] and table[v1]["estimator"] == "rlr" and table[v1]["parent_id"] == 1
 
 
@@ -80,9 +80,9 @@ def test_auto_train_starts_a_round_after_n_new_judgements(services):
     services.rounds.start(RoundConfig.parse(TINY))
     assert wait(services)["state"] == "finished"
     assert services.rounds.set_auto_train(2) == 2
-    services.rate(ids[0], "bo", 2)
+    services.judgements.rate(ids[0], "bo", 2)
     assert not services.worker.status().active
-    services.rate(ids[1], "bo", 4)  # the 2nd new judgement starts a round, with the last settings
+    services.judgements.rate(ids[1], "bo", 4)  # the 2nd new judgement starts a round, with the last settings
     assert services.worker.status().job_id == 2  # a second job was started (it may have finished already)
     assert wait(services)["state"] == "finished"
     assert [r["state"] for r in services.store.training_rounds()] == ["finished", "finished"]
@@ -91,8 +91,8 @@ def test_auto_train_starts_a_round_after_n_new_judgements(services):
 
 def test_stage_prompts_from_the_prompt_lab_reach_the_round(services):
     judge(services)
-    services.save_stage_prompts("a blue circle", "a shape", "a circle", "a blue circle", "ann")
-    services.set_stage_settings(0.3, 0.5, "coarse")  # not the default boundaries (0.3, 0.6)
+    services.prompt_lab.save_stage_prompts("a blue circle", "a shape", "a circle", "a blue circle", "ann")
+    services.prompt_lab.set_stage_settings(0.3, 0.5, "coarse")  # not the default boundaries (0.3, 0.6)
     services.rounds.start(RoundConfig.parse({**TINY, "sampling_steps": 10}))
     status = wait(services)
     assert status["state"] == "finished", status
@@ -112,16 +112,16 @@ def test_export_and_import_into_a_fresh_data_directory(services, tmp_path, built
     from app.services import AppServices
 
     judge(services)
-    archive = services.export_data()
+    archive = services.data.export_data()
     fresh = AppServices(AppConfig(data_dir=tmp_path / "fresh"), builtin_backend)
     try:
-        added = fresh.import_data(archive)
+        added = fresh.data.import_data(archive)
         assert added["ratings"] == 3 and added["comparisons"] == 1
-        assert fresh.counts()["samples"] == 3
+        assert fresh.data.counts()["samples"] == 3
         with pytest.raises(Exception, match="empty"):
-            fresh.import_data(archive)  # a second import would duplicate: refused
+            fresh.data.import_data(archive)  # a second import would duplicate: refused
         with pytest.raises(AppError, match=".zip"):
-            fresh.import_data(tmp_path / "nothing.zip")
+            fresh.data.import_data(tmp_path / "nothing.zip")
     finally:
         fresh.close()
 

@@ -290,7 +290,7 @@ def test_method_doc_sections_cited_in_code_exist():
 
 
 def test_classes_and_members_named_in_docs_exist():
-    """The architecture's data path (and every other page) names real methods: AppServices.rate,
+    """The architecture's data path (and every other page) names real methods: Judgements.rate,
     FeedbackStore.add_rating, ModelRegistry.training_copy..."""
     classes = project_classes()
     assert {"AppServices", "FeedbackStore", "DiffusionBackend", "RLR"} <= set(classes)

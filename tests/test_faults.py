@@ -37,7 +37,7 @@ def test_a_damaged_image_file_gives_a_clear_error_and_the_app_goes_on(tmp_path, 
     from app.api import public_sample
 
     services = make_services(tmp_path / "data")
-    bad, good = (services.generate("a red circle", 1, seed, 3, 3.0)[0] for seed in (1, 2))
+    bad, good = (services.generation.generate("a red circle", 1, seed, 3, 3.0)[0] for seed in (1, 2))
     Path(bad["image_file"]).write_bytes(b"\x89PNG not really")  # damaged on disk
     with pytest.raises(AppError, match="damaged"):
         services.images.copy(bad["image_file"])  # what the UI would show
@@ -45,13 +45,13 @@ def test_a_damaged_image_file_gives_a_clear_error_and_the_app_goes_on(tmp_path, 
         public_sample(bad)  # what the API would send
     assert any("does not match its hash" in p for p in services.store.verify())
     with pytest.raises(Exception, match="corrupt"):
-        services.export_data()  # an export would carry the damage: it stops with a message
+        services.data.export_data()  # an export would carry the damage: it stops with a message
     # Everything else goes on: the other sample shows, ratings are taken, new samples are drawn.
     assert Path(services.images.copy(good["image_file"])).is_file()
-    services.rate(bad["sample_id"], "ann", 2)
-    services.rate(good["sample_id"], "ann", 4)
-    assert services.generate("a blue square", 1, 3, 3, 3.0)[0]["sample_id"] > good["sample_id"]
-    assert services.counts()["ratings"] == 2
+    services.judgements.rate(bad["sample_id"], "ann", 2)
+    services.judgements.rate(good["sample_id"], "ann", 4)
+    assert services.generation.generate("a blue square", 1, 3, 3, 3.0)[0]["sample_id"] > good["sample_id"]
+    assert services.data.counts()["ratings"] == 2
 
 
 def reraise(err: BaseException) -> None:
@@ -83,14 +83,14 @@ def fill(mount: Path, leave: int) -> Path:
 
 def test_a_full_disk_refuses_clearly_and_writes_nothing_half(tiny_disk, make_services):
     services = make_services(tiny_disk / "data")
-    first = services.generate("a red circle", 2, 0, 3, 3.0)
-    services.rate(first[0]["sample_id"], "ann", 3)
+    first = services.generation.generate("a red circle", 2, 0, 3, 3.0)
+    services.judgements.rate(first[0]["sample_id"], "ann", 3)
     filler = fill(tiny_disk, leave=24_000)
     error = None
     for seed in range(1, 200):  # draw until the disk is full
         try:
-            services.generate("a large green triangle on the right", 4, seed, 3, 3.0)
-            services.rate(first[1]["sample_id"], "ann", 1 + seed % 5)
+            services.generation.generate("a large green triangle on the right", 4, seed, 3, 3.0)
+            services.judgements.rate(first[1]["sample_id"], "ann", 1 + seed % 5)
         except StoreFullError as err:
             error = err
             break
@@ -101,13 +101,13 @@ def test_a_full_disk_refuses_clearly_and_writes_nothing_half(tiny_disk, make_ser
     assert services.store.verify(check_hashes=True) == []
     leftovers = [p for p in (tiny_disk / "data").rglob("*") if p.name.startswith((".tmp-", ".state-"))]
     assert leftovers == []
-    counts = services.counts()
+    counts = services.data.counts()
     # Space again: the app goes on where it stopped.
     filler.unlink()
-    more = services.generate("a red circle", 1, 999, 3, 3.0)
-    services.rate(more[0]["sample_id"], "bob", 5)
-    assert services.counts()["samples"] == counts["samples"] + 1
-    assert services.counts()["ratings"] == counts["ratings"] + 1
+    more = services.generation.generate("a red circle", 1, 999, 3, 3.0)
+    services.judgements.rate(more[0]["sample_id"], "bob", 5)
+    assert services.data.counts()["samples"] == counts["samples"] + 1
+    assert services.data.counts()["ratings"] == counts["ratings"] + 1
     assert services.store.verify(check_hashes=True) == []
 
 
@@ -125,21 +125,21 @@ conn.execute("ROLLBACK")
 def test_a_database_locked_too_long_refuses_the_rating_clearly(tmp_path, make_services, monkeypatch):
     monkeypatch.setenv("RLR_BUSY_TIMEOUT_MS", "200")  # one attempt's wait; the store retries 8 times
     services = make_services(tmp_path / "data")
-    sample = services.generate("a red circle", 1, 0, 3, 3.0)[0]
-    services.rate(sample["sample_id"], "ann", 4)
+    sample = services.generation.generate("a red circle", 1, 0, 3, 3.0)[0]
+    services.judgements.rate(sample["sample_id"], "ann", 4)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(services.store.db_path), "12"],
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"locked"
         started = time.time()
         with pytest.raises(StoreBusyError, match="not saved, please try again"):
-            services.rate(sample["sample_id"], "bob", 2)
+            services.judgements.rate(sample["sample_id"], "bob", 2)
         assert time.time() - started < 11  # refused while the other process still holds the lock
         with pytest.raises(gr.Error, match="busy"):
-            user_errors(services.rate)(sample["sample_id"], "bob", 2)
+            user_errors(services.judgements.rate)(sample["sample_id"], "bob", 2)
     finally:
         holder.wait(timeout=30)
     assert services.store.star_rating(sample["sample_id"], "bob") is None  # refused means not stored
-    services.rate(sample["sample_id"], "bob", 2)  # the lock is gone: the same rating goes in
+    services.judgements.rate(sample["sample_id"], "bob", 2)  # the lock is gone: the same rating goes in
     assert services.store.star_rating(sample["sample_id"], "bob") == 2
-    assert services.counts()["ratings"] == 2
+    assert services.data.counts()["ratings"] == 2

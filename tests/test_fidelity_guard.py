@@ -163,11 +163,11 @@ def services(tmp_path, builtin_backend):
 
 
 def rate_some(services, rater: str = "ann") -> None:
-    samples = services.generate("a blue circle", 3, 0, 4, 3.0)
+    samples = services.generation.generate("a blue circle", 3, 0, 4, 3.0)
     ids = [x["sample_id"] for x in samples]
     for sid, stars in zip(ids, [1, 3, 5]):
-        services.rate(sid, rater, stars)
-    services.compare(ids[0], ids[2], "right", rater, 1.0)
+        services.judgements.rate(sid, rater, stars)
+    services.judgements.compare(ids[0], ids[2], "right", rater, 1.0)
 
 
 def finish(services, timeout: float = 300) -> dict:
@@ -189,10 +189,10 @@ def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services)
     assert status["fidelity_parent"] - status["fidelity"] > 0.05
     assert "lost prompt fidelity" in status["fidelity_note"] and "stays active" in status["message"]
     assert services.model_versions.active() == base  # not made active
-    row = next(v for v in services.versions() if v["version_id"] == status["version_id"])
+    row = next(v for v in services.model_versions.table() if v["version_id"] == status["version_id"])
     assert row["flagged"] and row["fidelity_flagged"] and row["metrics"]["fidelity_drop"] > 0.05
     assert services.rounds.best_judged_version() == base  # auto-train does not build on it
-    services.set_active_version(status["version_id"])  # the person can still choose it
+    services.model_versions.set_active(status["version_id"])  # the person can still choose it
     assert services.model_versions.active() == status["version_id"]
 
 
@@ -212,7 +212,7 @@ def test_auto_train_uses_the_models_defaults_where_the_last_settings_are_silent(
     services.rounds.set_auto_train(1)
     # what an older app stored as the last settings: no estimator named
     services.state.update(extra={"last_settings": {k: v for k, v in TINY.items() if k != "seed"}})
-    services.rate(services.generate("a red square", 1, 1, 4, 3.0)[0]["sample_id"], "ann", 4)
+    services.judgements.rate(services.generation.generate("a red square", 1, 1, 4, 3.0)[0]["sample_id"], "ann", 4)
     assert services.worker.status().active  # the judgement started a round
     status = finish(services)
     assert status["estimator"] == services.round_defaults["estimator"]

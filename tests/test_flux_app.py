@@ -52,7 +52,7 @@ def client(app):
 def test_start_up_names_the_model_and_its_round_defaults(app):
     from app.round_config import DEFAULTS, FAMILY_DEFAULTS
 
-    summary = app.services.device_summary()
+    summary = app.services.model.device_summary()
     assert summary.startswith("tiny-flux on cpu, float32, 16x16"), summary
     assert app.services.round_defaults == {**DEFAULTS, **FAMILY_DEFAULTS["flux"]}
 

@@ -16,7 +16,7 @@ def test_preview_rows_are_the_images_generation_draws(tmp_path, builtin_backend)
     mid = "a large circle on the left, black background"
     services = AppServices(AppConfig(data_dir=tmp_path), builtin_backend)
     try:
-        out = services.preview_stages(prompt, stages.coarse, mid, stages.fine, 0.3, 0.6, 11, 5, 3.0)
+        out = services.prompt_lab.preview_stages(prompt, stages.coarse, mid, stages.fine, 0.3, 0.6, 11, 5, 3.0)
     finally:
         services.close()
     settings = GenerationSettings(steps=5, guidance=3.0)

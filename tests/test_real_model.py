@@ -72,7 +72,7 @@ def wait_round(client, timeout: float = 300) -> dict:
 
 
 def test_start_up_names_the_model_and_the_reward_features(app):
-    summary = app.services.device_summary()
+    summary = app.services.model.device_summary()
     assert summary.startswith("tiny-sd on cpu, float32, 16x16"), summary
     # --reward-encoder auto with no CLIP in the (empty) local cache: the model's own VAE latents.
     assert app.services.rounds.image_encoder.name == "vae-latent"
@@ -95,8 +95,8 @@ def test_prompts_over_the_tokenizer_limit_are_refused_with_the_count(client, app
     long_prompt = "a red cat with a blue dog"  # spelled letter by letter by the tiny tokenizer: 17 tokens
     with pytest.raises(gradio_client.exceptions.AppError, match="17 tokens long.*at most 14"):
         call(client, "generate", long_prompt, 1, 0, 3, 3.0)
-    assert app.services.describe_prompt(long_prompt).startswith("⚠️ 17 / 14 tokens")
-    assert app.services.describe_prompt(PROMPT) == "✓ 5 / 14 tokens"
+    assert app.services.prompts.describe(long_prompt).startswith("⚠️ 17 / 14 tokens")
+    assert app.services.prompts.describe(PROMPT) == "✓ 5 / 14 tokens"
 
 
 def test_prompt_lab_takes_free_text_stage_prompts(client):

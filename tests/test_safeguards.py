@@ -161,13 +161,13 @@ def test_a_version_that_loses_to_its_parent_is_flagged_rolled_back_and_not_built
     assert len(pairs) >= 4  # samples_per_prompt per prompt the round trained on
     for rater in ("r1", "r2", "r3", "r4"):  # blind answers: the parent wins every one
         for p in pairs:
-            services.compare(p["new"], p["old"], "right", rater, 1.0)
+            services.judgements.compare(p["new"], p["old"], "right", rater, 1.0)
     rows = {v["version_id"]: v for v in call(client, "versions")}
     assert rows[bad]["flagged"] and rows[bad]["active"] and rows[bad]["win_rate_upper"] < 0.5
     assert not rows[good]["flagged"] and rows[good]["best_judged"]
     # auto-train continues from the best-judged version, not the active (flagged) one
     call(client, "set_auto_train", 1)
-    services.compare(pairs[0]["new"], pairs[0]["old"], "right", "r5", 1.0)
+    services.judgements.compare(pairs[0]["new"], pairs[0]["old"], "right", "r5", 1.0)
     status = wait_round(client, services)
     assert status["state"] == "finished", status
     assert services.store.get_training_round(status["round_id"])["base_version_id"] == good

@@ -66,7 +66,7 @@ def test_no_file_of_the_data_folder_is_served(public_app, client, token, samples
 
 def test_the_ui_shows_hash_named_copies_outside_the_data_folder(public_app, samples):
     services = public_app.services
-    sample = services.sample(samples[0]["sample_id"])
+    sample = services.generation.sample(samples[0]["sample_id"])
     copy = Path(services.images.copy(sample["image_file"]))
     assert not copy.resolve().is_relative_to(services.data_dir.resolve())
     assert copy.name == Path(sample["image_file"]).name  # <sha256>.png
@@ -154,7 +154,7 @@ def test_public_statistics_show_no_raw_rater_ids(public_app, client, token, samp
     raw = {r["id"] for r in public_app.services.store.db["raters"].rows}
     shown = {r["rater_id"] for r in stats}
     assert shown and not shown & raw and all(s.startswith("rater-") for s in shown)
-    agreement = public_app.services.rater_agreement()
+    agreement = public_app.services.data.rater_agreement()
     assert not {r["rater_a"] for r in agreement} & raw
 
 
@@ -191,12 +191,12 @@ def raw_call(app, endpoint: str, data: list) -> str:
 
 
 def test_api_import_never_opens_a_file_already_on_the_server(public_app, client, tmp_path):
-    before = public_app.services.counts()
+    before = public_app.services.data.counts()
     for path in (public_app.services.store.db_path, Path("/etc/passwd")):
         answer = raw_call(public_app, "import_data", [{"path": str(path), "meta": {"_type": "gradio.FileData"}},
                                                       PASSWORD])
         assert answer.startswith("event: error")
-    assert public_app.services.counts() == before
+    assert public_app.services.data.counts() == before
     upload = gradio_client.handle_file(str(make_zip(tmp_path / "x.zip", {"a.txt": b"x"})))
     with pytest.raises(ClientError, match="no manifest.json"):  # an upload does reach the import
         client.predict(upload, PASSWORD, api_name="/import_data")
@@ -205,9 +205,9 @@ def test_api_import_never_opens_a_file_already_on_the_server(public_app, client,
 def test_import_refuses_a_zip_bomb_through_the_app(public_app, tmp_path):
     bomb = make_zip(tmp_path / "bomb.zip", {"manifest.json": b"{}", "images/zeros.png": b"\0" * (128 << 20)})
     with pytest.raises(AppError, match="compressed"):
-        public_app.services.import_data(bomb, PASSWORD)
+        public_app.services.data.import_data(bomb, PASSWORD)
     with pytest.raises(AppError, match="uploaded"):  # never the data folder's own files
-        public_app.services.import_data(public_app.services.store.db_path, PASSWORD)
+        public_app.services.data.import_data(public_app.services.store.db_path, PASSWORD)
 
 
 @pytest.mark.parametrize("settings,match", [
@@ -222,7 +222,7 @@ def test_train_start_refuses_unknown_or_malformed_settings(public_app, client, s
 
 @pytest.mark.parametrize("prompt", ["a red\x00 circle", "a red circle\x07", "a\x1b[31m red circle"])
 def test_control_characters_in_prompts_are_refused(client, public_app, token, prompt):
-    before = public_app.services.counts()
+    before = public_app.services.data.counts()
     with pytest.raises(ClientError, match="control character"):
         client.predict(prompt, 1, 0, 3, 3.0, api_name="/generate")
     with pytest.raises(ClientError, match="control character"):
@@ -230,14 +230,14 @@ def test_control_characters_in_prompts_are_refused(client, public_app, token, pr
     with pytest.raises(ClientError, match="control character"):
         client.predict("a red circle", "a shape", "a circle", prompt, token["rater_token"],
                        api_name="/save_stage_prompts")
-    assert public_app.services.counts() == before
+    assert public_app.services.data.counts() == before
 
 
 def test_strangers_cannot_change_the_stage_settings_rounds_train_with(public_app, client):
-    before = public_app.services.stage_settings()
+    before = public_app.services.prompt_lab.stage_settings()
     with pytest.raises(ClientError, match="admin password"):
         client.predict(0.1, 0.2, "coarse", "", api_name="/set_stage_settings")
-    assert public_app.services.stage_settings() == before
+    assert public_app.services.prompt_lab.stage_settings() == before
     changed = client.predict(0.25, 0.5, "fine", PASSWORD, api_name="/set_stage_settings")
     assert changed == {"boundaries": [0.25, 0.5], "focus_stage": "fine"}
     client.predict(*before["boundaries"], before["focus_stage"], PASSWORD, api_name="/set_stage_settings")

@@ -51,10 +51,10 @@ def test_a_version_pointing_outside_is_never_loaded_or_zipped(tmp_path, builtin_
         vid = services.store.add_model_version("evil", parent_id=services.model_versions.ensure_base(),
                                                weights_path="/etc")
         with pytest.raises(AppError, match="outside this app's data folder"):
-            services.export_lora(vid)
+            services.model_versions.export_lora(vid)
         with pytest.raises(AppError, match="outside this app's data folder"):
-            services.set_active_version(vid)
-        assert services.generate("a red circle", 1, 0, 3, 3.0)[0]["version"] == "v0 (base)"
+            services.model_versions.set_active(vid)
+        assert services.generation.generate("a red circle", 1, 0, 3, 3.0)[0]["version"] == "v0 (base)"
     finally:
         services.close()
 
@@ -103,9 +103,9 @@ def test_browser_identity_on_a_space(tmp_path, builtin_backend, monkeypatch):
         admin = gr.OAuthProfile({"preferred_username": "carol", "name": "", "profile": "", "picture": ""})
         key = load.fn("", admin)[3]
         assert isinstance(key, str) and key.startswith("admin-key-")
-        services.check_admin(key)  # an admin key works where the password is asked for
+        services.admin.check(key)  # an admin key works where the password is asked for
         with pytest.raises(NotAllowed):
-            services.check_admin("admin-key-" + "x" * 43)
+            services.admin.check("admin-key-" + "x" * 43)
     finally:
         services.close()
 
@@ -206,9 +206,9 @@ def test_a_stopped_round_leaves_no_files(tmp_path, builtin_backend):
 
     services = AppServices(AppConfig(data_dir=tmp_path / "data"), builtin_backend)
     try:
-        ids = [s["sample_id"] for s in services.generate("a blue circle", 2, 0, 3, 3.0)]
-        services.rate(ids[0], "ann", 5)
-        services.rate(ids[1], "ann", 1)
+        ids = [s["sample_id"] for s in services.generation.generate("a blue circle", 2, 0, 3, 3.0)]
+        services.judgements.rate(ids[0], "ann", 5)
+        services.judgements.rate(ids[1], "ann", 1)
         services.rounds.start(RoundConfig.parse({"steps": 500, "batch_size": 2, "sampling_steps": 3, "seed": 0}))
         end = time.time() + 120
         while not services.rounds.status()["history"]:

@@ -24,11 +24,11 @@ def services(tmp_path_factory):
     from rlr_core.backends.loading import load_backend
 
     s = AppServices(AppConfig(data_dir=tmp_path_factory.mktemp("video-rounds")), load_backend(clip_model_dir()))
-    clips = s.generate(PROMPT, 2, 0, 2, 1.0)
+    clips = s.generation.generate(PROMPT, 2, 0, 2, 1.0)
     ids = [c["sample_id"] for c in clips]
-    s.rate(ids[0], "bo", 2)
-    s.rate(ids[1], "bo", 4)
-    s.compare(ids[0], ids[1], "right", "bo", 1.0)
+    s.judgements.rate(ids[0], "bo", 2)
+    s.judgements.rate(ids[1], "bo", 4)
+    s.judgements.compare(ids[0], ids[1], "right", "bo", 1.0)
     yield s
     s.close()
 
@@ -48,7 +48,7 @@ def test_a_clip_round_with_each_estimator(services, estimator):
     assert status["estimator"] == estimator and len(status["history"]) == 1
     version = services.store.get_model_version(status["version_id"])
     assert version["parent_id"] == parent and services.model_versions.active() == status["version_id"]
-    after = [services.sample(r["id"]) for r in services.store.db["samples"].rows_where(
+    after = [services.generation.sample(r["id"]) for r in services.store.db["samples"].rows_where(
         "model_version_id = ?", [status["version_id"]])]
     assert len(after) == 1 and after[0]["frames"] == 8  # the new version's clip (and its pair)
 

@@ -14,16 +14,14 @@ the identity) and gives each service only the ones it needs:
 - ``rounds``: :class:`RoundRunner` (app/rounds.py): training rounds and auto-train
 
 The tabs in ``app/tabs`` and the endpoints in ``app/api`` are thin wrappers around these
-services, so the browser and ``gradio_client`` see the same checks and the same messages. The
-old flat names (``services.generate``, ``services.versions()``, ...) stay as forwarders for
-callers that have not moved yet.
+services, so the browser and ``gradio_client`` see the same checks and the same messages. Callers
+name the service that owns an action (``services.generation.generate``, ``services.judgements.rate``,
+``services.model_versions.table()``); ``AppServices`` itself only builds and closes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from app import files, round_config, video
 from app.admin_guard import AdminGuard
@@ -46,15 +44,6 @@ from rlr_core.feedback.encoders import auto_choice
 
 __all__ = ["BASE_VERSION_NAME", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "AppServices", "Data", "Generation",
            "Judgements", "ModelInfo", "PromptLab", "Prompts", "Versions"]
-
-
-def _forward(service: str, name: str) -> Callable[..., Any]:
-    """``AppServices.<old name>``: calls ``services.<service>.<name>`` (kept for callers not moved yet)."""
-    def method(self: AppServices, *args: Any, **kwargs: Any) -> Any:
-        return getattr(getattr(self, service), name)(*args, **kwargs)
-    method.__name__ = name
-    method.__doc__ = f"Forwards to ``{service}.{name}``."
-    return method
 
 
 class AppServices:
@@ -108,7 +97,8 @@ class AppServices:
                                      selection_scorer=self.rounds.active_selection_scorer)
         self.prompt_lab = PromptLab(self.store, self.state, self.models, self.prompts,
                                     active_version=self.model_versions.ensure_base, authorise=authorise)
-        self.data = Data(self.store, self.identity, self.downloads, self.data_dir, authorise)
+        self.data = Data(self.store, self.identity, self.downloads, self.data_dir, authorise,
+                         is_video=self.model.is_video)
 
     def close(self) -> None:
         self.worker.stop()
@@ -117,43 +107,3 @@ class AppServices:
         self.store.close()
         self.images.close()
         self.downloads.close()
-
-    def check_admin(self, password: str | None) -> None:
-        """Model-changing and data-deleting actions: open locally, password-guarded when public."""
-        self.admin.check(password)
-
-    @property
-    def is_video(self) -> bool:
-        return self.model.is_video
-
-    def device_summary(self) -> str:
-        return self.model.device_summary()
-
-    # ------------------------------------------------------------------ forwarders (the old flat names)
-    versions = _forward("model_versions", "table")
-    version_name = _forward("model_versions", "name")
-    set_active_version = _forward("model_versions", "set_active")
-    rollback = _forward("model_versions", "rollback")
-    export_lora = _forward("model_versions", "export_lora")
-    check_prompt = _forward("prompts", "check")
-    describe_prompt = _forward("prompts", "describe")
-    check_generation = _forward("generation", "check_generation")
-    generate = _forward("generation", "generate")
-    sample = _forward("generation", "sample")
-    my_rating = _forward("judgements", "my_rating")
-    rate = _forward("judgements", "rate")
-    to_rate = _forward("judgements", "to_rate")
-    next_pair = _forward("judgements", "next_pair")
-    compare = _forward("judgements", "compare")
-    comparison_counts = _forward("judgements", "comparison_counts")
-    split_prompt = _forward("prompt_lab", "split_prompt")
-    stage_settings = _forward("prompt_lab", "stage_settings")
-    set_stage_settings = _forward("prompt_lab", "set_stage_settings")
-    save_stage_prompts = _forward("prompt_lab", "save_stage_prompts")
-    check_preview = _forward("prompt_lab", "check_preview")
-    preview_stages = _forward("prompt_lab", "preview_stages")
-    counts = _forward("data", "counts")
-    rater_stats = _forward("data", "rater_stats")
-    rater_agreement = _forward("data", "rater_agreement")
-    export_data = _forward("data", "export_data")
-    import_data = _forward("data", "import_data")

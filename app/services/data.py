@@ -1,4 +1,5 @@
-"""The feedback data as a whole: counts, per-rater statistics and agreement, export and import."""
+"""The feedback data as a whole: counts, per-rater statistics and agreement, export and import
+(and a video app's clips as a Hugging Face ``videofolder``)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from app.archive import extract as extract_archive
 from app.errors import AppError
 from app.identity import Identity
 from feedback_store import FeedbackStore
+from feedback_store.videofolder import export_videofolder
 
 
 class Data:
     def __init__(self, store: FeedbackStore, identity: Identity, downloads: files.TempFiles, data_dir: Path,
-                 authorise: Callable[[Any], None]):
+                 authorise: Callable[[Any], None], is_video: bool = False):
         self.store = store
         self.identity = identity  # a public app shows raters by their public ids
         self.downloads = downloads
         self.data_dir = data_dir
         self.authorise = authorise
+        self.is_video = is_video  # the samples are clips: they can go out as a videofolder
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
@@ -42,6 +45,17 @@ class Data:
         folder = self.store.export_folder(out / "export")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         archive = shutil.make_archive(str(out / f"rlr-feedback-{stamp}"), "zip", root_dir=folder)
+        shutil.rmtree(folder)
+        return Path(archive)
+
+    def export_videos(self, password: Any = None) -> Path:
+        """The clips as a videofolder .zip (videos/*.avi, metadata.jsonl, comparisons.jsonl)."""
+        self.authorise(password)  # every rater's answers, like the full export: admins only on a public app
+        if not self.is_video:
+            raise AppError("this app serves an image model: its samples are images, not clips (use Export)")
+        out = self.downloads.new_folder()
+        folder = export_videofolder(self.store, out / "videofolder")
+        archive = shutil.make_archive(str(out / "rlr-clips-videofolder"), "zip", root_dir=folder)
         shutil.rmtree(folder)
         return Path(archive)
 
