@@ -250,7 +250,7 @@ def targets(phases: list[dict], target: dict, ratings: dict, comparisons: dict, 
     out.append({"check": "no errors in any phase", "value": errors, "met": errors == 0})
     if browser is not None:
         p95 = percentile(browser["latency_ms"], 95)
-        out.append({"check": f"browser, {target['raters']} raters and a round: click to next image, p95 under "
+        out.append({"check": f"browser, {target['raters']} raters, {running}: click to next image, p95 under "
                              f"{TARGET_BROWSER_P95_MS:.0f} ms", "value": p95,
                     "clicks": len(browser["latency_ms"]),
                     "met": p95 is not None and p95 < TARGET_BROWSER_P95_MS and not browser["errors"]})

@@ -44,6 +44,11 @@ class BrowserRater(threading.Thread):
             box.fill(f"browser-{visitor}")
             box.press("Tab")
             page.click("#load-queue")
+            try:  # the new queue is on screen (until then the last visitor's "8 / 8" still shows)
+                page.locator("#current-info").filter(has_text=re.compile(r"(^|\s)1 / \d+")).wait_for()
+            except Exception as err:  # noqa: BLE001 - reported; the next visitor tries again
+                self.errors.append(f"loading a queue: {type(err).__name__}: {str(err)[:200]}")
+                continue
             if not self.wait_for_image(page, None):
                 continue
             while not self.stop_event.is_set():
