@@ -80,3 +80,39 @@ def test_a_dead_round_process_fails_the_round_clearly_and_the_next_round_gets_a_
         assert again.version is not None and again.metrics["steps_done"] == 2
     finally:
         rounds.close()
+
+
+def test_the_round_process_ends_when_the_app_is_killed() -> None:
+    """Even after ``kill -9`` of the app (no close()), its round process does not linger."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a tensor sent across (as every round sends its model) is what kept the process waiting before
+    script = ("import os, time, torch\n"
+              "from rlr_core.training.round_process import RoundProcess\n"
+              "rounds = RoundProcess(threads=1)\n"
+              "assert float(rounds.run(torch.add, torch.ones(8), torch.ones(8)).sum()) == 16\n"
+              "print(rounds.run(os.getpid), flush=True)\n"
+              "time.sleep(600)\n")
+    app = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+    child = int(app.stdout.readline())
+    os.kill(child, 0)  # running
+    app.send_signal(signal.SIGKILL)
+    app.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init once it exits; a zombie still answers kill(0)
+            if open(f"/proc/{child}/status").read().find("State:\tZ") >= 0:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the round process outlived its app by 30 s")

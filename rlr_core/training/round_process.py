@@ -22,6 +22,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,17 +38,27 @@ from rlr_core.training.round import TrainConfig
 
 T = TypeVar("T")
 NICE = 10  # the server's threads come first
+PARENT_CHECK_S = 1.0
 
 # In the round process: the current round's model and reward, sent once per round.
 _CURRENT: dict[str, Any] = {}
 
 
-def _start_round_process(threads: int) -> None:
+def _start_round_process(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
     try:
         os.nice(NICE)
     except OSError:
         pass  # not allowed here: the process keeps the normal priority
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this process once the app that started it is gone (even killed with -9): the worker
+    waits on a queue whose write end it also holds, so it would never see the app go."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _chunk_in_round_process(round_id: int, model: tuple | None, config: TrainConfig, out: str,
@@ -77,7 +88,8 @@ class RoundProcess:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_round_process, initargs=(self.threads,))
+                                                 initializer=_start_round_process,
+                                                 initargs=(self.threads, os.getpid()))
             return self._pool
 
     def chunk_call(self) -> ChunkCall:
