@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -53,12 +52,9 @@ from transformers import (
 )
 
 from bench import gpu_sd15, gpu_sdxl
-from bench.common import print_table
-from bench.sd_models import count_params, offline_tokenizer, redness
+from bench.sd_models import count_params, offline_tokenizer
 from rlr_core.backends.flow_models import FluxBackend, SD3Backend
-from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.sampler import SamplerSettings
-from rlr_core.training import lora
 from rlr_core.training.defaults import FAMILY_DEFAULTS
 
 MODELS = ("sd35m", "flux-dev")
@@ -193,36 +189,7 @@ def run(args: argparse.Namespace) -> dict:
     report.write()
     print(f"{info['name']}: {info['params']} parameters, {info['dtype']} on {args.device}; "
           f"built in {header['model']['build_s']:.1f} s", flush=True)
-    params = lora.add_lora(backend, rank=4, seed=0)
-    report.data["model"]["lora"] = {"rank": 4, "params": sum(p.numel() for p in params), "dtype": str(params[0].dtype)}
-    chain = BackendChain(backend, redness, sampler)
-    for batch in args.batches:
-        try:
-            report.data["step_memory"][f"batch {batch}"] = gpu_sdxl.step_memory(chain, batch)
-        except Exception as err:  # noqa: BLE001  a failed measurement must not lose the rows
-            report.data["step_memory"][f"batch {batch}"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        if backend.device.type == "cuda":
-            torch.cuda.empty_cache()
-        report.write()
-        print(f"step memory, batch {batch}: {report.data['step_memory'][f'batch {batch}']}", flush=True)
-    for i, batch in enumerate(args.batches):
-        gpu_sd15.run_rows(chain, report, batch, args.budget_s, ROWS)
-        if i == 0 and args.round_steps:
-            if report.elapsed() > args.budget_s:
-                report.data["round"] = {"skipped": "time budget"}
-                continue
-            try:
-                report.data["round"] = gpu_sd15.training_round(backend, sampler, args.round_steps, args.round_batch)
-            except Exception as err:  # noqa: BLE001
-                traceback.print_exc()
-                report.data["round"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-            lora.add_lora(backend, rank=4, seed=0)  # a fresh adapter again for the remaining rows
-            chain = BackendChain(backend, redness, sampler)
-            report.write()
-            print(f"round: {report.data['round']}", flush=True)
-    report.data["complete"] = True
-    report.write()
-    return report.data
+    return gpu_sd15.measure(backend, sampler, report, args, ROWS, gpu_sdxl.step_memory)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,16 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = run(args)
-    done = [r for r in data["rows"] if "time_s" in r]
-    print_table(done, ["row", "batch", "time_s", "peak_gb", "peak_above_gb", "block_used", "tail_L", "grad_norm"],
-                title=f"{data['model']['name']} ({data['model']['dtype']}), K={args.steps}, guidance {args.guidance}")
-    sm = [{"batch": k, **{x: v for x, v in s.items() if x != "auto_h"}, **s.get("auto_h", {})}
-          for k, s in data["step_memory"].items()]
-    print_table(sm, ["batch", "B_h_gb", "B_z_gb", "tail_L", *(f"{b}GB" for b in BUDGETS_GB)],
-                title="per-step memory and block auto's h")
-    print_table(data["targets"], ["check", "value", "met"], title="targets")
-    if args.json:
-        print(f"\nwrote {args.json}")
+    gpu_sd15.print_summary(data, f"{data['model']['name']} ({data['model']['dtype']}), K={args.steps}, "
+                           f"guidance {args.guidance}", args.json,
+                           ["B_h_gb", "B_z_gb", "tail_L"])
 
 
 if __name__ == "__main__":

@@ -76,9 +76,13 @@ class Report:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def judge(self, data: dict) -> list[dict]:
+        """The checks judged from what was measured (a model's own report gives its own)."""
+        return targets(data)
+
     def write(self) -> None:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
-        self.data["targets"] = targets(self.data)
+        self.data["targets"] = self.judge(self.data)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -260,18 +264,28 @@ def run(args: argparse.Namespace) -> dict:
     report.write()
     print(f"{info['name']}: {info['params']} parameters, {info['dtype']} on {args.device} "
           f"({info['dtype_handling']}); built in {header['model']['build_s']:.1f} s", flush=True)
+    return measure(backend, sampler, report, args, ROWS_NO_CKPT if args.no_checkpoint else ROWS)
+
+
+def measure(backend, sampler: SamplerSettings, report: Report, args: argparse.Namespace,
+            rows: list[tuple[str, str, dict]], step_memory_of=step_memory) -> dict:
+    """The measurements after the model is built (shared by gpu_sdxl and gpu_flow): a rank-4 LoRA,
+    each batch's step memory (``step_memory_of``), then per batch every row and, after the first
+    batch, the training round; the report is written after each. Returns the report's data."""
     params = lora.add_lora(backend, rank=4, seed=0)
     report.data["model"]["lora"] = {"rank": 4, "params": sum(p.numel() for p in params), "dtype": str(params[0].dtype)}
     chain = BackendChain(backend, redness, sampler)
     for batch in args.batches:
         try:
-            report.data["step_memory"][f"batch {batch}"] = step_memory(chain, batch)
-        except Exception as err:  # noqa: BLE001
+            report.data["step_memory"][f"batch {batch}"] = step_memory_of(chain, batch)
+        except Exception as err:  # noqa: BLE001  a failed measurement must not lose the rows
             report.data["step_memory"][f"batch {batch}"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        if backend.device.type == "cuda":
+            torch.cuda.empty_cache()
         report.write()
         print(f"step memory, batch {batch}: {report.data['step_memory'][f'batch {batch}']}", flush=True)
     for i, batch in enumerate(args.batches):
-        run_rows(chain, report, batch, args.budget_s, ROWS_NO_CKPT if args.no_checkpoint else ROWS)
+        run_rows(chain, report, batch, args.budget_s, rows)
         if i == 0 and args.round_steps:  # the round before the larger batch: it matters more if time runs out
             if report.elapsed() > args.budget_s:
                 report.data["round"] = {"skipped": "time budget"}
@@ -288,6 +302,20 @@ def run(args: argparse.Namespace) -> dict:
     report.data["complete"] = True
     report.write()
     return report.data
+
+
+def print_summary(data: dict, title: str, json_path: Path | None, step_columns: list[str]) -> None:
+    """The rows, the per-step memory with block auto's h, and the targets, as tables."""
+    done = [r for r in data["rows"] if "time_s" in r]
+    print_table(done, ["row", "batch", "time_s", "peak_gb", "peak_above_gb", "block_used", "tail_L", "grad_norm"],
+                title=title)
+    sm = [{"batch": k, **{x: v for x, v in s.items() if x != "auto_h"}, **s.get("auto_h", {})}
+          for k, s in data["step_memory"].items()]
+    print_table(sm, ["batch", *step_columns, *(f"{b}GB" for b in BUDGETS_GB)],
+                title="per-step memory and block auto's h")
+    print_table(data["targets"], ["check", "value", "met"], title="targets")
+    if json_path:
+        print(f"\nwrote {json_path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,16 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = run(args)
-    done = [r for r in data["rows"] if "time_s" in r]
-    print_table(done, ["row", "batch", "time_s", "peak_gb", "peak_above_gb", "block_used", "tail_L", "grad_norm"],
-                title=f"{data['model']['name']} ({data['model']['dtype']}), K={args.steps}, CFG {args.guidance}")
-    sm = [{"batch": k, **{x: v for x, v in s.items() if x != "auto_h"}, **s.get("auto_h", {})}
-          for k, s in data["step_memory"].items()]
-    print_table(sm, ["batch", "B_h_gb", "B_z_gb", "B_h_over_paper", "B_z_over_paper", "tail_L",
-                     *(f"{b}GB" for b in BUDGETS_GB)], title="per-step memory and block auto's h")
-    print_table(data["targets"], ["check", "value", "met"], title="targets")
-    if args.json:
-        print(f"\nwrote {args.json}")
+    print_summary(data, f"{data['model']['name']} ({data['model']['dtype']}), K={args.steps}, CFG {args.guidance}",
+                  args.json, ["B_h_gb", "B_z_gb", "B_h_over_paper", "B_z_over_paper", "tail_L"])
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ import torch
 
 from rlr_core import sampler
 from rlr_core.backends.flow_models import FluxBackend
-from rlr_core.estimators import DDPO, RLR, FullBackprop, LikelihoodRatio, TruncatedBackprop
 from rlr_core.estimators.backend_chain import BackendChain
 from rlr_core.flow import FlowSchedule
-from rlr_core.training import lora
-from tests.test_flow_backends import PROMPTS, grad_of, mean_brightness
+from tests import flow_backend_checks as checks
 from tests.tiny_flow import load_tiny_flux, save_tiny_flux
+
+PROMPTS = checks.PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +40,7 @@ def backend(folder) -> FluxBackend:
 
 @pytest.fixture(scope="module")
 def chain(backend: FluxBackend) -> BackendChain:
-    trained = copy.deepcopy(backend)
-    lora.add_lora(trained, rank=2, seed=0)
-    with torch.no_grad():  # a non-zero B so that every LoRA weight gets a gradient
-        for name, p in trained.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return BackendChain(trained, mean_brightness, sampler.SamplerSettings(steps=4, eta=1.0, guidance=3.5))
-
-
-def plain(pipe, prompts, steps: int, guidance: float, seed: int) -> torch.Tensor:
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=16, width=16,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type="pt").images
+    return checks.lora_chain(backend, guidance=3.5)
 
 
 def test_the_schedule_is_the_pipelines(backend: FluxBackend) -> None:
@@ -73,7 +62,7 @@ def test_generation_is_the_plain_pipelines_ode(backend: FluxBackend, folder) -> 
     images = {}
     for guidance in (1.0, 3.5):
         ours = sampler.generate(backend, PROMPTS, sampler.SamplerSettings(steps=4, guidance=guidance), seed=3)
-        assert float((ours - plain(pipe, PROMPTS, 4, guidance, 3)).abs().max()) <= 1e-5
+        assert float((ours - checks.plain(pipe, PROMPTS, 4, guidance, 3)).abs().max()) <= 1e-5
         images[guidance] = ours
     assert float((images[1.0] - images[3.5]).abs().max()) > 0  # dev's embedded guidance is an input
 
@@ -83,7 +72,7 @@ def test_schnell_has_no_guidance(schnell_folder) -> None:
     assert not backend.guidance_embeds
     pipe = load_tiny_flux(schnell_folder)
     ours = sampler.generate(backend, PROMPTS, sampler.SamplerSettings(steps=3, guidance=3.5), seed=1)
-    assert float((ours - plain(pipe, PROMPTS, 3, 3.5, 1)).abs().max()) <= 1e-5
+    assert float((ours - checks.plain(pipe, PROMPTS, 3, 3.5, 1)).abs().max()) <= 1e-5
     torch.testing.assert_close(ours, sampler.generate(backend, PROMPTS, sampler.SamplerSettings(steps=3), seed=1))
 
 
@@ -121,67 +110,24 @@ def test_the_chain_trains_on_the_sde(chain: BackendChain) -> None:
 
 
 def test_full_bp_is_autograd_of_the_unrolled_sde(chain: BackendChain) -> None:
-    full = grad_of(chain, FullBackprop(use_checkpoint=False))
-    assert torch.isfinite(full).all() and full.norm() > 0
-    torch.testing.assert_close(grad_of(chain, FullBackprop()), full)
-
-    backend, sched = chain.backend, chain.schedule
-    ctx = chain.context(PROMPTS)
-    gen = torch.Generator().manual_seed(0)
-    x = backend.initial_noise(len(PROMPTS), gen)
-    for k in range(sched.num_steps, 0, -1):
-        t, t_prev, s = (float(v[k]) for v in (sched.t, sched.t_prev, sched.noise_coef))
-        v = backend.model_output(x, torch.full((len(x),), float(sched.timesteps[k])), ctx.cond.at(k), guidance=3.5)
-        drift = v + s**2 / (2 * t) * (x + (1 - t) * v)
-        x = x - drift * (t - t_prev) + s * (t - t_prev) ** 0.5 * torch.randn(x.shape, generator=gen)
-    loss = -mean_brightness(backend.decode(x), PROMPTS).mean()
-    manual = torch.cat([g.flatten() for g in torch.autograd.grad(loss, chain.parameters())])
-    assert float((full - manual).norm()) <= 1e-4 * float(manual.norm())
+    checks.check_full_bp_is_autograd_of_the_unrolled_sde(chain, guidance=3.5)
 
 
 def test_pathwise_estimators_agree_where_they_must(chain: BackendChain) -> None:
-    full = grad_of(chain, FullBackprop())
-    torch.testing.assert_close(grad_of(chain, TruncatedBackprop(steps=4)), full)
-    torch.testing.assert_close(grad_of(chain, RLR(tail=4)), full)  # FO tail = whole chain
+    checks.check_pathwise_estimators_agree(chain)
 
 
-@pytest.mark.parametrize("name,make", [
-    ("rlr", lambda: RLR()), ("rlr-h1-tail1", lambda: RLR(block=1, tail=1)), ("rlr-zo", lambda: RLR(rest="zo")),
-    ("truncated-bp", lambda: TruncatedBackprop(steps=2)), ("full-bp", lambda: FullBackprop()),
-    ("ddpo", lambda: DDPO(chunk=3)), ("lr", lambda: LikelihoodRatio()),
-])
+@pytest.mark.parametrize("name,make", checks.ESTIMATORS)
 def test_every_estimator_gives_a_finite_gradient(chain: BackendChain, name: str, make) -> None:
-    g = grad_of(chain, make())
-    assert torch.isfinite(g).all() and g.norm() > 0, name
+    checks.check_finite_gradient(chain, name, make)
 
 
 def test_step_log_prob_is_the_recorded_one(chain: BackendChain) -> None:
-    ctx = chain.context(PROMPTS)
-    traj = chain.rollout(ctx, torch.Generator().manual_seed(1))
-    for k in range(1, chain.num_steps + 1):
-        with torch.no_grad():
-            logp = sampler.step_log_prob(chain.backend, chain.schedule, traj.x[k], traj.x[k - 1], k, ctx.cond, 3.5)
-        torch.testing.assert_close(logp, traj.log_prob[k], rtol=1e-5, atol=1e-3)
+    checks.check_step_log_prob(chain, 3.5)
 
 
 def test_lora_export_loads_in_a_plain_flux_pipeline(backend: FluxBackend, folder, tmp_path) -> None:
-    trained = copy.deepcopy(backend)
-    lora.add_lora(trained, rank=2, seed=0)
-    with torch.no_grad():
-        for name, p in trained.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    settings = sampler.SamplerSettings(steps=4, guidance=3.5)
-    ours = sampler.generate(trained, ["a red cat"], settings, seed=5)
-    base = sampler.generate(backend, ["a red cat"], settings, seed=5)
-    assert float((ours - base).abs().max()) > 1e-2  # the LoRA changes the image
-    version = lora.write_version(trained, tmp_path / "v1", "lora", {}, {})
-    pipe = load_tiny_flux(folder)
-    pipe.load_lora_weights(str(version), weight_name=lora.LORA_WEIGHTS)
-    assert float((ours - plain(pipe, ["a red cat"], 4, 3.5, 5)).abs().max()) <= 1e-4
-    again = copy.deepcopy(backend)  # and the app reads its own export back
-    lora.apply_version(again, version)
-    torch.testing.assert_close(sampler.generate(again, ["a red cat"], settings, seed=5), ours)
+    checks.check_lora_export_loads_in_a_plain_pipeline(backend, lambda: load_tiny_flux(folder), 3.5, tmp_path)
 
 
 def test_a_backend_that_has_encoded_pickles(backend: FluxBackend) -> None:

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import subprocess
 import sys
-import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from tests.model_app_checks import (
+    PROMPT,
+    TINY_ROUND,
+    call,
+    check_exported_lora,
+    check_generate_rate_compare,
+    check_new_version,
+    gradio_client,
+    running_app,
+    wait_round,
+)
 from tests.tiny_sd import save_tiny_pipeline
 
-gradio_client = pytest.importorskip("gradio_client")
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a red cat"
-TINY_ROUND = {"steps": 1, "batch_size": 2, "sampling_steps": 3, "max_prompts": 2, "samples_per_prompt": 1,
-              "sample_steps": 3, "seed": 0, "learning_rate": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -39,36 +42,13 @@ def sd_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(sd_folder, tmp_path_factory):
-    from app.config import AppConfig
-    from app.server import start
-
-    # No backend passed: the app loads --model itself, as `python app.py --model ...` does.
-    running = start(AppConfig(model=str(sd_folder), data_dir=tmp_path_factory.mktemp("data"), port=0))
-    yield running
-    running.close()
+    with running_app(sd_folder, tmp_path_factory) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(app):
     return gradio_client.Client(app.url, verbose=False)
-
-
-def call(client, endpoint: str, *args, **kwargs):
-    return client.predict(*args, api_name=f"/{endpoint}", **kwargs)
-
-
-def png(sample: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(sample["image_png_b64"]))).convert("RGB"))
-
-
-def wait_round(client, timeout: float = 300) -> dict:
-    end = time.time() + timeout
-    while time.time() < end:
-        status = call(client, "train_status")
-        if status["state"] not in ("running", "stopping", "queued"):
-            return status
-        time.sleep(0.5)
-    raise AssertionError("the round did not finish in time")
 
 
 def test_start_up_names_the_model_and_the_reward_features(app):
@@ -79,16 +59,7 @@ def test_start_up_names_the_model_and_the_reward_features(app):
 
 
 def test_generate_rate_compare_at_native_resolution(client):
-    samples = call(client, "generate", PROMPT, 2, 3, 3, 3.0)
-    assert [s["version"] for s in samples] == ["v0 (base)"] * 2
-    assert all(png(s).shape == (16, 16, 3) for s in samples)
-    assert not np.array_equal(png(samples[0]), png(samples[1]))
-    for s, stars in zip(samples, (2, 4)):
-        assert call(client, "rate", s["sample_id"], stars, "ann")["stars"] == stars
-    pair = call(client, "next_pair", "bob")
-    assert {pair["left"]["sample_id"], pair["right"]["sample_id"]} <= {s["sample_id"] for s in samples}
-    out = call(client, "compare", pair["left"]["sample_id"], pair["right"]["sample_id"], "left", "bob")
-    assert out["comparison_id"] >= 1
+    check_generate_rate_compare(client, 3.0)
 
 
 def test_prompts_over_the_tokenizer_limit_are_refused_with_the_count(client, app):
@@ -119,46 +90,15 @@ def test_a_round_trains_a_new_version_whose_samples_reappear(client, app, estima
     status = wait_round(client)
     assert status["state"] == "finished", status
     assert status["prompts"][0]["stages"] == ["a cat", "a red cat", PROMPT]  # the lab's stage prompts trained
-    versions = {v["version_id"]: v for v in call(client, "versions")}
-    (new,) = set(versions) - before
-    assert versions[new]["active"] and versions[new]["estimator"] == estimator
-    queue = call(client, "samples_to_rate", "carl", 64)
-    assert any(s["version_id"] == new for s in queue)  # the new version's samples wait to be rated
-    assert call(client, "generate", PROMPT, 1, 3, 3, 3.0)[0]["version_id"] == new
-    proxy = json.loads((app.services.rounds.proxy_dir / "reward_proxy.json").read_text())
-    assert proxy["image_encoder"]["spec"] == "vae"  # the proxy records the features it was trained on
+    check_new_version(client, app, before, estimator, 3.0)
 
 
 def test_exported_lora_loads_in_a_plain_diffusers_pipeline(client, app, sd_folder, tmp_path):
-    from app.generation import GenerationSettings, draw
+    def load():  # the three lines of docs/own-model.md
+        return StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
 
-    trained = [v for v in call(client, "versions") if v["weights_path"]]
-    assert trained, "needs the rounds above"
-    vid = trained[-1]["version_id"]
-    archive = call(client, "export_lora", vid)
-    folder = tmp_path / "lora"
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(folder)
-
-    # The three lines of docs/own-model.md.
-    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
-    pipe.load_lora_weights(folder)
-    seed, steps, guidance = 11, 3, 3.0
-    plain = pipe([PROMPT] * 2, num_inference_steps=steps, guidance_scale=guidance, eta=1.0,
-                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
-
-    settings = GenerationSettings(steps=steps, guidance=guidance)
-    with app.services.models.lock:
-        ours = draw(app.services.models.backend(vid), [PROMPT] * 2, seed, settings)
-        base = draw(app.services.models.backend(1), [PROMPT] * 2, seed, settings)
-    assert (ours - plain).abs().max() <= 1e-4
-    assert (ours - base).abs().max() > 1e-2  # the LoRA changes the images: the comparison means something
-
-    call(client, "set_active_version", vid)  # the PNGs the app serves for that seed: the same pixels
-    served = call(client, "generate", PROMPT, 2, seed, steps, guidance)
-    expected = (plain.permute(0, 2, 3, 1).numpy() * 255).round()
-    assert max(np.abs(png(s).astype(float) - e).max() for s, e in zip(served, expected)) <= 1
+    check_exported_lora(client, app, load, 3.0, tmp_path, eta=1.0)
 
 
 # ---------------------------------------------------------------------------- bad --model values
