@@ -116,3 +116,18 @@ def test_the_round_process_ends_when_the_app_is_killed() -> None:
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the round process outlived its app by 30 s")
+
+
+def test_tensors_sent_to_the_round_process_hold_no_file_descriptors(rounds) -> None:
+    """Models go to the round process with every round; torch's shared-memory transfer kept a file
+    descriptor open per tensor (the test suite ran out of them)."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    rounds.run(torch.add, torch.ones(4), torch.ones(4))  # the process is up
+    before = open_fds()
+    model = [torch.randn(16) for _ in range(200)]  # kept alive, as a loaded version is
+    results = [rounds.run(torch.add, t, 1.0) for t in model[:20]]
+    rounds.run(sum, model)
+    assert torch.equal(results[3], model[3] + 1)
+    assert open_fds() <= before + 2

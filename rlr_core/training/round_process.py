@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,17 @@ def _chunk_in_round_process(round_id: int, model: tuple | None, config: TrainCon
                      pause_at=pause_at, hold=hold)
 
 
+def _call(payload: bytes) -> bytes:
+    """``fn(*args, **kwargs)`` from plain-pickled bytes, its result pickled the same way.
+
+    Why bytes: multiprocessing's own pickler sends torch tensors through shared memory, one open
+    file descriptor per tensor in the sending process for as long as the tensor lives; every
+    model sent to the round process (and kept, as loaded versions are) would hold hundreds. A
+    plain pickle copies the values instead: the process gets its own tensors, nobody keeps fds."""
+    fn, args, kwargs = pickle.loads(payload)
+    return pickle.dumps(fn(*args, **kwargs))
+
+
 class RoundProcess:
     """The process rounds train in; ``chunk_call()`` gives one round its ``call``."""
 
@@ -109,7 +121,7 @@ class RoundProcess:
         """``fn(*args, **kwargs)`` in the round process (all picklable): a round's other model work,
         such as drawing its probe images, kept off the server's GIL too."""
         try:
-            return self._executor().submit(fn, *args, **kwargs).result()
+            return pickle.loads(self._executor().submit(_call, pickle.dumps((fn, args, kwargs))).result())
         except BrokenProcessPool:
             self.close()
             raise RuntimeError("the training process ended unexpectedly (out of memory?): start the round "
