@@ -10,13 +10,25 @@ measured under 50 raters (docs/benchmarks.md, "Load"; docs/deploy.md, "Queue lim
   a crowd that was a fifth of the server's time holding the GIL, and it grew with the run; here
   the summary is refreshed every 1,000 events over the last 1,000. An operator's own environment
   values win.
+
+One repair: Gradio keeps each session's outgoing messages in a 2,000-entry LRU
+(``Queue.pending_messages_per_session``) and evicts the oldest session when a new one arrives,
+whether or not that session still has an event waiting or running. Every call over the HTTP call
+API is a session of its own, so under 50 raters the LRU turns over in about 25 s: a slow event's
+session (a generation, a browser page's click behind a long queue) was evicted before its result,
+and sending that result raised ``KeyError`` inside the queue's processing task, which ended it;
+from then on no event was processed (seen in ``bench/load.py``). :class:`PendingAwareSessions`
+evicts the oldest session that has nothing pending instead.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from typing import Any
 
 import gradio as gr
+from gradio.utils import LRUCache
 
 ANALYTICS_ENV = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "1000", "GRADIO_ANALYTICS_MAX_EVENTS": "1000"}
 
@@ -28,3 +40,39 @@ def configure_queue(demo: gr.Blocks, queue_size: int) -> None:
     # Per-event limits come from the concurrency groups (app/tabs/common.py): ratings run 16 at a
     # time, model work one at a time.
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    install_pending_aware_sessions(demo._queue)
+
+
+class PendingAwareSessions(LRUCache):
+    """Gradio's session -> message-queue LRU, evicting only sessions with no event pending.
+
+    ``pending`` is the queue's own ``pending_event_ids_session`` (session -> ids of its events not
+    yet completed). When every session has events pending the cache grows past ``max_size``; the
+    queue's ``max_size`` bounds how many can be pending."""
+
+    def __init__(self, max_size: int, pending: dict[str, set[str]]):
+        super().__init__(max_size)
+        self.pending = pending
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self:
+            self.move_to_end(key)
+        elif len(self) >= self.max_size:
+            idle = next((k for k in self if not self.pending.get(k)), None)  # oldest first
+            if idle is not None:
+                del self[idle]
+        OrderedDict.__setitem__(self, key, value)
+
+
+def install_pending_aware_sessions(queue: Any) -> bool:
+    """Swap the queue's session LRU for :class:`PendingAwareSessions`, keeping what it holds; False
+    (and Gradio's own LRU) where the queue is not the shape this was written against."""
+    sessions = getattr(queue, "pending_messages_per_session", None)
+    pending = getattr(queue, "pending_event_ids_session", None)
+    if type(sessions) is not LRUCache or not isinstance(pending, dict):
+        return isinstance(sessions, PendingAwareSessions)
+    replacement = PendingAwareSessions(sessions.max_size, pending)
+    for key, value in sessions.items():
+        OrderedDict.__setitem__(replacement, key, value)
+    queue.pending_messages_per_session = replacement
+    return True

@@ -46,8 +46,10 @@ class BrowserRater(threading.Thread):
             page.click("#load-queue")
             try:  # the new queue is on screen (until then the last visitor's "8 / 8" still shows)
                 page.locator("#current-info").filter(has_text=re.compile(r"(^|\s)1 / \d+")).wait_for()
-            except Exception as err:  # noqa: BLE001 - reported; the next visitor tries again
-                self.errors.append(f"loading a queue: {type(err).__name__}: {str(err)[:200]}")
+            except Exception as err:  # noqa: BLE001 - reported with what the page showed; the next visitor tries again
+                self.errors.append(f"loading a queue as {box.input_value()!r} (visitor {visitor}, "
+                                   f"{len(self.latency_ms)} clicks timed so far): {type(err).__name__}; the page "
+                                   f"showed {self.shown(page)!r}")
                 continue
             if not self.wait_for_image(page, None):
                 continue
@@ -63,6 +65,15 @@ class BrowserRater(threading.Thread):
                 if self.wait_for_image(page, src):
                     self.latency_ms.append((time.perf_counter() - t) * 1000)
                 time.sleep(self.think)
+
+    @staticmethod
+    def shown(page) -> str:
+        """The place line and any toasts, for an error report."""
+        try:
+            toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
+            return f"{page.locator('#current-info').inner_text(timeout=5000)[:120]} [toasts: {toasts[:200]}]"
+        except Exception as err:  # noqa: BLE001 - the report must not raise
+            return f"unreadable ({type(err).__name__})"
 
     @staticmethod
     def wait_for_image(page, old_src: str | None, timeout_s: float = 60) -> bool:

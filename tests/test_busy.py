@@ -17,7 +17,9 @@ import pytest
 from bench.gradio_call import call
 from tests.test_browser import CHROMIUM, FLAGS, wait_until
 
-SLOW_GENERATION = ["a red circle", 16, 0, 100, 3.0, None, True]  # a preview: it stores nothing
+# A preview (it stores nothing) of about 15 s on 2 idle cores: long enough to hold the queue full
+# while a request is refused, short enough to wait for.
+SLOW_GENERATION = ["a red circle", 6, 0, 40, 3.0, None, True]
 
 
 @pytest.fixture(scope="module")
