@@ -18,7 +18,7 @@ API is a session of its own, so under 50 raters the LRU turns over in about 25 s
 session (a generation, a browser page's click behind a long queue) was evicted before its result,
 and sending that result raised ``KeyError`` inside the queue's processing task, which ended it;
 from then on no event was processed (seen in ``bench/load.py``). :class:`PendingAwareSessions`
-evicts the oldest session that has nothing pending instead.
+evicts the oldest session with no event waiting or running instead.
 """
 
 from __future__ import annotations
@@ -44,21 +44,26 @@ def configure_queue(demo: gr.Blocks, queue_size: int) -> None:
 
 
 class PendingAwareSessions(LRUCache):
-    """Gradio's session -> message-queue LRU, evicting only sessions with no event pending.
+    """Gradio's session -> message-queue LRU, evicting only sessions with no event waiting or running.
 
-    ``pending`` is the queue's own ``pending_event_ids_session`` (session -> ids of its events not
-    yet completed). When every session has events pending the cache grows past ``max_size``; the
-    queue's ``max_size`` bounds how many can be pending."""
+    ``pending`` is the queue's ``pending_event_ids_session`` (session -> ids of its events whose
+    result has not been streamed yet) and ``live`` its ``event_ids_to_events`` (events waiting or
+    running). A session whose events are all done but never read (a client that left) may still
+    go, as in Gradio's own LRU, so the cache stays bounded; when every session has a live event
+    the cache grows past ``max_size``, and the queue's ``max_size`` bounds how many can be live."""
 
-    def __init__(self, max_size: int, pending: dict[str, set[str]]):
+    def __init__(self, max_size: int, pending: dict[str, set[str]], live: dict[str, Any]):
         super().__init__(max_size)
-        self.pending = pending
+        self.pending, self.live = pending, live
+
+    def busy(self, session: str) -> bool:
+        return any(event_id in self.live for event_id in self.pending.get(session, ()))
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key in self:
             self.move_to_end(key)
         elif len(self) >= self.max_size:
-            idle = next((k for k in self if not self.pending.get(k)), None)  # oldest first
+            idle = next((k for k in self if not self.busy(k)), None)  # oldest first
             if idle is not None:
                 del self[idle]
         OrderedDict.__setitem__(self, key, value)
@@ -69,9 +74,10 @@ def install_pending_aware_sessions(queue: Any) -> bool:
     (and Gradio's own LRU) where the queue is not the shape this was written against."""
     sessions = getattr(queue, "pending_messages_per_session", None)
     pending = getattr(queue, "pending_event_ids_session", None)
-    if type(sessions) is not LRUCache or not isinstance(pending, dict):
+    live = getattr(queue, "event_ids_to_events", None)
+    if type(sessions) is not LRUCache or not isinstance(pending, dict) or not isinstance(live, dict):
         return isinstance(sessions, PendingAwareSessions)
-    replacement = PendingAwareSessions(sessions.max_size, pending)
+    replacement = PendingAwareSessions(sessions.max_size, pending, live)
     for key, value in sessions.items():
         OrderedDict.__setitem__(replacement, key, value)
     queue.pending_messages_per_session = replacement

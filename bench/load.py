@@ -114,11 +114,16 @@ def run_locust(url: str, raters: int, seconds: float, think: float, out: Path, n
     started = time.time()
     with open(out / f"{name}-locust.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if until is not None:
-            while proc.poll() is None and (time.time() - started < seconds or not until()):
-                time.sleep(1)
-            proc.send_signal(signal.SIGTERM)  # locust stops its users and writes its CSV
-        proc.wait(timeout=limit + 120)
+        try:
+            if until is not None:
+                while proc.poll() is None and (time.time() - started < seconds or not until()):
+                    time.sleep(1)
+                proc.send_signal(signal.SIGTERM)  # locust stops its users and writes its CSV
+            proc.wait(timeout=limit + 120)
+        finally:  # never leave raters running (they would load the next measurement on these cores)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return {"name": name, "raters": raters, "seconds": round(time.time() - started, 1),
             "stats": read_stats(Path(f"{prefix}_stats.csv")), "acks": json.loads(acks.read_text())}
 

@@ -13,19 +13,23 @@ from bench.gradio_call import call, parse_stream
 PREVIEW = ["a red circle", 4, 0, 30, 3.0, None, True]  # a few seconds of model work; stores nothing
 
 
-def test_the_oldest_idle_session_is_evicted_and_pending_ones_are_kept():
-    pending = {"a": {"event-1"}, "b": set()}
-    sessions = PendingAwareSessions(3, pending)
+def test_the_oldest_idle_session_is_evicted_and_live_ones_are_kept():
+    live = {"event-1": "running"}  # the queue's events waiting or running
+    pending = {"a": {"event-1"}, "b": set(), "c": {"event-0"}}  # event-0 done, its result never read
+    sessions = PendingAwareSessions(3, pending, live)
     for key in "abc":
         sessions[key] = key
-    sessions["d"] = "d"  # full: "a" is oldest but has an event pending, so "b" goes
+    sessions["d"] = "d"  # full: "a" is oldest but its event is running, so "b" goes
     assert list(sessions) == ["a", "c", "d"]
-    pending.update(c={"event-2"}, d={"event-3"})
-    sessions["e"] = "e"  # every session pending: the cache grows rather than drop one
-    assert list(sessions) == ["a", "c", "d", "e"]
-    pending["a"].clear()
-    sessions["f"] = "f"
-    assert list(sessions) == ["c", "d", "e", "f"]
+    sessions["e"] = "e"  # "c"'s event is done: a client that left does not pin its session
+    assert list(sessions) == ["a", "d", "e"]
+    live.update({"event-2": "waiting", "event-3": "waiting"})
+    pending.update(d={"event-2"}, e={"event-3"})
+    sessions["f"] = "f"  # every session live: the cache grows rather than drop one
+    assert list(sessions) == ["a", "d", "e", "f"]
+    del live["event-1"]
+    sessions["g"] = "g"
+    assert list(sessions) == ["d", "e", "f", "g"]
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +55,5 @@ def test_slow_events_outlive_a_crowd_of_short_sessions(small_lru):
         images = parse_stream(client.get(f"/gradio_api/call/generate/{event_id}").text)
         assert len(images) == 4
     assert call(client, "ping")["ok"] is True  # the queue still processes events
+    # and the cache stays bounded: finished calls' sessions are dropped again
+    assert len(small_lru.demo._queue.pending_messages_per_session) <= 4
