@@ -15,13 +15,17 @@ spots fastest. So every round is checked by the backend's fidelity judge
   and flagged versions the pixels found faithful). Each version records ``fidelity``, ``fidelity_parent``,
   ``fidelity_base`` and the drop. It is **flagged** when it falls more than the round's
   ``fidelity_threshold`` below its parent or below the base model (so small losses cannot add
-  up over rounds); a flagged version is not made active, and auto-train does not build on it.
+  up over rounds), and by more than :data:`SIGNIFICANCE` paired standard errors of that drop
+  (per probe prompt, on the same noise): with 32 probe images, two misread attributes move the
+  mean by about the threshold, and the point estimate alone flagged versions the pixels found
+  faithful (docs/benchmarks.md, the loop). A flagged version is not made active, and auto-train
+  does not build on it.
   The person can still activate it by hand. A relative judge (CLIP similarity) reports every
   version as a fraction of the base model's score on the same probes.
 - **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
   smaller probe set (8 prompts, 2 images each); if it fell past the threshold below the parent's
-  score on the same probes, the adapter goes back to the last checked step that passed and the
-  round ends there (an early stop that keeps the version).
+  score on the same probes (by the same rule as the verdict), the adapter goes back to the last
+  checked step that passed and the round ends there (an early stop that keeps the version).
 
 Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
 so the parent and the base are drawn once per probe prompt, not every round.
@@ -48,6 +52,9 @@ PROBE_IMAGES = 2  # per prompt, after the round
 MAX_PROBE_PROMPTS = 16
 WATCH_PROMPTS = 8  # inside the round
 WATCH_IMAGES = 2  # per prompt
+# A drop counts when it passes the threshold and this many paired standard errors (one-sided,
+# about 2% of faithful versions flagged per comparison when the per-prompt differences are normal).
+SIGNIFICANCE = 2.0
 CACHE_FILE = "fidelity_probes.json"
 
 
@@ -132,6 +139,25 @@ def mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
+def paired_drop(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(mean over the shared prompts of before - after, its standard error from the per-prompt
+    differences; 0 with fewer than two prompts, where the point estimate alone decides)."""
+    diffs = [before[p] - after[p] for p in after if p in before]
+    n = len(diffs)
+    if n == 0:
+        return 0.0, 0.0
+    m = sum(diffs) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((d - m) ** 2 for d in diffs) / (n - 1)
+    return m, (var / n) ** 0.5
+
+
+def beyond(drop: float, se: float, threshold: float) -> bool:
+    """A drop that counts (see :data:`SIGNIFICANCE`): past the threshold and past the noise."""
+    return threshold > 0 and drop > threshold and drop > SIGNIFICANCE * se
+
+
 @dataclass(frozen=True)
 class Verdict:
     fidelity: float  # the new version's (relative judges: as a fraction of the base model's)
@@ -140,6 +166,8 @@ class Verdict:
     threshold: float
     probes: int  # prompts judged
     judge: str
+    drop_se: float = 0.0  # paired standard errors of the two drops (same scale as the fidelities)
+    drop_from_base_se: float = 0.0
 
     @property
     def drop(self) -> float:
@@ -150,24 +178,33 @@ class Verdict:
         return self.fidelity_base - self.fidelity
 
     @property
+    def flagged_against_parent(self) -> bool:
+        return beyond(self.drop, self.drop_se, self.threshold)
+
+    @property
+    def flagged_against_base(self) -> bool:
+        return beyond(self.drop_from_base, self.drop_from_base_se, self.threshold)
+
+    @property
     def flagged(self) -> bool:
-        return self.threshold > 0 and max(self.drop, self.drop_from_base) > self.threshold
+        return self.flagged_against_parent or self.flagged_against_base
 
     def note(self, name: str) -> str:
         """One line for the Train and Versions tabs."""
         if not self.flagged:
             return (f"prompt fidelity kept: {self.fidelity:.3f} (parent {self.fidelity_parent:.3f}, "
                     f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts")
-        worst, against = ((self.drop, "its parent") if self.drop >= self.drop_from_base
-                          else (self.drop_from_base, "the base model"))
+        worst, se, against = ((self.drop, self.drop_se, "its parent") if self.flagged_against_parent
+                              else (self.drop_from_base, self.drop_from_base_se, "the base model"))
         return (f"{name} lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
-                f"parent and {self.fidelity_base:.3f} for the base, {worst:.3f} below {against} (more than "
-                f"the threshold {self.threshold:.2f}) on {self.probes} probe prompts; it was not made active")
+                f"parent and {self.fidelity_base:.3f} for the base, {worst:.3f} ± {se:.3f} below {against} (more "
+                f"than the threshold {self.threshold:.2f}) on {self.probes} probe prompts; it was not made active")
 
     def metrics(self) -> dict[str, Any]:
         return {"fidelity": round(self.fidelity, 4), "fidelity_parent": round(self.fidelity_parent, 4),
                 "fidelity_base": round(self.fidelity_base, 4), "fidelity_drop": round(self.drop, 4),
-                "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_threshold": self.threshold,
+                "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_drop_se": round(self.drop_se, 4),
+                "fidelity_drop_from_base_se": round(self.drop_from_base_se, 4), "fidelity_threshold": self.threshold,
                 "fidelity_flagged": self.flagged, "fidelity_probes": self.probes, "fidelity_judge": self.judge}
 
 
@@ -175,10 +212,12 @@ def verdict(judge: Any, new: dict[str, float], parent: dict[str, float], base: d
             threshold: float) -> Verdict:
     """Compare the three versions' scores on the same probes (see the module docstring)."""
     f_new, f_parent, f_base = mean(new), mean(parent), mean(base)
+    se_parent, se_base = paired_drop(parent, new)[1], paired_drop(base, new)[1]
     if judge.relative:  # a fraction of the base model's score
         scale = f_base if f_base > 0 else 1.0
         f_new, f_parent, f_base = f_new / scale, f_parent / scale, 1.0
-    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name)
+        se_parent, se_base = se_parent / scale, se_base / scale
+    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name, se_parent, se_base)
 
 
 class FidelityWatch:
@@ -195,7 +234,8 @@ class FidelityWatch:
         # the parent, as the round found it: its cached probe scores when given (the training copy
         # starts as the parent, so they are the copy's own), else drawn now
         known = reference is not None and all(p in reference for p in self.prompts)
-        self.reference = mean({p: reference[p] for p in self.prompts}) if known and self.prompts else self._score()
+        self.reference_scores = {p: reference[p] for p in self.prompts} if known else self._scores()
+        self.reference = mean(self.reference_scores) if self.reference_scores else 0.0
         self.good = self._snapshot()
         self.good_step = 0
         self.stopped_at: int | None = None
@@ -205,10 +245,8 @@ class FidelityWatch:
     def active(self) -> bool:
         return bool(self.prompts) and self.every > 0 and self.threshold > 0 and bool(self.params)
 
-    def _score(self) -> float:
-        if not self.prompts:
-            return 0.0
-        return mean(measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES, draw_fn=self.draw_fn))
+    def _scores(self) -> dict[str, float]:
+        return measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES, draw_fn=self.draw_fn)
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
@@ -217,8 +255,9 @@ class FidelityWatch:
     def check(self, step: int) -> bool:
         if not self.active or step % self.every:
             return False
-        self.last = self._score()
-        if self.reference - self.last > self.threshold:
+        scores = self._scores()
+        self.last = mean(scores)
+        if beyond(*paired_drop(self.reference_scores, scores), self.threshold):
             for p, saved in zip(self.params, self.good):
                 p.copy_(saved)
             self.stopped_at = step

@@ -21,7 +21,7 @@ After each round the active version and the round's new version (when the guard 
 inactive) are measured in preview mode (nothing is stored, so measuring changes nothing the app
 learns from), on fixed noise:
 
-- **score**: the rater's latent utility on ``RATE_PROMPTS`` x 2 seeds x 2 images;
+- **score**: the rater's latent utility on ``RATE_PROMPTS`` x 4 seeds x 2 images;
 - **fidelity**: judged from the pixels alone (``rlr_core/shapesworld/pixel_judge.py``: kind,
   colour, size, position and background, with no network, independent of the perception model
   that the reward proxy, the rater and the app's guard look through), on those images and on 8
@@ -59,10 +59,12 @@ HELD_OUT = ["a large red square on the right", "a small yellow circle on the lef
             "a green triangle on the right, white background", "a small blue square in the center, gray background",
             "a large purple triangle on the left", "an orange circle in the center, white background",
             "a small red triangle on the right, navy background", "a large blue circle on the left, gray background"]
-SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002], [2001], 2
+SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002, 1003, 1004], [2001], 2
 LOOP = {"rated_per_round": 32, "comparisons_per_round": 24, "sample_steps": 20, "guidance": 3.0}
 
-REGULARISED = {"kl_coef": 0.3, "fidelity_weight": 1.0, "fidelity_check_every": 10}
+# the regularisers of the round settings: the KL to the parent, the fidelity term, the in-round watch
+# (twice in a 10-step round)
+REGULARISED = {"kl_coef": 0.3, "fidelity_weight": 1.0, "fidelity_check_every": 5}
 UNREGULARISED = {"kl_coef": 0.0, "fidelity_weight": 0.0, "fidelity_check_every": 0}
 ESTIMATORS = {"rlr": {"estimator": "rlr"}, "tbp1": {"estimator": "truncated-bp", "truncation": 1},
               "tbp3": {"estimator": "truncated-bp", "truncation": 3}, "full-bp": {"estimator": "full-bp"},
@@ -73,7 +75,7 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    **{f"{n}+reg": {**e, **REGULARISED} for n, e in ESTIMATORS.items()},
                                    # one regulariser at a time (screening)
                                    **{f"{n}+fid": {**e, **UNREGULARISED, "fidelity_weight": 1.0,
-                                                   "fidelity_check_every": 10} for n, e in ESTIMATORS.items()},
+                                                   "fidelity_check_every": 5} for n, e in ESTIMATORS.items()},
                                    **{f"{n}+kl": {**e, **UNREGULARISED, "kl_coef": 0.3} for n, e in ESTIMATORS.items()}}
 FIDELITY_TOLERANCE = 0.05
 
@@ -158,7 +160,10 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
                 example.rate_all(client, rater, rater_id, samples)
             example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
             t0 = time.perf_counter()
-            status = example.train(client, {**settings, "seed": 1000 * seed + r}, log=lambda _: None, poll=0.5)
+            phases: list[tuple[float, str]] = []  # when each progress message first showed (s into the round)
+            status = example.train(client, {**settings, "seed": 1000 * seed + r}, poll=0.5,
+                                   log=lambda line, t0=t0, phases=phases: phases.append(
+                                       (round(time.perf_counter() - t0, 1), line.strip())))
             wall = time.perf_counter() - t0
             if status["state"] != "finished":
                 raise RuntimeError(f"round {r} ended {status['state']}: {status.get('error')}")
@@ -172,7 +177,7 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
                    "plateau_stopped_at": m.get("plateau_stopped_at"), "steps_done": m.get("steps_done"),
                    "watch_fidelity_start": m.get("watch_fidelity_start"),
                    "watch_fidelity_last": m.get("watch_fidelity_last"),
-                   "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"),
+                   "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"), "phases": phases,
                    "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
             new_measure = measured_version(new["version_id"])
             row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality")}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.errors import AppError
-from app.fidelity_guard import FidelityWatch, probe_prompts, verdict
+from app.fidelity_guard import FidelityWatch, paired_drop, probe_prompts, verdict
 from app.round_config import RoundConfig
 from app.safeguards import fidelity_flags, judge
 from rlr_core.sampler import SamplerSettings
@@ -96,12 +96,31 @@ def test_the_verdict_flags_a_drop_against_the_parent_or_the_base():
     kept = verdict(j, {"a": 0.90, "b": 0.90}, {"a": 0.92, "b": 0.92}, {"a": 0.93, "b": 0.93}, 0.05)
     assert not kept.flagged and kept.drop == pytest.approx(0.02)
     dropped = verdict(j, {"a": 0.80}, {"a": 0.90}, {"a": 0.90}, 0.05)
-    assert dropped.flagged and "0.100 below its parent" in dropped.note("v2")
+    assert dropped.flagged and "0.100 ± 0.000 below its parent" in dropped.note("v2")
     drifted = verdict(j, {"a": 0.86}, {"a": 0.89}, {"a": 0.93}, 0.05)  # small steps that add up
     assert drifted.flagged and "below the base model" in drifted.note("v3")
     assert not verdict(j, {"a": 0.1}, {"a": 0.9}, {"a": 0.9}, 0.0).flagged  # threshold 0: off
     rel = verdict(_Judge(relative=True), {"a": 0.19}, {"a": 0.20}, {"a": 0.25}, 0.05)
     assert rel.fidelity_base == 1.0 and rel.fidelity == pytest.approx(0.76) and rel.flagged
+
+
+def test_a_drop_within_the_probes_noise_is_not_flagged():
+    j, prompts = _Judge(), [f"p{i}" for i in range(16)]
+    parent = dict.fromkeys(prompts, 1.0)
+    # two prompts lost half their attributes, the rest kept all: 0.0625 below on average, but the
+    # per-prompt differences give a standard error of 0.043, so the drop is within 2 SE of none
+    noisy = {p: 0.5 if i < 2 else 1.0 for i, p in enumerate(prompts)}
+    v = verdict(j, noisy, parent, parent, 0.05)
+    assert v.drop == pytest.approx(0.0625) and v.drop_se == pytest.approx(0.0427, abs=1e-4)
+    assert not v.flagged and "kept" in v.note("v1")
+    # the same mean drop spread over every prompt is no noise: flagged, with its standard error
+    spread = dict.fromkeys(prompts, 0.9375)
+    v = verdict(j, spread, parent, parent, 0.05)
+    assert v.flagged and v.drop_se == 0 and "0.062 ± 0.000 below its parent" in v.note("v1")
+    # a large loss on a quarter of the prompts is past the noise too
+    lost = {p: 0.5 if i < 4 else 1.0 for i, p in enumerate(prompts)}
+    assert verdict(j, lost, parent, parent, 0.05).flagged  # 0.125 against 2 x 0.056
+    assert paired_drop({"a": 1.0}, {"a": 0.5, "b": 0.1}) == (0.5, 0.0)  # only shared prompts; one: no SE
 
 
 def test_probes_are_the_rounds_prompts_their_stages_and_held_out_ones():

@@ -72,7 +72,9 @@ DEFAULTS: dict[str, Any] = {
 # RLR's rounds kept fidelity within 0.05 of the base. patience 0: RLR's noisier per-step reward
 # made the plateau stop end its rounds at step 9 of 20. The fidelity term and the KL to the
 # round's parent keep each round's step on the prompt and small.
-BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3}
+BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
+                                      "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
+                                      "fidelity_check_every": 0}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 # Stable Diffusion and AnimateDiff (docs/own-model.md, "Round defaults"): learning rate 3e-4, the
 # top of the range docs/own-model.md recommends for a LoRA on Stable Diffusion (and DDPO's
