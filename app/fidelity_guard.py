@@ -13,18 +13,16 @@ spots fastest. So every round is checked by the backend's fidelity judge
   judged on the same probes, by the judge's ``accuracy`` (for the built-in models the fraction
   of the named attributes read back: the soft score also fell for images that were still right,
   and flagged versions the pixels found faithful). Each version records ``fidelity``, ``fidelity_parent``,
-  ``fidelity_base`` and the drop. It is **flagged** when it falls more than the round's
-  ``fidelity_threshold`` below its parent or below the base model (so small losses cannot add
-  up over rounds), and by more than :data:`SIGNIFICANCE` paired standard errors of that drop
-  (per probe prompt, on the same noise): with 32 probe images, two misread attributes move the
-  mean by about the threshold, and the point estimate alone flagged versions the pixels found
-  faithful (docs/benchmarks.md, the loop). A flagged version is not made active, and auto-train
-  does not build on it.
+  ``fidelity_base``, the drop and its paired standard error (per probe prompt, on the same
+  noise). It is **flagged** when it falls more than the round's ``fidelity_threshold`` below its
+  parent or below the base model (so small losses cannot add up over rounds), and by more than
+  :data:`SIGNIFICANCE` standard errors (0: the point estimate decides). A flagged version is not
+  made active, and auto-train does not build on it.
   The person can still activate it by hand. A relative judge (CLIP similarity) reports every
   version as a fraction of the base model's score on the same probes.
 - **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
   smaller probe set (8 prompts, 2 images each); if it fell past the threshold below the parent's
-  score on the same probes (by the same rule as the verdict), the adapter goes back to the last
+  score on the same probes (by the verdict's rule), the adapter goes back to the last
   checked step that passed and the round ends there (an early stop that keeps the version).
 
 Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
@@ -52,9 +50,13 @@ PROBE_IMAGES = 2  # per prompt, after the round
 MAX_PROBE_PROMPTS = 16
 WATCH_PROMPTS = 8  # inside the round
 WATCH_IMAGES = 2  # per prompt
-# A drop counts when it passes the threshold and this many paired standard errors (one-sided,
-# about 2% of faithful versions flagged per comparison when the per-prompt differences are normal).
-SIGNIFICANCE = 2.0
+# A drop counts when it passes the threshold and this many paired standard errors of it. 0: the
+# point estimate decides. Measured on the loop (bench/loop.py, bench/results/loop.json,
+# "guard_against_pixels", 24 new versions judged from the pixels): asking for 2 SE flagged 1 of 17
+# faithful versions but only 2 of 7 that lost more than 0.05; the point estimate would have
+# flagged 5 of the 7 losses and 8 of the 17 faithful. A loss the rater cannot see costs more than
+# a round the person activates by hand, so the point estimate decides (the note shows the SE).
+SIGNIFICANCE = 0.0
 CACHE_FILE = "fidelity_probes.json"
 
 
@@ -153,9 +155,10 @@ def paired_drop(before: dict[str, float], after: dict[str, float]) -> tuple[floa
     return m, (var / n) ** 0.5
 
 
-def beyond(drop: float, se: float, threshold: float) -> bool:
-    """A drop that counts (see :data:`SIGNIFICANCE`): past the threshold and past the noise."""
-    return threshold > 0 and drop > threshold and drop > SIGNIFICANCE * se
+def beyond(drop: float, se: float, threshold: float, significance: float = SIGNIFICANCE) -> bool:
+    """A drop that counts (see :data:`SIGNIFICANCE`): past the threshold, and past ``significance``
+    standard errors."""
+    return threshold > 0 and drop > threshold and drop > significance * se
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,9 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
             row = {"round": r, "version": new["name"], "version_id": new["version_id"],
                    "active_version": active["name"], "guard_flagged": bool(m.get("fidelity_flagged")),
                    "guard_fidelity": m.get("fidelity"), "guard_fidelity_parent": m.get("fidelity_parent"),
-                   "guard_fidelity_base": m.get("fidelity_base"), "fidelity_stopped_at": m.get("fidelity_stopped_at"),
+                   "guard_fidelity_base": m.get("fidelity_base"), "guard_drop_se": m.get("fidelity_drop_se"),
+                   "guard_drop_from_base_se": m.get("fidelity_drop_from_base_se"),
+                   "fidelity_stopped_at": m.get("fidelity_stopped_at"),
                    "plateau_stopped_at": m.get("plateau_stopped_at"), "steps_done": m.get("steps_done"),
                    "watch_fidelity_start": m.get("watch_fidelity_start"),
                    "watch_fidelity_last": m.get("watch_fidelity_last"),
@@ -218,6 +220,26 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
             "last_minus_best_earlier": round(last["score"] - best["score"], 4), "last_se": round(last_se, 4),
             "last_ok": last["score"] >= best["score"] - last_se, "unflagged_fidelity_losses": unflagged_losses,
             "round_wall_s": [r["round_wall_s"] for r in rows[1:]]}
+
+
+def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLERANCE) -> dict[str, Any]:
+    """How the guard's verdicts on every new version compare with the pixels (a loss: more than
+    ``threshold`` below the base's pixel fidelity): as run, and as the rule on the point estimate
+    alone (a drop past the threshold, no standard errors) would have judged the same scores."""
+    counts = {rule: {"losses": 0, "losses_flagged": 0, "faithful": 0, "faithful_flagged": 0}
+              for rule in ("as_run", "point_estimate")}
+    for run in runs:
+        base = run["rounds"][0]["fidelity"]
+        for r in run["rounds"][1:]:
+            if r.get("guard_fidelity") is None:
+                continue
+            parent = r["guard_fidelity_parent"]
+            point = max(parent, r.get("guard_fidelity_base") or parent) - r["guard_fidelity"] > threshold
+            kind = "losses" if base - r["new_version"]["fidelity"] > threshold else "faithful"
+            for rule, flagged in (("as_run", r["guard_flagged"]), ("point_estimate", point)):
+                counts[rule][kind] += 1
+                counts[rule][f"{kind}_flagged"] += int(flagged)
+    return counts
 
 
 def summarise(runs: list[dict[str, Any]], default_arm: str,
@@ -270,7 +292,8 @@ def summarise(runs: list[dict[str, Any]], default_arm: str,
         targets.append({"check": f"a {default_arm} round takes <= 120 s on 2 idle cores",
                         "value": "not measured on idle cores (--idle-cache)", "met": False})
     # two runs shared the 2 cores, 1 thread each: upper bounds of what a person waits
-    return {"table": table, "checks": checks, "targets": targets, "longest_round_s_per_arm_shared_cores": walls}
+    return {"table": table, "checks": checks, "targets": targets, "longest_round_s_per_arm_shared_cores": walls,
+            "guard_against_pixels": guard_confusion(runs)}
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:

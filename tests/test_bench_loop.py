@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.loop import ARMS, markdown, run_checks, summarise
+from bench.loop import ARMS, guard_confusion, markdown, run_checks, summarise
 
 
 def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
@@ -42,6 +42,15 @@ def test_a_noisy_rise_a_fidelity_loss_and_an_unflagged_bad_version_are_caught():
     flagged = {**run, "rounds": [row(0, BASE, 0.91), row(1, BASE, 0.91, flagged=True, new_fidelity=0.7,
                                                          version_id=1)]}
     assert run_checks(flagged)["unflagged_fidelity_losses"] == []  # the guard caught it
+
+
+def test_the_guard_is_scored_against_the_pixels_as_run_and_on_its_point_estimate():
+    lost = {**row(1, BASE, 0.91, new_fidelity=0.80), "guard_fidelity": 0.85}  # 0.10 below 0.95, not flagged
+    kept = {**row(2, BASE, 0.91, flagged=True, new_fidelity=0.90), "guard_fidelity": 0.93}  # 0.02 below
+    run = {"arm": "default", "taste": "bold", "seed": 0, "rounds": [row(0, BASE, 0.91), lost, kept]}
+    got = guard_confusion([run])
+    assert got["as_run"] == {"losses": 1, "losses_flagged": 0, "faithful": 1, "faithful_flagged": 1}
+    assert got["point_estimate"] == {"losses": 1, "losses_flagged": 1, "faithful": 1, "faithful_flagged": 0}
 
 
 def test_the_targets_need_two_tastes_and_three_seeds_of_the_default():

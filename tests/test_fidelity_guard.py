@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.errors import AppError
-from app.fidelity_guard import FidelityWatch, paired_drop, probe_prompts, verdict
+from app.fidelity_guard import FidelityWatch, beyond, paired_drop, probe_prompts, verdict
 from app.round_config import RoundConfig
 from app.safeguards import fidelity_flags, judge
 from rlr_core.sampler import SamplerSettings
@@ -104,22 +104,23 @@ def test_the_verdict_flags_a_drop_against_the_parent_or_the_base():
     assert rel.fidelity_base == 1.0 and rel.fidelity == pytest.approx(0.76) and rel.flagged
 
 
-def test_a_drop_within_the_probes_noise_is_not_flagged():
+def test_the_verdict_reports_the_drops_standard_error_and_the_rule_can_ask_for_it():
     j, prompts = _Judge(), [f"p{i}" for i in range(16)]
     parent = dict.fromkeys(prompts, 1.0)
-    # two prompts lost half their attributes, the rest kept all: 0.0625 below on average, but the
-    # per-prompt differences give a standard error of 0.043, so the drop is within 2 SE of none
+    # two prompts lost half their attributes, the rest kept all: 0.0625 below on average, with a
+    # standard error of 0.043 from the per-prompt differences (the drop is within 2 SE of none)
     noisy = {p: 0.5 if i < 2 else 1.0 for i, p in enumerate(prompts)}
     v = verdict(j, noisy, parent, parent, 0.05)
     assert v.drop == pytest.approx(0.0625) and v.drop_se == pytest.approx(0.0427, abs=1e-4)
-    assert not v.flagged and "kept" in v.note("v1")
-    # the same mean drop spread over every prompt is no noise: flagged, with its standard error
-    spread = dict.fromkeys(prompts, 0.9375)
-    v = verdict(j, spread, parent, parent, 0.05)
-    assert v.flagged and v.drop_se == 0 and "0.062 ± 0.000 below its parent" in v.note("v1")
-    # a large loss on a quarter of the prompts is past the noise too
-    lost = {p: 0.5 if i < 4 else 1.0 for i, p in enumerate(prompts)}
-    assert verdict(j, lost, parent, parent, 0.05).flagged  # 0.125 against 2 x 0.056
+    assert v.flagged and "0.062 ± 0.043 below its parent" in v.note("v1")  # the point estimate decides
+    assert v.metrics()["fidelity_drop_se"] == pytest.approx(0.0427, abs=1e-4)
+    assert not beyond(v.drop, v.drop_se, 0.05, significance=2.0)  # asking for 2 SE lets it pass
+    # the same mean drop spread over every prompt has no spread: past any number of SE
+    spread = verdict(j, dict.fromkeys(prompts, 0.9375), parent, parent, 0.05)
+    assert spread.drop_se == 0 and beyond(spread.drop, spread.drop_se, 0.05, significance=2.0)
+    lost = verdict(j, {p: 0.5 if i < 4 else 1.0 for i, p in enumerate(prompts)}, parent, parent, 0.05)
+    assert beyond(lost.drop, lost.drop_se, 0.05, significance=2.0)  # 0.125 against 2 x 0.056
+    assert not beyond(0.04, 0.0, 0.05) and not beyond(0.5, 0.0, 0.0)  # under the threshold; threshold 0: off
     assert paired_drop({"a": 1.0}, {"a": 0.5, "b": 0.1}) == (0.5, 0.0)  # only shared prompts; one: no SE
 
 

@@ -32,8 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "steps": 20,
     # 8, not 4: at batch 4 the built-in model's rounds lowered the reward as often as they raised
     # it (observed while developing, when RLR's likelihood-ratio terms still used the leave-one-out
-    # mean, not recorded in bench/results; RLR's default baseline is now "state"). The loop and
-    # safeguards benchmarks (bench/results/loop.json, safeguards.json) ran at batch 8 only.
+    # mean, not recorded in bench/results; RLR's default baseline is now "state"). The built-in
+    # image model's rounds run at 6 (BUILTIN_IMAGE_PICK, measured on the loop).
     "batch_size": 8,
     "sampling_steps": 10,
     "learning_rate": 3e-3,
@@ -64,14 +64,18 @@ DEFAULTS: dict[str, Any] = {
 
 
 # The built-in image model's pick, from the loop the person lives with (bench/loop.py,
-# docs/benchmarks.md "The loop"; bench/results/loop.json, loop_screen.json): a proxy learnt from
-# 32 ratings and 24 comparisons per round, four rounds in a row, judged from the pixels.
-# Truncated backprop (the race's pick on a fixed reward) raised the bold rater's score most in a
-# round (0.41 -> 0.60) but lost pixel-judged prompt fidelity (0.91 -> 0.74) and image quality
-# (0.86 -> 0.68): the guard flagged every version it made, so the person kept the base model.
-# RLR's rounds kept fidelity within 0.05 of the base. patience 0: RLR's noisier per-step reward
-# made the plateau stop end its rounds at step 9 of 20. The fidelity term and the KL to the
-# round's parent keep each round's step on the prompt and small.
+# docs/benchmarks.md "The loop"; bench/results/loop.json, loop_20steps.json, loop_screen.json): a
+# proxy learnt from 32 ratings and 24 comparisons per round, four rounds in a row, judged from the
+# pixels. Truncated backprop (the race's pick on a fixed reward) raised the bold rater's score most
+# in a round (0.41 -> 0.60) but lost pixel-judged prompt fidelity (0.91 -> 0.74) and image quality
+# (0.86 -> 0.68), and the guard flagged every version it made (loop_screen.json). RLR with the
+# fidelity term and the KL to the round's parent keeps each round's step on the prompt and small.
+# 10 steps at batch 6 and learning rate 6e-3 (loop.json), not 20 at batch 8 and 3e-3
+# (loop_20steps.json): about the same distance in Adam steps in half the time, and the round-1 rise
+# passed 3 SE on 3 runs of 6 instead of 1. patience 0: RLR's noisy per-step reward made the plateau
+# stop end rounds early. No in-round watch: its 16 probe images stopped rounds on noise (they are
+# fewer than the guard's 32) and each check costs about a tenth of a round; the guard judges the
+# whole 10-step round.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
                                       "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
                                       "fidelity_check_every": 0}
