@@ -226,6 +226,8 @@ def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLE
     """How the guard's verdicts on every new version compare with the pixels (a loss: more than
     ``threshold`` below the base's pixel fidelity): as run, and as the rule on the point estimate
     alone (a drop past the threshold, no standard errors) would have judged the same scores."""
+    from app import fidelity_guard
+
     counts = {rule: {"losses": 0, "losses_flagged": 0, "faithful": 0, "faithful_flagged": 0}
               for rule in ("as_run", "point_estimate")}
     for run in runs:
@@ -234,7 +236,8 @@ def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLE
             if r.get("guard_fidelity") is None:
                 continue
             parent = r["guard_fidelity_parent"]
-            point = max(parent, r.get("guard_fidelity_base") or parent) - r["guard_fidelity"] > threshold
+            drop = max(parent, r.get("guard_fidelity_base") or parent) - r["guard_fidelity"]
+            point = fidelity_guard.beyond(drop, 0.0, threshold, significance=0.0)  # the app's rule, no SE
             kind = "losses" if base - r["new_version"]["fidelity"] > threshold else "faithful"
             for rule, flagged in (("as_run", r["guard_flagged"]), ("point_estimate", point)):
                 counts[rule][kind] += 1
