@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
             "quality": round(float(quality.mean()), 4)}
 
 
-def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str, Any]:
+def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
+            on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One run of the loop; ``on_round`` gets the run so far after the base and after every round
+    (what a run cut short has measured)."""
     import gradio_client
 
     from app.config import AppConfig
@@ -153,6 +157,14 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
         rows.append({"round": 0, "version": base["name"], "version_id": base["version_id"],
                      **measured_version(base["version_id"])})
         log(f"[{arm} {taste} {seed}] base: score {rows[0]['score']:.3f}, fidelity {rows[0]['fidelity']:.3f}")
+
+        def so_far() -> dict[str, Any]:
+            return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
+                    "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1),
+                    "complete": False}
+
+        if on_round:
+            on_round(so_far())
         for r in range(1, rounds + 1):
             for i, prompt in enumerate(RATE_PROMPTS):
                 samples = example.generate(client, prompt, LOOP["rated_per_round"] // len(RATE_PROMPTS),
@@ -188,6 +200,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
             log(f"[{arm} {taste} {seed}] round {r}: {new['name']}{' FLAGGED' if row['guard_flagged'] else ''}, "
                 f"active {active['name']}: score {row['score']:.3f}, fidelity {row['fidelity']:.3f} "
                 f"(new version: {new_measure['score']:.3f} / {new_measure['fidelity']:.3f}), round {wall:.0f} s")
+            if on_round:
+                on_round(so_far())
         # blind wins of each version over its parent, from the pairs answered in the following rounds
         example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
         wins = {v["version_id"]: (v["wins_vs_parent"], v["losses_vs_parent"], v["ties_vs_parent"])
@@ -195,7 +209,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print) -> dict[str
     for row in rows[1:]:
         row["blind_wins_losses_ties"] = list(wins.get(row["version_id"], (0, 0, 0)))
     return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
-            "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1)}
+            "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1),
+            "complete": True}
 
 
 def paired_se(a: list[float], b: list[float]) -> float:
@@ -352,6 +367,31 @@ def cache_path(cache: Path, arm: str, taste: str, seed: int, rounds: int) -> Pat
     return cache / f"{arm}-{taste}-seed{seed}-rounds{rounds}.json"
 
 
+def partial_path(cache: Path, arm: str, taste: str, seed: int, rounds: int) -> Path:
+    """Where a run in progress keeps what it has measured (removed when it finishes)."""
+    return cache / f"{arm}-{taste}-seed{seed}-rounds{rounds}.partial.json"
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def load_runs(cache: Path, wanted: list[tuple[str, str, int]], rounds: int, partial: bool) -> list[dict[str, Any]]:
+    """The finished runs, and with ``partial`` also the rounds of runs cut short (at least one round)."""
+    runs = []
+    for w in wanted:
+        done, cut = cache_path(cache, *w, rounds), partial_path(cache, *w, rounds)
+        if done.exists():
+            runs.append(json.loads(done.read_text()))
+        elif partial and cut.exists():
+            run = json.loads(cut.read_text())
+            if len(run["rounds"]) > 1:
+                runs.append(run)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=["default"], choices=list(ARMS))
@@ -365,6 +405,8 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "loop.json"))
     p.add_argument("--plot", default=str(ROOT / "bench" / "results" / "loop.png"))
     p.add_argument("--from-cache", action="store_true", help="summarise the cached runs only")
+    p.add_argument("--partial", action="store_true",
+                   help="also summarise the rounds of runs cut short (e.g. by a time limit)")
     p.add_argument("--markdown", action="store_true", help="also print the per-round table in markdown")
     p.add_argument("--idle-cache", default=None,
                    help="runs made alone on the machine (--one ... --threads 2 --cache DIR): their round times "
@@ -376,8 +418,11 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     if args.one:  # a worker process: one run, written to the cache
         arm, taste, seed = args.one[0], args.one[1], int(args.one[2])
-        run = run_one(arm, taste, seed, args.rounds, log=lambda line: print(line, flush=True))
-        cache_path(cache, arm, taste, seed, args.rounds).write_text(json.dumps(run))
+        cut = partial_path(cache, arm, taste, seed, args.rounds)
+        run = run_one(arm, taste, seed, args.rounds, log=lambda line: print(line, flush=True),
+                      on_round=lambda so_far: write_atomic(cut, so_far))
+        write_atomic(cache_path(cache, arm, taste, seed, args.rounds), run)
+        cut.unlink(missing_ok=True)
         return
     wanted = [(a, t, s) for s in args.seeds for a in args.arms for t in args.tastes]
     todo = [w for w in wanted if not cache_path(cache, *w, args.rounds).exists()]
@@ -393,8 +438,7 @@ def main() -> None:
             codes = list(pool.map(work, todo))
         if any(codes):
             print(f"warning: {sum(c != 0 for c in codes)} run(s) failed", flush=True)
-    runs = [json.loads(cache_path(cache, *w, args.rounds).read_text()) for w in wanted
-            if cache_path(cache, *w, args.rounds).exists()]
+    runs = load_runs(cache, wanted, args.rounds, args.partial)
     if not runs:
         raise SystemExit("no finished runs to summarise")
     idle = [json.loads(f.read_text()) for f in sorted(Path(args.idle_cache).glob("*.json"))] if args.idle_cache else []
