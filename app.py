@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("for a public link, start it with --share (model changes then need RLR_ADMIN_PASSWORD)")
     print("stop it with Ctrl+C")
+    services.rounds.warm_up()  # the training process, started while the person rates (CPU only)
     try:
         demo.block_thread()
     finally:

@@ -298,6 +298,23 @@ class RoundRunner:
             self._process = RoundProcess(threads=torch.get_num_threads())
         return self._process
 
+    def warm_up(self) -> threading.Thread | None:
+        """Start the round process in the background, so the first round does not wait for it
+        (``python app.py`` calls this once it serves; nothing when rounds train on a GPU)."""
+        process = self._round_process(self.models.base)
+        if process is None:
+            return None
+
+        def start() -> None:
+            try:
+                process.warm_up()
+            except Exception:  # noqa: BLE001 - best effort: the first round starts the process itself and reports
+                pass
+
+        thread = threading.Thread(target=start, name="round-process-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def _drawer(self, backend) -> DrawFn:
         """How a round draws (its probes, its new samples): in the round process when there is one."""
         process = self._round_process(backend)

@@ -139,6 +139,7 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rlr-loop-") as tmp, \
             serve(AppConfig(data_dir=Path(tmp), port=0), BuiltinBackend.load()) as app:
+        app.services.rounds.warm_up()  # as python app.py does once it serves
         client = gradio_client.Client(app.url, verbose=False)
         rater_id = f"sim-{taste}"
 
@@ -160,7 +161,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
 
         def so_far() -> dict[str, Any]:
             return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
-                    "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1),
+                    "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
+                    "seconds": round(time.perf_counter() - started, 1),
                     "complete": False}
 
         if on_round:
@@ -209,7 +211,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
     for row in rows[1:]:
         row["blind_wins_losses_ties"] = list(wins.get(row["version_id"], (0, 0, 0)))
     return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
-            "round_defaults": BUILTIN_IMAGE_DEFAULTS, "seconds": round(time.perf_counter() - started, 1),
+            "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
+            "seconds": round(time.perf_counter() - started, 1),
             "complete": True}
 
 
@@ -274,6 +277,9 @@ def summarise(runs: list[dict[str, Any]], default_arm: str,
             for i in range(n_rounds):
                 row[f"score_{i}"] = round(statistics.mean(r["rounds"][i]["score"] for r in these), 3)
                 row[f"fidelity_{i}"] = round(statistics.mean(r["rounds"][i]["fidelity"] for r in these), 3)
+            for i in range(1, n_rounds):  # the round's new version, also where the guard kept it inactive
+                for key in ("score", "fidelity", "quality"):
+                    row[f"new_{key}_{i}"] = round(statistics.mean(r["rounds"][i]["new_version"][key] for r in these), 3)
             row["quality_last"] = round(statistics.mean(r["rounds"][n_rounds - 1]["quality"] for r in these), 3)
             row["flagged"] = sum(x["guard_flagged"] for r in these for x in r["rounds"][1:])
             walls = [x["round_wall_s"] for r in these for x in r["rounds"][1:]]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.loop import ARMS, guard_confusion, markdown, run_checks, summarise
+import json
+from pathlib import Path
+
+from bench.loop import ARMS, cache_path, guard_confusion, load_runs, markdown, partial_path, run_checks, summarise
 
 
 def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
@@ -68,3 +71,20 @@ def test_every_arm_is_a_valid_set_of_round_settings():
 
     for settings in ARMS.values():
         RoundConfig.parse(settings, BUILTIN_IMAGE_DEFAULTS)  # raises on an unknown or bad value
+
+
+def test_runs_cut_short_are_summarised_only_when_asked_and_only_with_a_finished_round(tmp_path: Path):
+    finished = {"arm": "default", "taste": "bold", "seed": 0, "complete": True,
+                "rounds": [row(0, BASE, 0.91), row(1, BASE, 0.90), row(2, BASE, 0.90)]}
+    one_round = {**finished, "seed": 1, "complete": False, "rounds": finished["rounds"][:2]}
+    base_only = {**finished, "seed": 2, "complete": False, "rounds": finished["rounds"][:1]}
+    cache_path(tmp_path, "default", "bold", 0, 2).write_text(json.dumps(finished))
+    partial_path(tmp_path, "default", "bold", 1, 2).write_text(json.dumps(one_round))
+    partial_path(tmp_path, "default", "bold", 2, 2).write_text(json.dumps(base_only))
+    wanted = [("default", "bold", s) for s in (0, 1, 2)]
+    assert [r["seed"] for r in load_runs(tmp_path, wanted, 2, partial=False)] == [0]
+    runs = load_runs(tmp_path, wanted, 2, partial=True)
+    assert [r["seed"] for r in runs] == [0, 1]
+    table = summarise(runs, "default")["table"]
+    assert "score_1" in table[0] and "score_2" not in table[0]  # the rounds every run reached
+    assert table[0]["new_fidelity_1"] == 0.90

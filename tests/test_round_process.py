@@ -131,3 +131,9 @@ def test_tensors_sent_to_the_round_process_hold_no_file_descriptors(rounds) -> N
     rounds.run(sum, model)
     assert torch.equal(results[3], model[3] + 1)
     assert open_fds() <= before + 2
+
+
+def test_warm_up_starts_the_process_that_later_rounds_use(rounds) -> None:
+    pid = rounds.warm_up()
+    assert pid != os.getpid()
+    assert rounds.run(os.getpid) == pid  # the round finds it running: no second start
