@@ -48,9 +48,10 @@ ESTIMATOR_CHOICES = [("RLR", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "t
                      ("Full backprop", "full-bp")]
 DEFAULT_NOTES: dict[str, str] = {
     "builtin-image": ("The default here is RLR with a fidelity term and a KL to the round's parent, 10 steps at batch "
-                      "6: in the app's own loop (a reward proxy learnt from ratings, several rounds, judged from the "
-                      "pixels) truncated backprop raised the rater's score faster but lost prompt fidelity and image "
-                      "quality, so the guard rejected its versions. RLR's rounds can lose fidelity too over several "
+                      "6: in the app's own loop (a reward proxy learnt from ratings, judged from the pixels), one "
+                      "round of truncated backprop, full backprop or RLR without those two terms raised the rater's "
+                      "score fastest but lost prompt fidelity and image quality, and the guard rejected it; with "
+                      "them, only RLR also raised the score. RLR's rounds can still lose fidelity over several "
                       "rounds: the guard is what stops it (docs/benchmarks.md, the loop)."),
 }
 OTHER_NOTE = ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.loop import ARMS, cache_path, guard_confusion, load_runs, markdown, partial_path, run_checks, summarise
+from bench.loop import ARMS, cache_path, load_runs, partial_path
+from bench.loop_report import guard_confusion, markdown, run_checks, summarise
 
 
 def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
