@@ -10,6 +10,8 @@
 # SECONDS (500) the runs are stopped; each keeps what it measured up to its last finished round
 # (bench.loop --partial summarises those rounds). Writes at most 8 files to OUT_DIR (the device
 # tool's limit): env.txt, loop.log, loop_gpu.json, loop_gpu.png and the run cache as a tarball.
+# Needs the app's requirements (requirements.txt) in PYTHON's environment. Each run is mostly
+# Python on a CPU core (serving, drawing, judging), so JOBS is bounded by the cores, not the GPU.
 set -u
 out=${1:?usage: scripts/gpu_loop.sh OUT_DIR [SECONDS]}
 budget=${2:-500}
