@@ -139,6 +139,13 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
     rows: list[dict[str, Any]] = []
     measured: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
+
+    def record(complete: bool) -> dict[str, Any]:
+        """The run as it is cached: finished, or as far as it got."""
+        return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
+                "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
+                "seconds": round(time.perf_counter() - started, 1), "complete": complete}
+
     with tempfile.TemporaryDirectory(prefix="rlr-loop-") as tmp, \
             serve(AppConfig(data_dir=Path(tmp), port=0), BuiltinBackend.load()) as app:
         app.services.rounds.warm_up()  # as python app.py does once it serves
@@ -160,15 +167,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
         rows.append({"round": 0, "version": base["name"], "version_id": base["version_id"],
                      **measured_version(base["version_id"])})
         log(f"[{arm} {taste} {seed}] base: score {rows[0]['score']:.3f}, fidelity {rows[0]['fidelity']:.3f}")
-
-        def so_far() -> dict[str, Any]:
-            return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
-                    "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
-                    "seconds": round(time.perf_counter() - started, 1),
-                    "complete": False}
-
         if on_round:
-            on_round(so_far())
+            on_round(record(complete=False))
         for r in range(1, rounds + 1):
             for i, prompt in enumerate(RATE_PROMPTS):
                 samples = example.generate(client, prompt, LOOP["rated_per_round"] // len(RATE_PROMPTS),
@@ -205,17 +205,14 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                 f"active {active['name']}: score {row['score']:.3f}, fidelity {row['fidelity']:.3f} "
                 f"(new version: {new_measure['score']:.3f} / {new_measure['fidelity']:.3f}), round {wall:.0f} s")
             if on_round:
-                on_round(so_far())
+                on_round(record(complete=False))
         # blind wins of each version over its parent, from the pairs answered in the following rounds
         example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
         wins = {v["version_id"]: (v["wins_vs_parent"], v["losses_vs_parent"], v["ties_vs_parent"])
                 for v in client.predict(api_name="/versions")}
     for row in rows[1:]:
         row["blind_wins_losses_ties"] = list(wins.get(row["version_id"], (0, 0, 0)))
-    return {"arm": arm, "taste": taste, "seed": seed, "rounds": rows, "settings": settings,
-            "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
-            "seconds": round(time.perf_counter() - started, 1),
-            "complete": True}
+    return record(complete=True)
 
 
 def cache_path(cache: Path, arm: str, taste: str, seed: int, rounds: int) -> Path:
