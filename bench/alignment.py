@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import print_table, write_json
+from bench.common import print_table, save_json_atomic, write_json
 from bench.estimators import load_backend
 from rlr_core import rewards
 from rlr_core.sampler import SamplerSettings, generate
@@ -84,10 +84,7 @@ def cache_path(args: argparse.Namespace, method: str, seed: int) -> Path | None:
 def save_curve(path: Path | None, args: argparse.Namespace, curve: Curve, complete: bool) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": run_key(args), "complete": complete, "curve": curve}))
-    tmp.replace(path)  # atomic: a run killed mid-write keeps its previous point
+    save_json_atomic(path, {"settings": run_key(args), "complete": complete, "curve": curve})
 
 
 def load_curve(path: Path | None, args: argparse.Namespace) -> tuple[Curve, bool] | None:

@@ -49,3 +49,12 @@ def write_json(path: str | Path | None, payload: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=2))
         print(f"\nwrote {path}")
+
+
+def save_json_atomic(path: Path, data: dict) -> None:
+    """A cached run's JSON, written so that a process killed mid-write leaves the previous file
+    (a benchmark's last point), never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from bench.common import print_table, write_json
+from bench.common import print_table, save_json_atomic, write_json
 from bench.loop_report import markdown, plot, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,12 +224,6 @@ def partial_path(cache: Path, arm: str, taste: str, seed: int, rounds: int) -> P
     return cache / f"{arm}-{taste}-seed{seed}-rounds{rounds}.partial.json"
 
 
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def load_runs(cache: Path, wanted: list[tuple[str, str, int]], rounds: int, partial: bool) -> list[dict[str, Any]]:
     """The finished runs, and with ``partial`` also the rounds of runs cut short (at least one round)."""
     runs = []
@@ -272,8 +266,8 @@ def main() -> None:
         arm, taste, seed = args.one[0], args.one[1], int(args.one[2])
         cut = partial_path(cache, arm, taste, seed, args.rounds)
         run = run_one(arm, taste, seed, args.rounds, log=lambda line: print(line, flush=True),
-                      on_round=lambda so_far: write_atomic(cut, so_far))
-        write_atomic(cache_path(cache, arm, taste, seed, args.rounds), run)
+                      on_round=lambda so_far: save_json_atomic(cut, so_far))
+        save_json_atomic(cache_path(cache, arm, taste, seed, args.rounds), run)
         cut.unlink(missing_ok=True)
         return
     wanted = [(a, t, s) for s in args.seeds for a in args.arms for t in args.tastes]

@@ -35,7 +35,7 @@ import torch
 
 from bench import race_report
 from bench.alignment import EVAL_PROMPTS, TRAIN_PROMPTS
-from bench.common import write_json
+from bench.common import save_json_atomic, write_json
 from bench.estimators import load_backend
 from rlr_core import dcot, rewards
 from rlr_core.estimators import make_estimator
@@ -158,10 +158,7 @@ def load_run(path: Path | None, args: argparse.Namespace, arm: str) -> dict | No
 def save_run(path: Path | None, args: argparse.Namespace, arm: str, curve: Curve, complete: bool) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": run_key(args, arm), "complete": complete, "curve": curve}))
-    tmp.replace(path)  # atomic: a run killed mid-write keeps its previous point
+    save_json_atomic(path, {"settings": run_key(args, arm), "complete": complete, "curve": curve})
 
 
 def run_one(args: argparse.Namespace, arm: str, lr: float, seed: int) -> Curve:
