@@ -25,6 +25,12 @@ spots fastest. So every round is checked by the backend's fidelity judge
   score on the same probes (by the verdict's rule), the adapter goes back to the last
   checked step that passed and the round ends there (an early stop that keeps the version).
 
+The guard is as good as its judge. On the built-in model the judge is the perception model that
+the round's fidelity term climbs; ``python -m bench.guard_judge`` measured what it reads of a
+pixel-judged loss: about three quarters for a round trained without the term and half for one
+trained with it, mostly by reading a distorted shape's kind as asked (docs/benchmarks.md). A
+second perception model of the same recipe read the same, so it would not be an independent judge.
+
 Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
 so the parent and the base are drawn once per probe prompt, not every round.
 """

@@ -127,12 +127,15 @@ def summary(status: dict[str, Any]) -> str:
 
 
 def guard_note(judge: Any) -> str:
-    """One sentence: how this model's rounds are kept from losing the prompt."""
+    """How this model's rounds are kept from losing the prompt, and what the guard cannot see."""
     if judge is None:
         return ("⚠️ **Prompt fidelity is not guarded on this model**: it has no fidelity judge (for Stable "
                 "Diffusion and AnimateDiff, start the app with `--reward-encoder clip:<CLIP model>`).")
     return (f"After every round a fidelity guard ({judge.name}) judges the new version, its parent and the base "
-            "model on fixed probe prompts; a version that falls past the threshold is flagged and not made active.")
+            "model on fixed probe prompts; a version that falls past the threshold is flagged and not made active."
+            + (" The fidelity weight trains against this same judge, and a round that climbed it reads to it as more "
+               "faithful than it is (docs/benchmarks.md, \"The guard's judge against the pixels\")."
+               if judge.differentiable else ""))
 
 
 def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
@@ -180,9 +183,10 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 for key in SHARED_OPTIONS:  # every estimator's (the KL to the round's parent)
                     form[key] = option_widget(key, d)
                 judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
+                weight_info = ("maximise reward + w·(prompt fidelity); the guard reads the same judge" if judged
+                               else "this model has no differentiable fidelity judge")
                 form["fidelity_weight"] = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
-                                                    info="maximise reward + w·(prompt fidelity)" if judged else
-                                                    "this model has no differentiable fidelity judge",
+                                                    info=weight_info,
                                                     interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
                 form["fidelity_threshold"] = gr.Number(
                     value=d["fidelity_threshold"], minimum=0, maximum=1, label="Fidelity guard threshold",

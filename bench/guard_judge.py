@@ -1,0 +1,172 @@
+"""The guard's judge against the pixels: how much of a real loss of prompt fidelity does it see?
+
+    python -m bench.guard_judge [--judge DIR ...] [--seeds N] [--cache DIR] [--json OUT]
+
+The fidelity guard (app/fidelity_guard.py) reads prompt fidelity with the perception model,
+the same model the round's fidelity term (``fidelity_weight``) climbs. This benchmark trains
+versions of the built-in model that lose fidelity on purpose (a reward for large red shapes,
+whatever the prompt asks), from mild to severe, once with the fidelity term and once without,
+and one like the app's default round (RLR with the fidelity term and the KL). Each version and
+the base model then draw the same images (the loop benchmark's 16 prompts, each from ``--seeds``
+fixed seeds), and every image is read twice:
+
+- by the guard's judge (the perception model's ``accuracy``, what the guard averages; more
+  judges with ``--judge``, e.g. a second perception model trained from another seed);
+- by the pixel judge (rlr_core/shapesworld/pixel_judge.py, fixed arithmetic, nothing to climb).
+
+Per version: each judge's drop from the base (paired on the same noise, with its standard
+error), the share of the pixel-judged drop the guard's judge reads, and, per attribute, how
+often the judge reads an attribute as right where the pixels read it as wrong (lenient) or the
+reverse (strict). The targets are the guard's job on these versions: flag (drop past the
+guard's threshold, 0.05) every version whose pixel-judged loss is past the threshold by 2 SE,
+and none whose loss is below it by 2 SE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bench.common import print_table, write_json
+from bench.loop import HELD_OUT, RATE_PROMPTS
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLD = 0.05  # the guard's default (rlr_core/training/defaults.py, fidelity_threshold)
+HACK = "prefer-large+prefer-colour:red"  # ignores the prompt's size and colour
+# name -> the training command line's round settings (python -m rlr_core.training)
+VERSIONS: dict[str, list[str]] = {
+    "mild": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "4", "--lr", "2e-3", "--kl-coef", "0",
+             "--reward", HACK, "--seed", "4"],
+    "medium": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "6", "--lr", "3e-3", "--kl-coef", "0",
+               "--reward", HACK, "--seed", "5"],
+    "severe": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "10", "--lr", "6e-3", "--kl-coef", "0",
+               "--reward", HACK, "--seed", "3"],
+    "severe+fidelity term": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "10", "--lr", "6e-3",
+                             "--kl-coef", "0", "--reward", f"{HACK}+fidelity", "--seed", "3"],
+    "default round": ["--estimator", "rlr", "--steps", "10", "--lr", "6e-3", "--kl-coef", "0.3",
+                      "--reward", f"{HACK}+fidelity", "--seed", "6"],
+}
+DRAW = {"steps": 20, "guidance": 3.0}  # as the guard's probes are drawn (the round's sample settings)
+
+
+def train_versions(cache: Path, threads: int) -> dict[str, Path]:
+    """Each version's folder, trained once with the training command line (cached)."""
+    from rlr_core.training import cli
+
+    folders = {}
+    for name, args in VERSIONS.items():
+        folder = cache / name.replace(" ", "-").replace("+", "-")
+        if not (folder / "metrics.json").exists():
+            cli.main([*args, "--batch", "6", "--prompts", *RATE_PROMPTS, "--out", str(folder),
+                      "--threads", str(threads)])
+        folders[name] = folder
+    return folders
+
+
+def read_images(images: torch.Tensor, prompts: list[str], judges: dict[str, Any]) -> dict[str, Any]:
+    """Per image, each judge's fidelity, and per named attribute whether each judge reads it right."""
+    from rlr_core.shapesworld import pixel_judge
+    from rlr_core.shapesworld import world as sw
+
+    wanted = [sw.parse_caption(p).specified() for p in prompts]
+    readings = {"pixel": [{a: r.value(a) for a in w} for r, w in zip(pixel_judge.read(images), wanted)]}
+    for name, judge in judges.items():
+        readings[name] = judge.model.predict(images)
+    right = {name: [{a: r[a] == v for a, v in w.items()} for r, w in zip(rs, wanted)] for name, rs in readings.items()}
+    fidelity = {name: [sum(r.values()) / len(r) for r in rows] for name, rows in right.items()}
+    return {"fidelity": fidelity, "right": right}
+
+
+def paired_drop(base: list[float], new: list[float]) -> tuple[float, float]:
+    diffs = [b - n for b, n in zip(base, new)]
+    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def attribute_disagreement(right: dict[str, list[dict[str, bool]]], judge: str) -> dict[str, dict[str, float]]:
+    """Per attribute: the share of its readings the judge takes as right where the pixels say
+    wrong (lenient) and wrong where they say right (strict)."""
+    out: dict[str, dict[str, float]] = {}
+    for attribute in sorted({a for row in right["pixel"] for a in row}):
+        pairs = [(p[attribute], j[attribute]) for p, j in zip(right["pixel"], right[judge]) if attribute in p]
+        out[attribute] = {"n": len(pairs), "lenient": round(sum(j and not p for p, j in pairs) / len(pairs), 4),
+                          "strict": round(sum(p and not j for p, j in pairs) / len(pairs), 4)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--judge", action="append", default=[], type=Path,
+                   help="another perception model folder to read the images with (repeatable)")
+    p.add_argument("--seeds", type=int, default=12, help="images per prompt (each from its own fixed seed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=ROOT / "runs" / "guard_judge")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "guard_judge.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from app.fidelity_guard import probe_seed
+    from app.generation import GenerationSettings, draw
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.fidelity import ShapesFidelity
+    from rlr_core.shapesworld import perception
+    from rlr_core.training import lora
+
+    folders = train_versions(args.cache, args.threads)
+    judges = {"guard": ShapesFidelity(), **{f"judge:{d.name}": ShapesFidelity(perception.load(d)) for d in args.judge}}
+    base = BuiltinBackend.load()
+    prompts = [q for q in RATE_PROMPTS + HELD_OUT for _ in range(args.seeds)]
+    seeds = [probe_seed(q, 7000 + i % args.seeds) for i, q in enumerate(prompts)]
+    settings = GenerationSettings(**DRAW)
+    read: dict[str, dict[str, Any]] = {}
+    for name, folder in tqdm([("base", None), *folders.items()], desc="versions"):
+        backend = base
+        if folder is not None:
+            backend = copy.deepcopy(base)
+            lora.apply_version(backend, folder)
+        images = torch.cat([draw(backend, prompts[i:i + 64], 0, settings, row_seeds=seeds[i:i + 64])
+                            for i in range(0, len(prompts), 64)])
+        read[name] = read_images(images, prompts, judges)
+
+    rows, versions = [], {}
+    for name in folders:
+        entry: dict[str, Any] = {"settings": VERSIONS[name]}
+        for judge in ["pixel", *judges]:
+            drop, se = paired_drop(read["base"]["fidelity"][judge], read[name]["fidelity"][judge])
+            entry[judge] = {"fidelity": round(statistics.mean(read[name]["fidelity"][judge]), 4),
+                            "drop": round(drop, 4), "drop_se": round(se, 4)}
+        pixel = entry["pixel"]
+        for judge in judges:
+            entry[judge]["share_of_pixel_drop"] = (round(entry[judge]["drop"] / pixel["drop"], 3)
+                                                  if pixel["drop"] > 2 * pixel["drop_se"] else None)
+            entry[judge]["attributes"] = attribute_disagreement(read[name]["right"], judge)
+        versions[name] = entry
+        rows.append({"version": name, "pixel drop": f"{pixel['drop']:.3f} ± {pixel['drop_se']:.3f}",
+                     **{f"{j} drop": f"{entry[j]['drop']:.3f} ± {entry[j]['drop_se']:.3f}" for j in judges},
+                     "guard share": entry["guard"]["share_of_pixel_drop"]})
+    base_fid = {j: round(statistics.mean(v), 4) for j, v in read["base"]["fidelity"].items()}
+    print_table(rows, list(rows[0]), title=f"fidelity drop from the base ({len(prompts)} images each; base {base_fid})")
+
+    must = [n for n, v in versions.items() if v["pixel"]["drop"] - 2 * v["pixel"]["drop_se"] > THRESHOLD]
+    must_not = [n for n, v in versions.items() if v["pixel"]["drop"] + 2 * v["pixel"]["drop_se"] < THRESHOLD]
+    targets = [
+        {"check": f"the guard's judge reads a drop past {THRESHOLD} for every version the pixels put past it by 2 SE",
+         "value": {n: versions[n]["guard"]["drop"] for n in must}, "met": all(versions[n]["guard"]["drop"] > THRESHOLD
+                                                                            for n in must)},
+        {"check": f"the guard's judge reads no drop past {THRESHOLD} for a version the pixels put below it by 2 SE",
+         "value": {n: versions[n]["guard"]["drop"] for n in must_not},
+         "met": all(versions[n]["guard"]["drop"] <= THRESHOLD for n in must_not)},
+    ]
+    for t in targets:
+        print(f"{'MET ' if t['met'] else 'MISS'}  {t['check']}: {t['value']}")
+    write_json(args.json, {"draw": {**DRAW, "prompts": RATE_PROMPTS + HELD_OUT, "images_per_prompt": args.seeds},
+                           "threshold": THRESHOLD, "base": base_fid, "versions": versions, "targets": targets})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""bench/guard_judge.py's readings: judges agree on fresh renders; disagreement is counted the right way round."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from bench.guard_judge import attribute_disagreement, paired_drop, read_images
+from rlr_core.fidelity import ShapesFidelity
+from rlr_core.shapesworld import world as sw
+
+
+def test_the_guard_and_the_pixels_both_read_fresh_renders_as_faithful():
+    scenes = random.Random(0).sample(sw.all_scenes(include_held_out=False), 24)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(np.stack([sw.render(s, rng) for s in scenes])).permute(0, 3, 1, 2)
+    prompts = [sw.caption(s) for s in scenes]
+    read = read_images(images, prompts, {"guard": ShapesFidelity()})
+    assert read["fidelity"]["pixel"] == [1.0] * 24
+    assert read["fidelity"]["guard"] == [1.0] * 24
+    # a blank image shows no shape: the pixels read the shape's attributes as wrong
+    blank = read_images(torch.zeros(1, 3, 32, 32), ["a large red circle on the left, white background"],
+                        {"guard": ShapesFidelity()})
+    assert blank["right"]["pixel"][0]["size"] is False and blank["right"]["pixel"][0]["background"] is False
+
+
+def test_lenient_and_strict_are_counted_against_the_pixels():
+    right = {"pixel": [{"size": False}, {"size": True}, {"size": True}, {"size": False}],
+             "guard": [{"size": True}, {"size": False}, {"size": True}, {"size": False}]}
+    assert attribute_disagreement(right, "guard") == {"size": {"n": 4, "lenient": 0.25, "strict": 0.25}}
+
+
+def test_the_drop_is_paired_image_by_image():
+    drop, se = paired_drop([1.0, 0.5, 1.0, 0.5], [0.5, 0.5, 0.5, 0.5])
+    assert drop == 0.25 and abs(se - 0.5773502 * 0.5 / 2) < 1e-6
