@@ -9,4 +9,7 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+# One test file per worker (module-scoped apps start once), a worker per core up to 4; tests
+# use one torch thread each (tests/conftest.py). RLR_TEST_WORKERS=0 runs in this process.
+CORES=$(nproc)
+exec .venv/bin/python -m pytest -n "${RLR_TEST_WORKERS:-$(( CORES < 4 ? CORES : 4 ))}" --dist loadfile "$@"
