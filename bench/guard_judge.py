@@ -17,7 +17,10 @@ fixed seeds), and every image is read twice:
 Per version: each judge's drop from the base (paired on the same noise, with its standard
 error), the share of the pixel-judged drop the guard's judge reads, and, per attribute, how
 often the judge reads an attribute as right where the pixels read it as wrong (lenient) or the
-reverse (strict). The targets are the guard's job on these versions: flag (drop past the
+reverse (strict). And how often the guard, drawing only ``k`` of the 12 images per prompt (it
+draws 2: 32 probe images), would flag each version (a drop past the threshold): the same images
+subsampled ``RESAMPLES`` times, paired between the version and the base. The targets are the
+guard's job on these versions: flag (drop past the
 guard's threshold, 0.05) every version whose pixel-judged loss is past the threshold by 2 SE,
 and none whose loss is below it by 2 SE.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,9 @@ VERSIONS: dict[str, list[str]] = {
     "default round": ["--estimator", "rlr", "--steps", "10", "--lr", "6e-3", "--kl-coef", "0.3",
                       "--reward", f"{HACK}+fidelity", "--seed", "6"],
 }
-DRAW = {"steps": 20, "guidance": 3.0}  # as the guard's probes are drawn (the round's sample settings)
+DRAW = {"steps": 20, "guidance": 3.0}
+PROBE_SIZES = (2, 4, 8)  # images per prompt the guard could draw (it draws app.fidelity_guard.PROBE_IMAGES)
+RESAMPLES = 2000  # as the guard's probes are drawn (the round's sample settings)
 
 
 def train_versions(cache: Path, threads: int) -> dict[str, Path]:
@@ -97,6 +103,17 @@ def attribute_disagreement(right: dict[str, list[dict[str, bool]]], judge: str) 
         out[attribute] = {"n": len(pairs), "lenient": round(sum(j and not p for p, j in pairs) / len(pairs), 4),
                           "strict": round(sum(p and not j for p, j in pairs) / len(pairs), 4)}
     return out
+
+
+def flag_rate(base: list[float], new: list[float], per_prompt: int, k: int, rng: random.Random) -> float:
+    """How often a guard drawing ``k`` of each prompt's ``per_prompt`` images (the same seeds for
+    the version and the base) reads a drop past :data:`THRESHOLD`."""
+    prompts = len(base) // per_prompt
+    flagged = 0
+    for _ in range(RESAMPLES):
+        picks = [p * per_prompt + j for p in range(prompts) for j in rng.sample(range(per_prompt), k)]
+        flagged += statistics.mean(base[i] - new[i] for i in picks) > THRESHOLD
+    return flagged / RESAMPLES
 
 
 def main() -> None:
@@ -145,10 +162,15 @@ def main() -> None:
             entry[judge]["share_of_pixel_drop"] = (round(entry[judge]["drop"] / pixel["drop"], 3)
                                                   if pixel["drop"] > 2 * pixel["drop_se"] else None)
             entry[judge]["attributes"] = attribute_disagreement(read[name]["right"], judge)
+        entry["guard"]["flag_rate"] = {str(k): flag_rate(read["base"]["fidelity"]["guard"],
+                                                         read[name]["fidelity"]["guard"], args.seeds, k,
+                                                         random.Random(k))
+                                       for k in PROBE_SIZES if k < args.seeds}
         versions[name] = entry
         rows.append({"version": name, "pixel drop": f"{pixel['drop']:.3f} ± {pixel['drop_se']:.3f}",
                      **{f"{j} drop": f"{entry[j]['drop']:.3f} ± {entry[j]['drop_se']:.3f}" for j in judges},
-                     "guard share": entry["guard"]["share_of_pixel_drop"]})
+                     "guard share": entry["guard"]["share_of_pixel_drop"],
+                     **{f"flagged at {k}/prompt": v for k, v in entry["guard"]["flag_rate"].items()}})
     base_fid = {j: round(statistics.mean(v), 4) for j, v in read["base"]["fidelity"].items()}
     print_table(rows, list(rows[0]), title=f"fidelity drop from the base ({len(prompts)} images each; base {base_fid})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from bench.guard_judge import attribute_disagreement, paired_drop, read_images
@@ -35,3 +36,13 @@ def test_lenient_and_strict_are_counted_against_the_pixels():
 def test_the_drop_is_paired_image_by_image():
     drop, se = paired_drop([1.0, 0.5, 1.0, 0.5], [0.5, 0.5, 0.5, 0.5])
     assert drop == 0.25 and abs(se - 0.5773502 * 0.5 / 2) < 1e-6
+
+
+def test_the_flag_rate_counts_subsamples_past_the_threshold():
+    from bench.guard_judge import flag_rate
+
+    base = [1.0] * 8  # 2 prompts x 4 images
+    assert flag_rate(base, [1.0] * 8, 4, 2, random.Random(0)) == 0.0  # no drop: never flagged
+    assert flag_rate(base, [0.5] * 8, 4, 2, random.Random(0)) == 1.0  # a drop of 0.5 everywhere: always
+    one_bad = [1.0] * 7 + [0.0]  # one image of 8 lost: flagged when the subsample holds it
+    assert flag_rate(base, one_bad, 4, 2, random.Random(0)) == pytest.approx(0.5, abs=0.05)
