@@ -37,11 +37,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from app.fidelity_guard import beyond, paired_drop
 from bench.common import print_table, write_json
 from bench.loop import HELD_OUT, RATE_PROMPTS
+from rlr_core.training.defaults import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
-THRESHOLD = 0.05  # the guard's default (rlr_core/training/defaults.py, fidelity_threshold)
+THRESHOLD = DEFAULTS["fidelity_threshold"]  # the guard's default
 HACK = "prefer-large+prefer-colour:red"  # ignores the prompt's size and colour
 # name -> the training command line's round settings (python -m rlr_core.training)
 VERSIONS: dict[str, list[str]] = {
@@ -89,11 +91,6 @@ def read_images(images: torch.Tensor, prompts: list[str], judges: dict[str, Any]
     return {"fidelity": fidelity, "right": right}
 
 
-def paired_drop(base: list[float], new: list[float]) -> tuple[float, float]:
-    diffs = [b - n for b, n in zip(base, new)]
-    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-
-
 def attribute_disagreement(right: dict[str, list[dict[str, bool]]], judge: str) -> dict[str, dict[str, float]]:
     """Per attribute: the share of its readings the judge takes as right where the pixels say
     wrong (lenient) and wrong where they say right (strict)."""
@@ -112,7 +109,7 @@ def flag_rate(base: list[float], new: list[float], per_prompt: int, k: int, rng:
     flagged = 0
     for _ in range(RESAMPLES):
         picks = [p * per_prompt + j for p in range(prompts) for j in rng.sample(range(per_prompt), k)]
-        flagged += statistics.mean(base[i] - new[i] for i in picks) > THRESHOLD
+        flagged += beyond(statistics.mean(base[i] - new[i] for i in picks), 0.0, THRESHOLD)
     return flagged / RESAMPLES
 
 
@@ -154,7 +151,9 @@ def main() -> None:
     for name in folders:
         entry: dict[str, Any] = {"settings": VERSIONS[name]}
         for judge in ["pixel", *judges]:
-            drop, se = paired_drop(read["base"]["fidelity"][judge], read[name]["fidelity"][judge])
+            # the guard's own paired drop, image by image instead of prompt by prompt
+            drop, se = paired_drop(dict(enumerate(read["base"]["fidelity"][judge])),
+                                   dict(enumerate(read[name]["fidelity"][judge])))
             entry[judge] = {"fidelity": round(statistics.mean(read[name]["fidelity"][judge]), 4),
                             "drop": round(drop, 4), "drop_se": round(se, 4)}
         pixel = entry["pixel"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.guard_judge import attribute_disagreement, paired_drop, read_images
+from app.fidelity_guard import paired_drop
+from bench.guard_judge import attribute_disagreement, read_images
 from rlr_core.fidelity import ShapesFidelity
 from rlr_core.shapesworld import world as sw
 
@@ -34,7 +35,7 @@ def test_lenient_and_strict_are_counted_against_the_pixels():
 
 
 def test_the_drop_is_paired_image_by_image():
-    drop, se = paired_drop([1.0, 0.5, 1.0, 0.5], [0.5, 0.5, 0.5, 0.5])
+    drop, se = paired_drop(dict(enumerate([1.0, 0.5, 1.0, 0.5])), dict(enumerate([0.5, 0.5, 0.5, 0.5])))
     assert drop == 0.25 and abs(se - 0.5773502 * 0.5 / 2) < 1e-6
 
 
