@@ -27,9 +27,12 @@ spots fastest. So every round is checked by the backend's fidelity judge
 
 The guard is as good as its judge. On the built-in model the judge is the perception model that
 the round's fidelity term climbs; ``python -m bench.guard_judge`` measured what it reads of a
-pixel-judged loss: about three quarters for a round trained without the term and half for one
-trained with it, mostly by reading a distorted shape's kind as asked (docs/benchmarks.md). A
-second perception model of the same recipe read the same, so it would not be an independent judge.
+pixel-judged loss. Counting an attribute as read back whenever it is the heads' most likely
+value read about three quarters of it for a round trained without the term and half for one
+trained with it, mostly by reading a distorted shape's kind as asked; counting only sure
+readings (the judge's ``confidence``, 0.99) read all of both, with about as few alarms on
+faithful versions (docs/benchmarks.md). A second perception model of the same recipe read what
+the first read, so it would not be an independent judge.
 
 Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
 so the parent and the base are drawn once per probe prompt, not every round.
@@ -109,7 +112,8 @@ class ProbeCache:
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
-        return json.dumps([judge.name, "accuracy", prompt, probe_seed(prompt), per_prompt, settings.steps,
+        measure_name = f"accuracy@{getattr(judge, 'confidence', 0.0)}"  # a stricter reading is another measure
+        return json.dumps([judge.name, measure_name, prompt, probe_seed(prompt), per_prompt, settings.steps,
                            settings.guidance, settings.eta])
 
     def _read(self) -> dict[str, dict[str, float]]:

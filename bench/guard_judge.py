@@ -8,10 +8,12 @@ versions of the built-in model that lose fidelity on purpose (a reward for large
 whatever the prompt asks), from mild to severe, once with the fidelity term and once without,
 and one like the app's default round (RLR with the fidelity term and the KL). Each version and
 the base model then draw the same images (the loop benchmark's 16 prompts, each from ``--seeds``
-fixed seeds), and every image is read twice:
+fixed seeds), and every image is read by each judge:
 
-- by the guard's judge (the perception model's ``accuracy``, what the guard averages; more
-  judges with ``--judge``, e.g. a second perception model trained from another seed);
+- by the guard's judge (the perception model's ``accuracy``, what the guard averages: an
+  attribute counts as read back when the heads give it at least the judge's ``confidence``);
+  by the same heads taking their most likely value (the guard's earlier reading); and by more
+  judges with ``--judge``, e.g. a second perception model trained from another seed;
 - by the pixel judge (rlr_core/shapesworld/pixel_judge.py, fixed arithmetic, nothing to climb).
 
 Per version: each judge's drop from the base (paired on the same noise, with its standard
@@ -78,15 +80,15 @@ def train_versions(cache: Path, threads: int) -> dict[str, Path]:
 
 
 def read_images(images: torch.Tensor, prompts: list[str], judges: dict[str, Any]) -> dict[str, Any]:
-    """Per image, each judge's fidelity, and per named attribute whether each judge reads it right."""
+    """Per image, each judge's fidelity, and per named attribute whether each judge reads it right
+    (a judge by its own rule: ``read_back``, what its ``accuracy`` averages)."""
     from rlr_core.shapesworld import pixel_judge
     from rlr_core.shapesworld import world as sw
 
     wanted = [sw.parse_caption(p).specified() for p in prompts]
-    readings = {"pixel": [{a: r.value(a) for a in w} for r, w in zip(pixel_judge.read(images), wanted)]}
+    right = {"pixel": [{a: r.value(a) == v for a, v in w.items()} for r, w in zip(pixel_judge.read(images), wanted)]}
     for name, judge in judges.items():
-        readings[name] = judge.model.predict(images)
-    right = {name: [{a: r[a] == v for a, v in w.items()} for r, w in zip(rs, wanted)] for name, rs in readings.items()}
+        right[name] = judge.read_back(images, prompts)
     fidelity = {name: [sum(r.values()) / len(r) for r in rows] for name, rows in right.items()}
     return {"fidelity": fidelity, "right": right}
 
@@ -132,7 +134,10 @@ def main() -> None:
     from rlr_core.training import lora
 
     folders = train_versions(args.cache, args.threads)
-    judges = {"guard": ShapesFidelity(), **{f"judge:{d.name}": ShapesFidelity(perception.load(d)) for d in args.judge}}
+    most_likely = ShapesFidelity()
+    most_likely.confidence = 0.0  # the reading the guard used before it asked for sure readings
+    judges = {"guard": ShapesFidelity(), "guard, most likely value": most_likely,
+              **{f"judge:{d.name}": ShapesFidelity(perception.load(d)) for d in args.judge}}
     base = BuiltinBackend.load()
     prompts = [q for q in RATE_PROMPTS + HELD_OUT for _ in range(args.seeds)]
     seeds = [probe_seed(q, 7000 + i % args.seeds) for i, q in enumerate(prompts)]

@@ -7,7 +7,8 @@ what prompts ask for. A judge scores that independently of the proxy, per image 
 - :class:`ShapesFidelity` (the built-in image model): the perception model's attribute heads
   against the words of the prompt. ``score``: the mean over the attributes it names of
   p(attribute = value | image), differentiable, so a round can add it to its reward;
-  ``accuracy``: the fraction of them the heads read back, what the guard decides on.
+  ``accuracy``: the fraction of them the heads read back surely (p >= 0.99), what the guard
+  decides on.
 - :class:`ClipsFidelity` (the built-in clip model): the same with the clip perception model,
   whose heads read kind, colour, size and background from the frames and direction and speed
   from the motion (a speed counts only for a moving clip).
@@ -49,13 +50,21 @@ class FidelityJudge(Protocol):
         is); for similarity judges the score itself."""
 
 
+def _attribute_read_back(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
+                         values: dict[str, tuple[str, ...]], confidence: float) -> list[dict[str, bool]]:
+    """Per row, per named attribute: whether the named value is the most likely one, with a
+    probability of at least ``confidence`` (0: the most likely value is enough)."""
+    probs = {name: lg.softmax(-1) for name, lg in logits.items()}
+    best = {name: p.argmax(-1) for name, p in probs.items()}
+    return [{a: int(best[a][i]) == values[a].index(v) and float(probs[a][i, values[a].index(v)]) >= confidence
+             for a, v in attrs.items()} for i, attrs in enumerate(wanted)]
+
+
 def _attribute_accuracy(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
-                        values: dict[str, tuple[str, ...]]) -> torch.Tensor:
-    """Fraction of each row's named attributes whose most likely value is the named one; 1 for none."""
-    best = {name: lg.argmax(-1) for name, lg in logits.items()}
-    rows = [sum(int(best[a][i]) == values[a].index(v) for a, v in attrs.items()) / len(attrs) if attrs else 1.0
-            for i, attrs in enumerate(wanted)]
-    return torch.tensor(rows)
+                        values: dict[str, tuple[str, ...]], confidence: float = 0.0) -> torch.Tensor:
+    """Fraction of each row's named attributes read back (:func:`_attribute_read_back`); 1 for none."""
+    rows = _attribute_read_back(logits, wanted, values, confidence)
+    return torch.tensor([sum(r.values()) / len(r) if r else 1.0 for r in rows])
 
 
 def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
@@ -77,6 +86,7 @@ class AttributeFidelity:
     name = "attributes"
     differentiable = True
     relative = False
+    confidence = 0.0  # how sure the heads must be of a value for ``accuracy`` to count it as read back
 
     def __init__(self, model: torch.nn.Module, values: dict[str, tuple[str, ...]]):
         self.model = model.requires_grad_(False)
@@ -100,14 +110,26 @@ class AttributeFidelity:
         return _attribute_fidelity(self._logits(images), wanted, self.values).to(images.device)
 
     @torch.no_grad()
+    def read_back(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, bool]]:
+        """Per image, per attribute its prompt names: whether the heads read it back (see ``confidence``)."""
+        return _attribute_read_back(self._logits(images), [self.wanted(p) for p in prompts], self.values,
+                                    self.confidence)
+
+    @torch.no_grad()
     def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return _attribute_accuracy(self._logits(images), [self.wanted(p) for p in prompts], self.values)
+        return _attribute_accuracy(self._logits(images), [self.wanted(p) for p in prompts], self.values,
+                                   self.confidence)
 
 
 class ShapesFidelity(AttributeFidelity):
     """The built-in image model's judge: the shipped perception model (see the module docstring)."""
 
     name = "perception"
+    # A shape drawn out of true (a circle gone square-ish) still reads as the kind asked for, but
+    # less surely. Counting only sure readings, the guard read the whole of the pixel-judged loss of
+    # a version trained to hack fidelity, with the fidelity term too, where argmax read half
+    # (bench/guard_judge.py, docs/benchmarks.md).
+    confidence = 0.99
 
     def __init__(self, perception=None):
         from rlr_core.shapesworld import perception as perception_mod
