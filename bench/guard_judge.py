@@ -136,7 +136,7 @@ def main() -> None:
     folders = train_versions(args.cache, args.threads)
     most_likely = ShapesFidelity()
     most_likely.confidence = 0.0  # the reading the guard used before it asked for sure readings
-    judges = {"guard": ShapesFidelity(), "guard, most likely value": most_likely,
+    judges = {"guard": ShapesFidelity(), "guard:most-likely": most_likely,
               **{f"judge:{d.name}": ShapesFidelity(perception.load(d)) for d in args.judge}}
     base = BuiltinBackend.load()
     prompts = [q for q in RATE_PROMPTS + HELD_OUT for _ in range(args.seeds)]

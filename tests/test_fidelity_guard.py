@@ -44,6 +44,24 @@ def test_the_builtin_judge_scores_what_the_prompt_names_and_is_differentiable(bu
     assert judge_.judges(prompt) and not judge_.judges("a shape")
 
 
+def test_the_builtin_judge_counts_only_sure_readings(builtin_backend):
+    from rlr_core.fidelity import _attribute_accuracy
+
+    judge_ = builtin_backend.fidelity_judge()
+    assert judge_.confidence == 0.99
+    prompt = "a small red circle on the left"
+    assert judge_.accuracy(renders([prompt] * 4), [prompt] * 4).tolist() == [1.0] * 4  # renders read surely
+    # the named kind is the most likely (p ~ 0.90) but not sure; the size is sure (p ~ 0.9999)
+    kinds, sizes = sw.ATTRIBUTES["kind"], sw.ATTRIBUTES["size"]
+    logits = {"kind": torch.tensor([[5.0 if k == "circle" else 2.0 for k in kinds]]),
+              "size": torch.tensor([[10.0 if s == "small" else 0.0 for s in sizes]])}
+    wanted = [{"kind": "circle", "size": "small"}]
+    assert _attribute_accuracy(logits, wanted, sw.ATTRIBUTES).tolist() == [1.0]  # most likely value: read
+    assert _attribute_accuracy(logits, wanted, sw.ATTRIBUTES, 0.99).tolist() == [0.5]  # sure readings only
+    wanted_square = [{"kind": "square"}]
+    assert _attribute_accuracy(logits, wanted_square, sw.ATTRIBUTES, 0.0).tolist() == [0.0]
+
+
 def test_the_clip_model_judge_reads_direction_and_speed():
     from rlr_core.backends.builtin_clips import BuiltinClipBackend
     from rlr_core.shapesworld.clip_perception import render_clips

@@ -131,11 +131,15 @@ def guard_note(judge: Any) -> str:
     if judge is None:
         return ("⚠️ **Prompt fidelity is not guarded on this model**: it has no fidelity judge (for Stable "
                 "Diffusion and AnimateDiff, start the app with `--reward-encoder clip:<CLIP model>`).")
-    return (f"After every round a fidelity guard ({judge.name}) judges the new version, its parent and the base "
-            "model on fixed probe prompts; a version that falls past the threshold is flagged and not made active."
-            + (" The fidelity weight trains against this same judge, and a round that climbed it reads to it as more "
-               "faithful than it is (docs/benchmarks.md, \"The guard's judge against the pixels\")."
-               if judge.differentiable else ""))
+    note = (f"After every round a fidelity guard ({judge.name}) judges the new version, its parent and the base "
+            "model on fixed probe prompts; a version that falls past the threshold is flagged and not made active.")
+    if judge.differentiable:
+        note += (" The fidelity weight trains against this same judge, and a round that climbed it can read to it as "
+                 "more faithful than it is")
+        if getattr(judge, "confidence", 0.0):
+            note += f"; the guard counts only the attributes the judge reads with p ≥ {judge.confidence:g}"
+        note += " (docs/benchmarks.md, \"The guard's judge against the pixels\")."
+    return note
 
 
 def prompts_table(status: dict[str, Any]) -> pd.DataFrame:
