@@ -39,6 +39,7 @@ threads each. The checks, table, markdown and plot are in ``bench/loop_report.py
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -103,21 +104,39 @@ def _draw(client, example, prompts, seeds, version_id) -> tuple[torch.Tensor, li
     return torch.cat(images), texts
 
 
+@functools.cache
+def guard_judge() -> Any:
+    """The app's fidelity judge on the built-in model (what the guard reads), loaded once per process."""
+    from rlr_core.fidelity import ShapesFidelity
+
+    return ShapesFidelity()
+
+
 @torch.no_grad()
 def measure(client, example, rater, version_id: int) -> dict[str, Any]:
-    """One version on fixed noise: score, pixel-judged fidelity and quality (see the module docstring)."""
+    """One version on fixed noise: score, pixel-judged fidelity and quality (see the module docstring),
+    and, to tell a blind judge from a probe set that missed, the guard's judge on the same images
+    and the pixel judge's misses per attribute (``no_shape``: images where it found no shape)."""
     from rlr_core.shapesworld import pixel_judge
+    from rlr_core.shapesworld import world as sw
 
     rated, rated_prompts = _draw(client, example, RATE_PROMPTS, SCORE_SEEDS, version_id)
     held, held_prompts = _draw(client, example, HELD_OUT, FIDELITY_SEEDS, version_id)
     scores = rater.score(rated, rated_prompts)
     images, prompts = torch.cat([rated, held]), rated_prompts + held_prompts
-    fid = [f for f in pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts) if f is not None]
+    readings = pixel_judge.read(images)
+    fid = [f for f in pixel_judge.prompt_fidelity(readings, prompts) if f is not None]
     fid_held = pixel_judge.prompt_fidelity(pixel_judge.read(held), held_prompts)
     quality = pixel_judge.quality(images, prompts)["quality"]
+    judged = [i for i, q in enumerate(prompts) if guard_judge().judges(q)]
+    guard_fid = guard_judge().accuracy(images[judged], [prompts[i] for i in judged])
+    wanted = [sw.parse_caption(q).specified() for q in prompts]
+    misses = {a: round(statistics.mean(r.value(a) != w[a] for r, w in zip(readings, wanted) if a in w), 4)
+              for a in sw.ATTRIBUTES if any(a in w for w in wanted)}
     return {"scores": [round(float(x), 5) for x in scores], "score": round(float(scores.mean()), 4),
             "fidelity": round(statistics.mean(fid), 4), "fidelity_held_out": round(statistics.mean(fid_held), 4),
-            "quality": round(float(quality.mean()), 4)}
+            "quality": round(float(quality.mean()), 4), "guard_judge_fidelity": round(float(guard_fid.mean()), 4),
+            "pixel_misses": misses, "no_shape": round(statistics.mean(r.size is None for r in readings), 4)}
 
 
 def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
@@ -198,7 +217,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                    "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"), "phases": phases,
                    "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
             new_measure = measured_version(new["version_id"])
-            row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality")}
+            row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality",
+                                                              "guard_judge_fidelity", "pixel_misses", "no_shape")}
             row.update(measured_version(active["version_id"]))
             rows.append(row)
             log(f"[{arm} {taste} {seed}] round {r}: {new['name']}{' FLAGGED' if row['guard_flagged'] else ''}, "
