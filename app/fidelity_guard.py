@@ -60,7 +60,7 @@ MAX_PROBE_PROMPTS = 16
 WATCH_PROMPTS = 8  # inside the round
 WATCH_IMAGES = 2  # per prompt
 # A drop counts when it passes the threshold and this many paired standard errors of it. 0: the
-# point estimate decides. Measured on the loop (bench/loop.py, bench/results/loop.json,
+# point estimate decides. Measured on the loop (bench/loop.py, bench/results/loop_2se.json,
 # "guard_against_pixels", 24 new versions judged from the pixels): asking for 2 SE flagged 1 of 17
 # faithful versions but only 2 of 7 that lost more than 0.05; the point estimate would have
 # flagged 5 of the 7 losses and 8 of the 17 faithful. A loss the rater cannot see costs more than

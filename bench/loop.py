@@ -27,7 +27,11 @@ learns from), on fixed noise:
   that the reward proxy, the rater and the app's guard look through), on those images and on 8
   held-out prompts (``HELD_OUT``, not the guard's) x 2 images;
 - **quality**: the pixel judge's image quality (sharpness and background noise against renders);
-- the guard's verdict, blind wins against the parent, the round's wall time.
+- the guard's verdict, blind wins against the parent, the round's wall time;
+- to tell a misreading judge from probes that show something else: the guard's judge on the
+  benchmark's own images (``guard_judge_fidelity``), the pixel judge's misses per attribute,
+  and the guard's verdict redrawn on its own probe images and read by the pixel judge
+  (``guard_on_pixels``, ``bench/guard_probes.py``).
 
 Every finished run is cached (``--cache``, one JSON each); a rerun resumes, ``--from-cache``
 only summarises. A run in progress keeps what it measured after every round (``.partial.json``),
@@ -148,7 +152,9 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
     from app.config import AppConfig
     from app.round_config import BUILTIN_IMAGE_DEFAULTS
     from app.server import serve
+    from bench.guard_probes import PixelVerdicts
     from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.fidelity import ShapesFidelity
     from rlr_core.shapesworld import raters
     from rlr_core.shapesworld.perception import load
 
@@ -169,6 +175,7 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
             serve(AppConfig(data_dir=Path(tmp), port=0), BuiltinBackend.load()) as app:
         app.services.rounds.warm_up()  # as python app.py does once it serves
         client = gradio_client.Client(app.url, verbose=False)
+        pixel_verdicts = PixelVerdicts(app.services.models, Path(tmp), ShapesFidelity.name)
         rater_id = f"sim-{taste}"
 
         def version_of(active: bool = True, version_id: int | None = None) -> dict[str, Any]:
@@ -216,6 +223,10 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                    "watch_fidelity_last": m.get("watch_fidelity_last"),
                    "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"), "phases": phases,
                    "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
+            if m.get("fidelity_judge"):  # the guard ran: its verdict again, from the pixels on its own probes
+                parent_id = app.services.store.get_model_version(new["version_id"])["parent_id"]
+                row["guard_on_pixels"] = pixel_verdicts.verdict(new["version_id"], parent_id, base["version_id"],
+                                                                m["fidelity_threshold"])
             new_measure = measured_version(new["version_id"])
             row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality",
                                                               "guard_judge_fidelity", "pixel_misses", "no_shape")}

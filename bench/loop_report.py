@@ -40,7 +40,9 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
 def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLERANCE) -> dict[str, Any]:
     """How the guard's verdicts on every new version compare with the pixels (a loss: more than
     ``threshold`` below the base's pixel fidelity): as run, and as the rule on the point estimate
-    alone (a drop past the threshold, no standard errors) would have judged the same scores."""
+    alone (a drop past the threshold, no standard errors) would have judged the same scores; and,
+    where the run redrew them (``guard_on_pixels``), against the pixel judge's verdict on the
+    guard's own probe images ("on_its_probes": a loss is a version the same rule flags there)."""
     from app import fidelity_guard
 
     counts = {rule: {"losses": 0, "losses_flagged": 0, "faithful": 0, "faithful_flagged": 0}
@@ -57,6 +59,12 @@ def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLE
             for rule, flagged in (("as_run", r["guard_flagged"]), ("point_estimate", point)):
                 counts[rule][kind] += 1
                 counts[rule][f"{kind}_flagged"] += int(flagged)
+            if r.get("guard_on_pixels"):  # the guard's own probes, read by the pixel judge (bench/guard_probes.py)
+                kind = "losses" if r["guard_on_pixels"]["fidelity_flagged"] else "faithful"
+                probes = counts.setdefault("on_its_probes", {"losses": 0, "losses_flagged": 0, "faithful": 0,
+                                                             "faithful_flagged": 0})
+                probes[kind] += 1
+                probes[f"{kind}_flagged"] += int(r["guard_flagged"])
     return counts
 
 

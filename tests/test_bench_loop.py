@@ -55,6 +55,11 @@ def test_the_guard_is_scored_against_the_pixels_as_run_and_on_its_point_estimate
     got = guard_confusion([run])
     assert got["as_run"] == {"losses": 1, "losses_flagged": 0, "faithful": 1, "faithful_flagged": 1}
     assert got["point_estimate"] == {"losses": 1, "losses_flagged": 1, "faithful": 1, "faithful_flagged": 0}
+    assert "on_its_probes" not in got  # runs that did not redraw the guard's probes
+    # on its own probes the pixels call the kept version's drop a loss, the passed one faithful
+    lost["guard_on_pixels"], kept["guard_on_pixels"] = {"fidelity_flagged": False}, {"fidelity_flagged": True}
+    assert guard_confusion([run])["on_its_probes"] == {"losses": 1, "losses_flagged": 1, "faithful": 1,
+                                                       "faithful_flagged": 0}
 
 
 def test_the_targets_need_two_tastes_and_three_seeds_of_the_default():
@@ -89,3 +94,42 @@ def test_runs_cut_short_are_summarised_only_when_asked_and_only_with_a_finished_
     table = summarise(runs, "default")["table"]
     assert "score_1" in table[0] and "score_2" not in table[0]  # the rounds every run reached
     assert table[0]["new_fidelity_1"] == 0.90
+
+
+def test_the_guards_probes_are_redrawn_and_read_from_the_pixels(tmp_path: Path, builtin_backend):
+    import copy
+
+    import torch
+
+    from app.fidelity_guard import ProbeCache
+    from app.generation import GenerationSettings
+    from bench.guard_probes import PixelVerdicts, probe_set
+    from rlr_core.fidelity import ShapesFidelity
+
+    class Models:  # the app's version cache: 1 the base, 2 a version that draws noise
+        def __init__(self):
+            self.broken = copy.deepcopy(builtin_backend)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for p in self.broken.denoiser.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+
+        def backend(self, version_id: int):
+            return builtin_backend if version_id == 1 else self.broken
+
+    judge = ShapesFidelity()
+    settings = GenerationSettings(steps=6, guidance=3.0)
+    prompts = ["a red circle on the left", "a large blue square", "a shape"]  # the last names nothing
+    cache = ProbeCache(tmp_path)
+    for vid in (1, 2):
+        cache.remember(vid, judge, {p: 0.5 for p in prompts}, settings)
+    found = probe_set(tmp_path, 2, judge.name)
+    assert found is not None and found[0] == prompts and found[1] == settings and found[2] == 2
+    assert probe_set(tmp_path, 3, judge.name) is None and probe_set(tmp_path, 2, "clip-similarity") is None
+
+    verdicts = PixelVerdicts(Models(), tmp_path, judge.name)
+    same = verdicts.verdict(1, 1, 1, threshold=0.05)
+    assert same["fidelity_judge"] == "pixel" and same["fidelity_probes"] == 2 and same["fidelity_drop"] == 0
+    assert 0.5 < same["fidelity"] <= 1.0  # the base draws what these prompts ask for, mostly
+    wrecked = verdicts.verdict(2, 1, 1, threshold=0.05)
+    assert wrecked["fidelity_flagged"] and wrecked["fidelity_drop"] > 0.2, wrecked

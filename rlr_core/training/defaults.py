@@ -64,13 +64,13 @@ DEFAULTS: dict[str, Any] = {
 
 
 # The built-in image model's pick, from the loop the person lives with (bench/loop.py,
-# docs/benchmarks.md "The loop"; bench/results/loop.json, loop_20steps.json, loop_screen.json): a
+# docs/benchmarks.md "The loop"; bench/results/loop_2se.json, loop_20steps.json, loop_screen.json): a
 # proxy learnt from 32 ratings and 24 comparisons per round, four rounds in a row, judged from the
 # pixels. Truncated backprop (the race's pick on a fixed reward) raised the bold rater's score most
 # in a round (0.41 -> 0.60) but lost pixel-judged prompt fidelity (0.91 -> 0.74) and image quality
 # (0.86 -> 0.68), and the guard flagged every version it made (loop_screen.json). RLR with the
 # fidelity term and the KL to the round's parent keeps each round's step on the prompt and small.
-# 10 steps at batch 6 and learning rate 6e-3 (loop.json), not 20 at batch 8 and 3e-3
+# 10 steps at batch 6 and learning rate 6e-3 (loop_2se.json), not 20 at batch 8 and 3e-3
 # (loop_20steps.json): about the same distance in Adam steps in half the time, and the round-1 rise
 # passed 3 SE on 3 runs of 6 instead of 1. patience 0: RLR's noisy per-step reward made the plateau
 # stop end rounds early. No in-round watch: its 16 probe images stopped rounds on noise (they are
