@@ -30,8 +30,9 @@ the round's fidelity term climbs; ``python -m bench.guard_judge`` measured what 
 pixel-judged loss. Counting an attribute as read back whenever it is the heads' most likely
 value read about three quarters of it for a round trained without the term and half for one
 trained with it, mostly by reading a distorted shape's kind as asked; counting only sure
-readings (the judge's ``confidence``, 0.99) read all of both, with about as few alarms on
-faithful versions (docs/benchmarks.md). A second perception model of the same recipe read what
+readings (the judge's ``confidence``, 0.99) read all of both, at the price of a few more
+sampling alarms on faithful versions (5-16 % of 32-image draws against 5-11 %;
+docs/benchmarks.md). A second perception model of the same recipe read what
 the first read, so it would not be an independent judge.
 
 Scores of a version on a probe are cached in ``fidelity_probes.json`` (versions never change),
