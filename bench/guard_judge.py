@@ -60,9 +60,9 @@ VERSIONS: dict[str, list[str]] = {
     "default round": ["--estimator", "rlr", "--steps", "10", "--lr", "6e-3", "--kl-coef", "0.3",
                       "--reward", f"{HACK}+fidelity", "--seed", "6"],
 }
-DRAW = {"steps": 20, "guidance": 3.0}
+DRAW = {"steps": 20, "guidance": 3.0}  # as the guard's probes are drawn (the round's sample settings)
 PROBE_SIZES = (2, 4, 8)  # images per prompt the guard could draw (it draws app.fidelity_guard.PROBE_IMAGES)
-RESAMPLES = 2000  # as the guard's probes are drawn (the round's sample settings)
+RESAMPLES = 2000  # subsamples per probe size
 
 
 def train_versions(cache: Path, threads: int) -> dict[str, Path]:

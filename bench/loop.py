@@ -130,7 +130,7 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
     images, prompts = torch.cat([rated, held]), rated_prompts + held_prompts
     readings = pixel_judge.read(images)
     fid = [f for f in pixel_judge.prompt_fidelity(readings, prompts) if f is not None]
-    fid_held = pixel_judge.prompt_fidelity(pixel_judge.read(held), held_prompts)
+    fid_held = pixel_judge.prompt_fidelity(readings[len(rated):], held_prompts)  # the held-out images come last
     quality = pixel_judge.quality(images, prompts)["quality"]
     judged = [i for i, q in enumerate(prompts) if guard_judge().judges(q)]
     guard_fid = guard_judge().accuracy(images[judged], [prompts[i] for i in judged])
