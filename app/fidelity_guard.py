@@ -113,7 +113,8 @@ class ProbeCache:
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
-        measure_name = f"accuracy@{getattr(judge, 'confidence', 0.0)}"  # a stricter reading is another measure
+        # a stricter reading is another measure
+        measure_name = getattr(judge, "reading", f"accuracy@{getattr(judge, 'confidence', 0.0)}")
         return json.dumps([judge.name, measure_name, prompt, probe_seed(prompt), per_prompt, settings.steps,
                            settings.guidance, settings.eta])
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["app", "rlr_core", "feedback_store"]
-MODELS = ["models/shapesworld-tiny", "models/perception"]
+MODELS = ["models/shapesworld-tiny", "models/perception", "models/presence"]
 FILES = ["app.py"]
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache")
 PYTHON_VERSION = "3.11"

@@ -24,8 +24,9 @@ learns from), on fixed noise:
 - **score**: the rater's latent utility on ``RATE_PROMPTS`` x 4 seeds x 2 images;
 - **fidelity**: judged from the pixels alone (``rlr_core/shapesworld/pixel_judge.py``: kind,
   colour, size, position and background, with no network, independent of the perception model
-  that the reward proxy, the rater and the app's guard look through), on those images and on 8
-  held-out prompts (``HELD_OUT``, not the guard's) x 2 images;
+  that the reward proxy, the rater and the app's guard look through), on those images
+  (``fidelity_rated``: the short prompts the rater rates) and on as many of 8 fully specified
+  held-out prompts (``HELD_OUT``, not the guard's; ``fidelity_held_out``), checked apart;
 - **quality**: the pixel judge's image quality (sharpness and background noise against renders);
 - the guard's verdict, blind wins against the parent, the round's wall time;
 - to tell a misreading judge from probes that show something else: the guard's judge on the
@@ -68,7 +69,9 @@ HELD_OUT = ["a large red square on the right", "a small yellow circle on the lef
             "a green triangle on the right, white background", "a small blue square in the center, gray background",
             "a large purple triangle on the left", "an orange circle in the center, white background",
             "a small red triangle on the right, navy background", "a large blue circle on the left, gray background"]
-SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002, 1003, 1004], [2001], 2
+# as many held-out images (8 prompts x 4 seeds x 2) as rated ones: a loss on the prompts nobody rates
+# weighs as much as one on those they do
+SCORE_SEEDS, FIDELITY_SEEDS, PER_SEED = [1001, 1002, 1003, 1004], [2001, 2002, 2003, 2004], 2
 LOOP = {"rated_per_round": 32, "comparisons_per_round": 24, "sample_steps": 20, "guidance": 3.0}
 
 # the regularisers of the round settings: the KL to the parent, the fidelity term, the in-round watch
@@ -129,8 +132,8 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
     scores = rater.score(rated, rated_prompts)
     images, prompts = torch.cat([rated, held]), rated_prompts + held_prompts
     readings = pixel_judge.read(images)
-    fid = [f for f in pixel_judge.prompt_fidelity(readings, prompts) if f is not None]
-    fid_held = pixel_judge.prompt_fidelity(readings[len(rated):], held_prompts)  # the held-out images come last
+    fid = pixel_judge.prompt_fidelity(readings, prompts)
+    fid_rated, fid_held = fid[:len(rated)], fid[len(rated):]  # the held-out images come last
     quality = pixel_judge.quality(images, prompts)["quality"]
     judged = [i for i, q in enumerate(prompts) if guard_judge().judges(q)]
     guard_fid = guard_judge().accuracy(images[judged], [prompts[i] for i in judged])
@@ -138,7 +141,9 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
     misses = {a: round(statistics.mean(r.value(a) != w[a] for r, w in zip(readings, wanted) if a in w), 4)
               for a in sw.ATTRIBUTES if any(a in w for w in wanted)}
     return {"scores": [round(float(x), 5) for x in scores], "score": round(float(scores.mean()), 4),
-            "fidelity": round(statistics.mean(fid), 4), "fidelity_held_out": round(statistics.mean(fid_held), 4),
+            "fidelity": round(statistics.mean(f for f in fid if f is not None), 4),
+            "fidelity_rated": round(statistics.mean(f for f in fid_rated if f is not None), 4),
+            "fidelity_held_out": round(statistics.mean(fid_held), 4),
             "quality": round(float(quality.mean()), 4), "guard_judge_fidelity": round(float(guard_fid.mean()), 4),
             "pixel_misses": misses, "no_shape": round(statistics.mean(r.size is None for r in readings), 4)}
 
@@ -228,7 +233,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                 row["guard_on_pixels"] = pixel_verdicts.verdict(new["version_id"], parent_id, base["version_id"],
                                                                 m["fidelity_threshold"])
             new_measure = measured_version(new["version_id"])
-            row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_held_out", "quality",
+            row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_rated",
+                                                              "fidelity_held_out", "quality",
                                                               "guard_judge_fidelity", "pixel_misses", "no_shape")}
             row.update(measured_version(active["version_id"]))
             rows.append(row)

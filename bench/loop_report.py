@@ -11,6 +11,15 @@ import statistics
 from typing import Any
 
 FIDELITY_TOLERANCE = 0.05
+# fidelity is checked on each group of prompts apart: the short ones the rater rates, and the fully
+# specified held-out ones nobody rates (runs measured before the split have the second only)
+FIDELITY_GROUPS = ("fidelity_rated", "fidelity_held_out")
+
+
+def fidelity_drop(base: dict[str, Any], version: dict[str, Any]) -> float:
+    """The larger of the groups' pixel-fidelity drops from ``base`` to ``version``."""
+    groups = [g for g in FIDELITY_GROUPS if g in base and g in version] or ["fidelity"]
+    return round(max(base[g] - version[g] for g in groups), 4)
 
 
 def paired_se(a: list[float], b: list[float]) -> float:
@@ -24,12 +33,12 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
     base = rows[0]
     rise = rows[1]["score"] - base["score"]
     rise_se = paired_se(rows[1]["scores"], base["scores"])
-    drops = [round(base["fidelity"] - r["fidelity"], 4) for r in rows[1:]]
+    drops = [fidelity_drop(base, r) for r in rows[1:]]
     last, earlier = rows[-1], rows[1:-1]
     best = max(earlier, key=lambda r: r["score"]) if earlier else base
     last_se = paired_se(last["scores"], best["scores"]) if last["version_id"] != best["version_id"] else 0.0
     unflagged_losses = [r["round"] for r in rows[1:] if not r["guard_flagged"]
-                        and base["fidelity"] - r["new_version"]["fidelity"] > FIDELITY_TOLERANCE]
+                        and fidelity_drop(base, r["new_version"]) > FIDELITY_TOLERANCE]
     return {"rise_round1": round(rise, 4), "rise_se": round(rise_se, 4), "rise_ok": rise > 0 and rise >= 3 * rise_se,
             "fidelity_drops": drops, "fidelity_ok": all(d <= FIDELITY_TOLERANCE for d in drops),
             "last_minus_best_earlier": round(last["score"] - best["score"], 4), "last_se": round(last_se, 4),
@@ -48,14 +57,14 @@ def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLE
     counts = {rule: {"losses": 0, "losses_flagged": 0, "faithful": 0, "faithful_flagged": 0}
               for rule in ("as_run", "point_estimate")}
     for run in runs:
-        base = run["rounds"][0]["fidelity"]
+        base = run["rounds"][0]
         for r in run["rounds"][1:]:
             if r.get("guard_fidelity") is None:
                 continue
             parent = r["guard_fidelity_parent"]
             drop = max(parent, r.get("guard_fidelity_base") or parent) - r["guard_fidelity"]
             point = fidelity_guard.beyond(drop, 0.0, threshold, significance=0.0)  # the app's rule, no SE
-            kind = "losses" if base - r["new_version"]["fidelity"] > threshold else "faithful"
+            kind = "losses" if fidelity_drop(base, r["new_version"]) > threshold else "faithful"
             for rule, flagged in (("as_run", r["guard_flagged"]), ("point_estimate", point)):
                 counts[rule][kind] += 1
                 counts[rule][f"{kind}_flagged"] += int(flagged)
@@ -103,7 +112,7 @@ def summarise(runs: list[dict[str, Any]], default_arm: str,
          "value": {k: [c["rise_round1"], c["rise_se"]] for k, c in default.items()},
          "met": bool(default) and all(c["rise_ok"] for c in default.values())},
         {"check": f"{default_arm}: pixel-judged fidelity within {FIDELITY_TOLERANCE} of the base at every round, "
-                  "every run",
+                  "on rated and on held-out prompts, every run (the larger drop)",
          "value": {k: c["fidelity_drops"] for k, c in default.items()},
          "met": bool(default) and all(c["fidelity_ok"] for c in default.values())},
         {"check": f"{default_arm}: score after the last round >= best earlier round's - 1 SE, every run",

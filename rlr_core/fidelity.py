@@ -5,10 +5,12 @@ judgements knows nothing about the rest, and a round that raises it can quietly 
 what prompts ask for. A judge scores that independently of the proxy, per image in [0, 1]:
 
 - :class:`ShapesFidelity` (the built-in image model): the perception model's attribute heads
-  against the words of the prompt. ``score``: the mean over the attributes it names of
-  p(attribute = value | image), differentiable, so a round can add it to its reward;
-  ``accuracy``: the fraction of them the heads read back surely (p >= 0.99), what the guard
-  decides on.
+  against the words of the prompt, the shape's attributes conditioned on the presence model
+  (``rlr_core/shapesworld/presence.py``: a shape of the world's sizes, or only a speck?).
+  ``score``: the mean over the attributes it names of p(attribute = value | image), times
+  p(a shape is shown) for the shape's own, differentiable, so a round can add it to its reward;
+  ``accuracy``: the fraction of them the heads read back surely (p >= 0.99) on an image the
+  presence model says shows a shape (the background on any), what the guard decides on.
 - :class:`ClipsFidelity` (the built-in clip model): the same with the clip perception model,
   whose heads read kind, colour, size and background from the frames and direction and speed
   from the motion (a speed counts only for a moving clip).
@@ -51,29 +53,34 @@ class FidelityJudge(Protocol):
 
 
 def _attribute_read_back(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
-                         values: dict[str, tuple[str, ...]], confidence: float) -> list[dict[str, bool]]:
+                         values: dict[str, tuple[str, ...]], confidence: float,
+                         shown: Sequence[bool] | None = None,
+                         needs_shape: frozenset[str] = frozenset()) -> list[dict[str, bool]]:
     """Per row, per named attribute: whether the named value is the most likely one, with a
-    probability of at least ``confidence`` (0: the most likely value is enough)."""
+    probability of at least ``confidence`` (0: the most likely value is enough). When ``shown``
+    says a row shows no shape, none of its ``needs_shape`` attributes is read back."""
     probs = {name: lg.softmax(-1) for name, lg in logits.items()}
     best = {name: p.argmax(-1) for name, p in probs.items()}
     return [{a: int(best[a][i]) == values[a].index(v) and float(probs[a][i, values[a].index(v)]) >= confidence
+             and (shown is None or a not in needs_shape or bool(shown[i]))
              for a, v in attrs.items()} for i, attrs in enumerate(wanted)]
 
 
-def _attribute_accuracy(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
-                        values: dict[str, tuple[str, ...]], confidence: float = 0.0) -> torch.Tensor:
+def _attribute_accuracy(rows: list[dict[str, bool]]) -> torch.Tensor:
     """Fraction of each row's named attributes read back (:func:`_attribute_read_back`); 1 for none."""
-    rows = _attribute_read_back(logits, wanted, values, confidence)
     return torch.tensor([sum(r.values()) / len(r) if r else 1.0 for r in rows])
 
 
 def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, str]],
-                        values: dict[str, tuple[str, ...]]) -> torch.Tensor:
-    """Mean over each row's named attributes of p(attribute = value); 1 for a row naming none."""
+                        values: dict[str, tuple[str, ...]], p_shown: torch.Tensor | None = None,
+                        needs_shape: frozenset[str] = frozenset()) -> torch.Tensor:
+    """Mean over each row's named attributes of p(attribute = value), times p(a shape is shown) for
+    the ``needs_shape`` ones when ``p_shown`` is given; 1 for a row naming none."""
     probs = {name: lg.softmax(-1) for name, lg in logits.items()}
     rows = []
     for i, attrs in enumerate(wanted):
-        terms = [probs[a][i, values[a].index(v)] for a, v in attrs.items()]
+        terms = [probs[a][i, values[a].index(v)] * (p_shown[i] if p_shown is not None and a in needs_shape else 1.0)
+                 for a, v in attrs.items()]
         rows.append(torch.stack(terms).mean() if terms else probs[next(iter(probs))].new_tensor(1.0))
     return torch.stack(rows)
 
@@ -81,19 +88,31 @@ def _attribute_fidelity(logits: dict[str, torch.Tensor], wanted: list[dict[str, 
 class AttributeFidelity:
     """A judge that reads attributes with a perception model's heads: ``score`` is the mean over
     the prompt's named attributes of p(attribute = value), ``accuracy`` the fraction read back.
-    Subclasses name the model, its attribute values and how a prompt names them."""
+    Subclasses name the model, its attribute values and how a prompt names them, and may add a
+    ``presence`` model (one logit: does the image show a shape at all?) that the attributes in
+    ``needs_shape`` are conditioned on."""
 
     name = "attributes"
     differentiable = True
     relative = False
     confidence = 0.0  # how sure the heads must be of a value for ``accuracy`` to count it as read back
+    needs_shape: frozenset[str] = frozenset()
 
-    def __init__(self, model: torch.nn.Module, values: dict[str, tuple[str, ...]]):
+    def __init__(self, model: torch.nn.Module, values: dict[str, tuple[str, ...]],
+                 presence: torch.nn.Module | None = None):
         self.model = model.requires_grad_(False)
         self.values = values
+        self.presence = presence.requires_grad_(False) if presence is not None else None
+
+    @property
+    def reading(self) -> str:
+        """The rule ``accuracy`` reads by (a probe cache keeps scores read by another rule apart)."""
+        return f"accuracy@{self.confidence}" + ("+presence" if self.presence is not None else "")
 
     def to(self, device: str | torch.device) -> AttributeFidelity:
         self.model.to(device)
+        if self.presence is not None:
+            self.presence.to(device)
         return self
 
     def wanted(self, prompt: str) -> dict[str, str]:
@@ -105,24 +124,32 @@ class AttributeFidelity:
     def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(images.to(self.model.coords.device))
 
+    def _p_shown(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.presence is None:
+            return None
+        return self.presence(images.to(self.presence.coords.device)).sigmoid()
+
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         wanted = [self.wanted(p) for p in prompts]
-        return _attribute_fidelity(self._logits(images), wanted, self.values).to(images.device)
+        return _attribute_fidelity(self._logits(images), wanted, self.values, self._p_shown(images),
+                                   self.needs_shape).to(images.device)
 
     @torch.no_grad()
     def read_back(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, bool]]:
-        """Per image, per attribute its prompt names: whether the heads read it back (see ``confidence``)."""
+        """Per image, per attribute its prompt names: whether the heads read it back (see ``confidence``;
+        with a presence model, a shape's attributes only on an image that shows one)."""
+        p_shown = self._p_shown(images)
+        shown = None if p_shown is None else (p_shown >= 0.5).tolist()
         return _attribute_read_back(self._logits(images), [self.wanted(p) for p in prompts], self.values,
-                                    self.confidence)
+                                    self.confidence, shown, self.needs_shape)
 
-    @torch.no_grad()
     def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return _attribute_accuracy(self._logits(images), [self.wanted(p) for p in prompts], self.values,
-                                   self.confidence)
+        return _attribute_accuracy(self.read_back(images, prompts))
 
 
 class ShapesFidelity(AttributeFidelity):
-    """The built-in image model's judge: the shipped perception model (see the module docstring)."""
+    """The built-in image model's judge: the shipped perception model, and the presence model that
+    tells a shape from a speck (see the module docstring)."""
 
     name = "perception"
     # A shape drawn out of true (a circle gone square-ish) still reads as the kind asked for, but
@@ -130,12 +157,17 @@ class ShapesFidelity(AttributeFidelity):
     # a version trained to hack fidelity, with the fidelity term too, where argmax read half
     # (bench/guard_judge.py, docs/benchmarks.md).
     confidence = 0.99
+    # The perception model reads a kind, colour, size and position from any image, a speck too: it
+    # never saw one. The background it reads either way.
+    needs_shape = frozenset({"kind", "colour", "size", "position"})
 
-    def __init__(self, perception=None):
+    def __init__(self, perception=None, presence=None):
         from rlr_core.shapesworld import perception as perception_mod
+        from rlr_core.shapesworld import presence as presence_mod
         from rlr_core.shapesworld import world as sw
 
-        super().__init__(perception if perception is not None else perception_mod.load(), sw.ATTRIBUTES)
+        super().__init__(perception if perception is not None else perception_mod.load(), sw.ATTRIBUTES,
+                         presence if presence is not None else presence_mod.load())
 
     def wanted(self, prompt: str) -> dict[str, str]:
         from rlr_core.shapesworld import world as sw

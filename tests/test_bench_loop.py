@@ -10,15 +10,18 @@ from bench.loop_report import guard_confusion, markdown, run_checks, summarise
 
 
 def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
-        version_id: int | None = None) -> dict:
+        version_id: int | None = None, held_out: float | None = None) -> dict:
+    """A measured round; ``held_out`` (default: ``fidelity``) is the held-out prompts' pixel fidelity."""
+    held = fidelity if held_out is None else held_out
     out = {"round": r, "version": f"v{r}", "version_id": version_id if version_id is not None else r + 1,
-           "scores": scores, "score": sum(scores) / len(scores), "fidelity": fidelity, "fidelity_held_out": fidelity,
-           "quality": 0.8}
+           "scores": scores, "score": sum(scores) / len(scores), "fidelity": (fidelity + held) / 2,
+           "fidelity_rated": fidelity, "fidelity_held_out": held, "quality": 0.8}
     if r:
+        new = new_fidelity if new_fidelity is not None else fidelity
         out.update(active_version=f"v{r}", guard_flagged=flagged, guard_fidelity=0.9, guard_fidelity_parent=0.95,
                    round_wall_s=100.0, blind_wins_losses_ties=[3, 1, 0],
-                   new_version={"score": out["score"], "fidelity": new_fidelity if new_fidelity is not None
-                                else fidelity, "fidelity_held_out": fidelity, "quality": 0.8})
+                   new_version={"score": out["score"], "fidelity": (new + held) / 2, "fidelity_rated": new,
+                                "fidelity_held_out": held, "quality": 0.8})
     return out
 
 
@@ -46,6 +49,16 @@ def test_a_noisy_rise_a_fidelity_loss_and_an_unflagged_bad_version_are_caught():
     flagged = {**run, "rounds": [row(0, BASE, 0.91), row(1, BASE, 0.91, flagged=True, new_fidelity=0.7,
                                                          version_id=1)]}
     assert run_checks(flagged)["unflagged_fidelity_losses"] == []  # the guard caught it
+
+
+def test_a_loss_on_the_held_out_prompts_alone_fails_the_fidelity_check():
+    """The rated prompts keep their fidelity, the unrated, fully specified ones lose 0.08: a loss."""
+    run = {"arm": "default", "taste": "bold", "seed": 0,
+           "rounds": [row(0, BASE, 0.91, held_out=0.93), row(1, BASE, 0.92, held_out=0.85)]}
+    checks = run_checks(run)
+    assert not checks["fidelity_ok"] and checks["fidelity_drops"] == [0.08]
+    assert checks["unflagged_fidelity_losses"] == [1]
+    assert guard_confusion([run])["as_run"]["losses"] == 1
 
 
 def test_the_guard_is_scored_against_the_pixels_as_run_and_on_its_point_estimate():

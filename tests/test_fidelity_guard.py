@@ -45,7 +45,7 @@ def test_the_builtin_judge_scores_what_the_prompt_names_and_is_differentiable(bu
 
 
 def test_the_builtin_judge_counts_only_sure_readings(builtin_backend):
-    from rlr_core.fidelity import _attribute_accuracy
+    from rlr_core.fidelity import _attribute_accuracy, _attribute_read_back
 
     judge_ = builtin_backend.fidelity_judge()
     assert judge_.confidence == 0.99
@@ -56,10 +56,46 @@ def test_the_builtin_judge_counts_only_sure_readings(builtin_backend):
     logits = {"kind": torch.tensor([[5.0 if k == "circle" else 2.0 for k in kinds]]),
               "size": torch.tensor([[10.0 if s == "small" else 0.0 for s in sizes]])}
     wanted = [{"kind": "circle", "size": "small"}]
-    assert _attribute_accuracy(logits, wanted, sw.ATTRIBUTES).tolist() == [1.0]  # most likely value: read
-    assert _attribute_accuracy(logits, wanted, sw.ATTRIBUTES, 0.99).tolist() == [0.5]  # sure readings only
-    wanted_square = [{"kind": "square"}]
-    assert _attribute_accuracy(logits, wanted_square, sw.ATTRIBUTES, 0.0).tolist() == [0.0]
+
+    def accuracy(wanted_, confidence):
+        return _attribute_accuracy(_attribute_read_back(logits, wanted_, sw.ATTRIBUTES, confidence)).tolist()
+
+    assert accuracy(wanted, 0.0) == [1.0]  # most likely value: read
+    assert accuracy(wanted, 0.99) == [0.5]  # sure readings only
+    assert accuracy([{"kind": "square"}], 0.0) == [0.0]
+
+
+def speck_images(prompts: list[str], half_extent: float = 1.5, seed: int = 0) -> torch.Tensor:
+    """Each prompt's colours and background with its shape shrunk to a speck of ``half_extent`` px."""
+    from rlr_core.shapesworld.presence import _image
+
+    rng, pyrng = np.random.default_rng(seed), random.Random(seed)
+    scenes = [sw.parse_caption(p).complete(pyrng) for p in prompts]
+    arrays = [_image(rng, s, half_extent, sw.POSITIONS[s.position], 16.0) for s in scenes]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def test_the_builtin_judge_reads_no_shape_from_a_speck(builtin_backend):
+    """The perception model alone reads a speck of the right colour in the right place as the shape
+    asked for; with the presence model only the background is read back."""
+    from rlr_core.fidelity import ShapesFidelity
+
+    judge_ = builtin_backend.fidelity_judge()
+    prompt = "a small red circle on the left, black background"  # 5 attributes, 1 of them the background
+    specks = speck_images([prompt] * 6)
+    assert judge_.presence is not None and "+presence" in judge_.reading
+    assert [r for r in judge_.read_back(specks, [prompt] * 6)] == [
+        {"kind": False, "colour": False, "size": False, "position": False, "background": True}] * 6
+    assert judge_.accuracy(specks, [prompt] * 6).tolist() == pytest.approx([0.2] * 6)
+    blind = ShapesFidelity(judge_.model, presence=None)
+    blind.presence = None  # the same heads without the presence model
+    assert float(blind.accuracy(specks, [prompt] * 6).mean()) > 0.5  # the blind spot it closes
+    # the differentiable score falls with the speck too, and carries gradients through both models
+    shapes = renders([prompt] * 6)
+    assert float(judge_.score(specks, [prompt] * 6).mean()) < float(judge_.score(shapes, [prompt] * 6).mean()) - 0.5
+    images = specks.clone().requires_grad_(True)
+    judge_.score(images, [prompt] * 6).sum().backward()
+    assert float(images.grad.abs().sum()) > 0
 
 
 def test_the_clip_model_judge_reads_direction_and_speed():

@@ -38,7 +38,8 @@ def test_the_folder_has_front_matter_requirements_app_and_models(tmp_path: Path)
     assert f"torch=={space.pinned(requirements, 'torch')}" in reqs and space.SPACES_PIN in reqs
     assert "gradio==6.31.0" in reqs
     for rel in ["models/shapesworld-tiny/unet/diffusion_pytorch_model.safetensors",
-                "models/perception/model.safetensors", "app/ui.py", "rlr_core/training/chunked.py",
+                "models/perception/model.safetensors", "models/presence/model.safetensors", "app/ui.py",
+                "rlr_core/training/chunked.py",
                 "feedback_store/store.py", "app/static/keys.js"]:
         assert (out / rel).is_file(), rel
     assert not list(out.rglob("__pycache__"))
