@@ -6,14 +6,16 @@ The fidelity guard (app/fidelity_guard.py) reads prompt fidelity with the percep
 the same model the round's fidelity term (``fidelity_weight``) climbs. This benchmark trains
 versions of the built-in model that lose fidelity on purpose (a reward for large red shapes,
 whatever the prompt asks), from mild to severe, once with the fidelity term and once without,
-and one like the app's default round (RLR with the fidelity term and the KL). Each version and
-the base model then draw the same images (the loop benchmark's 16 prompts, each from ``--seeds``
-fixed seeds), and every image is read by each judge:
+one that shrinks shapes (a reward for small ones), and one like the app's default round (RLR
+with the fidelity term and the KL). Each version and the base model then draw the same images
+(the loop benchmark's 16 prompts, each from ``--seeds`` fixed seeds), and every image is read
+by each judge:
 
 - by the guard's judge (the perception model's ``accuracy``, what the guard averages: an
-  attribute counts as read back when the heads give it at least the judge's ``confidence``);
-  by the same heads taking their most likely value (the guard's earlier reading); and by more
-  judges with ``--judge``, e.g. a second perception model trained from another seed;
+  attribute counts as read back when the heads give it at least the judge's ``confidence``, and
+  a shape's attributes only where the presence model finds a shape); by its earlier readings
+  (without the presence model; the heads' most likely value); and by more judges with
+  ``--judge``, e.g. a second perception model trained from another seed;
 - by the pixel judge (rlr_core/shapesworld/pixel_judge.py, fixed arithmetic, nothing to climb).
 
 Per version: each judge's drop from the base (paired on the same noise, with its standard
@@ -57,6 +59,10 @@ VERSIONS: dict[str, list[str]] = {
                "--reward", HACK, "--seed", "3"],
     "severe+fidelity term": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "10", "--lr", "6e-3",
                              "--kl-coef", "0", "--reward", f"{HACK}+fidelity", "--seed", "3"],
+    # a reward for small shapes, whatever the prompt asks: some shrink to specks the perception
+    # model still reads as small shapes (the presence model's case)
+    "shrunk": ["--estimator", "truncated-bp", "--truncate", "3", "--steps", "12", "--lr", "6e-3", "--kl-coef", "0",
+               "--reward", "prefer-small", "--seed", "3"],
     "default round": ["--estimator", "rlr", "--steps", "10", "--lr", "6e-3", "--kl-coef", "0.3",
                       "--reward", f"{HACK}+fidelity", "--seed", "6"],
 }
@@ -80,17 +86,24 @@ def train_versions(cache: Path, threads: int) -> dict[str, Path]:
 
 
 def read_images(images: torch.Tensor, prompts: list[str], judges: dict[str, Any]) -> dict[str, Any]:
-    """Per image, each judge's fidelity, and per named attribute whether each judge reads it right
-    (a judge by its own rule: ``read_back``, what its ``accuracy`` averages)."""
+    """Per image, each judge's fidelity, per named attribute whether each judge reads it right
+    (a judge by its own rule: ``read_back``, what its ``accuracy`` averages), and whether it finds
+    no shape at all (the pixels: none of the world's sizes; a judge with a presence model: that
+    model's verdict)."""
     from rlr_core.shapesworld import pixel_judge
     from rlr_core.shapesworld import world as sw
 
     wanted = [sw.parse_caption(p).specified() for p in prompts]
-    right = {"pixel": [{a: r.value(a) == v for a, v in w.items()} for r, w in zip(pixel_judge.read(images), wanted)]}
+    readings = pixel_judge.read(images)
+    right = {"pixel": [{a: r.value(a) == v for a, v in w.items()} for r, w in zip(readings, wanted)]}
+    no_shape = {"pixel": [r.size is None for r in readings]}
     for name, judge in judges.items():
         right[name] = judge.read_back(images, prompts)
+        p_shown = judge.p_shown(images)
+        if p_shown is not None:
+            no_shape[name] = (p_shown < 0.5).tolist()
     fidelity = {name: [sum(r.values()) / len(r) for r in rows] for name, rows in right.items()}
-    return {"fidelity": fidelity, "right": right}
+    return {"fidelity": fidelity, "right": right, "no_shape": no_shape}
 
 
 def attribute_disagreement(right: dict[str, list[dict[str, bool]]], judge: str) -> dict[str, dict[str, float]]:
@@ -134,9 +147,13 @@ def main() -> None:
     from rlr_core.training import lora
 
     folders = train_versions(args.cache, args.threads)
+    # the guard's earlier readings: sure readings without the presence model, and before that the
+    # most likely value
+    no_presence = ShapesFidelity()
+    no_presence.presence = None
     most_likely = ShapesFidelity()
-    most_likely.confidence = 0.0  # the reading the guard used before it asked for sure readings
-    judges = {"guard": ShapesFidelity(), "guard:most-likely": most_likely,
+    most_likely.presence, most_likely.confidence = None, 0.0
+    judges = {"guard": ShapesFidelity(), "guard:no-presence": no_presence, "guard:most-likely": most_likely,
               **{f"judge:{d.name}": ShapesFidelity(perception.load(d)) for d in args.judge}}
     base = BuiltinBackend.load()
     prompts = [q for q in RATE_PROMPTS + HELD_OUT for _ in range(args.seeds)]
@@ -170,12 +187,14 @@ def main() -> None:
                                                          read[name]["fidelity"]["guard"], args.seeds, k,
                                                          random.Random(k))
                                        for k in PROBE_SIZES if k < args.seeds}
+        entry["no_shape"] = {j: round(statistics.mean(v), 4) for j, v in read[name]["no_shape"].items()}
         versions[name] = entry
         rows.append({"version": name, "pixel drop": f"{pixel['drop']:.3f} ± {pixel['drop_se']:.3f}",
                      **{f"{j} drop": f"{entry[j]['drop']:.3f} ± {entry[j]['drop_se']:.3f}" for j in judges},
                      "guard share": entry["guard"]["share_of_pixel_drop"],
                      **{f"flagged at {k}/prompt": v for k, v in entry["guard"]["flag_rate"].items()}})
     base_fid = {j: round(statistics.mean(v), 4) for j, v in read["base"]["fidelity"].items()}
+    base_no_shape = {j: round(statistics.mean(v), 4) for j, v in read["base"]["no_shape"].items()}
     print_table(rows, list(rows[0]), title=f"fidelity drop from the base ({len(prompts)} images each; base {base_fid})")
 
     must = [n for n, v in versions.items() if v["pixel"]["drop"] - 2 * v["pixel"]["drop_se"] > THRESHOLD]
@@ -191,7 +210,8 @@ def main() -> None:
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'}  {t['check']}: {t['value']}")
     write_json(args.json, {"draw": {**DRAW, "prompts": RATE_PROMPTS + HELD_OUT, "images_per_prompt": args.seeds},
-                           "threshold": THRESHOLD, "base": base_fid, "versions": versions, "targets": targets})
+                           "threshold": THRESHOLD, "base": base_fid, "base_no_shape": base_no_shape,
+                           "versions": versions, "targets": targets})
 
 
 if __name__ == "__main__":

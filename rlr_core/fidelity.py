@@ -124,21 +124,22 @@ class AttributeFidelity:
     def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(images.to(self.model.coords.device))
 
-    def _p_shown(self, images: torch.Tensor) -> torch.Tensor | None:
+    def p_shown(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B,) p(the image shows a shape at all), from the presence model; None without one."""
         if self.presence is None:
             return None
         return self.presence(images.to(self.presence.coords.device)).sigmoid()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         wanted = [self.wanted(p) for p in prompts]
-        return _attribute_fidelity(self._logits(images), wanted, self.values, self._p_shown(images),
+        return _attribute_fidelity(self._logits(images), wanted, self.values, self.p_shown(images),
                                    self.needs_shape).to(images.device)
 
     @torch.no_grad()
     def read_back(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, bool]]:
         """Per image, per attribute its prompt names: whether the heads read it back (see ``confidence``;
         with a presence model, a shape's attributes only on an image that shows one)."""
-        p_shown = self._p_shown(images)
+        p_shown = self.p_shown(images)
         shown = None if p_shown is None else (p_shown >= 0.5).tolist()
         return _attribute_read_back(self._logits(images), [self.wanted(p) for p in prompts], self.values,
                                     self.confidence, shown, self.needs_shape)

@@ -26,6 +26,9 @@ def test_the_guard_and_the_pixels_both_read_fresh_renders_as_faithful():
     blank = read_images(torch.zeros(1, 3, 32, 32), ["a large red circle on the left, white background"],
                         {"guard": ShapesFidelity()})
     assert blank["right"]["pixel"][0]["size"] is False and blank["right"]["pixel"][0]["background"] is False
+    # both find no shape on it (the guard's judge by its presence model); on the renders, a shape every time
+    assert blank["no_shape"] == {"pixel": [True], "guard": [True]}
+    assert read["no_shape"] == {"pixel": [False] * 24, "guard": [False] * 24}
 
 
 def test_lenient_and_strict_are_counted_against_the_pixels():

@@ -374,3 +374,11 @@ def test_a_probe_prompt_scores_the_same_whatever_is_probed_with_it(builtin_backe
     fresh = FidelityWatch(backend, judge_, prompts, settings, threshold=0.05, every=2)
     from_cache = FidelityWatch(backend, judge_, prompts, settings, threshold=0.05, every=2, reference=cached)
     assert from_cache.reference == fresh.reference
+
+
+def test_the_train_tab_says_what_the_builtin_guard_reads(builtin_backend):
+    from app.tabs.train import guard_note
+
+    note = guard_note(builtin_backend.fidelity_judge())
+    assert "p ≥ 0.99" in note and "a speck is none" in note
+    assert "not guarded" in guard_note(None)

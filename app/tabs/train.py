@@ -138,6 +138,9 @@ def guard_note(judge: Any) -> str:
                  "more faithful than it is")
         if getattr(judge, "confidence", 0.0):
             note += f"; the guard counts only the attributes the judge reads with p ≥ {judge.confidence:g}"
+            if getattr(judge, "presence", None) is not None:
+                note += (", and a shape's kind, colour, size and position only where a shape is shown at all "
+                         "(a speck is none)")
         note += " (docs/benchmarks.md, \"The guard's judge against the pixels\")."
     return note
 
