@@ -1,7 +1,7 @@
 """Write a ready-to-push Hugging Face Space folder: ``python -m app.space OUT``.
 
-The folder holds the app (app/, rlr_core/, feedback_store/, app.py), the built-in model and
-the perception model (models/), a ``requirements.txt`` and a ``README.md`` whose front matter
+The folder holds the app (app/, rlr_core/, feedback_store/, app.py), the built-in model,
+the perception and presence models (models/), a ``requirements.txt`` and a ``README.md`` whose front matter
 configures the Space (Gradio SDK pinned to the Gradio in requirements.txt, sign-in with Hugging
 Face, suggested hardware). Its entry ``space_app.py`` imports ``spaces`` before torch (ZeroGPU
 needs that), listens on 0.0.0.0 and runs ``app.py``. Push it with

@@ -59,6 +59,10 @@ def test_a_loss_on_the_held_out_prompts_alone_fails_the_fidelity_check():
     assert not checks["fidelity_ok"] and checks["fidelity_drops"] == [0.08]
     assert checks["unflagged_fidelity_losses"] == [1]
     assert guard_confusion([run])["as_run"]["losses"] == 1
+    # runs measured before the split (no fidelity_rated) are checked on the mean of all their images
+    for r in run["rounds"]:
+        del r["fidelity_rated"]
+    assert run_checks(run)["fidelity_drops"] == [0.035]
 
 
 def test_the_guard_is_scored_against_the_pixels_as_run_and_on_its_point_estimate():
