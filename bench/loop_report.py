@@ -93,6 +93,9 @@ def summarise(runs: list[dict[str, Any]], default_arm: str,
             for i in range(n_rounds):
                 row[f"score_{i}"] = round(statistics.mean(r["rounds"][i]["score"] for r in these), 3)
                 row[f"fidelity_{i}"] = round(statistics.mean(r["rounds"][i]["fidelity"] for r in these), 3)
+                for group in FIDELITY_GROUPS:  # each group apart, where the runs measured it
+                    if all(group in r["rounds"][i] for r in these):
+                        row[f"{group}_{i}"] = round(statistics.mean(r["rounds"][i][group] for r in these), 3)
             for i in range(1, n_rounds):  # the round's new version, also where the guard kept it inactive
                 for key in ("score", "fidelity", "quality"):
                     row[f"new_{key}_{i}"] = round(statistics.mean(r["rounds"][i]["new_version"][key] for r in these), 3)

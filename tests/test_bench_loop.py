@@ -111,6 +111,7 @@ def test_runs_cut_short_are_summarised_only_when_asked_and_only_with_a_finished_
     table = summarise(runs, "default")["table"]
     assert "score_1" in table[0] and "score_2" not in table[0]  # the rounds every run reached
     assert table[0]["new_fidelity_1"] == 0.90
+    assert table[0]["fidelity_rated_1"] == 0.90 and table[0]["fidelity_held_out_1"] == 0.90  # each group apart
 
 
 def test_the_guards_probes_are_redrawn_and_read_from_the_pixels(tmp_path: Path, builtin_backend):
