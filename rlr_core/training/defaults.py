@@ -75,7 +75,9 @@ DEFAULTS: dict[str, Any] = {
 # passed 3 SE on 3 runs of 6 instead of 1. patience 0: RLR's noisy per-step reward made the plateau
 # stop end rounds early. No in-round watch: its 16 probe images stopped rounds on noise (they are
 # fewer than the guard's 32) and each check costs about a tenth of a round; the guard judges the
-# whole 10-step round.
+# whole 10-step round. Measured again with the guard's presence model and fidelity checked on the
+# rated and the unrated prompts apart (loop.json): the guard let 6 of 15 losses through, most of them
+# on prompts outside its probes; no setting was re-picked on that measurement.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
                                       "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
                                       "fidelity_check_every": 0}
