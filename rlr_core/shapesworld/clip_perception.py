@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from rlr_core.feedback.protocols import FrozenModelEncoder
 from rlr_core.shapesworld import clips
 from rlr_core.shapesworld import perception as image_perception
 from rlr_core.shapesworld.model import REPO_ROOT
+from rlr_core.shapesworld.perception import save  # a model folder: weights and card
 
 DEFAULT_CLIP_PERCEPTION_DIR = REPO_ROOT / "models" / "clip-perception"
 MOTION_DIM = 128
@@ -251,13 +251,6 @@ def train(steps: int, batch: int = 64, pool: int = 2048, lr: float = 2e-3, seed:
     return model, losses
 
 
-def save(model: ClipPerceptionNet, path: str | Path, card: dict) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), path / "model.safetensors")
-    (path / "card.json").write_text(json.dumps(card, indent=2))
-
-
 def load(path: str | Path = DEFAULT_CLIP_PERCEPTION_DIR, device: str | torch.device = "cpu") -> ClipPerceptionNet:
     """The frozen clip perception model (eval mode, no gradients to its weights)."""
     path = Path(path)
@@ -266,9 +259,7 @@ def load(path: str | Path = DEFAULT_CLIP_PERCEPTION_DIR, device: str | torch.dev
                                 "`python -m rlr_core.shapesworld.clip_perception`")
     card = json.loads((path / "card.json").read_text()) if (path / "card.json").exists() else {}
     model = ClipPerceptionNet(num_frames=int(card.get("num_frames", clips.NUM_FRAMES)))
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return image_perception.load_frozen(model, path, device)
 
 
 def main(argv: list[str] | None = None) -> None:

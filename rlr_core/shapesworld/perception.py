@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.model import REPO_ROOT
 
 DEFAULT_PERCEPTION_DIR = REPO_ROOT / "models" / "perception"
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 EMBED_DIM = 128
 
 
@@ -119,18 +121,26 @@ def accuracy(model: PerceptionNet, n: int = 2000, seed: int = 12345) -> dict[str
     return {name: c / n for name, c in correct.items()}
 
 
-def save(model: PerceptionNet, path: Path, card: dict) -> None:
+def save(model: nn.Module, path: str | Path, card: dict) -> None:
+    """A model folder (this one's, or the presence or clip perception model's): its weights
+    (``model.safetensors``) and its card (``card.json``)."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), path / "model.safetensors")
     (path / "card.json").write_text(json.dumps(card, indent=2))
 
 
-def load(path: str | Path = DEFAULT_PERCEPTION_DIR, device: str | torch.device = "cpu") -> PerceptionNet:
-    """The frozen perception model (eval mode, no gradients to its weights)."""
-    model = PerceptionNet()
+def load_frozen(model: ModuleT, path: str | Path, device: str | torch.device = "cpu") -> ModuleT:
+    """``model`` with the weights of the folder ``path`` (see :func:`save`), frozen: eval mode, no
+    gradients to its weights."""
     model.load_state_dict(load_file(Path(path) / "model.safetensors"))
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def load(path: str | Path = DEFAULT_PERCEPTION_DIR, device: str | torch.device = "cpu") -> PerceptionNet:
+    """The frozen perception model (eval mode, no gradients to its weights)."""
+    return load_frozen(PerceptionNet(), path, device)
 
 
 def train(steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> tuple[PerceptionNet, list[float]]:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from rlr_core.shapesworld import perception
 from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.model import REPO_ROOT
+from rlr_core.shapesworld.perception import save  # a model folder: weights and card
 
 DEFAULT_PRESENCE_DIR = REPO_ROOT / "models" / "presence"
 SHAPE_SCALE = (0.85, 1.2)  # x the world's half-extent (the renderer jitters 0.9-1.1)
@@ -119,22 +119,13 @@ def train(steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0,
     return model.eval(), losses
 
 
-def save(model: PresenceNet, path: Path, card: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), path / "model.safetensors")
-    (path / "card.json").write_text(json.dumps(card, indent=2))
-
-
 def load(path: str | Path = DEFAULT_PRESENCE_DIR, device: str | torch.device = "cpu") -> PresenceNet:
     """The frozen presence model (eval mode, no gradients to its weights)."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"no presence model at {path}; "
                                 "train one with `python -m rlr_core.shapesworld.presence`")
-    model = PresenceNet()
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return perception.load_frozen(PresenceNet(), path, device)
 
 
 def main(argv: list[str] | None = None) -> None:
