@@ -58,6 +58,10 @@ DEFAULTS: dict[str, Any] = {
     # kl_coef, every estimator's option: beta of the exact per-step KL to the round's parent; 0: off.
     **{k: _OPTIONS[k] for k in _SHARED},
     "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
+    # share of each training batch drawn as a round prompt with what it leaves open named at random,
+    # where the model has a grammar for it (DiffusionBackend.complete_prompt): the fidelity term then
+    # guards what prompts can ask for, not only what the rated ones asked
+    "completed_share": 0.0,
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
 }
@@ -80,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
 # on prompts outside its probes; no setting was re-picked on that measurement.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
                                       "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
-                                      "fidelity_check_every": 0}
+                                      "fidelity_check_every": 0, "completed_share": 0.33}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 # Stable Diffusion and AnimateDiff (docs/own-model.md, "Round defaults"): learning rate 3e-4, the
 # top of the range docs/own-model.md recommends for a LoRA on Stable Diffusion (and DDPO's
