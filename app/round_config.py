@@ -96,7 +96,6 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "uncertainty_penalty": check.real(get("uncertainty_penalty"), "uncertainty penalty", 0.0, 100.0),
         "patience": check.whole(get("patience"), "patience", 0, 2000),
         "fidelity_weight": check.real(get("fidelity_weight"), "fidelity weight", 0.0, 1000.0),
-        "completed_share": check.real(get("completed_share"), "completed prompts share", 0.0, 1.0),
         "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
         "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
     }
@@ -118,7 +117,7 @@ class RoundConfig:
     seed: int | None = None  # None: the runner draws a new one for each round
     uncertainty_penalty: float = DEFAULTS["uncertainty_penalty"]  # lambda in r - lambda * spread
     patience: int = DEFAULTS["patience"]  # early stop on the penalised reward (0: off)
-    fidelity_weight: float = DEFAULTS["fidelity_weight"]  # w in reward + w * (things named) * fidelity
+    fidelity_weight: float = DEFAULTS["fidelity_weight"]  # w in reward + w * fidelity
     fidelity_threshold: float = DEFAULTS["fidelity_threshold"]  # the guard's allowed drop (0: off)
     fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
 
@@ -137,8 +136,7 @@ class RoundConfig:
         training = TrainConfig(
             estimator=_estimator(v), steps=v["steps"], batch=v["batch_size"], lr=v["learning_rate"],
             lora_rank=v["lora_rank"], sampler=SamplerSettings(steps=v["sampling_steps"], eta=1.0,
-                                                              guidance=v["guidance"]),
-            completed_share=v["completed_share"])
+                                                              guidance=v["guidance"]))
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
                    seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
@@ -164,8 +162,8 @@ class RoundConfig:
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
-            "fidelity_weight": self.fidelity_weight, "completed_share": t.completed_share,
-            "fidelity_threshold": self.fidelity_threshold, "fidelity_check_every": self.fidelity_check_every,
+            "fidelity_weight": self.fidelity_weight, "fidelity_threshold": self.fidelity_threshold,
+            "fidelity_check_every": self.fidelity_check_every,
             **to_public(ESTIMATORS[t.estimator.name], t.estimator.options),
         }
         return {key: values.get(key, DEFAULTS[key]) for key in DEFAULTS}

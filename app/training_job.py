@@ -41,33 +41,31 @@ class ProxyReward:
     """The proxy as a training reward, remembering the ensemble spread of each step's batch.
 
     With a fidelity judge and ``fidelity_weight`` w > 0 the reward is
-    r - lambda * spread + w * n * fidelity (:mod:`rlr_core.fidelity`; n: how many things the
-    prompt names, so each costs w to lose), so the gradient itself keeps the prompt. The first
-    call of a step scores the step's samples; later ones (RLR's state baseline scores the model's
-    own x_0 predictions) are not what the plot shows, so only the first is kept."""
+    r - lambda * spread + w * fidelity (:mod:`rlr_core.fidelity`), so the gradient itself keeps
+    the prompt. The first call of a step scores the step's samples; later ones (RLR's state
+    baseline scores the model's own x_0 predictions) are not what the plot shows, so only the
+    first is kept."""
 
     def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0):
         self.proxy = proxy
         self.penalty = penalty  # lambda in r - lambda * spread
         self.judge = judge  # also without a weight: the Train tab plots the fidelity of the round's samples
         self.fidelity_weight = fidelity_weight if judge is not None else 0.0
-        self.last: dict[str, float | None] = {"uncertainty": None, "fidelity": None, "fidelity_term": None}
+        self.last: dict[str, float | None] = {"uncertainty": None, "fidelity": None}
         self._armed = True
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
         reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
-        fidelity = term = None
+        fidelity = None
         if self.judge is not None and (self.fidelity_weight or self._armed):
             with contextlib.nullcontext() if self.fidelity_weight else torch.no_grad():
                 fidelity = self.judge.score(images, prompts).to(reward)
-            term = fidelity * self.judge.named(prompts).to(reward)
         if self._armed:
             self.last = {"uncertainty": float(heads.detach().std(0).mean()),
-                         "fidelity": None if fidelity is None else float(fidelity.detach().mean()),
-                         "fidelity_term": None if term is None else float(term.detach().mean())}
+                         "fidelity": None if fidelity is None else float(fidelity.detach().mean())}
             self._armed = False
-        return reward + self.fidelity_weight * term if self.fidelity_weight else reward
+        return reward + self.fidelity_weight * fidelity if self.fidelity_weight else reward
 
     def to(self, device: str | torch.device) -> ProxyReward:
         """Move the proxy (with its image encoder) and the judge, e.g. into a GPU worker."""
@@ -89,12 +87,12 @@ class ProxyReward:
 
     def proxy_reward(self, batch_mean: float, observed: dict[str, float | None]) -> float:
         """The proxy's own reward back from the batch mean of the round's reward (the batch mean of
-        r - lambda * spread_i + w * n_i * f_i is mean(r) - lambda * mean(spread) + w * mean(n * f))."""
+        r - lambda * spread_i + w * f_i is mean(r) - lambda * mean(spread) + w * mean(f))."""
         raw = batch_mean
         if observed.get("uncertainty") is not None:
             raw += self.penalty * observed["uncertainty"]
-        if observed.get("fidelity_term") is not None:
-            raw -= self.fidelity_weight * observed["fidelity_term"]
+        if observed.get("fidelity") is not None:
+            raw -= self.fidelity_weight * observed["fidelity"]
         return raw
 
 

@@ -88,7 +88,9 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # one regulariser at a time (screening)
                                    **{f"{n}+fid": {**e, **UNREGULARISED, "fidelity_weight": 1.0,
                                                    "fidelity_check_every": 5} for n, e in ESTIMATORS.items()},
-                                   **{f"{n}+kl": {**e, **UNREGULARISED, "kl_coef": 0.3} for n, e in ESTIMATORS.items()}}
+                                   **{f"{n}+kl": {**e, **UNREGULARISED, "kl_coef": 0.3} for n, e in ESTIMATORS.items()},
+                                   # the default with its fidelity term weighed up against the proxy's logit scale
+                                   "default+fid3": {"fidelity_weight": 3.0}}
 
 
 def load_example():

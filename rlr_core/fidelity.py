@@ -43,11 +43,6 @@ class FidelityJudge(Protocol):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) fidelity of each image to its prompt, in [0, 1] (differentiable when ``differentiable``)."""
 
-    def named(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B,) how many things each prompt asks for that this judge checks. A round's fidelity term
-        is ``score * named``: each thing a prompt names costs as much to lose however many others
-        it names."""
-
     def to(self, device: str | torch.device) -> FidelityJudge:
         """Move the judge's models to ``device`` in place; returns the judge."""
 
@@ -125,9 +120,6 @@ class AttributeFidelity:
 
     def judges(self, prompt: str) -> bool:
         return bool(self.wanted(prompt))
-
-    def named(self, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([float(len(self.wanted(p))) for p in prompts])
 
     def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(images.to(self.model.coords.device))
@@ -252,9 +244,6 @@ class ClipTextImageFidelity:
 
     def judges(self, prompt: str) -> bool:
         return bool(prompt.strip())
-
-    def named(self, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.ones(len(prompts))  # one similarity per prompt
 
     @torch.no_grad()
     def _text(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -21,8 +21,7 @@ def same_training(app_config: RoundConfig, argv: list[str], defaults) -> None:
     from_cli = cli.train_config(cli.parse_args([*argv, "--out", "unused"]), defaults)
     t = app_config.training
     assert (from_cli.estimator, from_cli.steps, from_cli.batch, from_cli.lr, from_cli.lora_rank, from_cli.sampler,
-            from_cli.finetune, from_cli.completed_share) == (t.estimator, t.steps, t.batch, t.lr, t.lora_rank,
-                                                             t.sampler, t.finetune, t.completed_share)
+            from_cli.finetune) == (t.estimator, t.steps, t.batch, t.lr, t.lora_rank, t.sampler, t.finetune)
 
 
 def load(family: str, folder, builtin_backend):

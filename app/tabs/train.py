@@ -42,7 +42,6 @@ FORM_IDS: dict[str, str] = {
     "patience": "train-patience",
     **{key: f"train-{key.replace('_', '-')}" for key in SHARED_OPTIONS},
     "fidelity_weight": "train-fidelity-weight",
-    "completed_share": "train-completed-share",
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
 }
@@ -191,18 +190,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 for key in SHARED_OPTIONS:  # every estimator's (the KL to the round's parent)
                     form[key] = option_widget(key, d)
                 judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
-                weight_info = ("maximise reward + w·(things the prompt names)·(prompt fidelity); the guard reads "
-                               "the same judge" if judged else "this model has no differentiable fidelity judge")
+                weight_info = ("maximise reward + w·(prompt fidelity); the guard reads the same judge" if judged
+                               else "this model has no differentiable fidelity judge")
                 form["fidelity_weight"] = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
                                                     info=weight_info,
                                                     interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
-                completes = services.base_backend.completes_prompts
-                form["completed_share"] = gr.Number(
-                    value=d["completed_share"], minimum=0, maximum=1, label="Completed prompts (share of a batch)",
-                    info=("trained on with what the prompt leaves open named at random, so the fidelity term "
-                          "guards what prompts can ask for" if completes
-                          else "this model has no grammar to complete prompts"),
-                    interactive=completes, elem_id=FORM_IDS["completed_share"])
                 form["fidelity_threshold"] = gr.Number(
                     value=d["fidelity_threshold"], minimum=0, maximum=1, label="Fidelity guard threshold",
                     info="a version this far below its parent or the base is flagged; 0 = off",

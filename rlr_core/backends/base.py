@@ -9,7 +9,6 @@ is the identity for pixel models and a VAE decode for latent ones.
 from __future__ import annotations
 
 import abc
-import random
 from typing import Self
 
 import torch
@@ -123,15 +122,6 @@ class DiffusionBackend(abc.ABC):
         model's language, every stage starts as the prompt itself, for the person to edit."""
         canonical = self.check_prompt(prompt)
         return canonical, canonical, canonical
-
-    completes_prompts: bool = False  # whether complete_prompt names anything
-
-    def complete_prompt(self, prompt: str, rng: random.Random) -> str | None:
-        """The prompt with everything it leaves open named at random, or None where the model has no
-        grammar to do that. A round trains on some of these besides the prompts people used
-        (``completed_share``), so the fidelity term guards what a prompt can ask for, not only
-        what the rated prompts happened to ask."""
-        return None
 
     # Prompts a round does not train on, for the fidelity guard's probes (each backend its own words).
     held_out_prompts: tuple[str, ...] = (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,13 +60,6 @@ class BuiltinBackend(DiffusionBackend):
     def check_prompt(self, prompt: str) -> str:
         return text.check_prompt(prompt, allow_empty=False)
 
-    completes_prompts = True
-
-    def complete_prompt(self, prompt: str, rng: random.Random) -> str | None:
-        from rlr_core.shapesworld import world as sw
-
-        return complete_grammar_prompt(self.check_prompt(prompt), rng, sw.parse_caption, sw.caption)
-
     def describe_prompt(self, prompt: str) -> str:
         return describe_grammar_prompt(prompt)
 
@@ -100,16 +91,6 @@ def describe_grammar_prompt(prompt: str, video: bool = False) -> str:
     except text.PromptError as err:
         return f"⚠️ {err}"
     return f"✓ the model reads: *{canonical}*"
-
-
-def complete_grammar_prompt(prompt: str, rng: random.Random, parse: Callable, caption: Callable) -> str:
-    """A built-in grammar's prompt with its open attributes filled at random: a colour and kind the
-    model was never shown together only where the prompt itself names them."""
-    partial = parse(prompt)
-    try:
-        return caption(partial.complete(rng, allow_held_out=False))
-    except ValueError:
-        return caption(partial.complete(rng))
 
 
 def encode_grammar_prompts(model, prompts: list[str], device: torch.device, video: bool = False) -> torch.Tensor:

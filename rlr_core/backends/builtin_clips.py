@@ -7,13 +7,12 @@ so the sampler and every estimator run unchanged.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 
 from rlr_core.backends.base import DiffusionBackend
-from rlr_core.backends.builtin import complete_grammar_prompt, describe_grammar_prompt, encode_grammar_prompts
+from rlr_core.backends.builtin import describe_grammar_prompt, encode_grammar_prompts
 from rlr_core.shapesworld import text
 from rlr_core.shapesworld.video_model import DEFAULT_CLIP_MODEL_DIR, ClipModel, load_clip_model
 from rlr_core.shapesworld.world import IMAGE_SIZE
@@ -82,13 +81,6 @@ class BuiltinClipBackend(DiffusionBackend):
 
     def check_prompt(self, prompt: str) -> str:
         return text.check_prompt(prompt, allow_empty=False, video=True)
-
-    completes_prompts = True
-
-    def complete_prompt(self, prompt: str, rng: random.Random) -> str | None:
-        from rlr_core.shapesworld import clips
-
-        return complete_grammar_prompt(self.check_prompt(prompt), rng, clips.parse_clip_caption, clips.clip_caption)
 
     def describe_prompt(self, prompt: str) -> str:
         return describe_grammar_prompt(prompt, video=True)

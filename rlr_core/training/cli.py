@@ -49,8 +49,7 @@ OPTION_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
 # The round's flags -> their names in the flat round settings, whose defaults are the model's
 # (rlr_core/training/defaults.py: the table the app's Train tab and /train_start use).
 ROUND_FLAGS = {"estimator": "estimator", "steps": "steps", "batch": "batch_size", "lr": "learning_rate",
-               "lora_rank": "lora_rank", "sampling_steps": "sampling_steps", "guidance": "guidance",
-               "completed_share": "completed_share"}
+               "lora_rank": "lora_rank", "sampling_steps": "sampling_steps", "guidance": "guidance"}
 MODEL_DEFAULT = " (default: the model's, rlr_core/training/defaults.py)"
 
 
@@ -81,7 +80,7 @@ def train_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainCon
     prompts = args.prompts_file.read_text().splitlines() if args.prompts_file else args.prompts
     return TrainConfig(
         estimator=EstimatorConfig(d["estimator"], options), steps=d["steps"], batch=d["batch_size"],
-        prompts=[p for p in prompts if p.strip()], completed_share=d["completed_share"],
+        prompts=[p for p in prompts if p.strip()],
         sampler=SamplerSettings(d["sampling_steps"], args.eta, d["guidance"]),
         finetune=args.finetune, lora_rank=d["lora_rank"], lora_alpha=args.lora_alpha, lr=d["learning_rate"],
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed)
@@ -140,9 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch", type=int, help="trajectories per step" + MODEL_DEFAULT)
     g.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
     g.add_argument("--prompts-file", type=Path, help="one prompt per line (overrides --prompts)")
-    g.add_argument("--completed-share", type=float,
-                   help="share of each batch drawn as a prompt with what it leaves open named at random"
-                   + MODEL_DEFAULT)
     g.add_argument("--reward", default="fidelity",
                    help="fidelity | prefer-large | prefer-small | prefer-<attr>:<value> | a+b")
     g.add_argument("--lr", type=float, help="AdamW learning rate" + MODEL_DEFAULT)

@@ -58,10 +58,6 @@ DEFAULTS: dict[str, Any] = {
     # kl_coef, every estimator's option: beta of the exact per-step KL to the round's parent; 0: off.
     **{k: _OPTIONS[k] for k in _SHARED},
     "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
-    # share of each training batch drawn as a round prompt with what it leaves open named at random,
-    # where the model has a grammar for it (DiffusionBackend.complete_prompt): the fidelity term then
-    # guards what prompts can ask for, not only what the rated ones asked
-    "completed_share": 0.0,
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
 }
@@ -81,10 +77,13 @@ DEFAULTS: dict[str, Any] = {
 # fewer than the guard's 32) and each check costs about a tenth of a round; the guard judges the
 # whole 10-step round. Measured again with the guard's presence model and fidelity checked on the
 # rated and the unrated prompts apart (loop.json): the guard let 6 of 15 losses through, most of them
-# on prompts outside its probes; no setting was re-picked on that measurement.
+# on prompts outside its probes; no setting was re-picked on that measurement. Training a third of
+# each batch on the round's prompts completed at random, with the fidelity term summed over the
+# named attributes, was no better there (loop_completed.json: fidelity kept on 1 run of 6), so
+# neither is part of the round.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
                                       "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
-                                      "fidelity_check_every": 0, "completed_share": 0.33}
+                                      "fidelity_check_every": 0}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 # Stable Diffusion and AnimateDiff (docs/own-model.md, "Round defaults"): learning rate 3e-4, the
 # top of the range docs/own-model.md recommends for a LoRA on Stable Diffusion (and DDPO's

@@ -56,9 +56,6 @@ class TrainConfig:
     steps: int = 20  # optimiser steps (DDPO: sample batches; it takes inner_epochs steps each)
     batch: int = 4  # trajectories per step (>= 2: the leave-one-out baseline needs others)
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    # Share of each batch drawn as one of ``prompts`` with what it leaves open named at random
-    # (``DiffusionBackend.complete_prompt``; none on a model without a grammar for it).
-    completed_share: float = 0.0
     stage_prompts: dict[str, list[str]] | None = None  # DCoT: prompt -> [coarse, mid, fine]
     stage_boundaries: tuple[float, float] = dcot.DEFAULT_BOUNDARIES  # where mid and fine start
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
@@ -173,15 +170,8 @@ class _Guard:
             p.copy_(s)
 
 
-def _batch_prompts(rng: random.Random, prompts: list[str], batch: int, completed_share: float = 0.0,
-                   complete: Callable[[str, random.Random], str | None] | None = None) -> list[str]:
-    """A step's prompts: drawn from the round's, the last ``round(completed_share * batch)`` of
-    them completed by ``complete`` (kept as drawn where it gives None)."""
-    drawn = [rng.choice(prompts) for _ in range(batch)]
-    n_completed = round(completed_share * batch) if complete is not None else 0
-    for i in range(batch - n_completed, batch):
-        drawn[i] = complete(drawn[i], rng) or drawn[i]
-    return drawn
+def _batch_prompts(rng: random.Random, prompts: list[str], batch: int) -> list[str]:
+    return [rng.choice(prompts) for _ in range(batch)]
 
 
 def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
@@ -262,7 +252,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                                  or (pause_at is not None and step >= pause_at)):
                 paused = True  # the next step would not fit in the budget, or the caller checks here
                 break
-            prompts = _batch_prompts(rng, config.prompts, config.batch, config.completed_share, backend.complete_prompt)
+            prompts = _batch_prompts(rng, config.prompts, config.batch)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
             est = estimator.step(chain, ctx, generator, optimizer_step, zero_grad,
                                  check=lambda e: _check_estimate(guard, e))
