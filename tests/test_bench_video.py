@@ -26,7 +26,7 @@ def judge_dir(tmp_path_factory):
     the benchmarks' plumbing is under test here, not the judge's accuracy."""
     folder = tmp_path_factory.mktemp("clip-judge")
     torch.manual_seed(0)
-    clip_perception.save(clip_perception.ClipPerceptionNet(perception.load()), folder, {"num_frames": clips.NUM_FRAMES})
+    perception.save(clip_perception.ClipPerceptionNet(perception.load()), folder, {"num_frames": clips.NUM_FRAMES})
     return folder
 
 

@@ -40,7 +40,7 @@ def test_training_starts_from_the_perception_encoder_and_round_trips(tmp_path):
     model, losses = presence.train(steps=3, batch=8, start=start)
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert not model.body.heads  # only the presence head is trained and saved
-    presence.save(model, tmp_path, {"steps": 3})
+    perception.save(model, tmp_path, {"steps": 3})
     again = presence.load(tmp_path)
     images = torch.rand(2, 3, 32, 32)
     assert torch.allclose(again(images), model(images), atol=1e-6)

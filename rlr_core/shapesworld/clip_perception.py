@@ -29,7 +29,6 @@ from rlr_core.feedback.protocols import FrozenModelEncoder
 from rlr_core.shapesworld import clips
 from rlr_core.shapesworld import perception as image_perception
 from rlr_core.shapesworld.model import REPO_ROOT
-from rlr_core.shapesworld.perception import save  # a model folder: weights and card
 
 DEFAULT_CLIP_PERCEPTION_DIR = REPO_ROOT / "models" / "clip-perception"
 MOTION_DIM = 128
@@ -278,13 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     acc = accuracy(model, args.eval_clips)
     print("accuracy on fresh renders:", json.dumps(acc))
     n_params = sum(p.numel() for p in model.motion.parameters())
-    save(model, args.out, {"steps": args.steps, "batch": args.batch, "pool": args.pool, "seed": args.seed,
-                           "num_frames": model.motion.num_frames, "final_loss": float(np.mean(losses[-50:])),
-                           "accuracy_fresh_renders": acc, "eval_clips": args.eval_clips,
-                           "speed_judged_on": "moving clips only", "embed_dim": EMBED_DIM,
-                           "motion_parameters": n_params,
-                           "image_model": "models/perception, frozen (its weights are copied into model.safetensors)",
-                           "image_attributes_read_from": "the middle half of the frames"})
+    card = {"steps": args.steps, "batch": args.batch, "pool": args.pool, "seed": args.seed,
+            "num_frames": model.motion.num_frames, "final_loss": float(np.mean(losses[-50:])),
+            "accuracy_fresh_renders": acc, "eval_clips": args.eval_clips,
+            "speed_judged_on": "moving clips only", "embed_dim": EMBED_DIM,
+            "motion_parameters": n_params,
+            "image_model": "models/perception, frozen (its weights are copied into model.safetensors)",
+            "image_attributes_read_from": "the middle half of the frames"}
+    image_perception.save(model, args.out, card)
 
 
 if __name__ == "__main__":

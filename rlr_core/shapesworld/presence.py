@@ -32,7 +32,6 @@ from tqdm import tqdm
 from rlr_core.shapesworld import perception
 from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.model import REPO_ROOT
-from rlr_core.shapesworld.perception import save  # a model folder: weights and card
 
 DEFAULT_PRESENCE_DIR = REPO_ROOT / "models" / "presence"
 SHAPE_SCALE = (0.85, 1.2)  # x the world's half-extent (the renderer jitters 0.9-1.1)
@@ -141,10 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     model, losses = train(args.steps, args.batch, seed=args.seed)
     acc = accuracy(model)
     print("on fresh images:", json.dumps(acc))
-    save(model, args.out, {"steps": args.steps, "batch": args.batch, "seed": args.seed,
-                           "start": "models/perception (its encoder, fine-tuned)",
-                           "final_loss": float(np.mean(losses[-50:])), "accuracy_fresh_images": acc,
-                           "shape_scale": SHAPE_SCALE, "speck_half_extent": SPECK_HALF_EXTENT})
+    perception.save(model, args.out, {"steps": args.steps, "batch": args.batch, "seed": args.seed,
+                                      "start": "models/perception (its encoder, fine-tuned)",
+                                      "final_loss": float(np.mean(losses[-50:])), "accuracy_fresh_images": acc,
+                                      "shape_scale": SHAPE_SCALE, "speck_half_extent": SPECK_HALF_EXTENT})
 
 
 if __name__ == "__main__":
