@@ -11,7 +11,7 @@ from rlr_core.feedback import encoders, reward_proxy
 from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
 from rlr_core.feedback.reward_proxy import RewardProxy
 from rlr_core.shapesworld import clip_perception as cp
-from rlr_core.shapesworld import clips
+from rlr_core.shapesworld import clips, perception
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_gradient_reaches_the_frames(judge):
 
 
 def test_save_load_round_trip(judge, tmp_path):
-    cp.save(judge, tmp_path / "cp", {"num_frames": clips.NUM_FRAMES})
+    perception.save(judge, tmp_path / "cp", {"num_frames": clips.NUM_FRAMES})
     again = cp.load(tmp_path / "cp")
     frames = torch.cat([clip_of(), clip_of(direction="left", colour="blue")])
     with torch.no_grad():
