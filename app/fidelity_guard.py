@@ -16,7 +16,9 @@ spots fastest. So every round is checked by the backend's fidelity judge
   ``fidelity_base``, the drop and its paired standard error (per probe prompt, on the same
   noise). It is **flagged** when it falls more than the round's ``fidelity_threshold`` below its
   parent or below the base model (so small losses cannot add up over rounds), and by more than
-  :data:`SIGNIFICANCE` standard errors (0: the point estimate decides). A flagged version is not
+  :data:`SIGNIFICANCE` standard errors (0: the point estimate decides), on all the probes or on
+  either group of them judged apart: the round's own prompts, and the held-out ones (a loss on
+  prompts nobody rated must not hide in the mean of the rated ones). A flagged version is not
   made active, and auto-train does not build on it.
   The person can still activate it by hand. A relative judge (CLIP similarity) reports every
   version as a fraction of the base model's score on the same probes.
@@ -174,6 +176,20 @@ def beyond(drop: float, se: float, threshold: float, significance: float = SIGNI
 
 
 @dataclass(frozen=True)
+class GroupDrop:
+    """One group of probes (the round's own prompts, or the held-out ones) judged apart."""
+    group: str
+    probes: int
+    drop: float  # below the parent
+    drop_se: float
+    drop_from_base: float
+    drop_from_base_se: float
+
+
+GROUP_NAMES = {"rated": "the round's prompts", "held_out": "prompts the round did not see"}
+
+
+@dataclass(frozen=True)
 class Verdict:
     fidelity: float  # the new version's (relative judges: as a fraction of the base model's)
     fidelity_parent: float
@@ -183,6 +199,9 @@ class Verdict:
     judge: str
     drop_se: float = 0.0  # paired standard errors of the two drops (same scale as the fidelities)
     drop_from_base_se: float = 0.0
+    # Each group of probes apart: a loss on the prompts nobody rated must not hide in the mean of
+    # the rated ones (on the loop most pixel-judged losses were on unrated prompts).
+    groups: tuple[GroupDrop, ...] = ()
 
     @property
     def drop(self) -> float:
@@ -192,47 +211,79 @@ class Verdict:
     def drop_from_base(self) -> float:
         return self.fidelity_base - self.fidelity
 
+    def _worst(self) -> tuple[float, float, str, str] | None:
+        """(drop, SE, against whom, which probes) of the first drop that counts, or None."""
+        candidates = [(self.drop, self.drop_se, "its parent", "all"),
+                      (self.drop_from_base, self.drop_from_base_se, "the base model", "all")]
+        for g in self.groups:
+            candidates += [(g.drop, g.drop_se, "its parent", g.group),
+                           (g.drop_from_base, g.drop_from_base_se, "the base model", g.group)]
+        counted = [c for c in candidates if beyond(c[0], c[1], self.threshold)]
+        return max(counted, key=lambda c: c[0]) if counted else None
+
     @property
     def flagged_against_parent(self) -> bool:
-        return beyond(self.drop, self.drop_se, self.threshold)
+        worst = self._worst()
+        return worst is not None and worst[2] == "its parent"
 
     @property
     def flagged_against_base(self) -> bool:
-        return beyond(self.drop_from_base, self.drop_from_base_se, self.threshold)
+        worst = self._worst()
+        return worst is not None and worst[2] == "the base model"
 
     @property
     def flagged(self) -> bool:
-        return self.flagged_against_parent or self.flagged_against_base
+        return self._worst() is not None
 
     def note(self, name: str) -> str:
         """One line for the Train and Versions tabs."""
-        if not self.flagged:
+        worst = self._worst()
+        if worst is None:
             return (f"prompt fidelity kept: {self.fidelity:.3f} (parent {self.fidelity_parent:.3f}, "
                     f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts")
-        worst, se, against = ((self.drop, self.drop_se, "its parent") if self.flagged_against_parent
-                              else (self.drop_from_base, self.drop_from_base_se, "the base model"))
+        drop, se, against, group = worst
+        where = (f"on {self.probes} probe prompts" if group == "all" else
+                 f"on {GROUP_NAMES.get(group, group)} ({next(g.probes for g in self.groups if g.group == group)} "
+                 f"of {self.probes} probe prompts)")
         return (f"{name} lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
-                f"parent and {self.fidelity_base:.3f} for the base, {worst:.3f} ± {se:.3f} below {against} (more "
-                f"than the threshold {self.threshold:.2f}) on {self.probes} probe prompts; it was not made active")
+                f"parent and {self.fidelity_base:.3f} for the base, {drop:.3f} ± {se:.3f} below {against} "
+                f"{where} (more than the threshold {self.threshold:.2f}); it was not made active")
 
     def metrics(self) -> dict[str, Any]:
+        per_group = {f"fidelity_drop_{g.group}": round(max(g.drop, g.drop_from_base), 4) for g in self.groups}
         return {"fidelity": round(self.fidelity, 4), "fidelity_parent": round(self.fidelity_parent, 4),
                 "fidelity_base": round(self.fidelity_base, 4), "fidelity_drop": round(self.drop, 4),
                 "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_drop_se": round(self.drop_se, 4),
                 "fidelity_drop_from_base_se": round(self.drop_from_base_se, 4), "fidelity_threshold": self.threshold,
-                "fidelity_flagged": self.flagged, "fidelity_probes": self.probes, "fidelity_judge": self.judge}
+                "fidelity_flagged": self.flagged, "fidelity_probes": self.probes, "fidelity_judge": self.judge,
+                **per_group}
 
 
 def verdict(judge: Any, new: dict[str, float], parent: dict[str, float], base: dict[str, float],
-            threshold: float) -> Verdict:
-    """Compare the three versions' scores on the same probes (see the module docstring)."""
-    f_new, f_parent, f_base = mean(new), mean(parent), mean(base)
-    se_parent, se_base = paired_drop(parent, new)[1], paired_drop(base, new)[1]
+            threshold: float, held_out: Sequence[str] = ()) -> Verdict:
+    """Compare the three versions' scores on the same probes (see the module docstring); with
+    ``held_out`` (the backend's held-out prompts), the probes among them and the rest are also
+    judged apart, and a drop in either group counts."""
+    scale = 1.0
     if judge.relative:  # a fraction of the base model's score
-        scale = f_base if f_base > 0 else 1.0
-        f_new, f_parent, f_base = f_new / scale, f_parent / scale, 1.0
-        se_parent, se_base = se_parent / scale, se_base / scale
-    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name, se_parent, se_base)
+        scale = mean(base) if mean(base) > 0 else 1.0
+
+    def drops(prompts: Sequence[str]) -> tuple[float, float, float, float]:
+        sub = {p: new[p] for p in prompts}
+        d_parent, se_parent = paired_drop(parent, sub)
+        d_base, se_base = paired_drop(base, sub)
+        return d_parent / scale, se_parent / scale, d_base / scale, se_base / scale
+
+    held = set(held_out)
+    split = {"rated": [p for p in new if p not in held], "held_out": [p for p in new if p in held]}
+    groups = tuple(GroupDrop(name, len(ps), *drops(ps)) for name, ps in split.items() if ps) if held else ()
+    if len(groups) < 2:
+        groups = ()  # one group is the whole set
+    _, se_parent, _, se_base = drops(list(new))
+    f_new, f_parent, f_base = mean(new) / scale, mean(parent) / scale, mean(base) / scale
+    if judge.relative:
+        f_base = 1.0
+    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name, se_parent, se_base, groups)
 
 
 class FidelityWatch:

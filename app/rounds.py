@@ -359,7 +359,8 @@ class RoundRunner:
                                     draw_fn=drawer)
         root = self._root_of(base_version)
         base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, draw_fn=drawer)
-        return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold)
+        return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold,
+                                           held_out=self.held_out_prompts)
 
     def _root_of(self, version_id: int) -> int:
         """The base version at the start of this version's lineage."""

@@ -80,4 +80,5 @@ class PixelVerdicts:
         prompts, settings, per_prompt = found
         prompts = [p for p in prompts if self.judge.judges(p)]
         new, parent, base = (self.scores(v, prompts, settings, per_prompt) for v in (new_id, parent_id, base_id))
-        return fidelity_guard.verdict(self.judge, new, parent, base, threshold).metrics()
+        held_out = self.models.backend(base_id).held_out_prompts
+        return fidelity_guard.verdict(self.judge, new, parent, base, threshold, held_out=held_out).metrics()

@@ -178,6 +178,30 @@ def test_the_verdict_reports_the_drops_standard_error_and_the_rule_can_ask_for_i
     assert paired_drop({"a": 1.0}, {"a": 0.5, "b": 0.1}) == (0.5, 0.0)  # only shared prompts; one: no SE
 
 
+def test_a_loss_on_the_held_out_probes_is_flagged_even_when_the_mean_of_all_hides_it():
+    j = _Judge()
+    rated, held = [f"r{i}" for i in range(12)], ["h1", "h2", "h3", "h4"]
+    parent = dict.fromkeys(rated + held, 0.9)
+    # the held-out prompts lost 0.15 each, the rated ones nothing: 0.0375 below on the mean of all
+    new = {**dict.fromkeys(rated, 0.9), **dict.fromkeys(held, 0.75)}
+    pooled = verdict(j, new, parent, parent, 0.05)
+    assert pooled.drop == pytest.approx(0.0375) and not pooled.flagged
+    apart = verdict(j, new, parent, parent, 0.05, held_out=held + ["unused"])
+    assert apart.flagged and apart.flagged_against_parent and apart.drop == pytest.approx(0.0375)
+    assert "0.150 ± 0.000 below its parent on prompts the round did not see (4 of 16 probe prompts)" in apart.note("v2")
+    assert apart.metrics()["fidelity_drop_held_out"] == pytest.approx(0.15)
+    assert apart.metrics()["fidelity_drop_rated"] == pytest.approx(0.0)
+    # a small loss on the rated ones alone stays under the threshold, and so does the verdict
+    small = verdict(j, {**dict.fromkeys(rated, 0.87), **dict.fromkeys(held, 0.9)}, parent, parent, 0.05, held_out=held)
+    assert not small.flagged and small.note("v3").startswith("prompt fidelity kept")
+    # the base model decides a group too: two small steps on the held-out ones add up
+    base = {**parent, **dict.fromkeys(held, 0.95)}
+    drifted = verdict(j, {**dict.fromkeys(rated, 0.9), **dict.fromkeys(held, 0.88)}, parent, base, 0.05, held_out=held)
+    assert drifted.flagged_against_base and not drifted.flagged_against_parent
+    # all probes in one group: no split
+    assert verdict(j, new, parent, parent, 0.05, held_out=rated + held).groups == ()
+
+
 def test_probes_are_the_rounds_prompts_their_stages_and_held_out_ones():
     got = probe_prompts(_Judge(), ["a", "skip", "b"], [["a", "c", "b"]], ["h1", "a", "h2", "h3", "h4"], limit=8)
     assert got == ["a", "b", "c", "h1", "h2", "h3", "h4"]
