@@ -49,7 +49,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -106,8 +106,36 @@ def measure(backend: DiffusionBackend, judge: Any, prompts: Sequence[str], setti
     return {p: float(s) for p, s in zip(prompts, scores)}
 
 
+class ProbeKey(NamedTuple):
+    """What a cached score was measured on; stored as a JSON list in this order."""
+    judge: str
+    reading: str  # a stricter reading is another measure
+    prompt: str
+    seed: int
+    per_prompt: int
+    steps: int
+    guidance: float
+    eta: float
+
+    @classmethod
+    def of(cls, prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> ProbeKey:
+        reading = getattr(judge, "reading", f"accuracy@{getattr(judge, 'confidence', 0.0)}")
+        return cls(judge.name, reading, prompt, probe_seed(prompt), per_prompt, settings.steps, settings.guidance,
+                   settings.eta)
+
+    def dumps(self) -> str:
+        return json.dumps(list(self))
+
+    @classmethod
+    def loads(cls, text: str) -> ProbeKey:
+        return cls(*json.loads(text))
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(steps=self.steps, guidance=self.guidance, eta=self.eta)
+
+
 class ProbeCache:
-    """Per version, per probe (prompt, seed, images, steps, guidance): the judge's raw accuracy."""
+    """Per version, per probe (:class:`ProbeKey`): the judge's raw accuracy."""
 
     def __init__(self, data_dir: Path):
         self.path = Path(data_dir) / CACHE_FILE
@@ -115,10 +143,19 @@ class ProbeCache:
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, per_prompt: int, judge: Any) -> str:
-        # a stricter reading is another measure
-        measure_name = getattr(judge, "reading", f"accuracy@{getattr(judge, 'confidence', 0.0)}")
-        return json.dumps([judge.name, measure_name, prompt, probe_seed(prompt), per_prompt, settings.steps,
-                           settings.guidance, settings.eta])
+        return ProbeKey.of(prompt, settings, per_prompt, judge).dumps()
+
+    def keys(self, version_id: int) -> list[ProbeKey]:
+        """The probes cached for a version (a key that does not parse is skipped)."""
+        with self._lock:
+            stored = list(self._read().get(str(version_id), {}))
+        keys = []
+        for text in stored:
+            try:
+                keys.append(ProbeKey.loads(text))
+            except (TypeError, ValueError):
+                continue
+        return keys
 
     def _read(self) -> dict[str, dict[str, float]]:
         try:

@@ -12,7 +12,6 @@ pixel judge, through the guard's own ``measure`` and ``verdict``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,17 +42,14 @@ class PixelJudge:
 def probe_set(data_dir: Path, version_id: int, judge_name: str) -> tuple[list[str], GenerationSettings, int] | None:
     """The prompts, sample settings and images per prompt the guard judged ``version_id`` on
     (from its cache); None when the guard cached nothing for it."""
-    try:
-        cached = json.loads((Path(data_dir) / fidelity_guard.CACHE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    keys = [json.loads(k) for k in cached.get(str(version_id), {})]
-    keys = [k for k in keys if k[0] == judge_name and k[4] == fidelity_guard.PROBE_IMAGES]
+    keys = [k for k in fidelity_guard.ProbeCache(data_dir).keys(version_id)
+            if k.judge == judge_name and k.per_prompt == fidelity_guard.PROBE_IMAGES]
     if not keys:
         return None
-    _, _, _, _, per_prompt, steps, guidance, eta = keys[0]
-    prompts = [k[2] for k in keys if k[4:] == keys[0][4:]]
-    return prompts, GenerationSettings(steps=steps, guidance=guidance, eta=eta), per_prompt
+    first = keys[0]
+    same_draw = [k for k in keys if (k.per_prompt, k.steps, k.guidance, k.eta) ==
+                 (first.per_prompt, first.steps, first.guidance, first.eta)]
+    return [k.prompt for k in same_draw], first.settings(), first.per_prompt
 
 
 class PixelVerdicts:

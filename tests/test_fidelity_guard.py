@@ -3,6 +3,7 @@ the rounds' settings, auto-train's defaults, and the Train tab after a restart."
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -362,6 +363,14 @@ def test_probe_scores_are_cached_per_version_and_probe(tmp_path, builtin_backend
     assert more["a red circle"] == first["a red circle"] and set(more) == {"a red circle", "a green triangle"}
     other = cache.scores(2, builtin_backend, judge_, ["a red circle"], SamplerSettings(steps=4, guidance=3.0), 1)
     assert set(other) == {"a red circle"}
+    keys = cache.keys(1)  # what each score was measured on, read back
+    assert sorted(k.prompt for k in keys) == ["a green triangle", "a red circle", "a small blue square"]
+    assert {(k.per_prompt, k.steps, k.guidance, k.judge) for k in keys} == {(1, 3, 3.0, judge_.name)}
+    assert keys[0].settings().steps == 3 and cache.keys(3) == []
+    data = json.loads((tmp_path / CACHE_FILE).read_text())
+    data["2"]["[1, 2]"] = 0.5  # a key another version of the app wrote is skipped, not a crash
+    (tmp_path / CACHE_FILE).write_text(json.dumps(data))
+    assert [k.prompt for k in cache.keys(2)] == ["a red circle"]
     (tmp_path / CACHE_FILE).write_text("not json")  # a damaged cache costs a redraw, not the round
     redrawn = cache.scores(1, builtin_backend, judge_, ["a red circle"], settings, 1)
     assert redrawn == {"a red circle": first["a red circle"]}  # the same noise, the same score
