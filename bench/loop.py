@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from bench.common import print_table, save_json_atomic, write_json
-from bench.loop_report import markdown, plot, summarise
+from bench.loop_report import markdown, plot, summarise, versions_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -338,6 +338,8 @@ def main() -> None:
         print(f"{'MET ' if t['met'] else 'MISS'}  {t['check']}: {t['value']}")
     if args.markdown:
         print(markdown(runs))
+        print()
+        print(versions_markdown(runs))
     write_json(args.json, {"loop": {**LOOP, "rate_prompts": RATE_PROMPTS, "held_out": HELD_OUT,
                                     "score_seeds": SCORE_SEEDS, "fidelity_seeds": FIDELITY_SEEDS,
                                     "rounds": args.rounds, "arms": {a: ARMS[a] for a in args.arms},

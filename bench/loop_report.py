@@ -160,6 +160,30 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def versions_markdown(runs: list[dict[str, Any]]) -> str:
+    """Every new version: the pixels on the benchmark's images, the guard's verdict as run (its
+    judge on its probes, against the parent; the larger drop of each probe group, where recorded)
+    and the pixel judge's verdict on the guard's own probe images (docs/benchmarks.md)."""
+    def verdict(flagged: bool, new: float, parent: float) -> str:
+        return f"{'**flagged**' if flagged else 'kept'} {new:.3f} vs {parent:.3f}"
+
+    lines = ["| taste | seed | round | new version | score | fidelity, rated | fidelity, held-out | quality "
+             "| guard (new vs parent) | guard drop, rated / held-out | pixels on its probes | active after | round s |",
+             "|" + "---|" * 13]
+    for run in runs:
+        for r in run["rounds"][1:]:
+            new, pixels = r["new_version"], r.get("guard_on_pixels") or {}
+            groups = ("" if r.get("guard_drop_rated") is None else
+                      f"{r['guard_drop_rated']:.3f} / {r['guard_drop_held_out']:.3f}")
+            on_pixels = (verdict(pixels["fidelity_flagged"], pixels["fidelity"], pixels["fidelity_parent"])
+                         if pixels else "")
+            lines.append(f"| {run['taste']} | {run['seed']} | {r['round']} | {r['version']} | {new['score']:.3f} | "
+                         f"{new['fidelity_rated']:.3f} | {new['fidelity_held_out']:.3f} | {new['quality']:.3f} | "
+                         f"{verdict(r['guard_flagged'], r['guard_fidelity'], r['guard_fidelity_parent'])} | "
+                         f"{groups} | {on_pixels} | {r['active_version']} | {r['round_wall_s']} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 

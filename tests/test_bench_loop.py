@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.loop import ARMS, cache_path, load_runs, partial_path
-from bench.loop_report import guard_confusion, markdown, run_checks, summarise
+from bench.loop_report import guard_confusion, markdown, run_checks, summarise, versions_markdown
 
 
 def row(r: int, scores: list[float], fidelity: float, flagged: bool = False, new_fidelity: float | None = None,
@@ -36,6 +36,11 @@ def test_a_clean_rise_that_keeps_fidelity_meets_every_check():
     assert checks["rise_ok"] and checks["fidelity_ok"] and checks["last_ok"]
     assert checks["unflagged_fidelity_losses"] == []
     assert "| default | bold | 0 | 2 |" in markdown([run])
+    run["rounds"][2].update(guard_flagged=True, guard_drop_rated=0.01, guard_drop_held_out=0.08)
+    versions = versions_markdown([run]).splitlines()
+    assert len(versions) == 2 + 2  # a row per new version, not the base
+    assert versions[2].startswith("| bold | 0 | 1 | v1 | ") and "| kept 0.900 vs 0.950 |  |" in versions[2]
+    assert "| **flagged** 0.900 vs 0.950 | 0.010 / 0.080 |" in versions[3]
 
 
 def test_a_noisy_rise_a_fidelity_loss_and_an_unflagged_bad_version_are_caught():
