@@ -24,8 +24,9 @@ spots fastest. So every round is checked by the backend's fidelity judge
   version as a fraction of the base model's score on the same probes.
 - **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
   smaller probe set (8 prompts, 2 images each); if it fell past the threshold below the parent's
-  score on the same probes (by the verdict's rule), the adapter goes back to the last
-  checked step that passed and the round ends there (an early stop that keeps the version).
+  score on the same probes (by the verdict's rule, on the mean of all 8: too few to judge the
+  groups apart), the adapter goes back to the last checked step that passed and the round ends
+  there (an early stop that keeps the version).
 
 The guard is as good as its judge. On the built-in model the judge is the perception model that
 the round's fidelity term climbs; ``python -m bench.guard_judge`` measured what it reads of a
