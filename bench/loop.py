@@ -44,8 +44,10 @@ threads each. The checks, table, markdown and plot are in ``bench/loop_report.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,9 +153,10 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
 
 
 def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
-            on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_round: Callable[[dict[str, Any]], None] | None = None, keep_data: Path | None = None) -> dict[str, Any]:
     """One run of the loop; ``on_round`` gets the run so far after the base and after every round
-    (what a run cut short has measured)."""
+    (what a run cut short has measured). The app's data folder is temporary, or ``keep_data``
+    (emptied first; kept for ``bench/guard_rules.py``)."""
     import gradio_client
 
     from app.config import AppConfig
@@ -178,7 +181,11 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                 "warm_round_process": True, "round_defaults": BUILTIN_IMAGE_DEFAULTS,
                 "seconds": round(time.perf_counter() - started, 1), "complete": complete}
 
-    with tempfile.TemporaryDirectory(prefix="rlr-loop-") as tmp, \
+    if keep_data is not None:
+        shutil.rmtree(keep_data, ignore_errors=True)
+        keep_data.mkdir(parents=True)
+    folder = contextlib.nullcontext(str(keep_data)) if keep_data else tempfile.TemporaryDirectory(prefix="rlr-loop-")
+    with folder as tmp, \
             serve(AppConfig(data_dir=Path(tmp), port=0), BuiltinBackend.load()) as app:
         app.services.rounds.warm_up()  # as python app.py does once it serves
         client = gradio_client.Client(app.url, verbose=False)
@@ -298,6 +305,8 @@ def main() -> None:
     p.add_argument("--idle-cache", default=None,
                    help="runs made alone on the machine (--one ... --threads 2 --cache DIR): their round times "
                         "decide the 120 s target")
+    p.add_argument("--keep-data", action="store_true",
+                   help="keep each run's app data folder (CACHE/data/ARM-TASTE-seedN) for bench/guard_rules.py")
     p.add_argument("--one", nargs=3, metavar=("ARM", "TASTE", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -307,7 +316,8 @@ def main() -> None:
         arm, taste, seed = args.one[0], args.one[1], int(args.one[2])
         cut = partial_path(cache, arm, taste, seed, args.rounds)
         run = run_one(arm, taste, seed, args.rounds, log=lambda line: print(line, flush=True),
-                      on_round=lambda so_far: save_json_atomic(cut, so_far))
+                      on_round=lambda so_far: save_json_atomic(cut, so_far),
+                      keep_data=cache / "data" / f"{arm}-{taste}-seed{seed}" if args.keep_data else None)
         save_json_atomic(cache_path(cache, arm, taste, seed, args.rounds), run)
         cut.unlink(missing_ok=True)
         return
@@ -318,7 +328,7 @@ def main() -> None:
 
         def work(w: tuple[str, str, int]) -> int:
             cmd = [sys.executable, "-m", "bench.loop", "--one", w[0], w[1], str(w[2]), "--rounds", str(args.rounds),
-                   "--threads", str(args.threads), "--cache", str(cache)]
+                   "--threads", str(args.threads), "--cache", str(cache)] + (["--keep-data"] if args.keep_data else [])
             return subprocess.call(cmd, cwd=ROOT)
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -156,3 +156,27 @@ def test_the_guards_probes_are_redrawn_and_read_from_the_pixels(tmp_path: Path, 
     assert 0.5 < same["fidelity"] <= 1.0  # the base draws what these prompts ask for, mostly
     wrecked = verdicts.verdict(2, 1, 1, threshold=0.05)
     assert wrecked["fidelity_flagged"] and wrecked["fidelity_drop"] > 0.2, wrecked
+
+
+def test_the_guard_rules_screen_reads_each_rule_as_documented():
+    from bench.guard_rules import confusion, rules
+
+    held = {"h1", "h2"}
+    weights = {"r1": 1, "r2": 1, "r3": 1, "r4": 1, "h1": 4, "h2": 4}
+    by_rule = rules(held, weights)
+    parent = dict.fromkeys(weights, 0.9)
+    # the held-out prompts lost 0.1, the rated ones nothing: 0.033 on the mean of the 6 prompts
+    held_loss = {**parent, "h1": 0.8, "h2": 0.8}
+    assert {r: f(held_loss, parent, parent) for r, f in by_rule.items()} == {
+        "pooled": False, "split": True, "held-out": True, "attributes": True}  # 0.067 by attributes
+    # one rated prompt lost 0.25: the rated group's mean falls 0.0625, the mean of all 0.042
+    rated_loss = {**parent, "r1": 0.65}
+    assert {r: f(rated_loss, parent, parent) for r, f in by_rule.items()} == {
+        "pooled": False, "split": True, "held-out": False, "attributes": False}
+    # against the base as well as the parent
+    assert by_rule["pooled"](dict.fromkeys(weights, 0.86), parent, dict.fromkeys(weights, 0.95))
+    rows = [{"pixel_loss": 0.08, "guard_as_run": False, "verdicts": {"pooled": True}},
+            {"pixel_loss": 0.01, "guard_as_run": True, "verdicts": {"pooled": False}}]
+    got = confusion(rows)
+    assert got["pooled"] == {"losses": 1, "losses_flagged": 1, "faithful": 1, "faithful_flagged": 0}
+    assert got["as run"] == {"losses": 1, "losses_flagged": 0, "faithful": 1, "faithful_flagged": 1}

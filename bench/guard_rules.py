@@ -1,0 +1,179 @@
+"""Which guard rule reads the loop's losses best? The guard replayed on the versions a loop made.
+
+``bench/loop.py`` judges every new version from the pixels on its own images (64 of the rated
+prompts, 64 of held-out prompts neither the rounds nor the guard see) and records the guard's
+verdict as it ran. The guard's rule can change which version is active and so the whole run
+after it; but whether a rule flags a version that lost fidelity can be read off the same
+versions. This screen redraws the guard's probes (the round's prompts and the backend's
+held-out prompts, each prompt from its fixed seed, as the guard draws them) with more images
+per prompt than the guard uses, reads them with the guard's judge and with the pixel judge, and
+counts, for each rule, how many of the versions that lost more than the threshold on the
+benchmark's images it flags, and how many of those that did not.
+
+Rules (each against the parent and the base model, like the guard):
+
+- ``pooled``: the mean over the probe prompts (each prompt weighs the same);
+- ``split``: ``pooled``, or either group apart (the round's prompts, the held-out ones);
+- ``held-out``: ``pooled``, or the held-out group apart;
+- ``attributes``: the mean over every attribute the prompts name (a fully specified prompt weighs
+  as many attributes as it names, a one-word prompt one).
+
+Each at 2 images per prompt (the first two of each prompt's four) and at 4.
+
+The runs' data folders come from ``bench/loop.py --keep-data`` (CACHE/data):
+
+    python -m bench.guard_rules --runs runs/loop_split \\
+        --json bench/results/guard_rules.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from app import fidelity_guard
+from app.generation import GenerationSettings, draw
+from app.models import ModelRegistry
+from bench.common import machine, write_json
+from bench.guard_probes import PixelJudge
+from bench.loop_report import fidelity_drop
+from feedback_store import FeedbackStore
+from rlr_core.backends.builtin import BuiltinBackend
+
+IMAGES = 4  # per probe prompt; the rules also read the first 2
+THRESHOLD = 0.05
+Scores = dict[str, list[float]]  # prompt -> the judge's accuracy per image
+
+
+@torch.no_grad()
+def probe_scores(backend: BuiltinBackend, judges: dict[str, Any], prompts: Sequence[str],
+                 settings: GenerationSettings) -> dict[str, Scores]:
+    """Per judge, per prompt, each image's accuracy (the guard's seeds: ``probe_seed`` per prompt)."""
+    texts = [p for p in prompts for _ in range(IMAGES)]
+    images = draw(backend, texts, fidelity_guard.PROBE_SEED, settings,
+                  row_seeds=[fidelity_guard.probe_seed(p) for p in texts])
+    out = {}
+    for name, judge in judges.items():
+        acc = judge.accuracy(images, texts).float().view(len(prompts), IMAGES).tolist()
+        out[name] = dict(zip(prompts, acc))
+    return out
+
+
+def per_prompt(scores: Scores, images: int) -> dict[str, float]:
+    return {p: sum(v[:images]) / images for p, v in scores.items()}
+
+
+def _drops(ref: dict[str, float], new: dict[str, float], prompts: Sequence[str],
+           weights: dict[str, int] | None = None) -> float:
+    w = weights or dict.fromkeys(prompts, 1)
+    return sum(w[p] * (ref[p] - new[p]) for p in prompts) / sum(w[p] for p in prompts)
+
+
+def rules(held_out: set[str], weights: dict[str, int]) -> dict[str, Callable[..., bool]]:
+    """Each rule: (new, parent, base per-prompt scores) -> flagged."""
+    def groups(new: dict[str, float]) -> dict[str, list[str]]:
+        return {"rated": [p for p in new if p not in held_out], "held_out": [p for p in new if p in held_out]}
+
+    def past(new, parent, base, prompts, w=None) -> bool:
+        return bool(prompts) and max(_drops(parent, new, prompts, w), _drops(base, new, prompts, w)) > THRESHOLD
+
+    return {
+        "pooled": lambda n, pa, b: past(n, pa, b, list(n)),
+        "split": lambda n, pa, b: past(n, pa, b, list(n)) or any(past(n, pa, b, g) for g in groups(n).values()),
+        "held-out": lambda n, pa, b: past(n, pa, b, list(n)) or past(n, pa, b, groups(n)["held_out"]),
+        "attributes": lambda n, pa, b: past(n, pa, b, list(n), weights),
+    }
+
+
+def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend) -> list[dict[str, Any]]:
+    """Every new version of one run: the benchmark's pixel loss, and each rule's verdict."""
+    store = FeedbackStore(data_dir)
+    models = ModelRegistry(base_backend, store, cache_size=2)
+    guard_judge = base_backend.fidelity_judge()
+    judges = {"guard judge": guard_judge, "pixels": PixelJudge()}
+    held = list(base_backend.held_out_prompts)
+    base_row = run["rounds"][0]
+    base_id = base_row["version_id"]
+    defaults = run["round_defaults"]  # the guard draws as the round's samples are drawn
+    settings = GenerationSettings(steps=defaults["sample_steps"], guidance=defaults["sample_guidance"])
+    cache: dict[tuple[int, tuple[str, ...]], dict[str, Scores]] = {}
+
+    def scores(version_id: int, prompts: list[str]) -> dict[str, Scores]:
+        key = (version_id, tuple(prompts))
+        if key not in cache:
+            cache[key] = probe_scores(models.backend(version_id), judges, prompts, settings)
+        return cache[key]
+
+    out = []
+    for r in run["rounds"][1:]:
+        version = store.get_model_version(r["version_id"])
+        probes = fidelity_guard.probe_prompts(guard_judge, version["config"]["prompts"], [], held)
+        weights = {p: len(guard_judge.wanted(p)) for p in probes}
+        by_rule = rules(set(held), weights)
+        new, parent, base = (scores(v, probes) for v in (r["version_id"], version["parent_id"], base_id))
+        verdicts = {}
+        for judge in judges:
+            for images in (2, IMAGES):
+                n, pa, b = (per_prompt(s[judge], images) for s in (new, parent, base))
+                for rule, flagged in by_rule.items():
+                    verdicts[f"{judge} / {rule} / {images}"] = flagged(n, pa, b)
+        out.append({"taste": run["taste"], "seed": run["seed"], "round": r["round"], "version_id": r["version_id"],
+                    "pixel_loss": fidelity_drop(base_row, r["new_version"]), "guard_as_run": r["guard_flagged"],
+                    "verdicts": verdicts})
+    return out
+
+
+def confusion(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per rule: versions that lost more than the threshold on the benchmark's images, and those
+    flagged; the same for the faithful ones."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        kind = "losses" if row["pixel_loss"] > THRESHOLD else "faithful"
+        for rule, flagged in {"as run": row["guard_as_run"], **row["verdicts"]}.items():
+            c = out.setdefault(rule, {"losses": 0, "losses_flagged": 0, "faithful": 0, "faithful_flagged": 0})
+            c[kind] += 1
+            c[f"{kind}_flagged"] += int(flagged)
+    return out
+
+
+def find_data(run: dict[str, Any], data_root: Path) -> Path | None:
+    """A run's data folder, as ``bench/loop.py --keep-data`` names it."""
+    named = data_root / f"{run['arm']}-{run['taste']}-seed{run['seed']}"
+    return named if named.exists() else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", required=True, help="bench/loop.py's --cache folder (finished runs)")
+    p.add_argument("--data", default=None,
+                   help="the runs' data folders (default: RUNS/data, from bench/loop.py --keep-data)")
+    p.add_argument("--json", default="bench/results/guard_rules.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base_backend = BuiltinBackend.load()
+    runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*.json")) if "partial" not in f.name]
+    rows = []
+    data_root = Path(args.data) if args.data else Path(args.runs) / "data"
+    for run in tqdm(runs, desc="runs"):
+        data = find_data(run, data_root)
+        if data is None:
+            print(f"no data folder for {run['taste']} seed {run['seed']}: skipped")
+            continue
+        rows += screen_run(run, data, base_backend)
+    table = confusion(rows)
+    print(f"{'rule':<34} losses flagged   faithful flagged")
+    for rule, c in table.items():
+        print(f"{rule:<34} {c['losses_flagged']:>3} of {c['losses']:<3}"
+              f"       {c['faithful_flagged']:>3} of {c['faithful']}")
+    write_json(args.json, {"machine": machine(), "threshold": THRESHOLD, "images_per_prompt": IMAGES,
+                           "runs": args.runs, "confusion": table, "versions": rows})
+
+
+if __name__ == "__main__":
+    main()
