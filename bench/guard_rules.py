@@ -18,7 +18,8 @@ Rules (each against the parent and the base model, like the guard):
 - ``attributes``: the mean over every attribute the prompts name (a fully specified prompt weighs
   as many attributes as it names, a one-word prompt one).
 
-Each at 2 images per prompt (the first two of each prompt's four) and at 4.
+Each at 2 images per prompt (the guard's own: the 2-image verdicts replay the guard as it ran,
+a check of the replay) and at 4 (two more from a second seed).
 
 The runs' data folders come from ``bench/loop.py --keep-data`` (CACHE/data):
 
@@ -46,7 +47,7 @@ from bench.loop_report import fidelity_drop
 from feedback_store import FeedbackStore
 from rlr_core.backends.builtin import BuiltinBackend
 
-IMAGES = 4  # per probe prompt; the rules also read the first 2
+IMAGES = 4  # per probe prompt; the rules also read the guard's own 2 (PROBE_IMAGES)
 THRESHOLD = 0.05
 Scores = dict[str, list[float]]  # prompt -> the judge's accuracy per image
 
@@ -54,10 +55,14 @@ Scores = dict[str, list[float]]  # prompt -> the judge's accuracy per image
 @torch.no_grad()
 def probe_scores(backend: BuiltinBackend, judges: dict[str, Any], prompts: Sequence[str],
                  settings: GenerationSettings) -> dict[str, Scores]:
-    """Per judge, per prompt, each image's accuracy (the guard's seeds: ``probe_seed`` per prompt)."""
+    """Per judge, per prompt, each image's accuracy. The first ``PROBE_IMAGES`` of a prompt are
+    the guard's own (its seed, drawn as the guard draws them: a run of equal row seeds is drawn
+    as if alone), the rest from a second seed, so the 2-image rules replay the verdict as run."""
+    extra = IMAGES - fidelity_guard.PROBE_IMAGES
     texts = [p for p in prompts for _ in range(IMAGES)]
-    images = draw(backend, texts, fidelity_guard.PROBE_SEED, settings,
-                  row_seeds=[fidelity_guard.probe_seed(p) for p in texts])
+    row_seeds = [s for p in prompts for s in [fidelity_guard.probe_seed(p)] * fidelity_guard.PROBE_IMAGES
+                 + [fidelity_guard.probe_seed(p, fidelity_guard.PROBE_SEED + 1)] * extra]
+    images = draw(backend, texts, fidelity_guard.PROBE_SEED, settings, row_seeds=row_seeds)
     out = {}
     for name, judge in judges.items():
         acc = judge.accuracy(images, texts).float().view(len(prompts), IMAGES).tolist()
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base_backend = BuiltinBackend.load()
-    runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*.json")) if "partial" not in f.name]
+    runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*-rounds*.json"))
+            if not f.name.endswith(".partial.json")]  # finished runs, as bench/loop.py names them
     rows = []
     data_root = Path(args.data) if args.data else Path(args.runs) / "data"
     for run in tqdm(runs, desc="runs"):
