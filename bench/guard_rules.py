@@ -41,7 +41,7 @@ from tqdm import tqdm
 from app import fidelity_guard
 from app.generation import GenerationSettings, draw
 from app.models import ModelRegistry
-from bench.common import machine, write_json
+from bench.common import machine, save_json_atomic, write_json
 from bench.guard_probes import PixelJudge
 from bench.loop_report import fidelity_drop
 from feedback_store import FeedbackStore
@@ -166,12 +166,20 @@ def main(argv: list[str] | None = None) -> None:
             if not f.name.endswith(".partial.json")]  # finished runs, as bench/loop.py names them
     rows = []
     data_root = Path(args.data) if args.data else Path(args.runs) / "data"
+    done = Path(args.runs) / "guard_rules"  # each run's rows, kept: a screen cut short resumes
+    done.mkdir(exist_ok=True)
     for run in tqdm(runs, desc="runs"):
+        kept = done / f"{run['arm']}-{run['taste']}-seed{run['seed']}.json"
+        if kept.exists():
+            rows += json.loads(kept.read_text())["versions"]
+            continue
         data = find_data(run, data_root)
         if data is None:
             print(f"no data folder for {run['taste']} seed {run['seed']}: skipped")
             continue
-        rows += screen_run(run, data, base_backend)
+        screened = screen_run(run, data, base_backend)
+        save_json_atomic(kept, {"versions": screened})
+        rows += screened
     table = confusion(rows)
     print(f"{'rule':<34} losses flagged   faithful flagged")
     for rule, c in table.items():
