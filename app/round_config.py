@@ -54,11 +54,12 @@ DEFAULT_NOTES: dict[str, str] = {
                       "them, only RLR also raised the score. Without the fidelity term (the KL only), four rounds "
                       "kept fidelity a little better, but the guard flagged 15 of 24 versions, 10 of them faithful by "
                       "the pixels, and much of the rater's gain was lost. RLR's rounds can still lose fidelity over "
-                      "several rounds: the guard is what stops it, and it does not stop all of it. Over four rounds, 3 "
-                      "seeds x 2 tastes, judged from the pixels on rated and unrated prompts apart, it flagged 9 of "
-                      "the 15 versions that lost fidelity and 3 of the 9 that did not; on its own probe images it "
-                      "was right on 22 of 24, so most losses it let through were on prompts its probes do not "
-                      "cover (docs/benchmarks.md, the loop)."),
+                      "several rounds: the guard is what stops it, judging the round's prompts and prompts nobody "
+                      "rated apart. Over four rounds, 3 seeds x 2 tastes, judged from the pixels on rated and "
+                      "unrated prompts apart, it flagged 13 of the 15 versions that lost fidelity (the two it missed "
+                      "lost 0.055 and 0.057) and 4 of the 9 that did not; fidelity held on 4 runs of 6. It holds "
+                      "back versions that please the rater by losing other prompts, so the rater's gains can stall "
+                      "(docs/benchmarks.md, the loop)."),
 }
 OTHER_NOTE = ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "
               "this model.")

@@ -51,7 +51,8 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
 def guard_confusion(runs: list[dict[str, Any]], threshold: float = FIDELITY_TOLERANCE) -> dict[str, Any]:
     """How the guard's verdicts on every new version compare with the pixels (a loss: more than
     ``threshold`` below the base's pixel fidelity): as run, and as the rule on the point estimate
-    alone (a drop past the threshold, no standard errors) would have judged the same scores; and,
+    of the mean of all probes alone (a drop past the threshold: no standard errors, no groups of
+    probes judged apart) would have judged the same scores; and,
     where the run redrew them (``guard_on_pixels``), against the pixel judge's verdict on the
     guard's own probe images ("on_its_probes": a loss is a version the same rule flags there)."""
     from app import fidelity_guard

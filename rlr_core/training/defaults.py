@@ -76,8 +76,10 @@ DEFAULTS: dict[str, Any] = {
 # stop end rounds early. No in-round watch: its 16 probe images stopped rounds on noise (they are
 # fewer than the guard's 32) and each check costs about a tenth of a round; the guard judges the
 # whole 10-step round. Measured again with the guard's presence model and fidelity checked on the
-# rated and the unrated prompts apart (loop.json): the guard let 6 of 15 losses through, most of them
-# on prompts outside its probes; no setting was re-picked on that measurement. Training a third of
+# rated and the unrated prompts apart (loop_pooled.json): the guard let 6 of 15 losses through, most
+# of them on unrated prompts; with the guard also judging its rated and held-out probes apart
+# (loop.json) it let 2 of 15 through (0.055 and 0.057) and fidelity held on 4 runs of 6, at the price
+# of the composition rater's later gains; no round setting was re-picked on these measurements. Training a third of
 # each batch on the round's prompts completed at random, with the fidelity term summed over the
 # named attributes, was no better there (loop_completed.json: fidelity kept on 1 run of 6), so
 # neither is part of the round.
