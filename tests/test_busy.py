@@ -82,7 +82,13 @@ def test_the_browser_says_busy_and_the_click_works_again(small_queue):
         page.set_default_timeout(60_000)
         page.goto(url)
         name_box = page.locator("#rater textarea, #rater input").first
-        wait_until(lambda: name_box.input_value().startswith("guest-"), what="a guest rater id")
+        try:
+            wait_until(lambda: name_box.input_value().startswith("guest-"), timeout=30, what="a guest rater id")
+        except AssertionError:
+            # with a queue of 1, the page's own load events can fill it and one of them is refused
+            # (seen once with the machine loaded by other tests); a person would reload
+            page.reload()
+            wait_until(lambda: name_box.input_value().startswith("guest-"), what="a guest rater id")
         name_box.fill("bob")  # after the guest id arrived, which would overwrite it
         name_box.press("Tab")
         page.click("#load-queue")
