@@ -249,25 +249,27 @@ class Verdict:
     def drop_from_base(self) -> float:
         return self.fidelity_base - self.fidelity
 
-    def _worst(self) -> tuple[float, float, str, str] | None:
-        """(drop, SE, against whom, which probes) of the first drop that counts, or None."""
+    def _counted(self) -> list[tuple[float, float, str, str]]:
+        """(drop, SE, against whom, which probes) of every drop that counts."""
         candidates = [(self.drop, self.drop_se, "its parent", "all"),
                       (self.drop_from_base, self.drop_from_base_se, "the base model", "all")]
         for g in self.groups:
             candidates += [(g.drop, g.drop_se, "its parent", g.group),
                            (g.drop_from_base, g.drop_from_base_se, "the base model", g.group)]
-        counted = [c for c in candidates if beyond(c[0], c[1], self.threshold)]
+        return [c for c in candidates if beyond(c[0], c[1], self.threshold)]
+
+    def _worst(self) -> tuple[float, float, str, str] | None:
+        """The largest drop that counts (what the note reports), or None."""
+        counted = self._counted()
         return max(counted, key=lambda c: c[0]) if counted else None
 
     @property
     def flagged_against_parent(self) -> bool:
-        worst = self._worst()
-        return worst is not None and worst[2] == "its parent"
+        return any(c[2] == "its parent" for c in self._counted())
 
     @property
     def flagged_against_base(self) -> bool:
-        worst = self._worst()
-        return worst is not None and worst[2] == "the base model"
+        return any(c[2] == "the base model" for c in self._counted())
 
     @property
     def flagged(self) -> bool:
