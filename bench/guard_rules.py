@@ -74,25 +74,29 @@ def per_prompt(scores: Scores, images: int) -> dict[str, float]:
     return {p: sum(v[:images]) / images for p, v in scores.items()}
 
 
-def _drops(ref: dict[str, float], new: dict[str, float], prompts: Sequence[str],
-           weights: dict[str, int] | None = None) -> float:
-    w = weights or dict.fromkeys(prompts, 1)
-    return sum(w[p] * (ref[p] - new[p]) for p in prompts) / sum(w[p] for p in prompts)
+def _weighted_drop(ref: dict[str, float], new: dict[str, float], weights: dict[str, int]) -> float:
+    return sum(w * (ref[p] - new[p]) for p, w in weights.items()) / sum(weights.values())
 
 
-def rules(held_out: set[str], weights: dict[str, int]) -> dict[str, Callable[..., bool]]:
-    """Each rule: (new, parent, base per-prompt scores) -> flagged."""
-    def groups(new: dict[str, float]) -> dict[str, list[str]]:
-        return {"rated": [p for p in new if p not in held_out], "held_out": [p for p in new if p in held_out]}
+def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[str, Callable[..., bool]]:
+    """Each rule: (new, parent, base per-prompt scores) -> flagged. The first three are the
+    guard's own verdict (:func:`app.fidelity_guard.verdict`), with and without its groups."""
+    def verdict(new, parent, base, groups: bool) -> fidelity_guard.Verdict:
+        return fidelity_guard.verdict(judge, new, parent, base, THRESHOLD, held_out=held_out if groups else ())
 
-    def past(new, parent, base, prompts, w=None) -> bool:
-        return bool(prompts) and max(_drops(parent, new, prompts, w), _drops(base, new, prompts, w)) > THRESHOLD
+    def held_out_lost(v: fidelity_guard.Verdict) -> bool:
+        return any(fidelity_guard.beyond(drop, se, THRESHOLD) for g in v.groups if g.group == "held_out"
+                   for drop, se in ((g.drop, g.drop_se), (g.drop_from_base, g.drop_from_base_se)))
+
+    def by_attributes(new, parent, base) -> bool:
+        return max(_weighted_drop(parent, new, weights), _weighted_drop(base, new, weights)) > THRESHOLD
 
     return {
-        "pooled": lambda n, pa, b: past(n, pa, b, list(n)),
-        "split": lambda n, pa, b: past(n, pa, b, list(n)) or any(past(n, pa, b, g) for g in groups(n).values()),
-        "held-out": lambda n, pa, b: past(n, pa, b, list(n)) or past(n, pa, b, groups(n)["held_out"]),
-        "attributes": lambda n, pa, b: past(n, pa, b, list(n), weights),
+        "pooled": lambda n, pa, b: verdict(n, pa, b, groups=False).flagged,
+        "split": lambda n, pa, b: verdict(n, pa, b, groups=True).flagged,
+        "held-out": lambda n, pa, b: verdict(n, pa, b, groups=False).flagged or held_out_lost(
+            verdict(n, pa, b, groups=True)),
+        "attributes": by_attributes,
     }
 
 
@@ -120,14 +124,14 @@ def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend
         version = store.get_model_version(r["version_id"])
         probes = fidelity_guard.probe_prompts(guard_judge, version["config"]["prompts"], [], held)
         weights = {p: len(guard_judge.wanted(p)) for p in probes}
-        by_rule = rules(set(held), weights)
         new, parent, base = (scores(v, probes) for v in (r["version_id"], version["parent_id"], base_id))
         verdicts = {}
-        for judge in judges:
+        for name, judge in judges.items():
+            by_rule = rules(judge, held, weights)
             for images in (2, IMAGES):
-                n, pa, b = (per_prompt(s[judge], images) for s in (new, parent, base))
+                n, pa, b = (per_prompt(s[name], images) for s in (new, parent, base))
                 for rule, flagged in by_rule.items():
-                    verdicts[f"{judge} / {rule} / {images}"] = flagged(n, pa, b)
+                    verdicts[f"{name} / {rule} / {images}"] = flagged(n, pa, b)
         out.append({"taste": run["taste"], "seed": run["seed"], "round": r["round"], "version_id": r["version_id"],
                     "pixel_loss": fidelity_drop(base_row, r["new_version"]), "guard_as_run": r["guard_flagged"],
                     "verdicts": verdicts})

@@ -159,11 +159,12 @@ def test_the_guards_probes_are_redrawn_and_read_from_the_pixels(tmp_path: Path, 
 
 
 def test_the_guard_rules_screen_reads_each_rule_as_documented():
+    from bench.guard_probes import PixelJudge
     from bench.guard_rules import confusion, rules
 
     held = {"h1", "h2"}
     weights = {"r1": 1, "r2": 1, "r3": 1, "r4": 1, "h1": 4, "h2": 4}
-    by_rule = rules(held, weights)
+    by_rule = rules(PixelJudge(), held, weights)
     parent = dict.fromkeys(weights, 0.9)
     # the held-out prompts lost 0.1, the rated ones nothing: 0.033 on the mean of the 6 prompts
     held_loss = {**parent, "h1": 0.8, "h2": 0.8}
