@@ -281,13 +281,20 @@ class Verdict:
         if worst is None:
             return (f"prompt fidelity kept: {self.fidelity:.3f} (parent {self.fidelity_parent:.3f}, "
                     f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts")
+        return f"{name} {self.loss()}; it was not made active"
+
+    def loss(self) -> str:
+        """What was lost, in words ("lost prompt fidelity: ..."); empty when nothing counted."""
+        worst = self._worst()
+        if worst is None:
+            return ""
         drop, se, against, group = worst
         where = (f"on {self.probes} probe prompts" if group == "all" else
                  f"on {GROUP_NAMES.get(group, group)} ({next(g.probes for g in self.groups if g.group == group)} "
                  f"of {self.probes} probe prompts)")
-        return (f"{name} lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
+        return (f"lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
                 f"parent and {self.fidelity_base:.3f} for the base, {drop:.3f} ± {se:.3f} below {against} "
-                f"{where} (more than the threshold {self.threshold:.2f}); it was not made active")
+                f"{where} (more than the threshold {self.threshold:.2f})")
 
     def metrics(self) -> dict[str, Any]:
         per_group = {f"fidelity_drop_{g.group}": round(max(g.drop, g.drop_from_base), 4) for g in self.groups}

@@ -39,6 +39,7 @@ from app.state import StateFile
 from app.worker import JobContext, JobStatus, Worker, WorkerBusy
 from feedback_store import FeedbackStore
 from rlr_core import dcot
+from rlr_core.training import lora
 from rlr_core.training.round_process import RoundProcess
 
 PROXY_DIR = "reward_proxy"
@@ -257,10 +258,9 @@ class RoundRunner:
         metrics = {**proxy_info, **trained.metrics, "train_seconds": round(time.time() - started, 1)}
 
         name = f"v{len(self.store.model_versions())} ({config.estimator})"
-        new_scores, verdict = self._judge_fidelity(ctx, backend, base_version, prompts, config)
-        note = verdict.note(name) if verdict is not None else "prompt fidelity is not guarded: this model has no judge"
-        if verdict is not None:
-            metrics.update(verdict.metrics(), fidelity_note=note)
+        new_scores, verdict, note, guard_metrics = self._guard(ctx, backend, base_version, prompts, config, name,
+                                                               Path(trained.weights_path))
+        metrics.update(guard_metrics)
         ctx.check_stop()
 
         ctx.report(0.8, "saving the new version")
@@ -341,6 +341,42 @@ class RoundRunner:
         return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
                                                     config.fidelity_threshold, config.fidelity_check_every,
                                                     reference, draw_fn=drawer)
+
+    def _guard(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt], config: RoundConfig,
+               name: str, folder: Path) -> tuple[dict[str, float], fidelity_guard.Verdict | None, str, dict[str, Any]]:
+        """The guard's verdict on the round's version (the trained copy ``backend``, saved in
+        ``folder``). A flagged version is scaled back toward its parent, halving the round's
+        change up to ``config.fidelity_backoff`` times, and judged again at each; the first that
+        passes becomes the version (its folder rewritten). (its probe scores, the verdict, the
+        note, the metrics to record)"""
+        scores, verdict = self._judge_fidelity(ctx, backend, base_version, prompts, config)
+        if verdict is None:
+            return scores, None, "prompt fidelity is not guarded: this model has no judge", {}
+        full, keep = verdict, 1.0
+        for halvings in range(1, (config.fidelity_backoff if full.flagged else 0) + 1):
+            ctx.check_stop()
+            lora.scale_back(backend, self.models.backend(base_version), config.training.finetune)
+            ctx.report(message=f"{name} {full.loss()}: judging it at {0.5 ** halvings:g} of the round's change")
+            halved, again = self._judge_fidelity(ctx, backend, base_version, prompts, config)
+            if not again.flagged:
+                scores, verdict, keep = halved, again, 0.5 ** halvings
+                version_config, version_metrics = lora.read_version(folder)
+                lora.write_version(backend, folder, config.training.finetune,
+                                   {**version_config, "fidelity_strength": keep}, version_metrics)
+                break
+        note = verdict.note(name)
+        if verdict.flagged and config.fidelity_backoff:
+            tried = " and ".join(f"{0.5 ** k:g}" for k in range(1, config.fidelity_backoff + 1))
+            note = (f"{name} {verdict.loss()}; scaled back to {tried} of its round's change it still lost more; "
+                    "it was not made active")
+        metrics = {**verdict.metrics(), "fidelity_strength": keep}
+        if keep < 1:
+            note = f"{name} scaled back to {keep:g} of its round's change: {note}; at full strength it {full.loss()}"
+            metrics.update({"fidelity_full": full.metrics()["fidelity"],
+                            "fidelity_full_drop": round(max(full.drop, full.drop_from_base), 4),
+                            **{f"fidelity_full_drop_{g.group}": round(max(g.drop, g.drop_from_base), 4)
+                               for g in full.groups}})
+        return scores, verdict, note, {**metrics, "fidelity_note": note}
 
     def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],
                         config: RoundConfig) -> tuple[dict[str, float], fidelity_guard.Verdict | None]:

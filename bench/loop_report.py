@@ -178,9 +178,12 @@ def versions_markdown(runs: list[dict[str, Any]]) -> str:
                       f"{r['guard_drop_rated']:.3f} / {r['guard_drop_held_out']:.3f}")
             on_pixels = (verdict(pixels["fidelity_flagged"], pixels["fidelity"], pixels["fidelity_parent"])
                          if pixels else "")
+            guard = verdict(r['guard_flagged'], r['guard_fidelity'], r['guard_fidelity_parent'])
+            if (r.get("guard_strength") or 1) < 1:  # flagged as trained, then scaled back until it passed
+                guard = f"{guard} at {r['guard_strength']:g} (as trained: {r['guard_full_fidelity']:.3f})"
             lines.append(f"| {run['taste']} | {run['seed']} | {r['round']} | {r['version']} | {new['score']:.3f} | "
                          f"{new['fidelity_rated']:.3f} | {new['fidelity_held_out']:.3f} | {new['quality']:.3f} | "
-                         f"{verdict(r['guard_flagged'], r['guard_fidelity'], r['guard_fidelity_parent'])} | "
+                         f"{guard} | "
                          f"{groups} | {on_pixels} | {r['active_version']} | {r['round_wall_s']} |")
     return "\n".join(lines)
 

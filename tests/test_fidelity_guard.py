@@ -276,13 +276,15 @@ def finish(services, timeout: float = 300) -> dict:
     return status
 
 
+# A reward that ignores the prompt at a learning rate that overwrites the model; no regularisers.
+WRECK = {**TINY, "steps": 3, "learning_rate": 0.5, "lora_rank": 8, "uncertainty_penalty": 0, "patience": 0,
+         "fidelity_check_every": 0, "sample_steps": 10}
+
+
 def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services):
     rate_some(services)
     base = services.model_versions.active()
-    # A reward that ignores the prompt at a learning rate that overwrites the model; no regularisers.
-    services.rounds.start(RoundConfig.parse({**TINY, "steps": 3, "learning_rate": 0.5, "lora_rank": 8,
-                                             "uncertainty_penalty": 0, "patience": 0, "fidelity_check_every": 0,
-                                             "sample_steps": 10}))
+    services.rounds.start(RoundConfig.parse({**WRECK, "fidelity_backoff": 0}))
     status = finish(services)
     assert status["fidelity_flagged"], status
     assert status["fidelity_parent"] - status["fidelity"] > 0.05
@@ -293,6 +295,29 @@ def test_a_round_that_wrecks_the_prompt_is_flagged_and_not_made_active(services)
     assert services.rounds.best_judged_version() == base  # auto-train does not build on it
     services.model_versions.set_active(status["version_id"])  # the person can still choose it
     assert services.model_versions.active() == status["version_id"]
+
+
+def test_a_flagged_round_scaled_back_until_it_keeps_fidelity_goes_live_at_that_scale(services):
+    from app import fidelity_guard
+
+    rate_some(services)
+    base = services.model_versions.active()
+    services.rounds.start(RoundConfig.parse({**WRECK, "learning_rate": 0.03, "fidelity_backoff": 6}))
+    status = finish(services)
+    metrics = services.store.get_model_version(status["version_id"])["metrics"]
+    # wrecked at full strength; 1/64 of the change at most is as faithful as its parent
+    assert metrics["fidelity_full_drop"] > 0.05 and 1 / 64 <= metrics["fidelity_strength"] <= 0.5, metrics
+    assert not status["fidelity_flagged"] and services.model_versions.active() == status["version_id"] != base
+    assert f"scaled back to {metrics['fidelity_strength']:g} of its round's change" in status["fidelity_note"]
+    assert "at full strength it lost prompt fidelity" in status["fidelity_note"]
+    # the version on disk is the scaled one: drawn again, it scores what the guard recorded
+    folder = services.models.weights_path(status["version_id"])
+    assert lora.read_version(folder)[0]["fidelity_strength"] == metrics["fidelity_strength"]
+    probes = list(fidelity_guard.ProbeCache(services.data_dir).keys(status["version_id"]))
+    prompts = [k.prompt for k in probes]
+    again = fidelity_guard.measure(services.models.backend(status["version_id"]), services.fidelity_judge, prompts,
+                                   probes[0].settings(), fidelity_guard.PROBE_IMAGES)
+    assert fidelity_guard.mean(again) == pytest.approx(metrics["fidelity"], abs=1e-3)
 
 
 def test_a_gentle_round_keeps_fidelity_and_goes_live(services):

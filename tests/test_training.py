@@ -167,3 +167,56 @@ def test_cli_runs_data_parallel_in_two_processes(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_done"] == 2 and metrics["samples"] == 2 * 2 * 2
     assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def _randomise(params: list[torch.nn.Parameter], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def _lora_update(backend: BuiltinBackend) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight change B @ A (scaling 1: alpha = rank)."""
+    weights = dict(backend.denoiser.named_parameters())
+    return {name.replace("lora_B.rlr.weight", ""): weight.detach().flatten(1) @
+            weights[name.replace("lora_B", "lora_A")].detach().flatten(1)
+            for name, weight in weights.items() if "lora_B.rlr" in name}
+
+
+def test_scaling_back_an_adapter_on_the_base_model_scales_its_change_exactly() -> None:
+    base, trained = fresh_backend(), fresh_backend()
+    _randomise(lora.add_lora(trained, rank=2, seed=0), seed=1)
+    full = _lora_update(trained)
+    frozen = {k: v.clone() for k, v in trained.denoiser.state_dict().items() if "lora_" not in k}
+    lora.scale_back(trained, base, "lora")
+    for layer, change in _lora_update(trained).items():
+        torch.testing.assert_close(change, 0.5 * full[layer])
+    lora.scale_back(trained, base, "lora")  # twice: a quarter
+    for layer, change in _lora_update(trained).items():
+        torch.testing.assert_close(change, 0.25 * full[layer])
+    for name, value in trained.denoiser.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, frozen[name])  # the base weights are not touched
+
+
+def test_scaling_back_goes_halfway_to_the_parents_adapter_or_weights() -> None:
+    parent, trained = fresh_backend(), fresh_backend()
+    _randomise(lora.add_lora(parent, rank=2, seed=0), seed=1)
+    _randomise(lora.add_lora(trained, rank=2, seed=0), seed=2)
+    before = {n: p.detach().clone() for n, p in trained.denoiser.named_parameters() if "lora_" in n}
+    lora.scale_back(trained, parent, "lora")
+    own = dict(parent.denoiser.named_parameters())
+    for name, value in trained.denoiser.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(value.detach(), (before[name] + own[name].detach()) / 2)
+    # full fine-tuning: every weight, halfway
+    parent, trained = fresh_backend(), BuiltinBackend(builtin_model.new_model(seed=1))
+    start = {k: v.clone() for k, v in trained.denoiser.state_dict().items()}
+    lora.scale_back(trained, parent, "full", keep=0.25)
+    reference = parent.denoiser.state_dict()
+    for name, value in trained.denoiser.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, reference[name] + 0.25 * (start[name] - reference[name]))
+    with pytest.raises(ValueError, match="keep"):
+        lora.scale_back(trained, parent, "full", keep=1.5)

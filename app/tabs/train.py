@@ -44,6 +44,7 @@ FORM_IDS: dict[str, str] = {
     "fidelity_weight": "train-fidelity-weight",
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
+    "fidelity_backoff": "train-fidelity-backoff",
 }
 
 
@@ -203,6 +204,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                     value=d["fidelity_check_every"], precision=0, minimum=0, label="Check fidelity every N steps",
                     info="inside the round; on a drop, back to the last good step; 0 = off",
                     elem_id=FORM_IDS["fidelity_check_every"])
+                form["fidelity_backoff"] = gr.Number(
+                    value=d["fidelity_backoff"], precision=0, minimum=0, maximum=6, label="Fidelity back-off",
+                    info="a flagged version is scaled back toward its parent, halving the round's change up to N "
+                         "times, and judged again; the first that passes goes live; 0 = off",
+                    elem_id=FORM_IDS["fidelity_backoff"])
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")

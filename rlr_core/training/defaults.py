@@ -60,6 +60,9 @@ DEFAULTS: dict[str, Any] = {
     "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
+    # a flagged version is scaled back toward its parent, halving the round's change, up to this
+    # many times, and judged again at each; the first that passes goes live; 0: off
+    "fidelity_backoff": 2,
 }
 
 

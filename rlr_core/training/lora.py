@@ -178,3 +178,27 @@ def apply_version(backend: DiffusionBackend, folder: str | Path, adapter_name: s
         raise ValueError(f"{folder}: unknown version kind {config['kind']!r}")
     backend.denoiser.eval()
     return config
+
+
+def scale_back(backend: DiffusionBackend, parent: DiffusionBackend, kind: str, keep: float = 0.5) -> None:
+    """Pull ``backend``'s trained weights toward ``parent``'s: w = parent + keep * (w - parent).
+
+    LoRA: the adapter's A and B are blended key by key; where the parent has no adapter (the
+    base model) only B moves (to keep * B), so the weight change B @ A scales by exactly
+    ``keep``; between two adapters the change moves along the straight line in (A, B), from
+    the parent's at 0 to the trained one's at 1. Full versions: every denoiser weight.
+    Applied twice, it keeps ``keep ** 2`` of the round's change."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be within [0, 1], got {keep}")
+    reference = parent.denoiser.state_dict()
+    with torch.no_grad():
+        for name, weight in backend.denoiser.state_dict(keep_vars=True).items():
+            if not weight.is_floating_point() or (kind == "lora" and "lora_" not in name):
+                continue
+            if name in reference:
+                target = reference[name].to(weight.device, weight.dtype)
+            elif "lora_B" in name:  # the parent has no adapter: its change is B = 0
+                target = torch.zeros_like(weight)
+            else:  # lora_A without a parent adapter: B alone carries the scale
+                continue
+            weight.lerp_(target, 1.0 - keep)
