@@ -6,9 +6,10 @@ Kept apart from the runner so the checks can be tested on runs whose answers are
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
+
+from app.fidelity_guard import paired_drop
 
 FIDELITY_TOLERANCE = 0.05
 # fidelity is checked on each group of prompts apart: the short ones the rater rates, and the fully
@@ -25,8 +26,8 @@ def fidelity_drop(base: dict[str, Any], version: dict[str, Any]) -> float:
 
 
 def paired_se(a: list[float], b: list[float]) -> float:
-    d = [x - y for x, y in zip(a, b)]
-    return statistics.stdev(d) / math.sqrt(len(d))
+    """The standard error of mean(a - b) from the paired differences (the guard's own rule)."""
+    return paired_drop(dict(enumerate(b)), dict(enumerate(a)))[1]
 
 
 def run_checks(run: dict[str, Any]) -> dict[str, Any]:
