@@ -59,7 +59,9 @@ DEFAULT_NOTES: dict[str, str] = {
                       "unrated prompts apart, it flagged 13 of the 15 versions that lost fidelity (the two it missed "
                       "lost 0.055 and 0.057) and 4 of the 9 that did not; fidelity held on 4 runs of 6. It holds "
                       "back versions that please the rater by losing other prompts, so the rater's gains can stall "
-                      "(docs/benchmarks.md, the loop)."),
+                      "(docs/benchmarks.md, the loop). Scaling a flagged round back toward its parent until the guard "
+                      "passes it (Fidelity back-off) moved the composition rater further but let more losses go live "
+                      "(7 of 12 flagged), so it is off."),
 }
 OTHER_NOTE = ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "
               "this model.")

@@ -172,6 +172,7 @@ def versions_markdown(runs: list[dict[str, Any]]) -> str:
     lines = ["| taste | seed | round | new version | score | fidelity, rated | fidelity, held-out | quality "
              "| guard (new vs parent) | guard drop, rated / held-out | pixels on its probes | active after | round s |",
              "|" + "---|" * 13]
+    scaling = any(r.get("guard_strength") is not None for run in runs for r in run["rounds"][1:])
     for run in runs:
         for r in run["rounds"][1:]:
             new, pixels = r["new_version"], r.get("guard_on_pixels") or {}
@@ -179,13 +180,18 @@ def versions_markdown(runs: list[dict[str, Any]]) -> str:
                       f"{r['guard_drop_rated']:.3f} / {r['guard_drop_held_out']:.3f}")
             on_pixels = (verdict(pixels["fidelity_flagged"], pixels["fidelity"], pixels["fidelity_parent"])
                          if pixels else "")
-            guard = verdict(r['guard_flagged'], r['guard_fidelity'], r['guard_fidelity_parent'])
+            scaled = " | " if scaling else ""  # a column only for runs that could scale a version back
             if (r.get("guard_strength") or 1) < 1:  # flagged as trained, then scaled back until it passed
-                guard = f"{guard} at {r['guard_strength']:g} (as trained: {r['guard_full_fidelity']:.3f})"
+                scaled = f"{r['guard_strength']:g} (as trained: {r['guard_full_fidelity']:.3f}) | "
             lines.append(f"| {run['taste']} | {run['seed']} | {r['round']} | {r['version']} | {new['score']:.3f} | "
                          f"{new['fidelity_rated']:.3f} | {new['fidelity_held_out']:.3f} | {new['quality']:.3f} | "
-                         f"{guard} | "
-                         f"{groups} | {on_pixels} | {r['active_version']} | {r['round_wall_s']} |")
+                         f"{verdict(r['guard_flagged'], r['guard_fidelity'], r['guard_fidelity_parent'])} | "
+                         f"{groups} | {scaled}{on_pixels} | {r['active_version']} | "
+                         f"{r['round_wall_s']} |")
+    if scaling:
+        lines[0] = lines[0].replace("| pixels on its probes",
+                                    "| scaled back to (guard as trained) | pixels on its probes")
+        lines[1] += "---|"
     return "\n".join(lines)
 
 

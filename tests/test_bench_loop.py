@@ -41,6 +41,14 @@ def test_a_clean_rise_that_keeps_fidelity_meets_every_check():
     assert len(versions) == 2 + 2  # a row per new version, not the base
     assert versions[2].startswith("| bold | 0 | 1 | v1 | ") and "| kept 0.900 vs 0.950 |  |" in versions[2]
     assert "| **flagged** 0.900 vs 0.950 | 0.010 / 0.080 |" in versions[3]
+    # a run that scaled a flagged version back: one more column, filled where it did
+    run["rounds"][1].update(guard_strength=0.5, guard_full_fidelity=0.8)
+    run["rounds"][2].update(guard_strength=1.0)
+    versions = versions_markdown([run]).splitlines()
+    header = [c.strip() for c in versions[0].split("|")]
+    column = header.index("scaled back to (guard as trained)")
+    assert all(len(line.split("|")) == len(header) for line in versions)
+    assert [line.split("|")[column].strip() for line in versions[2:]] == ["0.5 (as trained: 0.800)", ""]
 
 
 def test_a_noisy_rise_a_fidelity_loss_and_an_unflagged_bad_version_are_caught():

@@ -61,8 +61,11 @@ DEFAULTS: dict[str, Any] = {
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
     # a flagged version is scaled back toward its parent, halving the round's change, up to this
-    # many times, and judged again at each; the first that passes goes live; 0: off
-    "fidelity_backoff": 2,
+    # many times, and judged again at each; the first that passes goes live; 0: off. Off by default:
+    # on the loop (bench/results/loop_backoff.json) 2 halvings let more pixel-judged losses go live
+    # (the guard caught 7 of 12, against 13 of 15 without) and held fidelity on 3 runs of 6, not 4:
+    # trying scales until one passes the guard's 32 noisy probe images picks the ones that slip by.
+    "fidelity_backoff": 0,
 }
 
 
