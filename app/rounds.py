@@ -356,8 +356,9 @@ class RoundRunner:
         for halvings in range(1, (config.fidelity_backoff if full.flagged else 0) + 1):
             ctx.check_stop()
             lora.scale_back(backend, self.models.backend(base_version), config.training.finetune)
-            ctx.report(message=f"{name} {full.loss()}: judging it at {0.5 ** halvings:g} of the round's change")
-            halved, again = self._judge_fidelity(ctx, backend, base_version, prompts, config)
+            halved, again = self._judge_fidelity(
+                ctx, backend, base_version, prompts, config,
+                f"{name} {full.loss()}: judging it again at {0.5 ** halvings:g} of the round's change")
             if not again.flagged:
                 scores, verdict, keep = halved, again, 0.5 ** halvings
                 version_config, version_metrics = lora.read_version(folder)
@@ -379,13 +380,14 @@ class RoundRunner:
         return scores, verdict, note, {**metrics, "fidelity_note": note}
 
     def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],
-                        config: RoundConfig) -> tuple[dict[str, float], fidelity_guard.Verdict | None]:
+                        config: RoundConfig, message: str = "judging prompt fidelity: the new version, its parent "
+                        "and the base model on fixed probes") -> tuple[dict[str, float], fidelity_guard.Verdict | None]:
         """The guard (app/fidelity_guard.py): the new version (the trained copy), its parent and the
         base model judged on the same probes; (the new version's scores, the verdict)."""
         judge = self.judge
         if judge is None:
             return {}, None
-        ctx.report(0.75, "judging prompt fidelity: the new version, its parent and the base model on fixed probes")
+        ctx.report(0.75, message)
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
         drawer = self._drawer(backend)

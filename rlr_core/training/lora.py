@@ -187,7 +187,7 @@ def scale_back(backend: DiffusionBackend, parent: DiffusionBackend, kind: str, k
     base model) only B moves (to keep * B), so the weight change B @ A scales by exactly
     ``keep``; between two adapters the change moves along the straight line in (A, B), from
     the parent's at 0 to the trained one's at 1. Full versions: every denoiser weight.
-    Applied twice, it keeps ``keep ** 2`` of the round's change."""
+    Applied twice, it keeps ``keep ** 2`` of the round's change in those weights."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be within [0, 1], got {keep}")
     reference = parent.denoiser.state_dict()
