@@ -249,7 +249,7 @@ class Verdict:
     def drop_from_base(self) -> float:
         return self.fidelity_base - self.fidelity
 
-    def _counted(self) -> list[tuple[float, float, str, str]]:
+    def counted_drops(self) -> list[tuple[float, float, str, str]]:
         """(drop, SE, against whom, which probes) of every drop that counts."""
         candidates = [(self.drop, self.drop_se, "its parent", "all"),
                       (self.drop_from_base, self.drop_from_base_se, "the base model", "all")]
@@ -260,16 +260,16 @@ class Verdict:
 
     def _worst(self) -> tuple[float, float, str, str] | None:
         """The largest drop that counts (what the note reports), or None."""
-        counted = self._counted()
+        counted = self.counted_drops()
         return max(counted, key=lambda c: c[0]) if counted else None
 
     @property
     def flagged_against_parent(self) -> bool:
-        return any(c[2] == "its parent" for c in self._counted())
+        return any(c[2] == "its parent" for c in self.counted_drops())
 
     @property
     def flagged_against_base(self) -> bool:
-        return any(c[2] == "the base model" for c in self._counted())
+        return any(c[2] == "the base model" for c in self.counted_drops())
 
     @property
     def flagged(self) -> bool:
@@ -296,8 +296,15 @@ class Verdict:
                 f"parent and {self.fidelity_base:.3f} for the base, {drop:.3f} ± {se:.3f} below {against} "
                 f"{where} (more than the threshold {self.threshold:.2f})")
 
+    def largest_drops(self) -> dict[str, float]:
+        """For all probes ("all") and each group judged apart, the larger of its drops below the
+        parent and below the base."""
+        return {"all": max(self.drop, self.drop_from_base),
+                **{g.group: max(g.drop, g.drop_from_base) for g in self.groups}}
+
     def metrics(self) -> dict[str, Any]:
-        per_group = {f"fidelity_drop_{g.group}": round(max(g.drop, g.drop_from_base), 4) for g in self.groups}
+        per_group = {f"fidelity_drop_{group}": round(drop, 4) for group, drop in self.largest_drops().items()
+                     if group != "all"}
         return {"fidelity": round(self.fidelity, 4), "fidelity_parent": round(self.fidelity_parent, 4),
                 "fidelity_base": round(self.fidelity_base, 4), "fidelity_drop": round(self.drop, 4),
                 "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_drop_se": round(self.drop_se, 4),

@@ -374,9 +374,8 @@ class RoundRunner:
         if keep < 1:
             note = f"{name} scaled back to {keep:g} of its round's change: {note}; at full strength it {full.loss()}"
             metrics.update({"fidelity_full": full.metrics()["fidelity"],
-                            "fidelity_full_drop": round(max(full.drop, full.drop_from_base), 4),
-                            **{f"fidelity_full_drop_{g.group}": round(max(g.drop, g.drop_from_base), 4)
-                               for g in full.groups}})
+                            **{"fidelity_full_drop" + ("" if group == "all" else f"_{group}"): round(drop, 4)
+                               for group, drop in full.largest_drops().items()}})
         return scores, verdict, note, {**metrics, "fidelity_note": note}
 
     def _judge_fidelity(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt],

@@ -85,8 +85,7 @@ def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[
         return fidelity_guard.verdict(judge, new, parent, base, THRESHOLD, held_out=held_out if groups else ())
 
     def held_out_lost(v: fidelity_guard.Verdict) -> bool:
-        return any(fidelity_guard.beyond(drop, se, THRESHOLD) for g in v.groups if g.group == "held_out"
-                   for drop, se in ((g.drop, g.drop_se), (g.drop_from_base, g.drop_from_base_se)))
+        return any(group == "held_out" for _, _, _, group in v.counted_drops())
 
     def by_attributes(new, parent, base) -> bool:
         return max(_weighted_drop(parent, new, weights), _weighted_drop(base, new, weights)) > THRESHOLD
