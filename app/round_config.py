@@ -102,6 +102,7 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
         "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
         "fidelity_backoff": check.whole(get("fidelity_backoff"), "fidelity back-off halvings", 0, 6),
+        "normalize_reward": check.flag(get("normalize_reward"), "normalize reward"),
     }
     return {**v, **{key: _option(key, get(key)) for key in PUBLIC_OPTIONS}}
 
@@ -125,6 +126,7 @@ class RoundConfig:
     fidelity_threshold: float = DEFAULTS["fidelity_threshold"]  # the guard's allowed drop (0: off)
     fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
     fidelity_backoff: int = DEFAULTS["fidelity_backoff"]  # halvings of a flagged round's change to try (0: off)
+    normalize_reward: bool = DEFAULTS["normalize_reward"]  # the proxy's reward in units of its spread on rated images
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] = DEFAULTS) -> RoundConfig:
@@ -146,7 +148,8 @@ class RoundConfig:
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
                    seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
                    fidelity_weight=v["fidelity_weight"], fidelity_threshold=v["fidelity_threshold"],
-                   fidelity_check_every=v["fidelity_check_every"], fidelity_backoff=v["fidelity_backoff"])
+                   fidelity_check_every=v["fidelity_check_every"], fidelity_backoff=v["fidelity_backoff"],
+                   normalize_reward=v["normalize_reward"])
 
     @property
     def estimator(self) -> str:
@@ -169,6 +172,7 @@ class RoundConfig:
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
             "fidelity_weight": self.fidelity_weight, "fidelity_threshold": self.fidelity_threshold,
             "fidelity_check_every": self.fidelity_check_every, "fidelity_backoff": self.fidelity_backoff,
+            "normalize_reward": self.normalize_reward,
             **to_public(ESTIMATORS[t.estimator.name], t.estimator.options),
         }
         return {key: values.get(key, DEFAULTS[key]) for key in DEFAULTS}

@@ -46,6 +46,12 @@ PROXY_DIR = "reward_proxy"
 PROXY_KEYS = ("proxy_heldout_accuracy", "proxy_heldout_pairs", "proxy_comparisons", "proxy_ratings")
 
 
+def reward_scale(config: RoundConfig, spread: float) -> float:
+    """s, which the proxy's reward is divided by in the round: its spread over the images people
+    judged with ``normalize_reward`` (1 when that is not positive: a proxy with one image), else 1."""
+    return spread if config.normalize_reward and spread > 0 else 1.0
+
+
 class RoundRunner:
     """Starts, stops and runs rounds. It is given what it works with: the store, the worker that
     runs rounds in the background, the app state file, the model registry, the data folder, a
@@ -228,7 +234,8 @@ class RoundRunner:
         self._set_proxy(proxy)
         proxy_info = {"proxy_heldout_accuracy": report["heldout_accuracy"],
                       "proxy_heldout_pairs": report["heldout_pairs"],
-                      "proxy_comparisons": report["n_comparisons"], "proxy_ratings": report["n_ratings"]}
+                      "proxy_comparisons": report["n_comparisons"], "proxy_ratings": report["n_ratings"],
+                      "proxy_reward_spread": round(report["reward_spread"], 4)}
         self.store.update_training_round(round_id, 0.05, proxy_info)
         ctx.check_stop()
 
@@ -252,6 +259,7 @@ class RoundRunner:
                              penalty=config.uncertainty_penalty, patience=config.patience,
                              judge=judge if judge is not None and judge.differentiable else None,
                              fidelity_weight=config.fidelity_weight,
+                             reward_scale=reward_scale(config, report["reward_spread"]),
                              watch=self._watch(backend, prompts, config, base_version),
                              process=self._round_process(backend))
         ctx.check_stop()

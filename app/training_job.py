@@ -41,14 +41,18 @@ class ProxyReward:
     """The proxy as a training reward, remembering the ensemble spread of each step's batch.
 
     With a fidelity judge and ``fidelity_weight`` w > 0 the reward is
-    r - lambda * spread + w * fidelity (:mod:`rlr_core.fidelity`), so the gradient itself keeps
-    the prompt. The first call of a step scores the step's samples; later ones (RLR's state
-    baseline scores the model's own x_0 predictions) are not what the plot shows, so only the
-    first is kept."""
+    (r - lambda * spread) / s + w * fidelity (:mod:`rlr_core.fidelity`), so the gradient itself
+    keeps the prompt; ``scale`` s is 1, or the proxy's spread over the images people judged
+    (``normalize_reward``), which puts w (and the KL's beta) in units of the proxy's own spread.
+    The first call of a step scores the step's samples; later ones (RLR's state baseline scores
+    the model's own x_0 predictions) are not what the plot shows, so only the first is kept."""
 
-    def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0):
+    def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0, scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f"the reward's scale must be positive, got {scale}")
         self.proxy = proxy
         self.penalty = penalty  # lambda in r - lambda * spread
+        self.scale = scale  # s in (r - lambda * spread) / s
         self.judge = judge  # also without a weight: the Train tab plots the fidelity of the round's samples
         self.fidelity_weight = fidelity_weight if judge is not None else 0.0
         self.last: dict[str, float | None] = {"uncertainty": None, "fidelity": None}
@@ -57,6 +61,7 @@ class ProxyReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
         reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
+        reward = reward / self.scale if self.scale != 1.0 else reward
         fidelity = None
         if self.judge is not None and (self.fidelity_weight or self._armed):
             with contextlib.nullcontext() if self.fidelity_weight else torch.no_grad():
@@ -87,28 +92,30 @@ class ProxyReward:
 
     def proxy_reward(self, batch_mean: float, observed: dict[str, float | None]) -> float:
         """The proxy's own reward back from the batch mean of the round's reward (the batch mean of
-        r - lambda * spread_i + w * f_i is mean(r) - lambda * mean(spread) + w * mean(f))."""
-        raw = batch_mean
+        (r - lambda * spread_i) / s + w * f_i is (mean(r) - lambda * mean(spread)) / s + w * mean(f))."""
+        penalised = batch_mean
+        if observed.get("fidelity") is not None:
+            penalised -= self.fidelity_weight * observed["fidelity"]
+        raw = penalised * self.scale
         if observed.get("uncertainty") is not None:
             raw += self.penalty * observed["uncertainty"]
-        if observed.get("fidelity") is not None:
-            raw -= self.fidelity_weight * observed["fidelity"]
         return raw
 
 
 def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, out_dir: Path, ctx: JobContext,
                on_progress: Callable[[float], None], penalty: float = 0.0, patience: int = 0,
-               judge=None, fidelity_weight: float = 0.0,
+               judge=None, fidelity_weight: float = 0.0, reward_scale: float = 1.0,
                watch: Callable[[], FidelityWatch | None] | None = None,
                process: RoundProcess | None = None) -> Trained:
     """Fine-tune ``backend`` (a private copy) in place with ``config``; write the version folder ``out_dir``.
     ``penalty``: lambda of the penalised reward; ``patience``: steps without a new best (smoothed)
     penalised reward before the round stops early (0: never); ``judge`` and ``fidelity_weight``:
-    the fidelity term of the reward; ``watch``: makes the in-round fidelity check
-    (:class:`app.fidelity_guard.FidelityWatch`) once the adapter exists (not on ZeroGPU, where
-    the weights live in the GPU worker between steps); ``process``: train in that process
-    (:mod:`rlr_core.training.round_process`), the watch checking the weights between its chunks."""
-    reward = ProxyReward(proxy, penalty, judge, fidelity_weight)
+    the fidelity term of the reward; ``reward_scale``: s, the proxy's reward divided by it;
+    ``watch``: makes the in-round fidelity check (:class:`app.fidelity_guard.FidelityWatch`) once
+    the adapter exists (not on ZeroGPU, where the weights live in the GPU worker between steps);
+    ``process``: train in that process (:mod:`rlr_core.training.round_process`), the watch
+    checking the weights between its chunks."""
+    reward = ProxyReward(proxy, penalty, judge, fidelity_weight, reward_scale)
     plateau = Plateau(patience)
     chunked = zerogpu.chunked_training()
     if config.finetune == "lora":
@@ -164,5 +171,6 @@ def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, o
     metrics = {k: v for k, v in result.metrics.items() if k != "history"}
     metrics.update(uncertainty_penalty=penalty, patience=patience, plateau_stopped_at=plateau.stopped_at,
                    best_penalised_step=plateau.best_step, fidelity_weight=reward.fidelity_weight,
+                   reward_scale=reward.scale,
                    **(watcher.metrics() if watcher is not None else {}))
     return Trained(result.version, metrics)

@@ -45,6 +45,15 @@ def real(value: Any, name: str, lo: float, hi: float) -> float:
     return number
 
 
+def flag(value: Any, name: str) -> bool:
+    """A yes/no setting: a JSON boolean (or 0 / 1, as forms and scripts send it)."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (int, float)) or value not in (0, 1):
+        raise AppError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def sample_id(value: Any, name: str = "sample id") -> int:
     return whole(value, name, 1, 2**62)
 

@@ -92,7 +92,12 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                                    "fidelity_check_every": 5} for n, e in ESTIMATORS.items()},
                                    **{f"{n}+kl": {**e, **UNREGULARISED, "kl_coef": 0.3} for n, e in ESTIMATORS.items()},
                                    # the default with its fidelity term weighed up against the proxy's logit scale
-                                   "default+fid3": {"fidelity_weight": 3.0}}
+                                   "default+fid3": {"fidelity_weight": 3.0},
+                                   # ... and with the proxy's reward in units of its spread on the judged
+                                   # images: the regularisers as they are, and at half their weights
+                                   "default+norm": {"normalize_reward": True},
+                                   "default+norm-half": {"normalize_reward": True, "kl_coef": 0.15,
+                                                         "fidelity_weight": 0.5}}
 
 
 def load_example():
@@ -242,7 +247,10 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                    "watch_fidelity_start": m.get("watch_fidelity_start"),
                    "watch_fidelity_last": m.get("watch_fidelity_last"),
                    "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"), "phases": phases,
-                   "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy")}
+                   "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy"),
+                   # the proxy's reward spread over the judged images; the round's reward was divided by
+                   # reward_scale (1 unless normalize_reward)
+                   "proxy_reward_spread": m.get("proxy_reward_spread"), "reward_scale": m.get("reward_scale")}
             if m.get("fidelity_judge"):  # the guard ran: its verdict again, from the pixels on its own probes
                 parent_id = app.services.store.get_model_version(new["version_id"])["parent_id"]
                 row["guard_on_pixels"] = pixel_verdicts.verdict(new["version_id"], parent_id, base["version_id"],

@@ -17,7 +17,7 @@ from feedback_store import FeedbackStore
 from rlr_core.feedback.active_selection import DisagreementScorer, SelectionPolicy, pair_disagreement
 from rlr_core.feedback.encoders import PerceptionImageEncoder, make_image_encoder
 from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder, prompt_encoder_from_config
-from rlr_core.feedback.reward_proxy import FitConfig, RewardProxy, fit, train_from_store
+from rlr_core.feedback.reward_proxy import FitConfig, RewardProxy, fit, load_image_tensor, train_from_store
 from rlr_core.shapesworld import perception
 from rlr_core.shapesworld import world as sw
 from rlr_core.shapesworld.raters import RATERS
@@ -155,6 +155,11 @@ def test_train_from_store_and_active_next_pair(model, tmp_path):
     proxy, report = train_from_store(store, PerceptionImageEncoder(model), cfg=FitConfig(steps=60))
     assert report["n_ratings"] == 6 and 25 <= report["n_comparisons"] <= 30
     assert report["heldout_accuracy"] is not None
+    judged = store.preference_records().samples  # the images people judged
+    with torch.no_grad():  # the reward's scale over them (normalize_reward divides by it)
+        rewards = proxy.head_rewards(load_image_tensor([s["path"] for s in judged.values()]),
+                                     [s["prompt"] for s in judged.values()]).mean(0)
+    assert report["reward_spread"] == pytest.approx(float(rewards.std()), rel=1e-4) and report["reward_spread"] > 0
 
     # With no randomness, the scorer makes the store pick the pair the heads disagree on most.
     scorer = DisagreementScorer(proxy, SelectionPolicy(temperature=0, epsilon=0, diversity=0), seed=0)

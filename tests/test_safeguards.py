@@ -82,6 +82,42 @@ def test_penalised_reward_is_mean_minus_lambda_spread():
     assert not torch.allclose(got, heads.mean(0))
 
 
+def test_a_normalised_reward_is_the_penalised_reward_over_the_scale_and_reads_back_raw():
+    """(r - lambda * spread) / s + w * fidelity; the Train tab's plot gets mean(r) back."""
+    from app.training_job import ProxyReward
+    from rlr_core.feedback.encoders import PerceptionImageEncoder
+    from rlr_core.feedback.prompt_encoders import BagOfWordsPromptEncoder
+    from rlr_core.feedback.reward_proxy import RewardProxy
+
+    class Judge:  # a known fidelity per image, so the sum can be checked term by term
+        def score(self, images, prompts):
+            return images.mean((1, 2, 3))
+
+    torch.manual_seed(0)
+    proxy = RewardProxy(PerceptionImageEncoder(), BagOfWordsPromptEncoder())
+    x, prompts = torch.rand(3, 3, 32, 32), ["a red circle"] * 3
+    heads = proxy.head_rewards(x, prompts).detach()
+    reward = ProxyReward(proxy, penalty=2.0, judge=Judge(), fidelity_weight=0.5, scale=4.0)
+    got = reward(x, prompts).detach()
+    want = (heads.mean(0) - 2.0 * heads.std(0)) / 4.0 + 0.5 * x.mean((1, 2, 3))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert reward.proxy_reward(float(got.mean()), reward.observe()) == pytest.approx(float(heads.mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        ProxyReward(proxy, scale=0.0)
+
+
+def test_the_reward_is_divided_by_the_proxys_spread_only_when_asked():
+    from app.rounds import reward_scale
+
+    assert reward_scale(RoundConfig.parse({"normalize_reward": True}), 3.5) == 3.5
+    assert reward_scale(RoundConfig.parse({"normalize_reward": True}), 0.0) == 1.0  # one judged image: no spread
+    assert reward_scale(RoundConfig.parse({}), 3.5) == 1.0
+    assert RoundConfig.parse({"normalize_reward": 1}).normalize_reward is True
+    for bad in ("yes", 2, [True]):
+        with pytest.raises(AppError, match="normalize reward must be true or false"):
+            RoundConfig.parse({"normalize_reward": bad})
+
+
 # ------------------------------------------------------------------ through the app
 @pytest.fixture(scope="module")
 def client(running_app):

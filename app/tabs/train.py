@@ -45,6 +45,7 @@ FORM_IDS: dict[str, str] = {
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
     "fidelity_backoff": "train-fidelity-backoff",
+    "normalize_reward": "train-normalize-reward",
 }
 
 
@@ -209,6 +210,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                     info="a flagged version is scaled back toward its parent, halving the round's change up to N "
                          "times, and judged again; the first that passes goes live; 0 = off",
                     elem_id=FORM_IDS["fidelity_backoff"])
+                form["normalize_reward"] = gr.Checkbox(
+                    value=d["normalize_reward"], label="Reward in units of its spread",
+                    info="divide the proxy's reward by its spread over the rated images, so the KL and the "
+                         "fidelity weight hold it back as much in every round",
+                    elem_id=FORM_IDS["normalize_reward"])
         with gr.Row():
             start = gr.Button("Start a round", variant="primary", elem_id="train-start")
             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")

@@ -284,7 +284,10 @@ def fit_features(proxy: RewardProxy, f: Features, cfg: FitConfig | None = None) 
     report["train_loss"] = _train(proxy, f, cfg, cfg.seed)
     report["train_accuracy"] = pairwise_accuracy(proxy, f)
     with torch.no_grad():
-        report["mean_disagreement"] = float(proxy.heads_from_features(f.emb, f.prompt_feats).std(0).mean())
+        heads = proxy.heads_from_features(f.emb, f.prompt_feats)  # (n_heads, items)
+        report["mean_disagreement"] = float(heads.std(0).mean())
+        # the scale of the proxy's reward (its ensemble mean) over the images people judged
+        report["reward_spread"] = float(heads.mean(0).std()) if heads.shape[1] > 1 else 0.0
     proxy.training_info = report
     return report
 

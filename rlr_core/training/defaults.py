@@ -66,6 +66,12 @@ DEFAULTS: dict[str, Any] = {
     # (the guard caught 7 of 12, against 13 of 15 without) and held fidelity on 3 runs of 6, not 4:
     # trying scales until one passes the guard's 32 noisy probe images picks the ones that slip by.
     "fidelity_backoff": 0,
+    # Divide the proxy's reward by its spread over the images people judged (the proxy's report,
+    # ``reward_spread``), so kl_coef and fidelity_weight weigh the same against it in every round:
+    # the proxy's scale is whatever its fit made it, and on the loop it grew from round to round
+    # (its reward's spread within a training batch went from 2.4-5.0 in round 1 to 4.5-6.7 by
+    # round 4, runs/loop_split), while the fidelity term is a fraction in [0, 1].
+    "normalize_reward": False,
 }
 
 
