@@ -67,10 +67,11 @@ DEFAULTS: dict[str, Any] = {
     # trying scales until one passes the guard's 32 noisy probe images picks the ones that slip by.
     "fidelity_backoff": 0,
     # Divide the proxy's reward by its spread over the images people judged (the proxy's report,
-    # ``reward_spread``), so kl_coef and fidelity_weight weigh the same against it in every round:
-    # the proxy's scale is whatever its fit made it, and on the loop it grew from round to round
-    # (its reward's spread within a training batch went from 2.4-5.0 in round 1 to 4.5-6.7 by
-    # round 4, runs/loop_split), while the fidelity term is a fraction in [0, 1].
+    # ``reward_spread``), so kl_coef and fidelity_weight weigh the same against it in every round
+    # (the proxy's scale is whatever its fit made it; the fidelity term is a fraction in [0, 1]).
+    # Off: on the loop (bench/results/loop_norm.json) 5 new versions of 24 lost fidelity, not 15,
+    # but the stronger term climbed the guard's own judge, which caught 1 of the 5; fidelity held
+    # on 4 runs of 6, as without, and the bold rater's score stayed at the base's.
     "normalize_reward": False,
 }
 
