@@ -61,7 +61,7 @@ class ProxyReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
         reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
-        reward = reward / self.scale if self.scale != 1.0 else reward
+        reward = reward / self.scale
         fidelity = None
         if self.judge is not None and (self.fidelity_weight or self._armed):
             with contextlib.nullcontext() if self.fidelity_weight else torch.no_grad():
