@@ -57,9 +57,10 @@ import torch
 from app.generation import DrawFn, GenerationSettings, draw
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.training import lora
+from rlr_core.training.defaults import DEFAULTS
 
 PROBE_SEED = 424242  # fixed: every version is judged on the same noise
-PROBE_IMAGES = 2  # per prompt, after the round
+PROBE_IMAGES: int = DEFAULTS["fidelity_probe_images"]  # per prompt, after the round (a round setting)
 MAX_PROBE_PROMPTS = 16
 WATCH_PROMPTS = 8  # inside the round
 WATCH_IMAGES = 2  # per prompt

@@ -99,9 +99,11 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "uncertainty_penalty": check.real(get("uncertainty_penalty"), "uncertainty penalty", 0.0, 100.0),
         "patience": check.whole(get("patience"), "patience", 0, 2000),
         "fidelity_weight": check.real(get("fidelity_weight"), "fidelity weight", 0.0, 1000.0),
+        "anchor_kl": check.real(get("anchor_kl"), "anchor KL coefficient", 0.0, 1000.0),
         "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
         "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
         "fidelity_backoff": check.whole(get("fidelity_backoff"), "fidelity back-off halvings", 0, 6),
+        "fidelity_probe_images": check.whole(get("fidelity_probe_images"), "fidelity probe images", 1, 16),
         "normalize_reward": check.flag(get("normalize_reward"), "normalize reward"),
     }
     return {**v, **{key: _option(key, get(key)) for key in PUBLIC_OPTIONS}}
@@ -126,6 +128,7 @@ class RoundConfig:
     fidelity_threshold: float = DEFAULTS["fidelity_threshold"]  # the guard's allowed drop (0: off)
     fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
     fidelity_backoff: int = DEFAULTS["fidelity_backoff"]  # halvings of a flagged round's change to try (0: off)
+    fidelity_probe_images: int = DEFAULTS["fidelity_probe_images"]  # the guard's images per probe prompt
     normalize_reward: bool = DEFAULTS["normalize_reward"]  # the proxy's reward in units of its spread on rated images
 
     @classmethod
@@ -143,12 +146,14 @@ class RoundConfig:
         training = TrainConfig(
             estimator=_estimator(v), steps=v["steps"], batch=v["batch_size"], lr=v["learning_rate"],
             lora_rank=v["lora_rank"], sampler=SamplerSettings(steps=v["sampling_steps"], eta=1.0,
-                                                              guidance=v["guidance"]))
+                                                              guidance=v["guidance"]),
+            anchor_kl=v["anchor_kl"])
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
                    seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
                    fidelity_weight=v["fidelity_weight"], fidelity_threshold=v["fidelity_threshold"],
                    fidelity_check_every=v["fidelity_check_every"], fidelity_backoff=v["fidelity_backoff"],
+                   fidelity_probe_images=v["fidelity_probe_images"],
                    normalize_reward=v["normalize_reward"])
 
     @property
@@ -170,8 +175,10 @@ class RoundConfig:
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
-            "fidelity_weight": self.fidelity_weight, "fidelity_threshold": self.fidelity_threshold,
+            "fidelity_weight": self.fidelity_weight, "anchor_kl": t.anchor_kl,
+            "fidelity_threshold": self.fidelity_threshold,
             "fidelity_check_every": self.fidelity_check_every, "fidelity_backoff": self.fidelity_backoff,
+            "fidelity_probe_images": self.fidelity_probe_images,
             "normalize_reward": self.normalize_reward,
             **to_public(ESTIMATORS[t.estimator.name], t.estimator.options),
         }

@@ -280,7 +280,7 @@ class RoundRunner:
                     "parent": parent["name"], "prompts": [p.prompt for p in prompts]},
             metrics=metrics)
         if verdict is not None:  # versions never change: the parent of a later round reuses these
-            self.probes.remember(version_id, self.judge, new_scores, config.samples)
+            self.probes.remember(version_id, self.judge, new_scores, config.samples, config.fidelity_probe_images)
         ctx.report(0.85, "drawing the new version's samples and before/after pairs")
         n_pairs = self._draw_after_round(version_id, base_version, prompts, config, seed)
         flagged = verdict is not None and verdict.flagged
@@ -398,12 +398,13 @@ class RoundRunner:
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
         drawer = self._drawer(backend)
-        new = fidelity_guard.measure(backend, judge, probes, config.samples, fidelity_guard.PROBE_IMAGES,
-                                     draw_fn=drawer)
+        images = config.fidelity_probe_images
+        new = fidelity_guard.measure(backend, judge, probes, config.samples, images, draw_fn=drawer)
         parent = self.probes.scores(base_version, self.models.backend(base_version), judge, probes, config.samples,
-                                    draw_fn=drawer)
+                                    images, draw_fn=drawer)
         root = self._root_of(base_version)
-        base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, draw_fn=drawer)
+        base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, images,
+                                  draw_fn=drawer)
         return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold,
                                            held_out=self.held_out_prompts)
 

@@ -97,7 +97,12 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # images: the regularisers as they are, and at half their weights
                                    "default+norm": {"normalize_reward": True},
                                    "default+norm-half": {"normalize_reward": True, "kl_coef": 0.15,
-                                                         "fidelity_weight": 0.5}}
+                                                         "fidelity_weight": 0.5},
+                                   # ... and with the KL to the parent also on the model's anchor prompts
+                                   # (prior preservation, where the rater never looked)
+                                   "default+anchor": {"anchor_kl": 3.0},
+                                   # ... and with the guard drawing 4 images per probe prompt, not 2
+                                   "default+probes4": {"fidelity_probe_images": 4}}
 
 
 def load_example():

@@ -321,11 +321,20 @@ def test_a_flagged_round_scaled_back_until_it_keeps_fidelity_goes_live_at_that_s
 
 
 def test_a_gentle_round_keeps_fidelity_and_goes_live(services):
+    from app import fidelity_guard
+
     rate_some(services)
-    services.rounds.start(RoundConfig.parse({**TINY, "learning_rate": 1e-6, "kl_coef": 0.5, "fidelity_weight": 1.0}))
+    parent = services.model_versions.active()
+    services.rounds.start(RoundConfig.parse({**TINY, "learning_rate": 1e-6, "kl_coef": 0.5, "fidelity_weight": 1.0,
+                                             "fidelity_probe_images": 3}))
     status = finish(services)
     assert not status["fidelity_flagged"] and abs(status["fidelity_drop"]) < 0.02, status
     assert services.model_versions.active() == status["version_id"]
+    # the guard drew 3 images per probe prompt of the new version and of its parent, and cached them as such
+    # (the parent's 2-image scores are the in-round watch's)
+    cache = fidelity_guard.ProbeCache(services.data_dir)
+    assert {k.per_prompt for k in cache.keys(status["version_id"])} == {3}
+    assert 3 in {k.per_prompt for k in cache.keys(parent)}
     metrics = services.store.get_model_version(status["version_id"])["metrics"]
     assert metrics["fidelity_weight"] == 1.0 and metrics["fidelity_probes"] >= 8
     assert status["history"][0]["fidelity"] is not None  # the judge on the round's own samples, plotted
@@ -370,6 +379,10 @@ def test_the_guard_settings_are_validated():
         RoundConfig.parse({"fidelity_threshold": 2})
     with pytest.raises(AppError, match="KL coefficient"):
         RoundConfig.parse({"kl_coef": -1})
+    for bad in (0, 17, 2.5, "many"):
+        with pytest.raises(AppError, match="fidelity probe images"):
+            RoundConfig.parse({"fidelity_probe_images": bad})
+    assert RoundConfig.parse({"fidelity_probe_images": 4}).public()["fidelity_probe_images"] == 4
     config = RoundConfig.parse({"estimator": "ddpo", "kl_coef": 0.2})
     assert config.training.estimator.options == {"kl_coef": 0.2} and config.public()["kl_coef"] == 0.2
 

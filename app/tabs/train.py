@@ -42,9 +42,11 @@ FORM_IDS: dict[str, str] = {
     "patience": "train-patience",
     **{key: f"train-{key.replace('_', '-')}" for key in SHARED_OPTIONS},
     "fidelity_weight": "train-fidelity-weight",
+    "anchor_kl": "train-anchor-kl",
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
     "fidelity_backoff": "train-fidelity-backoff",
+    "fidelity_probe_images": "train-fidelity-probe-images",
     "normalize_reward": "train-normalize-reward",
 }
 
@@ -197,6 +199,13 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 form["fidelity_weight"] = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
                                                     info=weight_info,
                                                     interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
+                anchored = bool(services.base_backend.anchor_prompts)
+                form["anchor_kl"] = gr.Number(
+                    value=d["anchor_kl"], minimum=0, label="Anchor KL β_a", interactive=anchored,
+                    info=(f"the KL to the parent also on {len(services.base_backend.anchor_prompts)} fully specified "
+                          "prompts the round does not train on, so its change stays where the prompts leave room; "
+                          "0 = off" if anchored else "this model has no anchor prompts"),
+                    elem_id=FORM_IDS["anchor_kl"])
                 form["fidelity_threshold"] = gr.Number(
                     value=d["fidelity_threshold"], minimum=0, maximum=1, label="Fidelity guard threshold",
                     info="a version this far below its parent or the base is flagged; 0 = off",
@@ -210,6 +219,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                     info="a flagged version is scaled back toward its parent, halving the round's change up to N "
                          "times, and judged again; the first that passes goes live; 0 = off",
                     elem_id=FORM_IDS["fidelity_backoff"])
+                form["fidelity_probe_images"] = gr.Number(
+                    value=d["fidelity_probe_images"], precision=0, minimum=1, maximum=16,
+                    label="Fidelity guard images per probe prompt",
+                    info="more: a surer verdict, a longer round (about 0.3 s an image on 2 CPU cores)",
+                    elem_id=FORM_IDS["fidelity_probe_images"])
                 form["normalize_reward"] = gr.Checkbox(
                     value=d["normalize_reward"], label="Reward in units of its spread",
                     info="divide the proxy's reward by its spread over the rated images, so the KL and the "

@@ -129,6 +129,10 @@ class DiffusionBackend(abc.ABC):
         "a lighthouse on a cliff at sunset", "a bowl of green soup", "a yellow umbrella in the rain",
     )
 
+    # Prompts whose images a round should leave as they are (prior preservation, the round setting
+    # ``anchor_kl``): none here; a model whose grammar can name every attribute lists some.
+    anchor_prompts: tuple[str, ...] = ()
+
     def fidelity_judge(self, reward_encoder: str | None = None):
         """How well images follow their prompts (:mod:`rlr_core.fidelity`), or None when this model
         has no judge. ``reward_encoder``: the reward proxy's encoder spec; a model judged by CLIP

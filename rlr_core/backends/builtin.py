@@ -30,6 +30,24 @@ class BuiltinBackend(DiffusionBackend):
         "a small green triangle in the center", "a large blue square on the right, white background",
     )
 
+    # Every attribute named, so a rater's taste has nothing to change in them; none matches a
+    # held-out prompt above or the loop benchmark's (tests/test_anchor_kl.py), which judge fidelity.
+    # Sixteen fully specified scenes drawn once (random.Random(2026)) from the rest of the grammar.
+    anchor_prompts = (
+        "a large yellow circle on the left, navy background", "a small green square on the right, black background",
+        "a large orange triangle in the center, gray background",
+        "a large orange triangle on the right, navy background",
+        "a small yellow circle in the center, navy background", "a small red square on the left, navy background",
+        "a large blue triangle on the right, black background",
+        "a small purple triangle in the center, navy background",
+        "a large yellow triangle on the right, white background",
+        "a large purple square in the center, navy background",
+        "a small blue triangle in the center, gray background",
+        "a large yellow triangle in the center, white background",
+        "a small orange triangle on the right, navy background", "a large blue triangle on the left, white background",
+        "a small red triangle in the center, gray background", "a small red square on the right, navy background",
+    )
+
     def __init__(self, model: BuiltinModel, path: Path | None = None):
         self.model = model
         self.scheduler = model.scheduler

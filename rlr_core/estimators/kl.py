@@ -101,3 +101,19 @@ def replay(chain: Chain, ctx: ChainContext, generator_state: torch.Tensor) -> Tr
     gen = torch.Generator("cpu")
     gen.set_state(generator_state)
     return chain.rollout(ctx, gen)
+
+
+# Prior preservation: rows per optimiser step drawn from the model's anchor prompts.
+ANCHOR_BATCH = 4
+
+
+def anchor_kl_backward(chain: Chain, ctx: ChainContext, coef: float, generator: torch.Generator,
+                       steps: int | None = KL_STEPS) -> float:
+    """Prior preservation (docs/method.md section 2): add coef * grad KL into ``.grad`` along chains
+    the adapter samples now for ``ctx``, prompts the round does not train on (a backend's
+    ``anchor_prompts``: every attribute named, so the rater's taste has nothing left to change in
+    them). The round's own KL holds each step near the parent on its prompts; this one does so
+    where the rater never looked, which is where a low-rank change leaks. Returns the KL."""
+    if coef == 0:
+        return 0.0
+    return kl_backward(chain, ctx, chain.rollout(ctx, generator), coef, steps, generator)

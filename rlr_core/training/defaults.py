@@ -58,7 +58,19 @@ DEFAULTS: dict[str, Any] = {
     # kl_coef, every estimator's option: beta of the exact per-step KL to the round's parent; 0: off.
     **{k: _OPTIONS[k] for k in _SHARED},
     "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
+    # beta_a of the same KL on the model's anchor prompts (prior preservation: prompts the round does
+    # not train on, every attribute named); 0: off; nothing to do on a model without anchor prompts.
+    # Off: on the loop at beta_a = 3 (bench/results/loop_anchor.json) fidelity held at every round on
+    # 3 runs of 6 (the default: 4) and the guard let 5 of 13 losses through: position and size are
+    # settled in the first steps, where a per-step KL charges least for a change.
+    "anchor_kl": 0.0,
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
+    # Images per probe prompt the guard draws of the new version (and once of its parent and the
+    # base). Replayed on the 48 versions two loops made (bench/results/guard_rules.json and
+    # guard_rules_anchor.json), 4 caught 25 of the 28 losses against 21 at 2, with as many false
+    # alarms (10 of 20 faithful versions against 9), for about 10 s more per round on 2 cores.
+    # 2 until the loop itself is rerun with 4.
+    "fidelity_probe_images": 2,
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
     # a flagged version is scaled back toward its parent, halving the round's change, up to this
     # many times, and judged again at each; the first that passes goes live; 0: off. Off by default:

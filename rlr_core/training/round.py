@@ -31,6 +31,7 @@ from rlr_core import dcot
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.estimators import Estimate, Estimator, make_estimator
 from rlr_core.estimators.backend_chain import BackendChain, RewardFn
+from rlr_core.estimators.kl import ANCHOR_BATCH, anchor_kl_backward
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import lora
 from rlr_core.training.resume import RoundState
@@ -71,6 +72,9 @@ class TrainConfig:
     # the median in healthy runs. Clipping bounds every step; non-finite values always stop a round.
     explode_factor: float | None = None
     seed: int = 0
+    # Prior preservation: beta_a of the exact per-step KL to the round's parent on the backend's
+    # anchor prompts (rlr_core/estimators/kl.py, anchor_kl_backward); 0 or no anchors: off.
+    anchor_kl: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.estimator, str):
@@ -212,7 +216,8 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
         resume.restore(params, optimizer, generator, rng)
     estimator = estimator or make_estimator(config.estimator.name, **config.estimator.options)
     chain = BackendChain(backend, reward_fn, config.sampler)
-    if config.estimator.options.get("kl_coef") and config.finetune == "lora":
+    anchors = list(backend.anchor_prompts) if config.anchor_kl and config.finetune == "lora" else []
+    if (config.estimator.options.get("kl_coef") or anchors) and config.finetune == "lora":
         # KL to the round's parent (the adapter as the round found it), kept across pauses.
         if resume is not None and resume.reference is not None:
             chain.reference = [r.to(p.device, p.dtype) for r, p in zip(resume.reference, params)]
@@ -226,7 +231,12 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     def zero_grad() -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    anchor_kl: list[float] = []  # this step's prior-preservation KL, one per optimiser step
+
     def optimizer_step() -> float:
+        if anchors:  # its gradient joins the estimator's before clipping
+            ctx = chain.context([rng.choice(anchors) for _ in range(ANCHOR_BATCH)])
+            anchor_kl.append(anchor_kl_backward(chain, ctx, config.anchor_kl, generator))
         if accelerator is not None and accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -252,6 +262,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                                  or (pause_at is not None and step >= pause_at)):
                 paused = True  # the next step would not fit in the budget, or the caller checks here
                 break
+            anchor_kl.clear()
             prompts = _batch_prompts(rng, config.prompts, config.batch)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
             est = estimator.step(chain, ctx, generator, optimizer_step, zero_grad,
@@ -261,6 +272,8 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                    "loss": est.loss, "grad_norm": norm, "elapsed": time.perf_counter() - start,
                    "samples": (step + 1) * config.batch * world,
                    **{k: v for k, v in est.stats.items() if k != "grad_norm"}}
+            if anchor_kl:
+                row["anchor_kl"] = sum(anchor_kl) / len(anchor_kl)
             history.append(row)
             longest_step = max(longest_step, time.perf_counter() - now)
             if progress is not None:
