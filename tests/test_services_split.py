@@ -48,6 +48,7 @@ def test_model_info_is_a_fixed_copy_of_what_the_pages_read(builtin_backend):
     info = ModelInfo.of(builtin_backend)
     assert info.image_size == tuple(builtin_backend.image_size) and info.family == builtin_backend.family
     assert info.noun() == "image" and info.noun(plural=True) == "images" and not info.is_video
+    assert info.anchor_prompts == len(builtin_backend.anchor_prompts) > 0
     assert info.device_summary().startswith(f"{builtin_backend.name} on cpu, float32, ")
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.is_video = True  # type: ignore[misc]

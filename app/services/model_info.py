@@ -24,13 +24,14 @@ class ModelInfo:
     prompt_rules: bool  # the built-in grammar: stage prompts are split by rules
     device: str
     dtype: str
+    anchor_prompts: int = 0  # how many the model lists (the round setting anchor_kl needs some)
 
     @classmethod
     def of(cls, backend: DiffusionBackend) -> ModelInfo:
         return cls(name=backend.name, family=backend.family, is_video=backend.is_video, frames=backend.frames,
                    image_size=tuple(backend.image_size), example_prompts=tuple(backend.example_prompts),
                    prompt_rules=bool(backend.prompt_rules), device=str(backend.device),
-                   dtype=str(backend.dtype).removeprefix("torch."))
+                   dtype=str(backend.dtype).removeprefix("torch."), anchor_prompts=len(backend.anchor_prompts))
 
     def noun(self, plural: bool = False) -> str:
         """'clip' or 'image', for labels and messages."""

@@ -199,10 +199,10 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                 form["fidelity_weight"] = gr.Number(value=d["fidelity_weight"], minimum=0, label="Fidelity weight w",
                                                     info=weight_info,
                                                     interactive=judged, elem_id=FORM_IDS["fidelity_weight"])
-                anchored = bool(services.base_backend.anchor_prompts)
+                anchored = services.model.anchor_prompts > 0
                 form["anchor_kl"] = gr.Number(
                     value=d["anchor_kl"], minimum=0, label="Anchor KL β_a", interactive=anchored,
-                    info=(f"the KL to the parent also on {len(services.base_backend.anchor_prompts)} fully specified "
+                    info=(f"the KL to the parent also on {services.model.anchor_prompts} fully specified "
                           "prompts the round does not train on, so its change stays where the prompts leave room; "
                           "0 = off" if anchored else "this model has no anchor prompts"),
                     elem_id=FORM_IDS["anchor_kl"])
