@@ -32,6 +32,7 @@ from app import fidelity_guard, round_config, round_files, zerogpu
 from app import validate as check
 from app.errors import AppError
 from app.generation import DrawFn, draw, store_images
+from app.guard_prefetch import GuardPrefetch
 from app.models import VERSIONS_DIR, ModelRegistry
 from app.prompts import RoundPrompt, round_prompts
 from app.round_config import RoundConfig
@@ -81,6 +82,7 @@ class RoundRunner:
         self.held_out_prompts = list(held_out_prompts)
         self.probes = fidelity_guard.ProbeCache(self.data_dir)
         self._process: RoundProcess | None = None  # started with the first round trained on a CPU
+        self.prefetch = GuardPrefetch(self)  # started by warm_up
         self._load_proxy()
         round_files.discard_orphans(self.store)  # folders of rounds a killed process left behind
 
@@ -307,8 +309,10 @@ class RoundRunner:
         return self._process
 
     def warm_up(self) -> threading.Thread | None:
-        """Start the round process in the background, so the first round does not wait for it
-        (``python app.py`` calls this once it serves; nothing when rounds train on a GPU)."""
+        """Start the round process in the background, so the first round does not wait for it, and
+        then draw the next round's parent and base probes ahead while the app is idle
+        (app/guard_prefetch.py). ``python app.py`` calls this once it serves; nothing when rounds
+        train on a GPU."""
         process = self._round_process(self.models.base)
         if process is None:
             return None
@@ -317,19 +321,22 @@ class RoundRunner:
             try:
                 process.warm_up()
             except Exception:  # noqa: BLE001 - best effort: the first round starts the process itself and reports
-                pass
+                return
+            if self.judge is not None:
+                self.prefetch.start()
 
         thread = threading.Thread(target=start, name="round-process-warm-up", daemon=True)
         thread.start()
         return thread
 
-    def _drawer(self, backend) -> DrawFn:
+    def drawer(self, backend) -> DrawFn:
         """How a round draws (its probes, its new samples): in the round process when there is one."""
         process = self._round_process(backend)
         return draw if process is None else functools.partial(process.run, draw)
 
     def close(self) -> None:
         """End the round process, if one was started (after the worker has stopped)."""
+        self.prefetch.close()
         if self._process is not None:
             self._process.close()
 
@@ -343,7 +350,7 @@ class RoundRunner:
         # drawn as the round's samples are: at the training chain's length (10 steps) it missed a
         # drop the after-round guard saw at 20 (bench/loop.py, truncated BP). The parent's scores on
         # these probes come from the guard's cache (WATCH_IMAGES = PROBE_IMAGES: the same keys).
-        drawer = self._drawer(backend)
+        drawer = self.drawer(backend)
         reference = self.probes.scores(parent, self.models.backend(parent), self.judge, watched, config.samples,
                                        fidelity_guard.WATCH_IMAGES, draw_fn=drawer)
         return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
@@ -397,18 +404,18 @@ class RoundRunner:
         ctx.report(0.75, message)
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
-        drawer = self._drawer(backend)
+        drawer = self.drawer(backend)
         images = config.fidelity_probe_images
         new = fidelity_guard.measure(backend, judge, probes, config.samples, images, draw_fn=drawer)
         parent = self.probes.scores(base_version, self.models.backend(base_version), judge, probes, config.samples,
                                     images, draw_fn=drawer)
-        root = self._root_of(base_version)
+        root = self.root_of(base_version)
         base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, images,
                                   draw_fn=drawer)
         return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold,
                                            held_out=self.held_out_prompts)
 
-    def _root_of(self, version_id: int) -> int:
+    def root_of(self, version_id: int) -> int:
         """The base version at the start of this version's lineage."""
         seen = set()
         while True:
@@ -432,6 +439,6 @@ class RoundRunner:
         sample_seed = (seed + 1) % (2**31)
         for vid in (version_id, parent_id):
             backend = self.models.backend(vid)
-            images = self._drawer(backend)(backend, texts, sample_seed, config.samples)
+            images = self.drawer(backend)(backend, texts, sample_seed, config.samples)
             store_images(self.store, images, texts, sample_seed, config.samples, vid, origin="round")
         return len(texts)

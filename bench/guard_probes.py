@@ -39,11 +39,13 @@ class PixelJudge:
         return torch.tensor([1.0 if f is None else f for f in fidelity])
 
 
-def probe_set(data_dir: Path, version_id: int, judge_name: str) -> tuple[list[str], GenerationSettings, int] | None:
+def probe_set(data_dir: Path, version_id: int, judge_name: str,
+              per_prompt: int = fidelity_guard.PROBE_IMAGES) -> tuple[list[str], GenerationSettings, int] | None:
     """The prompts, sample settings and images per prompt the guard judged ``version_id`` on
-    (from its cache); None when the guard cached nothing for it."""
+    (from its cache; ``per_prompt``: the round's ``fidelity_probe_images``, as the in-round watch
+    caches 2 per prompt); None when the guard cached nothing for it."""
     keys = [k for k in fidelity_guard.ProbeCache(data_dir).keys(version_id)
-            if k.judge == judge_name and k.per_prompt == fidelity_guard.PROBE_IMAGES]
+            if k.judge == judge_name and k.per_prompt == per_prompt]
     if not keys:
         return None
     first = keys[0]
@@ -68,9 +70,10 @@ class PixelVerdicts:
                                             per_prompt))
         return {p: known[p] for p in prompts}
 
-    def verdict(self, new_id: int, parent_id: int, base_id: int, threshold: float) -> dict[str, Any] | None:
+    def verdict(self, new_id: int, parent_id: int, base_id: int, threshold: float,
+                per_prompt: int = fidelity_guard.PROBE_IMAGES) -> dict[str, Any] | None:
         """The guard's verdict on ``new_id`` with the pixel judge on the guard's own probes."""
-        found = probe_set(self.data_dir, new_id, self.judge_name)
+        found = probe_set(self.data_dir, new_id, self.judge_name, per_prompt)
         if found is None:
             return None
         prompts, settings, per_prompt = found

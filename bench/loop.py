@@ -28,7 +28,9 @@ learns from), on fixed noise:
   (``fidelity_rated``: the short prompts the rater rates) and on as many of 8 fully specified
   held-out prompts (``HELD_OUT``, not the guard's; ``fidelity_held_out``), checked apart;
 - **quality**: the pixel judge's image quality (sharpness and background noise against renders);
-- the guard's verdict, blind wins against the parent, the round's wall time;
+- the guard's verdict, blind wins against the parent, the round's wall time (the round starts
+  once the app has drawn the guard's parent and base probes ahead, as it does while a person
+  rates: ``app/guard_prefetch.py``; the wait is ``probes_ahead_wait_s``);
 - to tell a misreading judge from probes that show something else: the guard's judge on the
   benchmark's own images (``guard_judge_fidelity``), the pixel judge's misses per attribute,
   and the guard's verdict redrawn on its own probe images and read by the pixel judge
@@ -225,6 +227,11 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                                            10_000 * seed + 100 * r + i, LOOP["sample_steps"])
                 example.rate_all(client, rater, rater_id, samples)
             example.compare_some(client, rater, rater_id, LOOP["comparisons_per_round"])
+            # a person spends minutes rating 32 images and answering 24 pairs; the app draws the
+            # guard's parent and base probes meanwhile (app/guard_prefetch.py): wait as long as that takes
+            waited = time.perf_counter()
+            app.services.rounds.prefetch.wait_drawn(timeout=600)
+            waited = time.perf_counter() - waited
             t0 = time.perf_counter()
             phases: list[tuple[float, str]] = []  # when each progress message first showed (s into the round)
             status = example.train(client, {**settings, "seed": 1000 * seed + r}, poll=0.5,
@@ -251,15 +258,18 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                    "plateau_stopped_at": m.get("plateau_stopped_at"), "steps_done": m.get("steps_done"),
                    "watch_fidelity_start": m.get("watch_fidelity_start"),
                    "watch_fidelity_last": m.get("watch_fidelity_last"),
-                   "round_wall_s": round(wall, 1), "train_s": m.get("train_seconds"), "phases": phases,
+                   "round_wall_s": round(wall, 1), "probes_ahead_wait_s": round(waited, 1),
+                   "train_s": m.get("train_seconds"), "phases": phases,
                    "proxy_heldout_accuracy": m.get("proxy_heldout_accuracy"),
                    # the proxy's reward spread over the judged images; the round's reward was divided by
                    # reward_scale (1 unless normalize_reward)
                    "proxy_reward_spread": m.get("proxy_reward_spread"), "reward_scale": m.get("reward_scale")}
             if m.get("fidelity_judge"):  # the guard ran: its verdict again, from the pixels on its own probes
-                parent_id = app.services.store.get_model_version(new["version_id"])["parent_id"]
+                stored = app.services.store.get_model_version(new["version_id"])
+                parent_id = stored["parent_id"]
                 row["guard_on_pixels"] = pixel_verdicts.verdict(new["version_id"], parent_id, base["version_id"],
-                                                                m["fidelity_threshold"])
+                                                                m["fidelity_threshold"],
+                                                                stored["config"]["fidelity_probe_images"])
             new_measure = measured_version(new["version_id"])
             row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_rated",
                                                               "fidelity_held_out", "quality",

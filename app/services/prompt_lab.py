@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app import validate as check
+from app.generation import ACTIVITY
 from app.models import ModelRegistry
 from app.services.generation import MAX_SEED, MAX_STEPS, Prompts
 from app.state import StateFile
@@ -81,10 +82,11 @@ class PromptLab:
         per_step = [[original, p] for p in schedule]  # row 0 plain, row 1 staged: same noise each
         backend = self.models.backend(self.active_version())
         # One batch of two rows would give the rows different noise; two runs share it.
-        plain_final, plain_cap = dcot.sample_staged(backend, [[r[0]] for r in per_step], seed, guidance,
-                                                    capture_steps=ends)
-        staged_final, staged_cap = dcot.sample_staged(backend, [[r[1]] for r in per_step], seed, guidance,
-                                                      capture_steps=ends)
+        with ACTIVITY.drawing():
+            plain_final, plain_cap = dcot.sample_staged(backend, [[r[0]] for r in per_step], seed, guidance,
+                                                        capture_steps=ends)
+            staged_final, staged_cap = dcot.sample_staged(backend, [[r[1]] for r in per_step], seed, guidance,
+                                                          capture_steps=ends)
         return {"plain": [plain_cap[e][0] for e in ends], "staged": [staged_cap[e][0] for e in ends],
                 "stage_steps": [stage_of.count(k) for k in range(3)], "schedule": schedule,
                 "prompt": original, "stages": stages}
