@@ -68,9 +68,10 @@ DEFAULTS: dict[str, Any] = {
     # Images per probe prompt the guard draws of the new version (and once of its parent and the
     # base). Replayed on the 48 versions two loops made (bench/results/guard_rules.json and
     # guard_rules_anchor.json), 4 caught 25 of the 28 losses against 21 at 2, with as many false
-    # alarms (10 of 20 faithful versions against 9), for about 10 s more per round on 2 cores. On one
-    # seed of the loop with 4 (loop_probes4_screen.json) both first versions were kept and rose past
-    # 3 SE, and 7 of 8 verdicts matched the pixels. 2 until the loop has run on three seeds.
+    # alarms (10 of 20 faithful versions against 9), for about 10 s more per round on 2 cores. On the
+    # loop with 4 (loop_probes4.json, 3 seeds x 2 tastes) fidelity held at every round on 4 runs of 6,
+    # as at 2, the round-1 rise passed 3 SE on 2 (at 2: 1), and the guard let a 0.078 loss through
+    # (at 2 the largest was 0.057), with a first round of 118 s on 2 cores, not 76: it stays 2.
     "fidelity_probe_images": 2,
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
     # a flagged version is scaled back toward its parent, halving the round's change, up to this
