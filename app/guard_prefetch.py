@@ -6,12 +6,16 @@ cached per probe and only the new version's have to wait for the round. This dra
 before it starts: the probes the next round's guard would ask for, given the prompts in the store
 now and the settings that round is likely to use (the model's defaults; with auto-train on, the
 last round's over them, as auto-train starts it). Before the first round that is the base model's
-half of the guard's images (64 at 4 images per probe prompt, about 25 s on 2 cores).
+half of the guard's images: on 2 cores the first round's guard took 12 s instead of 22
+(bench/results/loop.json, ``idle_runs``).
 
 It draws one probe prompt at a time, in the round process, and only while no round runs and no
 one has drawn for a moment (``app.generation.ACTIVITY``): a click waits at most for one prompt's
-images. What it has not drawn (a prompt added at the last moment, other settings) the round draws
-itself, as it always did; the scores are the same either way (each probe prompt has its own seed).
+images. Only for models sized for a CPU (``cpu_sized``, the built-in ones): each call hands the
+model to the round process, 12 MB for the built-in image model but gigabytes for a Stable
+Diffusion, whose rounds belong on a GPU anyway. What it has not drawn (a prompt added at the
+last moment, other settings) the round draws itself, as it always did; the scores are the same
+either way (each probe prompt has its own seed).
 """
 
 from __future__ import annotations

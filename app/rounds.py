@@ -322,7 +322,7 @@ class RoundRunner:
                 process.warm_up()
             except Exception:  # noqa: BLE001 - best effort: the first round starts the process itself and reports
                 return
-            if self.judge is not None:
+            if self.judge is not None and self.models.base.cpu_sized:  # each draw pickles the model over
                 self.prefetch.start()
 
         thread = threading.Thread(target=start, name="round-process-warm-up", daemon=True)
