@@ -21,6 +21,12 @@ Rules (each against the parent and the base model, like the guard):
 Each at 2 images per prompt (the guard's own: the 2-image verdicts replay the guard as it ran,
 a check of the replay) and at 4 (two more from a second seed).
 
+``--held-out N`` (default: the backend's 8) replays the guard with more held-out probe prompts:
+the backend's, then ``extra_held_out`` ones drawn from the grammar (each names kind and colour
+and at least two of size, position and background, as the backend's do; none is a prompt the
+loop benchmark judges or an anchor prompt). The 2-image verdicts then no longer replay the guard
+as it ran; they say what a guard with N held-out probes would have read.
+
 The runs' data folders come from ``bench/loop.py --keep-data`` (CACHE/data):
 
     python -m bench.guard_rules --runs runs/loop_split \\
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +53,10 @@ from bench.guard_probes import PixelJudge
 from bench.loop_report import fidelity_drop
 from feedback_store import FeedbackStore
 from rlr_core.backends.builtin import BuiltinBackend
+from rlr_core.shapesworld import world as sw
 
 IMAGES = 4  # per probe prompt; the rules also read the guard's own 2 (PROBE_IMAGES)
+EXTRA_SEED = 2027  # the extra held-out prompts, drawn once
 THRESHOLD = 0.05
 Scores = dict[str, list[float]]  # prompt -> the judge's accuracy per image
 
@@ -99,13 +108,41 @@ def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[
     }
 
 
-def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend) -> list[dict[str, Any]]:
-    """Every new version of one run: the benchmark's pixel loss, and each rule's verdict."""
+def extra_held_out(n: int, exclude: Sequence[str], seed: int = EXTRA_SEED) -> list[str]:
+    """``n`` prompts in the style of the backend's held-out ones, none in ``exclude``."""
+    rng, out = random.Random(seed), []
+    scenes = sw.all_scenes(include_held_out=False)
+    taken = set(exclude)
+    while len(out) < n:
+        partial = sw.random_partial(rng, rng.choice(scenes), 0.0,
+                                    {"size": 0.4, "position": 0.3, "background": 0.5})
+        text = sw.caption(partial).replace("a orange", "an orange")  # as the backend's own are written
+        if len(partial.specified()) >= 4 and text not in taken:
+            taken.add(text)
+            out.append(text)
+    return out
+
+
+def held_out_probes(base_backend: BuiltinBackend, n: int) -> list[str]:
+    """The backend's held-out prompts, then extra ones up to ``n``."""
+    own = list(base_backend.held_out_prompts)
+    if n <= len(own):
+        return own[:n]
+    from bench.loop import HELD_OUT, RATE_PROMPTS
+
+    exclude = [*own, *HELD_OUT, *RATE_PROMPTS, *base_backend.anchor_prompts]
+    return own + extra_held_out(n - len(own), exclude)
+
+
+def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend,
+               held: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every new version of one run: the benchmark's pixel loss, and each rule's verdict, with
+    ``held`` as the guard's held-out probes (default: the backend's)."""
     store = FeedbackStore(data_dir)
     models = ModelRegistry(base_backend, store, cache_size=2)
     guard_judge = base_backend.fidelity_judge()
     judges = {"guard judge": guard_judge, "pixels": PixelJudge()}
-    held = list(base_backend.held_out_prompts)
+    held = list(base_backend.held_out_prompts if held is None else held)
     base_row = run["rounds"][0]
     base_id = base_row["version_id"]
     defaults = run["round_defaults"]  # the guard draws as the round's samples are drawn
@@ -121,7 +158,9 @@ def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend
     out = []
     for r in run["rounds"][1:]:
         version = store.get_model_version(r["version_id"])
-        probes = fidelity_guard.probe_prompts(guard_judge, version["config"]["prompts"], [], held)
+        own = version["config"]["prompts"]
+        probes = fidelity_guard.probe_prompts(guard_judge, own, [], held,
+                                              limit=max(fidelity_guard.MAX_PROBE_PROMPTS, len(own) + len(held)))
         weights = {p: len(guard_judge.wanted(p)) for p in probes}
         new, parent, base = (scores(v, probes) for v in (r["version_id"], version["parent_id"], base_id))
         verdicts = {}
@@ -162,14 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None,
                    help="the runs' data folders (default: RUNS/data, from bench/loop.py --keep-data)")
     p.add_argument("--json", default="bench/results/guard_rules.json")
+    p.add_argument("--held-out", type=int, default=None,
+                   help="held-out probe prompts (default: the backend's; more: extra ones from the grammar)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base_backend = BuiltinBackend.load()
+    held = held_out_probes(base_backend, args.held_out or len(base_backend.held_out_prompts))
     runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*-rounds*.json"))
             if not f.name.endswith(".partial.json")]  # finished runs, as bench/loop.py names them
     rows = []
     data_root = Path(args.data) if args.data else Path(args.runs) / "data"
-    done = Path(args.runs) / "guard_rules"  # each run's rows, kept: a screen cut short resumes
+    # each run's rows, kept: a screen cut short resumes
+    done = Path(args.runs) / ("guard_rules" if args.held_out is None else f"guard_rules_held{len(held)}")
     done.mkdir(exist_ok=True)
     for run in tqdm(runs, desc="runs"):
         kept = done / f"{run['arm']}-{run['taste']}-seed{run['seed']}.json"
@@ -180,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         if data is None:
             print(f"no data folder for {run['taste']} seed {run['seed']}: skipped")
             continue
-        screened = screen_run(run, data, base_backend)
+        screened = screen_run(run, data, base_backend, held)
         save_json_atomic(kept, {"versions": screened})
         rows += screened
     table = confusion(rows)
@@ -189,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{rule:<34} {c['losses_flagged']:>3} of {c['losses']:<3}"
               f"       {c['faithful_flagged']:>3} of {c['faithful']}")
     write_json(args.json, {"machine": machine(), "threshold": THRESHOLD, "images_per_prompt": IMAGES,
-                           "runs": args.runs, "confusion": table, "versions": rows})
+                           "held_out_prompts": held, "runs": args.runs, "confusion": table, "versions": rows})
 
 
 if __name__ == "__main__":

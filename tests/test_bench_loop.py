@@ -189,3 +189,22 @@ def test_the_guard_rules_screen_reads_each_rule_as_documented():
     got = confusion(rows)
     assert got["pooled"] == {"losses": 1, "losses_flagged": 1, "faithful": 1, "faithful_flagged": 0}
     assert got["as run"] == {"losses": 1, "losses_flagged": 0, "faithful": 1, "faithful_flagged": 1}
+
+
+def test_the_extra_held_out_probes_are_new_prompts_in_the_backends_style(builtin_backend):
+    from bench.guard_rules import held_out_probes
+    from bench.loop import HELD_OUT, RATE_PROMPTS
+    from rlr_core.shapesworld import world as sw
+
+    own = list(builtin_backend.held_out_prompts)
+    assert held_out_probes(builtin_backend, 8) == own
+    held = held_out_probes(builtin_backend, 24)
+    assert held[:8] == own and len(set(held)) == 24 and held == held_out_probes(builtin_backend, 24)
+    extra = held[8:]
+    judged_elsewhere = {*HELD_OUT, *RATE_PROMPTS, *builtin_backend.anchor_prompts}
+    assert not judged_elsewhere & set(extra)  # the benchmark's own prompts stay its own
+    judge = builtin_backend.fidelity_judge()
+    for prompt in extra:
+        named = sw.parse_caption(prompt).specified()
+        assert {"kind", "colour"} <= set(named) and len(named) >= 4, prompt
+        assert judge.judges(prompt) and builtin_backend.check_prompt(prompt) == prompt, prompt
