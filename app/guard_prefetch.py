@@ -70,7 +70,8 @@ class GuardPrefetch:
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages],
                                               runner.held_out_prompts)
-        parent = runner.active_version()
+        # auto-train builds on the best-judged version, a round started by hand on the active one
+        parent = runner.best_judged_version() if runner.state.get().auto_train_every else runner.active_version()
         todo = []
         for version in dict.fromkeys([parent, runner.root_of(parent)]):
             cached = set(runner.probes.keys(version))
