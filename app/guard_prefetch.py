@@ -51,12 +51,12 @@ class GuardPrefetch:
     def next_config(self) -> RoundConfig:
         """The settings the next round most likely uses: the model's defaults (the Train tab's),
         or with auto-train on the last round's over them (auto-train's own rule)."""
-        state = self.rounds.state.get()
-        last = state.extra.get("last_settings", {}) if state.auto_train_every else {}
-        try:
-            return RoundConfig.parse({k: v for k, v in last.items() if k != "seed"}, self.rounds.defaults)
-        except AppError:  # settings an older version of the app stored: auto-train would fail on them too
-            return RoundConfig.parse({}, self.rounds.defaults)
+        if self.rounds.state.get().auto_train_every:
+            try:
+                return self.rounds.auto_train_config()
+            except AppError:  # settings an older version of the app stored: auto-train would fail on them too
+                pass
+        return RoundConfig.parse({}, self.rounds.defaults)
 
     def missing(self) -> tuple[RoundConfig, list[tuple[int, str]]]:
         """(the next round's settings, the (version, probe prompt) pairs its guard would draw now)."""
@@ -70,14 +70,12 @@ class GuardPrefetch:
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
                                               [p.stages.as_list() for p in prompts if p.stages],
                                               runner.held_out_prompts)
-        # auto-train builds on the best-judged version, a round started by hand on the active one
-        parent = runner.best_judged_version() if runner.state.get().auto_train_every else runner.active_version()
+        parent = runner.parent_of_next(auto=bool(runner.state.get().auto_train_every))
         todo = []
         for version in dict.fromkeys([parent, runner.root_of(parent)]):
             cached = set(runner.probes.keys(version))
-            key = fidelity_guard.ProbeKey.of
-            todo += [(version, p) for p in probes
-                     if key(p, config.samples, config.fidelity_probe_images, judge) not in cached]
+            todo += [(version, p) for p in probes if fidelity_guard.ProbeKey.of(
+                p, config.samples, config.fidelity_probe_images, judge) not in cached]
         return config, todo
 
     def idle(self) -> bool:

@@ -120,8 +120,7 @@ class RoundRunner:
         counts = self.store.counts()
         if counts["ratings"] + counts["comparisons"] == 0:
             raise AppError("rate or compare a few samples first: the round learns its reward from them")
-        # Auto-train builds on the best-judged version (app/safeguards.py), not on the last one.
-        base_version = self.best_judged_version() if auto else self.active_version()
+        base_version = self.parent_of_next(auto)
         try:
             job_id = self.worker.submit(f"round on {self.store.get_model_version(base_version)['name']}",
                                         lambda ctx: self._run(ctx, config, base_version))
@@ -130,6 +129,16 @@ class RoundRunner:
         self.state.update(ratings_at_last_round=counts["ratings"] + counts["comparisons"],
                           extra={**self.state.get().extra, "last_settings": config.public()})
         return job_id
+
+    def parent_of_next(self, auto: bool) -> int:
+        """The version a round builds on: auto-train's, the best-judged one (app/safeguards.py), not the last."""
+        return self.best_judged_version() if auto else self.active_version()
+
+    def auto_train_config(self) -> RoundConfig:
+        """The settings of the last round started by hand (its seed left out); what they leave out,
+        the model's defaults. Raises AppError on settings this version of the app refuses."""
+        last = {k: v for k, v in self.state.get().extra.get("last_settings", {}).items() if k != "seed"}
+        return RoundConfig.parse(last, self.defaults)
 
     def best_judged_version(self) -> int:
         from app.safeguards import best_judged, fidelity_flags, judge
@@ -160,11 +169,8 @@ class RoundRunner:
         total = counts["ratings"] + counts["comparisons"]
         if total - state.ratings_at_last_round < state.auto_train_every:
             return False
-        last = {k: v for k, v in state.extra.get("last_settings", {}).items() if k != "seed"}
         try:
-            # the settings of the last round started by hand; what they leave out, the model's defaults
-            config = RoundConfig.parse(last, self.defaults)
-            self.start(config, auto=True)
+            self.start(self.auto_train_config(), auto=True)
         except AppError:
             return False
         return True
@@ -309,10 +315,9 @@ class RoundRunner:
         return self._process
 
     def warm_up(self) -> threading.Thread | None:
-        """Start the round process in the background, so the first round does not wait for it, and
-        then draw the next round's parent and base probes ahead while the app is idle
-        (app/guard_prefetch.py). ``python app.py`` calls this once it serves; nothing when rounds
-        train on a GPU."""
+        """Start the round process in the background, so the first round does not wait for it, then
+        draw the next round's guard probes ahead while idle (app/guard_prefetch.py). ``python app.py``
+        calls this once it serves; nothing when rounds train on a GPU."""
         process = self._round_process(self.models.base)
         if process is None:
             return None
