@@ -141,8 +141,8 @@ def register(services: AppServices) -> None:
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
         guidance, samples_per_prompt, sample_steps, sample_guidance, seed, uncertainty_penalty,
         patience, kl_coef, fidelity_weight, anchor_kl, fidelity_threshold, fidelity_check_every, fidelity_backoff,
-        fidelity_probe_images, normalize_reward; anything left out takes its default (the model's), an
-        unknown name is refused."""
+        fidelity_probe_images, fidelity_probe_prompts, fidelity_rule (split, attributes), normalize_reward;
+        anything left out takes its default (the model's), an unknown name is refused."""
         config = RoundConfig.parse(settings, s.round_defaults)
         job = s.rounds.start(config, admin_password)
         return {"job_id": job, "settings": config.public()}

@@ -71,6 +71,7 @@ WATCH_IMAGES = 2  # per prompt
 # flagged 5 of the 7 losses and 8 of the 17 faithful. A loss the rater cannot see costs more than
 # a round the person activates by hand, so the point estimate decides (the note shows the SE).
 SIGNIFICANCE = 0.0
+FIDELITY_RULES = ("split", "attributes")  # how a drop is read (verdict)
 CACHE_FILE = "fidelity_probes.json"
 
 
@@ -194,18 +195,23 @@ def mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def paired_drop(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+def paired_drop(before: dict[str, float], after: dict[str, float],
+                weights: dict[str, float] | None = None) -> tuple[float, float]:
     """(mean over the shared prompts of before - after, its standard error from the per-prompt
-    differences; 0 with fewer than two prompts, where the point estimate alone decides)."""
-    diffs = [before[p] - after[p] for p in after if p in before]
-    n = len(diffs)
-    if n == 0:
+    differences; 0 with fewer than two prompts, where the point estimate alone decides). With
+    ``weights`` (per prompt), the weighted mean and its standard error (each prompt's difference
+    an independent draw, weighted)."""
+    shared = [p for p in after if p in before]
+    diffs = [before[p] - after[p] for p in shared]
+    w = [1.0 if weights is None else float(weights[p]) for p in shared]
+    n, total = len(diffs), sum(w)
+    if n == 0 or total <= 0:
         return 0.0, 0.0
-    m = sum(diffs) / n
+    m = sum(wi * d for wi, d in zip(w, diffs)) / total
     if n < 2:
         return m, 0.0
-    var = sum((d - m) ** 2 for d in diffs) / (n - 1)
-    return m, (var / n) ** 0.5
+    var = sum(wi ** 2 * (d - m) ** 2 for wi, d in zip(w, diffs)) / total ** 2 * n / (n - 1)
+    return m, var ** 0.5
 
 
 def beyond(drop: float, se: float, threshold: float, significance: float = SIGNIFICANCE) -> bool:
@@ -241,6 +247,7 @@ class Verdict:
     # Each group of probes apart: a loss on the prompts nobody rated must not hide in the mean of
     # the rated ones (on the loop most pixel-judged losses were on unrated prompts).
     groups: tuple[GroupDrop, ...] = ()
+    rule: str = "split"  # "attributes": every mean is over the attributes the probes name
 
     @property
     def drop(self) -> float:
@@ -281,7 +288,7 @@ class Verdict:
         worst = self._worst()
         if worst is None:
             return (f"prompt fidelity kept: {self.fidelity:.3f} (parent {self.fidelity_parent:.3f}, "
-                    f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts")
+                    f"base {self.fidelity_base:.3f}) on {self.probes} probe prompts{self._weighing()}")
         return f"{name} {self.loss()}; it was not made active"
 
     def loss(self) -> str:
@@ -290,12 +297,15 @@ class Verdict:
         if worst is None:
             return ""
         drop, se, against, group = worst
-        where = (f"on {self.probes} probe prompts" if group == "all" else
+        where = (f"on {self.probes} probe prompts{self._weighing()}" if group == "all" else
                  f"on {GROUP_NAMES.get(group, group)} ({next(g.probes for g in self.groups if g.group == group)} "
                  f"of {self.probes} probe prompts)")
         return (f"lost prompt fidelity: {self.fidelity:.3f} against {self.fidelity_parent:.3f} for its "
                 f"parent and {self.fidelity_base:.3f} for the base, {drop:.3f} ± {se:.3f} below {against} "
                 f"{where} (more than the threshold {self.threshold:.2f})")
+
+    def _weighing(self) -> str:
+        return ", each attribute they name weighed alike" if self.rule == "attributes" else ""
 
     def largest_drops(self) -> dict[str, float]:
         """For all probes ("all") and each group judged apart, the larger of its drops below the
@@ -311,34 +321,50 @@ class Verdict:
                 "fidelity_drop_from_base": round(self.drop_from_base, 4), "fidelity_drop_se": round(self.drop_se, 4),
                 "fidelity_drop_from_base_se": round(self.drop_from_base_se, 4), "fidelity_threshold": self.threshold,
                 "fidelity_flagged": self.flagged, "fidelity_probes": self.probes, "fidelity_judge": self.judge,
+                "fidelity_rule": self.rule,
                 **per_group}
 
 
+def attribute_weights(judge: Any, prompts: Sequence[str]) -> dict[str, float]:
+    """Per probe prompt, how many attributes it names (the ``attributes`` rule's weights); 1 each
+    for a judge that reads no attributes (CLIP similarity)."""
+    wanted = getattr(judge, "wanted", None)
+    return {p: float(max(1, len(wanted(p)))) if wanted else 1.0 for p in prompts}
+
+
 def verdict(judge: Any, new: dict[str, float], parent: dict[str, float], base: dict[str, float],
-            threshold: float, held_out: Sequence[str] = ()) -> Verdict:
-    """Compare the three versions' scores on the same probes (see the module docstring); with
-    ``held_out`` (the backend's held-out prompts), the probes among them and the rest are also
-    judged apart, and a drop in either group counts."""
+            threshold: float, held_out: Sequence[str] = (), rule: str = "split") -> Verdict:
+    """Compare the three versions' scores on the same probes (see the module docstring). Rule
+    ``split``: with ``held_out`` (the backend's held-out prompts), the probes among them and the
+    rest are also judged apart, and a drop in either group counts. Rule ``attributes``: every
+    mean is over the attributes the probes name (:func:`attribute_weights`), with no groups."""
+    if rule not in FIDELITY_RULES:
+        raise ValueError(f"unknown fidelity rule {rule!r}; the rules are {', '.join(FIDELITY_RULES)}")
+    weights = attribute_weights(judge, list(new)) if rule == "attributes" else {p: 1.0 for p in new}
+
+    def weighted(scores: dict[str, float]) -> float:
+        return sum(weights[p] * scores[p] for p in new) / sum(weights.values())
+
     scale = 1.0
     if judge.relative:  # a fraction of the base model's score
-        scale = mean(base) if mean(base) > 0 else 1.0
+        scale = weighted(base) if weighted(base) > 0 else 1.0
 
     def drops(prompts: Sequence[str]) -> tuple[float, float, float, float]:
         sub = {p: new[p] for p in prompts}
-        d_parent, se_parent = paired_drop(parent, sub)
-        d_base, se_base = paired_drop(base, sub)
+        d_parent, se_parent = paired_drop(parent, sub, weights)
+        d_base, se_base = paired_drop(base, sub, weights)
         return d_parent / scale, se_parent / scale, d_base / scale, se_base / scale
 
-    held = set(held_out)
+    held = set(held_out) if rule == "split" else set()
     split = {"rated": [p for p in new if p not in held], "held_out": [p for p in new if p in held]}
     groups = tuple(GroupDrop(name, len(ps), *drops(ps)) for name, ps in split.items() if ps) if held else ()
     if len(groups) < 2:
         groups = ()  # one group is the whole set
     _, se_parent, _, se_base = drops(list(new))
-    f_new, f_parent, f_base = mean(new) / scale, mean(parent) / scale, mean(base) / scale
+    f_new, f_parent, f_base = weighted(new) / scale, weighted(parent) / scale, weighted(base) / scale
     if judge.relative:
         f_base = 1.0
-    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name, se_parent, se_base, groups)
+    return Verdict(f_new, f_parent, f_base, threshold, len(new), judge.name, se_parent, se_base, groups, rule)
 
 
 class FidelityWatch:

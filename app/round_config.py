@@ -27,6 +27,7 @@ from typing import Any
 
 from app import validate as check
 from app.errors import AppError
+from app.fidelity_guard import FIDELITY_RULES
 from rlr_core.backends.base import DiffusionBackend
 from rlr_core.estimators import ESTIMATORS
 from rlr_core.estimators.schema import OptionError, from_public, takes, to_public
@@ -104,6 +105,8 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
         "fidelity_backoff": check.whole(get("fidelity_backoff"), "fidelity back-off halvings", 0, 6),
         "fidelity_probe_images": check.whole(get("fidelity_probe_images"), "fidelity probe images", 1, 16),
+        "fidelity_probe_prompts": check.whole(get("fidelity_probe_prompts"), "fidelity probe prompts", 4, 64),
+        "fidelity_rule": check.choice(get("fidelity_rule"), "fidelity rule", FIDELITY_RULES),
         "normalize_reward": check.flag(get("normalize_reward"), "normalize reward"),
     }
     return {**v, **{key: _option(key, get(key)) for key in PUBLIC_OPTIONS}}
@@ -129,6 +132,8 @@ class RoundConfig:
     fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
     fidelity_backoff: int = DEFAULTS["fidelity_backoff"]  # halvings of a flagged round's change to try (0: off)
     fidelity_probe_images: int = DEFAULTS["fidelity_probe_images"]  # the guard's images per probe prompt
+    fidelity_probe_prompts: int = DEFAULTS["fidelity_probe_prompts"]  # the guard's probe prompts, at most
+    fidelity_rule: str = DEFAULTS["fidelity_rule"]  # how the guard reads a drop (FIDELITY_RULES)
     normalize_reward: bool = DEFAULTS["normalize_reward"]  # the proxy's reward in units of its spread on rated images
 
     @classmethod
@@ -154,6 +159,7 @@ class RoundConfig:
                    fidelity_weight=v["fidelity_weight"], fidelity_threshold=v["fidelity_threshold"],
                    fidelity_check_every=v["fidelity_check_every"], fidelity_backoff=v["fidelity_backoff"],
                    fidelity_probe_images=v["fidelity_probe_images"],
+                   fidelity_probe_prompts=v["fidelity_probe_prompts"], fidelity_rule=v["fidelity_rule"],
                    normalize_reward=v["normalize_reward"])
 
     @property
@@ -179,6 +185,7 @@ class RoundConfig:
             "fidelity_threshold": self.fidelity_threshold,
             "fidelity_check_every": self.fidelity_check_every, "fidelity_backoff": self.fidelity_backoff,
             "fidelity_probe_images": self.fidelity_probe_images,
+            "fidelity_probe_prompts": self.fidelity_probe_prompts, "fidelity_rule": self.fidelity_rule,
             "normalize_reward": self.normalize_reward,
             **to_public(ESTIMATORS[t.estimator.name], t.estimator.options),
         }

@@ -408,7 +408,8 @@ class RoundRunner:
             return {}, None
         ctx.report(0.75, message)
         probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
-                                              [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts)
+                                              [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts,
+                                              config.fidelity_probe_prompts)
         drawer = self.drawer(backend)
         images = config.fidelity_probe_images
         new = fidelity_guard.measure(backend, judge, probes, config.samples, images, draw_fn=drawer)
@@ -418,7 +419,7 @@ class RoundRunner:
         base = self.probes.scores(root, self.models.backend(root), judge, probes, config.samples, images,
                                   draw_fn=drawer)
         return new, fidelity_guard.verdict(judge, new, parent, base, config.fidelity_threshold,
-                                           held_out=self.held_out_prompts)
+                                           held_out=self.held_out_prompts, rule=config.fidelity_rule)
 
     def root_of(self, version_id: int) -> int:
         """The base version at the start of this version's lineage."""

@@ -21,8 +21,8 @@ Rules (each against the parent and the base model, like the guard):
 Each at 2 images per prompt (the guard's own: the 2-image verdicts replay the guard as it ran,
 a check of the replay) and at 4 (two more from a second seed).
 
-``--held-out N`` (default: the backend's 8) replays the guard with more held-out probe prompts:
-the backend's, then ``extra_held_out`` ones drawn from the grammar (each names kind and colour
+``--held-out N`` (default: 8, as a default round probes) replays the guard with more held-out
+probe prompts: the backend's first N, then ``extra_held_out`` ones drawn from the grammar (each names kind and colour
 and at least two of size, position and background, as the backend's do; none is a prompt the
 loop benchmark judges or an anchor prompt). The 2-image verdicts then no longer replay the guard
 as it ran; they say what a guard with N held-out probes would have read.
@@ -108,30 +108,37 @@ def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[
     }
 
 
-def extra_held_out(n: int, exclude: Sequence[str], seed: int = EXTRA_SEED) -> list[str]:
-    """``n`` prompts in the style of the backend's held-out ones, none in ``exclude``."""
+def extra_held_out(n: int, exclude: Sequence[str], anchors: Sequence[str] = (), seed: int = EXTRA_SEED) -> list[str]:
+    """``n`` prompts in the style of the backend's held-out ones, none in ``exclude`` and none that
+    an anchor prompt fits (the anchor KL holds those still, so they would show no loss)."""
     rng, out = random.Random(seed), []
     scenes = sw.all_scenes(include_held_out=False)
     taken = set(exclude)
+    anchored = [sw.parse_caption(a) for a in anchors]
     while len(out) < n:
         partial = sw.random_partial(rng, rng.choice(scenes), 0.0,
                                     {"size": 0.4, "position": 0.3, "background": 0.5})
         text = sw.caption(partial).replace("a orange", "an orange")  # as the backend's own are written
-        if len(partial.specified()) >= 4 and text not in taken:
+        fits_an_anchor = any(all(getattr(a, k) == v for k, v in partial.specified().items()) for a in anchored)
+        if len(partial.specified()) >= 4 and text not in taken and not fits_an_anchor:
             taken.add(text)
             out.append(text)
     return out
 
 
+GUARD_HELD_OUT = 8  # the held-out probes of a default round (16 probe prompts, 8 of them the round's own)
+
+
 def held_out_probes(base_backend: BuiltinBackend, n: int) -> list[str]:
-    """The backend's held-out prompts, then extra ones up to ``n``."""
+    """The backend's first ``n`` held-out prompts, then extra ones when it has fewer. The
+    backend's 9th to 24th were drawn this way once (``extra_held_out(16, ...)`` with its first 8)."""
     own = list(base_backend.held_out_prompts)
     if n <= len(own):
         return own[:n]
     from bench.loop import HELD_OUT, RATE_PROMPTS
 
     exclude = [*own, *HELD_OUT, *RATE_PROMPTS, *base_backend.anchor_prompts]
-    return own + extra_held_out(n - len(own), exclude)
+    return own + extra_held_out(n - len(own), exclude, base_backend.anchor_prompts)
 
 
 def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend,
@@ -201,18 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None,
                    help="the runs' data folders (default: RUNS/data, from bench/loop.py --keep-data)")
     p.add_argument("--json", default="bench/results/guard_rules.json")
-    p.add_argument("--held-out", type=int, default=None,
-                   help="held-out probe prompts (default: the backend's; more: extra ones from the grammar)")
+    p.add_argument("--held-out", type=int, default=GUARD_HELD_OUT,
+                   help="held-out probe prompts: the backend's first N (a default round probes 8), then extra "
+                        "ones from the grammar")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base_backend = BuiltinBackend.load()
-    held = held_out_probes(base_backend, args.held_out or len(base_backend.held_out_prompts))
+    held = held_out_probes(base_backend, args.held_out)
     runs = [json.loads(f.read_text()) for f in sorted(Path(args.runs).glob("*-rounds*.json"))
             if not f.name.endswith(".partial.json")]  # finished runs, as bench/loop.py names them
     rows = []
     data_root = Path(args.data) if args.data else Path(args.runs) / "data"
     # each run's rows, kept: a screen cut short resumes
-    done = Path(args.runs) / ("guard_rules" if args.held_out is None else f"guard_rules_held{len(held)}")
+    done = Path(args.runs) / ("guard_rules" if len(held) == GUARD_HELD_OUT else f"guard_rules_held{len(held)}")
     done.mkdir(exist_ok=True)
     for run in tqdm(runs, desc="runs"):
         kept = done / f"{run['arm']}-{run['taste']}-seed{run['seed']}.json"

@@ -104,7 +104,9 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # (prior preservation, where the rater never looked)
                                    "default+anchor": {"anchor_kl": 3.0},
                                    # ... and with the guard drawing 4 images per probe prompt, not 2
-                                   "default+probes4": {"fidelity_probe_images": 4}}
+                                   "default+probes4": {"fidelity_probe_images": 4},
+                                   # ... and with 24 held-out probe prompts, a drop read over the named attributes
+                                   "default+held24": {"fidelity_probe_prompts": 32, "fidelity_rule": "attributes"}}
 
 
 def load_example():

@@ -192,14 +192,16 @@ def test_the_guard_rules_screen_reads_each_rule_as_documented():
 
 
 def test_the_extra_held_out_probes_are_new_prompts_in_the_backends_style(builtin_backend):
-    from bench.guard_rules import held_out_probes
+    from bench.guard_rules import extra_held_out, held_out_probes
     from bench.loop import HELD_OUT, RATE_PROMPTS
     from rlr_core.shapesworld import world as sw
 
     own = list(builtin_backend.held_out_prompts)
-    assert held_out_probes(builtin_backend, 8) == own
-    held = held_out_probes(builtin_backend, 24)
-    assert held[:8] == own and len(set(held)) == 24 and held == held_out_probes(builtin_backend, 24)
+    assert held_out_probes(builtin_backend, 8) == own[:8] and held_out_probes(builtin_backend, 24) == own
+    exclude = [*own[:8], *HELD_OUT, *RATE_PROMPTS, *builtin_backend.anchor_prompts]
+    assert own[8:] == extra_held_out(16, exclude, builtin_backend.anchor_prompts)  # the extra 16, drawn once
+    held = held_out_probes(builtin_backend, 30)
+    assert held[:24] == own and len(set(held)) == 30 and held == held_out_probes(builtin_backend, 30)
     extra = held[8:]
     judged_elsewhere = {*HELD_OUT, *RATE_PROMPTS, *builtin_backend.anchor_prompts}
     assert not judged_elsewhere & set(extra)  # the benchmark's own prompts stay its own

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from app import fidelity_guard
 from app.errors import AppError
 from app.fidelity_guard import FidelityWatch, beyond, paired_drop, probe_prompts, verdict
 from app.round_config import RoundConfig
@@ -203,11 +204,59 @@ def test_a_loss_on_the_held_out_probes_is_flagged_even_when_the_mean_of_all_hide
     assert verdict(j, new, parent, parent, 0.05, held_out=rated + held).groups == ()
 
 
+def test_the_attributes_rule_weighs_every_named_attribute_alike(builtin_backend):
+    j = builtin_backend.fidelity_judge()
+    one_word = ["a circle", "a square", "a triangle", "a red shape", "a small shape", "a shape on the left",
+                "a blue shape", "a large shape", "a shape on the right", "a green shape", "a yellow shape",
+                "a shape in the center"]
+    full = list(builtin_backend.held_out_prompts[8:12])
+    weights = fidelity_guard.attribute_weights(j, one_word + full)
+    assert {weights[p] for p in one_word} == {1.0}
+    assert [weights[p] for p in full] == [float(len(sw.parse_caption(p).specified())) for p in full]
+    assert fidelity_guard.attribute_weights(_Judge(), ["x", "y"]) == {"x": 1.0, "y": 1.0}  # no attributes: alike
+    parent = dict.fromkeys(one_word + full, 0.9)
+    # half the one-word prompts lost 0.15: 0.075 on the round's group, but few attributes
+    new = {**parent, **dict.fromkeys(one_word[:6], 0.75)}
+    split = verdict(j, new, parent, parent, 0.05, held_out=full)
+    attributes = verdict(j, new, parent, parent, 0.05, held_out=full, rule="attributes")
+    assert split.flagged and not attributes.flagged and attributes.groups == ()
+    total = sum(weights.values())
+    assert attributes.drop == pytest.approx(6 * 0.15 / total)
+    assert "each attribute they name weighed alike" in attributes.note("v2")
+    assert attributes.metrics()["fidelity_rule"] == "attributes"
+    # the fully specified ones lost 0.15: they name most of the attributes
+    lost = verdict(j, {**parent, **dict.fromkeys(full, 0.75)}, parent, parent, 0.05, rule="attributes")
+    assert lost.flagged and lost.drop == pytest.approx(0.15 * sum(weights[p] for p in full) / total)
+    assert lost.fidelity == pytest.approx(0.9 - lost.drop)
+    # the weighted standard error: equal weights give the plain one, and it is the weighted formula
+    before, after = {"a": 0.9, "b": 0.8, "c": 0.7}, {"a": 0.8, "b": 0.8, "c": 0.5}
+    assert paired_drop(before, after, {"a": 1, "b": 1, "c": 1}) == pytest.approx(paired_drop(before, after))
+    w = {"a": 1.0, "b": 2.0, "c": 5.0}
+    d = np.array([0.1, 0.0, 0.2])
+    wv = np.array([1.0, 2.0, 5.0])
+    m = (wv * d).sum() / wv.sum()
+    se = np.sqrt((wv ** 2 * (d - m) ** 2).sum() / wv.sum() ** 2 * 3 / 2)
+    assert paired_drop(before, after, w) == pytest.approx((m, se))
+    with pytest.raises(ValueError, match="unknown fidelity rule"):
+        verdict(j, new, parent, parent, 0.05, rule="median")
+
+
 def test_probes_are_the_rounds_prompts_their_stages_and_held_out_ones():
     got = probe_prompts(_Judge(), ["a", "skip", "b"], [["a", "c", "b"]], ["h1", "a", "h2", "h3", "h4"], limit=8)
     assert got == ["a", "b", "c", "h1", "h2", "h3", "h4"]
     few = probe_prompts(_Judge(), [f"p{i}" for i in range(10)], [], ["h1", "h2", "h3"], limit=8)
     assert few == ["p0", "p1", "p2", "p3", "p4", "p5", "h1", "h2"]  # a quarter held out
+
+
+def test_more_probe_prompts_take_more_of_the_models_held_out_ones(builtin_backend):
+    held = builtin_backend.held_out_prompts
+    assert len(held) == len(set(held)) == 24
+    own = ["a circle", "a square", "a triangle", "a shape on the left", "a small shape", "a blue shape",
+           "a circle on a white background", "a triangle on the right"]
+    j = builtin_backend.fidelity_judge()
+    default = probe_prompts(j, own, [], held, RoundConfig.parse({}).fidelity_probe_prompts)
+    assert default == own + list(held[:8])  # a default round: 8 of its own, 8 held out
+    assert probe_prompts(j, own, [], held, 32) == own + list(held)
 
 
 def test_a_fidelity_flag_counts_as_flagged_for_the_lineage():
@@ -383,6 +432,14 @@ def test_the_guard_settings_are_validated():
         with pytest.raises(AppError, match="fidelity probe images"):
             RoundConfig.parse({"fidelity_probe_images": bad})
     assert RoundConfig.parse({"fidelity_probe_images": 4}).public()["fidelity_probe_images"] == 4
+    for bad in (3, 65, "all"):
+        with pytest.raises(AppError, match="fidelity probe prompts"):
+            RoundConfig.parse({"fidelity_probe_prompts": bad})
+    with pytest.raises(AppError, match="fidelity rule"):
+        RoundConfig.parse({"fidelity_rule": "median"})
+    chosen = RoundConfig.parse({"fidelity_probe_prompts": 32, "fidelity_rule": "attributes"})
+    assert (chosen.fidelity_probe_prompts, chosen.fidelity_rule) == (32, "attributes")
+    assert RoundConfig.parse(chosen.public()) == chosen
     config = RoundConfig.parse({"estimator": "ddpo", "kl_coef": 0.2})
     assert config.training.estimator.options == {"kl_coef": 0.2} and config.public()["kl_coef"] == 0.2
 

@@ -47,6 +47,8 @@ FORM_IDS: dict[str, str] = {
     "fidelity_check_every": "train-fidelity-every",
     "fidelity_backoff": "train-fidelity-backoff",
     "fidelity_probe_images": "train-fidelity-probe-images",
+    "fidelity_probe_prompts": "train-fidelity-probe-prompts",
+    "fidelity_rule": "train-fidelity-rule",
     "normalize_reward": "train-normalize-reward",
 }
 
@@ -225,6 +227,18 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                     info="more: less noise in the verdict, a longer round (about 0.3 s an image on 2 CPU cores); "
                          "4 kept fidelity no better than 2 on the loop benchmark",
                     elem_id=FORM_IDS["fidelity_probe_images"])
+                form["fidelity_probe_prompts"] = gr.Number(
+                    value=d["fidelity_probe_prompts"], precision=0, minimum=4, maximum=64,
+                    label="Fidelity guard probe prompts",
+                    info="at most: the round's prompts, then prompts nobody rated (the model's held-out ones); "
+                         "each costs its images of the new version",
+                    elem_id=FORM_IDS["fidelity_probe_prompts"])
+                form["fidelity_rule"] = gr.Dropdown(
+                    choices=[("Mean, and the round's and the held-out prompts apart", "split"),
+                             ("Mean over the attributes the prompts name", "attributes")],
+                    value=d["fidelity_rule"], label="Fidelity guard rule",
+                    info="how a drop is read: a loss on either group counts, or every named attribute weighs alike",
+                    elem_id=FORM_IDS["fidelity_rule"])
                 form["normalize_reward"] = gr.Checkbox(
                     value=d["normalize_reward"], label="Reward in units of its spread",
                     info="divide the proxy's reward by its spread over the rated images, so the KL and the "

@@ -23,11 +23,31 @@ class BuiltinBackend(DiffusionBackend):
                        "a small blue square in the center, white background",
                        "a yellow triangle, navy background", "a large green triangle on the right")
     # Each names what a drifting model loses first: position, size, colour, kind and background.
+    # The guard takes them in order, as many as the round's fidelity_probe_prompts leave room for
+    # (8 with the default 16 and a round's 8 prompts). The last 16 were drawn once from the grammar
+    # in the style of the first 8 (bench/guard_rules.py ``extra_held_out``, seed 2027), none a prompt
+    # the loop benchmark judges and none an anchor prompt fits (tests/test_anchor_kl.py).
     held_out_prompts = (
         "a small blue circle on the right", "a large green square on the left, white background",
         "a red triangle in the center, black background", "a small purple square on the left",
         "a large yellow circle on the right, navy background", "an orange triangle on the left, gray background",
         "a small green triangle in the center", "a large blue square on the right, white background",
+        "a blue triangle on the left, navy background",
+        "a large blue circle in the center, black background",
+        "a large yellow square, white background",
+        "a small yellow triangle, gray background",
+        "a small yellow square on the right, navy background",
+        "a large red square, white background",
+        "a purple triangle on the left, gray background",
+        "a large green square on the left, gray background",
+        "a small blue circle in the center",
+        "a large orange circle, black background",
+        "a blue square on the right, white background",
+        "a large blue square, white background",
+        "a red square on the left, gray background",
+        "a large orange circle on the right, navy background",
+        "a large green circle on the left",
+        "a small green circle in the center",
     )
 
     # Every attribute named, so a rater's taste has nothing to change in them; none matches a

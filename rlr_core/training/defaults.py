@@ -73,6 +73,14 @@ DEFAULTS: dict[str, Any] = {
     # as at 2, the round-1 rise passed 3 SE on 2 (at 2: 1), and the guard let a 0.078 loss through
     # (at 2 the largest was 0.057), with a first round of 118 s on 2 cores, not 76: it stays 2.
     "fidelity_probe_images": 2,
+    # At most this many probe prompts: the round's own and their stage prompts, then the model's
+    # held-out prompts (at least a quarter). Each costs fidelity_probe_images images of the new version.
+    "fidelity_probe_prompts": 16,
+    # How the guard reads a drop: "split", the mean over the probe prompts or either group of them
+    # (the round's prompts, the held-out ones) apart; "attributes", the mean over every attribute the
+    # probes name (a prompt naming four weighs four times a one-word prompt; judges without
+    # attributes weigh every prompt alike).
+    "fidelity_rule": "split",
     "fidelity_check_every": 10,  # probe fidelity inside the round every N steps (early stop); 0: off
     # a flagged version is scaled back toward its parent, halving the round's change, up to this
     # many times, and judged again at each; the first that passes goes live; 0: off. Off by default:
