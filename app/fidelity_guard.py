@@ -8,7 +8,8 @@ spots fastest. So every round is checked by the backend's fidelity judge
   same whatever else is probed), side effect free (nothing is
   stored as a sample): the prompts the round trained on, their prompt-lab stage prompts, and
   the backend's held-out prompts (ones the round did not see), keeping those the judge can
-  check. Drawn like the Generate tab draws (the round's sample settings).
+  check, at most the round's ``fidelity_probe_prompts``. Drawn like the Generate tab draws (the
+  round's sample settings).
 - **After the round** (:class:`Verdict`): the new version, its parent and the base model are
   judged on the same probes, by the judge's ``accuracy`` (for the built-in models the fraction
   of the named attributes read back: the soft score also fell for images that were still right,
@@ -18,8 +19,10 @@ spots fastest. So every round is checked by the backend's fidelity judge
   parent or below the base model (so small losses cannot add up over rounds), and by more than
   :data:`SIGNIFICANCE` standard errors (0: the point estimate decides), on all the probes or on
   either group of them judged apart: the round's own prompts, and the held-out ones (a loss on
-  prompts nobody rated must not hide in the mean of the rated ones). A flagged version is not
-  made active, and auto-train does not build on it.
+  prompts nobody rated must not hide in the mean of the rated ones). That is the ``split`` rule;
+  the ``attributes`` rule (the round's ``fidelity_rule``) takes every mean over the attributes
+  the probes name instead, with no groups: a one-word prompt weighs one attribute, a fully
+  specified one five. A flagged version is not made active, and auto-train does not build on it.
   The person can still activate it by hand. A relative judge (CLIP similarity) reports every
   version as a fraction of the base model's score on the same probes.
 - **Inside the round** (:class:`FidelityWatch`): every ``every`` steps the training copy draws a
@@ -373,16 +376,18 @@ class FidelityWatch:
 
     def __init__(self, backend: DiffusionBackend, judge: Any, prompts: Sequence[str],
                  settings: GenerationSettings, threshold: float, every: int,
-                 reference: dict[str, float] | None = None, draw_fn: DrawFn = draw):
+                 reference: dict[str, float] | None = None, draw_fn: DrawFn = draw, rule: str = "split"):
         self.backend, self.judge, self.settings, self.draw_fn = backend, judge, settings, draw_fn
         self.prompts = list(prompts)[:WATCH_PROMPTS]
+        # the verdict's rule on the mean of all 8 (too few to judge groups apart)
+        self.weights = attribute_weights(judge, self.prompts) if rule == "attributes" else None
         self.threshold, self.every = threshold, every
         self.params = lora.lora_parameters(backend) if lora.has_lora(backend) else []
         # the parent, as the round found it: its cached probe scores when given (the training copy
         # starts as the parent, so they are the copy's own), else drawn now
         known = reference is not None and all(p in reference for p in self.prompts)
         self.reference_scores = {p: reference[p] for p in self.prompts} if known else self._scores()
-        self.reference = mean(self.reference_scores) if self.reference_scores else 0.0
+        self.reference = self._mean(self.reference_scores) if self.reference_scores else 0.0
         self.good = self._snapshot()
         self.good_step = 0
         self.stopped_at: int | None = None
@@ -395,6 +400,10 @@ class FidelityWatch:
     def _scores(self) -> dict[str, float]:
         return measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES, draw_fn=self.draw_fn)
 
+    def _mean(self, scores: dict[str, float]) -> float:
+        weights = self.weights or dict.fromkeys(scores, 1.0)
+        return sum(weights[p] * v for p, v in scores.items()) / sum(weights[p] for p in scores)
+
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
 
@@ -403,8 +412,8 @@ class FidelityWatch:
         if not self.active or step % self.every:
             return False
         scores = self._scores()
-        self.last = mean(scores)
-        if beyond(*paired_drop(self.reference_scores, scores), self.threshold):
+        self.last = self._mean(scores)
+        if beyond(*paired_drop(self.reference_scores, scores, self.weights), self.threshold):
             for p, saved in zip(self.params, self.good):
                 p.copy_(saved)
             self.stopped_at = step

@@ -360,7 +360,7 @@ class RoundRunner:
                                        fidelity_guard.WATCH_IMAGES, draw_fn=drawer)
         return lambda: fidelity_guard.FidelityWatch(backend, self.judge, watched, config.samples,
                                                     config.fidelity_threshold, config.fidelity_check_every,
-                                                    reference, draw_fn=drawer)
+                                                    reference, draw_fn=drawer, rule=config.fidelity_rule)
 
     def _guard(self, ctx: JobContext, backend, base_version: int, prompts: list[RoundPrompt], config: RoundConfig,
                name: str, folder: Path) -> tuple[dict[str, float], fidelity_guard.Verdict | None, str, dict[str, Any]]:

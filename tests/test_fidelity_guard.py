@@ -298,6 +298,37 @@ def test_the_watch_ends_the_round_with_the_last_good_adapter(builtin_backend):
         assert torch.equal(p.detach(), g)  # back to the adapter of step 2, exactly
 
 
+class _Scripted(_Judge):
+    """Reads each prompt as ``now`` says; names as many attributes as the prompt has words after "a"."""
+
+    def __init__(self, now: dict[str, float]):
+        super().__init__()
+        self.now = now
+
+    def wanted(self, prompt: str) -> dict[str, str]:
+        return {str(i): w for i, w in enumerate(prompt.split()[1:])}
+
+    def accuracy(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.now[p] for p in prompts])
+
+
+def test_the_watch_reads_a_drop_by_the_rounds_rule(builtin_backend):
+    import copy
+
+    backend = copy.deepcopy(builtin_backend)
+    lora.add_lora(backend, rank=2, seed=0)
+    one_word = [f"a p{i}" for i in range(6)]
+    full = ["a b c d e f", "a g h i j k"]  # five attributes each
+    reference = dict.fromkeys(one_word + full, 0.9)
+    now = {**reference, **dict.fromkeys(one_word, 0.8)}  # 0.075 on the plain mean, 0.0375 per attribute
+    blank = lambda backend, texts, *args, **kwargs: torch.zeros(len(texts), 3, 8, 8)  # noqa: E731
+    settings = SamplerSettings(steps=4, guidance=3.0)
+    watches = {rule: FidelityWatch(backend, _Scripted(now), one_word + full, settings, threshold=0.05, every=1,
+                                   reference=reference, draw_fn=blank, rule=rule) for rule in ("split", "attributes")}
+    assert watches["split"].check(1) and not watches["attributes"].check(1)
+    assert watches["attributes"].last == pytest.approx(0.9 - 0.0375)
+
+
 # --- rounds through the app -------------------------------------------------------------------------
 
 @pytest.fixture()
