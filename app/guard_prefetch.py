@@ -7,7 +7,7 @@ before it starts: the probes the next round's guard would ask for, given the pro
 now and the settings that round is likely to use (the model's defaults; with auto-train on, the
 last round's over them, as auto-train starts it). Before the first round that is the base model's
 half of the guard's images: on 2 cores the first round's guard took 12 s instead of 22
-(bench/results/loop.json, ``idle_runs``).
+(bench/results/loop_split.json, ``idle_runs``).
 
 It draws one probe prompt at a time, in the round process, and only while no round runs and no
 one has drawn for a moment (``app.generation.ACTIVITY``): a click waits at most for one prompt's

@@ -52,17 +52,17 @@ DEFAULT_NOTES: dict[str, str] = {
                       "6: in the app's own loop (a reward proxy learnt from ratings, judged from the pixels), one "
                       "round of truncated backprop, full backprop or RLR without those two terms raised the rater's "
                       "score fastest but lost prompt fidelity and image quality, and the guard rejected it; with "
-                      "them, only RLR also raised the score. Without the fidelity term (the KL only), four rounds "
-                      "kept fidelity a little better, but the guard flagged 15 of 24 versions, 10 of them faithful by "
-                      "the pixels, and much of the rater's gain was lost. RLR's rounds can still lose fidelity over "
-                      "several rounds: the guard is what stops it, judging the round's prompts and prompts nobody "
-                      "rated apart. Over four rounds, 3 seeds x 2 tastes, judged from the pixels on rated and "
-                      "unrated prompts apart, it flagged 13 of the 15 versions that lost fidelity (the two it missed "
-                      "lost 0.055 and 0.057) and 4 of the 9 that did not; fidelity held on 4 runs of 6. It holds "
-                      "back versions that please the rater by losing other prompts, so the rater's gains can stall "
-                      "(docs/benchmarks.md, the loop). Scaling a flagged round back toward its parent until the guard "
-                      "passes it (Fidelity back-off) moved the composition rater further but let more losses go live "
-                      "(7 of 12 flagged), so it is off."),
+                      "them, only RLR also raised the score. RLR's rounds can still lose fidelity over several "
+                      "rounds: the guard is what stops it. It probes the round's prompts and 24 prompts nobody "
+                      "rated and reads a drop over every attribute they name. Over four rounds, 3 seeds x 2 tastes, "
+                      "judged from the pixels, the first round raised the rater's score by 3 standard errors on 5 "
+                      "runs of 6, fidelity held within 0.05 at every round on 4 of 6, and the guard flagged 10 of "
+                      "the 13 versions that lost fidelity (the three it missed lost 0.053-0.064) and 3 of the 11 "
+                      "that did not (docs/benchmarks.md, the loop). The earlier rule, 8 prompts nobody rated judged "
+                      "apart from the rated ones, missed fewer losses (2 of 15) but held back 4 of 9 faithful "
+                      "versions, and the first round moved the score on 1 run of 6. Scaling a flagged round back "
+                      "toward its parent until the guard passes it (Fidelity back-off) let more losses go live, so "
+                      "it is off."),
 }
 OTHER_NOTE = ("The default here is RLR, the method this app is built around; the loop benchmark has not been run on "
               "this model.")

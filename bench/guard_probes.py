@@ -31,8 +31,11 @@ class PixelJudge:
     differentiable = False
     relative = False
 
+    def wanted(self, prompt: str) -> dict[str, str]:
+        return sw.parse_caption(prompt).specified()
+
     def judges(self, prompt: str) -> bool:
-        return bool(sw.parse_caption(prompt).specified())
+        return bool(self.wanted(prompt))
 
     def accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         fidelity = pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts)
@@ -71,8 +74,9 @@ class PixelVerdicts:
         return {p: known[p] for p in prompts}
 
     def verdict(self, new_id: int, parent_id: int, base_id: int, threshold: float,
-                per_prompt: int = fidelity_guard.PROBE_IMAGES) -> dict[str, Any] | None:
-        """The guard's verdict on ``new_id`` with the pixel judge on the guard's own probes."""
+                per_prompt: int = fidelity_guard.PROBE_IMAGES, rule: str = "split") -> dict[str, Any] | None:
+        """The guard's verdict on ``new_id`` with the pixel judge on the guard's own probes, read
+        by the round's ``rule``."""
         found = probe_set(self.data_dir, new_id, self.judge_name, per_prompt)
         if found is None:
             return None
@@ -80,4 +84,4 @@ class PixelVerdicts:
         prompts = [p for p in prompts if self.judge.judges(p)]
         new, parent, base = (self.scores(v, prompts, settings, per_prompt) for v in (new_id, parent_id, base_id))
         held_out = self.models.backend(base_id).held_out_prompts
-        return fidelity_guard.verdict(self.judge, new, parent, base, threshold, held_out=held_out).metrics()
+        return fidelity_guard.verdict(self.judge, new, parent, base, threshold, held_out=held_out, rule=rule).metrics()

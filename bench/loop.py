@@ -106,7 +106,10 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # ... and with the guard drawing 4 images per probe prompt, not 2
                                    "default+probes4": {"fidelity_probe_images": 4},
                                    # ... and with 24 held-out probe prompts, a drop read over the named attributes
-                                   "default+held24": {"fidelity_probe_prompts": 32, "fidelity_rule": "attributes"}}
+                                   # (the default since bench/results/loop.json measured it: the same as "default")
+                                   "default+held24": {"fidelity_probe_prompts": 32, "fidelity_rule": "attributes"},
+                                   # the previous default: 16 probe prompts, groups judged apart (loop_split.json)
+                                   "default+split": {"fidelity_probe_prompts": 16, "fidelity_rule": "split"}}
 
 
 def load_example():
@@ -271,7 +274,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
                 parent_id = stored["parent_id"]
                 row["guard_on_pixels"] = pixel_verdicts.verdict(new["version_id"], parent_id, base["version_id"],
                                                                 m["fidelity_threshold"],
-                                                                stored["config"]["fidelity_probe_images"])
+                                                                stored["config"]["fidelity_probe_images"],
+                                                                stored["config"].get("fidelity_rule", "split"))
             new_measure = measured_version(new["version_id"])
             row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_rated",
                                                               "fidelity_held_out", "quality",

@@ -113,14 +113,19 @@ DEFAULTS: dict[str, Any] = {
 # whole 10-step round. Measured again with the guard's presence model and fidelity checked on the
 # rated and the unrated prompts apart (loop_pooled.json): the guard let 6 of 15 losses through, most
 # of them on unrated prompts; with the guard also judging its rated and held-out probes apart
-# (loop.json) it let 2 of 15 through (0.055 and 0.057) and fidelity held on 4 runs of 6, at the price
-# of the composition rater's later gains; no round setting was re-picked on these measurements. Training a third of
+# (loop_split.json) it let 2 of 15 through (0.055 and 0.057) and fidelity held on 4 runs of 6, but it
+# also flagged 4 of 9 faithful versions, and the round-1 rise passed 3 SE on 1 run of 6. The guard
+# now probes 24 of the model's held-out prompts (32 probe prompts with the round's 8) and reads a
+# drop over the attributes the probes name (loop.json): the round-1 rise passed 3 SE on 5 runs of 6,
+# fidelity held on 4 runs of 6 as before, it flagged 3 of 11 faithful versions, and it let 3 of 13
+# losses through (0.053-0.064). Training a third of
 # each batch on the round's prompts completed at random, with the fidelity term summed over the
 # named attributes, was no better there (loop_completed.json: fidelity kept on 1 run of 6), so
 # neither is part of the round.
 BUILTIN_IMAGE_PICK: dict[str, Any] = {"estimator": "rlr", "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3,
                                       "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
-                                      "fidelity_check_every": 0}
+                                      "fidelity_check_every": 0, "fidelity_probe_prompts": 32,
+                                      "fidelity_rule": "attributes"}
 BUILTIN_IMAGE_DEFAULTS: dict[str, Any] = {**DEFAULTS, **BUILTIN_IMAGE_PICK}
 # Stable Diffusion and AnimateDiff (docs/own-model.md, "Round defaults"): learning rate 3e-4, the
 # top of the range docs/own-model.md recommends for a LoRA on Stable Diffusion (and DDPO's
