@@ -207,7 +207,7 @@ def test_round_defaults_are_the_benchmarks_pick_for_the_loaded_model(builtin_bac
     assert picked.fidelity_weight == 1.0 and picked.patience == 0
     assert {k: v for k, v in builtin.items() if DEFAULTS[k] != v} == {
         "patience": 0, "fidelity_weight": 1.0, "kl_coef": 0.3, "steps": 10, "batch_size": 6, "learning_rate": 6e-3,
-        "fidelity_check_every": 0}
+        "fidelity_check_every": 0, "fidelity_probe_prompts": 32, "fidelity_rule": "attributes"}
     assert defaults_for(load_backend(clip_model_dir())) == DEFAULTS  # no loop benchmark on clips: the form's
     chosen = RoundConfig.parse({"estimator": "truncated-bp", "kl_coef": 0}, builtin)  # a person's choice wins
     assert chosen.training.estimator.name == "truncated-bp" and "kl_coef" not in chosen.training.estimator.options

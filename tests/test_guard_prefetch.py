@@ -39,7 +39,8 @@ def test_the_base_probes_are_drawn_while_idle_and_the_first_round_draws_only_its
     rate_some(services)
     base = services.model_versions.active()
     config, todo = prefetch.missing()
-    probes = fidelity_guard.probe_prompts(judge, ["a blue circle"], [], services.rounds.held_out_prompts)
+    probes = fidelity_guard.probe_prompts(judge, ["a blue circle"], [], services.rounds.held_out_prompts,
+                                          config.fidelity_probe_prompts)
     assert todo == [(base, p) for p in probes]  # the first round's parent is the base: one set
     assert config.fidelity_probe_images == 1 and config.samples.steps == 4
 
@@ -65,7 +66,8 @@ def test_the_base_probes_are_drawn_while_idle_and_the_first_round_draws_only_its
     assert drawn == [probes]  # the new version's probes only; the base's came from the cache
     # what was drawn ahead is what the round would have drawn: the base's scores, drawn again here
     again = measure(services.models.backend(base), judge, probes, config.samples, 1)
-    assert status["fidelity_base"] == pytest.approx(fidelity_guard.mean(again), abs=1e-4)
+    read = fidelity_guard.verdict(judge, again, again, again, config.fidelity_threshold, rule=config.fidelity_rule)
+    assert status["fidelity_base"] == pytest.approx(read.fidelity_base, abs=1e-4)
 
 
 def test_drawing_ahead_waits_for_a_draw_someone_waits_on_and_for_a_round(services):
