@@ -91,6 +91,14 @@ def probe_prompts(judge: Any, trained: Sequence[str], stages: Sequence[Sequence[
     return own[:limit - n_held] + others[:n_held]
 
 
+def round_probes(judge: Any, prompts: Sequence[Any], held_out: Sequence[str], limit: int) -> list[str]:
+    """The guard's probes of a round on ``prompts`` (the round's ``RoundPrompt`` rows: each prompt
+    and its stage prompts), as :func:`probe_prompts` picks them; the drawing ahead
+    (app/guard_prefetch.py) must ask for exactly these."""
+    return probe_prompts(judge, [p.prompt for p in prompts], [p.stages.as_list() for p in prompts if p.stages],
+                         held_out, limit)
+
+
 def probe_seed(prompt: str, seed: int = PROBE_SEED) -> int:
     """Each probe prompt's own seed: its noise must not depend on which other prompts are probed
     with it (a batch's noise depends on each row's position and the batch size), or a version's
@@ -194,8 +202,11 @@ class ProbeCache:
             tmp.replace(self.path)
 
 
-def mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores)
+def mean(scores: dict[str, float], weights: dict[str, float] | None = None) -> float:
+    """The mean score over the prompts, or with ``weights`` (per prompt) the weighted mean."""
+    if weights is None:
+        return sum(scores.values()) / len(scores)
+    return sum(weights[p] * v for p, v in scores.items()) / sum(weights[p] for p in scores)
 
 
 def paired_drop(before: dict[str, float], after: dict[str, float],
@@ -343,10 +354,10 @@ def verdict(judge: Any, new: dict[str, float], parent: dict[str, float], base: d
     mean is over the attributes the probes name (:func:`attribute_weights`), with no groups."""
     if rule not in FIDELITY_RULES:
         raise ValueError(f"unknown fidelity rule {rule!r}; the rules are {', '.join(FIDELITY_RULES)}")
-    weights = attribute_weights(judge, list(new)) if rule == "attributes" else {p: 1.0 for p in new}
+    weights = attribute_weights(judge, list(new)) if rule == "attributes" else None
 
     def weighted(scores: dict[str, float]) -> float:
-        return sum(weights[p] * scores[p] for p in new) / sum(weights.values())
+        return mean({p: scores[p] for p in new}, weights)
 
     scale = 1.0
     if judge.relative:  # a fraction of the base model's score
@@ -387,7 +398,7 @@ class FidelityWatch:
         # starts as the parent, so they are the copy's own), else drawn now
         known = reference is not None and all(p in reference for p in self.prompts)
         self.reference_scores = {p: reference[p] for p in self.prompts} if known else self._scores()
-        self.reference = self._mean(self.reference_scores) if self.reference_scores else 0.0
+        self.reference = mean(self.reference_scores, self.weights) if self.reference_scores else 0.0
         self.good = self._snapshot()
         self.good_step = 0
         self.stopped_at: int | None = None
@@ -400,10 +411,6 @@ class FidelityWatch:
     def _scores(self) -> dict[str, float]:
         return measure(self.backend, self.judge, self.prompts, self.settings, WATCH_IMAGES, draw_fn=self.draw_fn)
 
-    def _mean(self, scores: dict[str, float]) -> float:
-        weights = self.weights or dict.fromkeys(scores, 1.0)
-        return sum(weights[p] * v for p, v in scores.items()) / sum(weights[p] for p in scores)
-
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
 
@@ -412,7 +419,7 @@ class FidelityWatch:
         if not self.active or step % self.every:
             return False
         scores = self._scores()
-        self.last = self._mean(scores)
+        self.last = mean(scores, self.weights)
         if beyond(*paired_drop(self.reference_scores, scores, self.weights), self.threshold):
             for p, saved in zip(self.params, self.good):
                 p.copy_(saved)

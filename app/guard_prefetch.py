@@ -67,9 +67,7 @@ class GuardPrefetch:
         prompts = round_prompts(runner.store, config.max_prompts, runner.check_prompt)
         if not prompts:
             return config, []  # a round cannot start yet, and its held-out share depends on its prompts
-        probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
-                                              [p.stages.as_list() for p in prompts if p.stages],
-                                              runner.held_out_prompts, config.fidelity_probe_prompts)
+        probes = fidelity_guard.round_probes(judge, prompts, runner.held_out_prompts, config.fidelity_probe_prompts)
         parent = runner.parent_of_next(auto=bool(runner.state.get().auto_train_every))
         todo = []
         for version in dict.fromkeys([parent, runner.root_of(parent)]):

@@ -407,9 +407,7 @@ class RoundRunner:
         if judge is None:
             return {}, None
         ctx.report(0.75, message)
-        probes = fidelity_guard.probe_prompts(judge, [p.prompt for p in prompts],
-                                              [p.stages.as_list() for p in prompts if p.stages], self.held_out_prompts,
-                                              config.fidelity_probe_prompts)
+        probes = fidelity_guard.round_probes(judge, prompts, self.held_out_prompts, config.fidelity_probe_prompts)
         drawer = self.drawer(backend)
         images = config.fidelity_probe_images
         new = fidelity_guard.measure(backend, judge, probes, config.samples, images, draw_fn=drawer)

@@ -83,11 +83,7 @@ def per_prompt(scores: Scores, images: int) -> dict[str, float]:
     return {p: sum(v[:images]) / images for p, v in scores.items()}
 
 
-def _weighted_drop(ref: dict[str, float], new: dict[str, float], weights: dict[str, int]) -> float:
-    return sum(w * (ref[p] - new[p]) for p, w in weights.items()) / sum(weights.values())
-
-
-def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[str, Callable[..., bool]]:
+def rules(judge: Any, held_out: Sequence[str], weights: dict[str, float]) -> dict[str, Callable[..., bool]]:
     """Each rule: (new, parent, base per-prompt scores) -> flagged. The first three are the
     guard's own verdict (:func:`app.fidelity_guard.verdict`), with and without its groups."""
     def verdict(new, parent, base, groups: bool) -> fidelity_guard.Verdict:
@@ -97,7 +93,8 @@ def rules(judge: Any, held_out: Sequence[str], weights: dict[str, int]) -> dict[
         return any(group == "held_out" for _, _, _, group in v.counted_drops())
 
     def by_attributes(new, parent, base) -> bool:
-        return max(_weighted_drop(parent, new, weights), _weighted_drop(base, new, weights)) > THRESHOLD
+        drops = (fidelity_guard.paired_drop(ref, new, weights)[0] for ref in (parent, base))
+        return max(drops) > THRESHOLD
 
     return {
         "pooled": lambda n, pa, b: verdict(n, pa, b, groups=False).flagged,
@@ -168,7 +165,7 @@ def screen_run(run: dict[str, Any], data_dir: Path, base_backend: BuiltinBackend
         own = version["config"]["prompts"]
         probes = fidelity_guard.probe_prompts(guard_judge, own, [], held,
                                               limit=max(fidelity_guard.MAX_PROBE_PROMPTS, len(own) + len(held)))
-        weights = {p: len(guard_judge.wanted(p)) for p in probes}
+        weights = fidelity_guard.attribute_weights(guard_judge, probes)
         new, parent, base = (scores(v, probes) for v in (r["version_id"], version["parent_id"], base_id))
         verdicts = {}
         for name, judge in judges.items():
