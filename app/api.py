@@ -140,8 +140,9 @@ def register(services: AppServices) -> None:
         """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
         guidance, samples_per_prompt, sample_steps, sample_guidance, seed, uncertainty_penalty,
-        patience, kl_coef, fidelity_weight, anchor_kl, fidelity_threshold, fidelity_check_every, fidelity_backoff,
-        fidelity_probe_images, fidelity_probe_prompts, fidelity_rule (split, attributes), normalize_reward;
+        patience, kl_coef, fidelity_weight, anchor_kl, anchor_fidelity, fidelity_threshold, fidelity_check_every,
+        fidelity_backoff, fidelity_probe_images, fidelity_probe_prompts, fidelity_rule (split, attributes),
+        normalize_reward;
         anything left out takes its default (the model's), an unknown name is refused."""
         config = RoundConfig.parse(settings, s.round_defaults)
         job = s.rounds.start(config, admin_password)

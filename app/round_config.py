@@ -34,6 +34,7 @@ from rlr_core.estimators.schema import OptionError, from_public, takes, to_publi
 from rlr_core.sampler import SamplerSettings
 from rlr_core.training import EstimatorConfig, TrainConfig
 from rlr_core.training.defaults import (  # noqa: F401  (re-exported: the table lives in rlr_core)
+    ANCHOR_ROWS,
     BUILTIN_IMAGE_DEFAULTS,
     BUILTIN_IMAGE_PICK,
     DEFAULTS,
@@ -101,6 +102,7 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "patience": check.whole(get("patience"), "patience", 0, 2000),
         "fidelity_weight": check.real(get("fidelity_weight"), "fidelity weight", 0.0, 1000.0),
         "anchor_kl": check.real(get("anchor_kl"), "anchor KL coefficient", 0.0, 1000.0),
+        "anchor_fidelity": check.real(get("anchor_fidelity"), "anchor fidelity weight", 0.0, 1000.0),
         "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
         "fidelity_check_every": check.whole(get("fidelity_check_every"), "fidelity check interval", 0, 2000),
         "fidelity_backoff": check.whole(get("fidelity_backoff"), "fidelity back-off halvings", 0, 6),
@@ -128,6 +130,7 @@ class RoundConfig:
     uncertainty_penalty: float = DEFAULTS["uncertainty_penalty"]  # lambda in r - lambda * spread
     patience: int = DEFAULTS["patience"]  # early stop on the penalised reward (0: off)
     fidelity_weight: float = DEFAULTS["fidelity_weight"]  # w in reward + w * fidelity
+    anchor_fidelity: float = DEFAULTS["anchor_fidelity"]  # w_a: the anchor rows' reward per unit of fidelity
     fidelity_threshold: float = DEFAULTS["fidelity_threshold"]  # the guard's allowed drop (0: off)
     fidelity_check_every: int = DEFAULTS["fidelity_check_every"]  # in-round probe interval (0: off)
     fidelity_backoff: int = DEFAULTS["fidelity_backoff"]  # halvings of a flagged round's change to try (0: off)
@@ -152,11 +155,12 @@ class RoundConfig:
             estimator=_estimator(v), steps=v["steps"], batch=v["batch_size"], lr=v["learning_rate"],
             lora_rank=v["lora_rank"], sampler=SamplerSettings(steps=v["sampling_steps"], eta=1.0,
                                                               guidance=v["guidance"]),
-            anchor_kl=v["anchor_kl"])
+            anchor_kl=v["anchor_kl"], anchor_rows=ANCHOR_ROWS if v["anchor_fidelity"] else 0)
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
                    seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
-                   fidelity_weight=v["fidelity_weight"], fidelity_threshold=v["fidelity_threshold"],
+                   fidelity_weight=v["fidelity_weight"], anchor_fidelity=v["anchor_fidelity"],
+                   fidelity_threshold=v["fidelity_threshold"],
                    fidelity_check_every=v["fidelity_check_every"], fidelity_backoff=v["fidelity_backoff"],
                    fidelity_probe_images=v["fidelity_probe_images"],
                    fidelity_probe_prompts=v["fidelity_probe_prompts"], fidelity_rule=v["fidelity_rule"],
@@ -181,7 +185,7 @@ class RoundConfig:
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
-            "fidelity_weight": self.fidelity_weight, "anchor_kl": t.anchor_kl,
+            "fidelity_weight": self.fidelity_weight, "anchor_kl": t.anchor_kl, "anchor_fidelity": self.anchor_fidelity,
             "fidelity_threshold": self.fidelity_threshold,
             "fidelity_check_every": self.fidelity_check_every, "fidelity_backoff": self.fidelity_backoff,
             "fidelity_probe_images": self.fidelity_probe_images,

@@ -266,7 +266,7 @@ class RoundRunner:
                              on_progress=lambda frac: self._progress(ctx, round_id, 0.05 + 0.7 * frac),
                              penalty=config.uncertainty_penalty, patience=config.patience,
                              judge=judge if judge is not None and judge.differentiable else None,
-                             fidelity_weight=config.fidelity_weight,
+                             fidelity_weight=config.fidelity_weight, anchor_weight=config.anchor_fidelity,
                              reward_scale=reward_scale(config, report["reward_spread"]),
                              watch=self._watch(backend, prompts, config, base_version),
                              process=self._round_process(backend))

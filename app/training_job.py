@@ -14,6 +14,7 @@ adapter back to the last good step); unlike a stop on request, both keep the ver
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ class ProxyReward:
     The first call of a step scores the step's samples; later ones (RLR's state baseline scores
     the model's own x_0 predictions) are not what the plot shows, so only the first is kept."""
 
-    def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0, scale: float = 1.0):
+    def __init__(self, proxy, penalty: float = 0.0, judge=None, fidelity_weight: float = 0.0, scale: float = 1.0,
+                 anchors: frozenset[str] = frozenset(), anchor_weight: float = 0.0):
         if not scale > 0:
             raise ValueError(f"the reward's scale must be positive, got {scale}")
         self.proxy = proxy
@@ -55,6 +57,10 @@ class ProxyReward:
         self.scale = scale  # s in (r - lambda * spread) / s
         self.judge = judge  # also without a weight: the Train tab plots the fidelity of the round's samples
         self.fidelity_weight = fidelity_weight if judge is not None else 0.0
+        # Rows whose prompt is one of ``anchors`` (the round's anchor rows, TrainConfig.anchor_rows)
+        # are rewarded by w_a * fidelity alone: the rater's taste has no say on prompts they never saw.
+        self.anchor_weight = anchor_weight if judge is not None else 0.0
+        self.anchors = frozenset(anchors) if self.anchor_weight else frozenset()
         self.last: dict[str, float | None] = {"uncertainty": None, "fidelity": None}
         self._armed = True
 
@@ -62,15 +68,21 @@ class ProxyReward:
         heads = self.proxy.head_rewards(images, prompts)  # (n_heads, B)
         reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
         reward = reward / self.scale
+        anchor = torch.tensor([p in self.anchors for p in prompts], device=reward.device)
         fidelity = None
-        if self.judge is not None and (self.fidelity_weight or self._armed):
-            with contextlib.nullcontext() if self.fidelity_weight else torch.no_grad():
+        if self.judge is not None and (self.fidelity_weight or self._armed or bool(anchor.any())):
+            with contextlib.nullcontext() if self.fidelity_weight or self.anchor_weight else torch.no_grad():
                 fidelity = self.judge.score(images, prompts).to(reward)
-        if self._armed:
-            self.last = {"uncertainty": float(heads.detach().std(0).mean()),
-                         "fidelity": None if fidelity is None else float(fidelity.detach().mean())}
+        if self.fidelity_weight:
+            reward = reward + self.fidelity_weight * fidelity
+        if self._armed:  # the step's own samples, the rows that train the rater's taste
+            taste = ~anchor if bool((~anchor).any()) else torch.ones_like(anchor)
+            self.last = {"uncertainty": float(heads.detach().std(0)[taste].mean()),
+                         "fidelity": None if fidelity is None else float(fidelity.detach()[taste].mean())}
+            if bool(anchor.any()):  # the batch mean of the round's reward mixes in the anchor rows
+                self.last["taste_reward"] = float(reward.detach()[taste].mean())
             self._armed = False
-        return reward + self.fidelity_weight * fidelity if self.fidelity_weight else reward
+        return torch.where(anchor, self.anchor_weight * fidelity, reward) if bool(anchor.any()) else reward
 
     def to(self, device: str | torch.device) -> ProxyReward:
         """Move the proxy (with its image encoder) and the judge, e.g. into a GPU worker."""
@@ -92,8 +104,9 @@ class ProxyReward:
 
     def proxy_reward(self, batch_mean: float, observed: dict[str, float | None]) -> float:
         """The proxy's own reward back from the batch mean of the round's reward (the batch mean of
-        (r - lambda * spread_i) / s + w * f_i is (mean(r) - lambda * mean(spread)) / s + w * mean(f))."""
-        penalised = batch_mean
+        (r - lambda * spread_i) / s + w * f_i is (mean(r) - lambda * mean(spread)) / s + w * mean(f));
+        with anchor rows in the batch, from the mean over the other rows, which ``observed`` carries."""
+        penalised = batch_mean if observed.get("taste_reward") is None else observed["taste_reward"]
         if observed.get("fidelity") is not None:
             penalised -= self.fidelity_weight * observed["fidelity"]
         raw = penalised * self.scale
@@ -104,18 +117,22 @@ class ProxyReward:
 
 def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, out_dir: Path, ctx: JobContext,
                on_progress: Callable[[float], None], penalty: float = 0.0, patience: int = 0,
-               judge=None, fidelity_weight: float = 0.0, reward_scale: float = 1.0,
+               judge=None, fidelity_weight: float = 0.0, reward_scale: float = 1.0, anchor_weight: float = 0.0,
                watch: Callable[[], FidelityWatch | None] | None = None,
                process: RoundProcess | None = None) -> Trained:
     """Fine-tune ``backend`` (a private copy) in place with ``config``; write the version folder ``out_dir``.
     ``penalty``: lambda of the penalised reward; ``patience``: steps without a new best (smoothed)
     penalised reward before the round stops early (0: never); ``judge`` and ``fidelity_weight``:
     the fidelity term of the reward; ``reward_scale``: s, the proxy's reward divided by it;
+    ``anchor_weight``: w_a, the reward of the round's anchor rows (``config.anchor_rows``) per unit of fidelity;
     ``watch``: makes the in-round fidelity check (:class:`app.fidelity_guard.FidelityWatch`) once
     the adapter exists (not on ZeroGPU, where the weights live in the GPU worker between steps);
     ``process``: train in that process (:mod:`rlr_core.training.round_process`), the watch
     checking the weights between its chunks."""
-    reward = ProxyReward(proxy, penalty, judge, fidelity_weight, reward_scale)
+    if judge is None or not anchor_weight:  # anchor rows are rewarded by the judge alone: none without one
+        config = dataclasses.replace(config, anchor_rows=0)
+    reward = ProxyReward(proxy, penalty, judge, fidelity_weight, reward_scale,
+                         frozenset(training.anchor_pool(backend, config)), anchor_weight)
     plateau = Plateau(patience)
     chunked = zerogpu.chunked_training()
     if config.finetune == "lora":
@@ -171,6 +188,6 @@ def train_lora(backend: DiffusionBackend, proxy, config: training.TrainConfig, o
     metrics = {k: v for k, v in result.metrics.items() if k != "history"}
     metrics.update(uncertainty_penalty=penalty, patience=patience, plateau_stopped_at=plateau.stopped_at,
                    best_penalised_step=plateau.best_step, fidelity_weight=reward.fidelity_weight,
-                   reward_scale=reward.scale,
+                   reward_scale=reward.scale, anchor_fidelity=reward.anchor_weight if reward.anchors else 0.0,
                    **(watcher.metrics() if watcher is not None else {}))
     return Trained(result.version, metrics)

@@ -103,6 +103,9 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # ... and with the KL to the parent also on the model's anchor prompts
                                    # (prior preservation, where the rater never looked)
                                    "default+anchor": {"anchor_kl": 3.0},
+                                   # ... and with 2 more rows per batch on the anchor prompts, rewarded by
+                                   # fidelity alone (prior preservation through the estimator's gradient)
+                                   "default+anchorfid": {"anchor_fidelity": 10.0},
                                    # ... and with the guard drawing 4 images per probe prompt, not 2
                                    "default+probes4": {"fidelity_probe_images": 4},
                                    # ... and with 24 held-out probe prompts, a drop read over the named attributes

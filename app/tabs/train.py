@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.errors import user_errors
-from app.round_config import ESTIMATOR_CHOICES, PUBLIC_OPTIONS, RoundConfig, defaults_note
+from app.round_config import ANCHOR_ROWS, ESTIMATOR_CHOICES, PUBLIC_OPTIONS, RoundConfig, defaults_note
 from app.services import AppServices
 from app.tabs.common import PRIVATE, QUICK, Session
 
@@ -43,6 +43,7 @@ FORM_IDS: dict[str, str] = {
     **{key: f"train-{key.replace('_', '-')}" for key in SHARED_OPTIONS},
     "fidelity_weight": "train-fidelity-weight",
     "anchor_kl": "train-anchor-kl",
+    "anchor_fidelity": "train-anchor-fidelity",
     "fidelity_threshold": "train-fidelity-threshold",
     "fidelity_check_every": "train-fidelity-every",
     "fidelity_backoff": "train-fidelity-backoff",
@@ -208,6 +209,13 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                           "prompts the round does not train on, so its change stays where the prompts leave room; "
                           "0 = off" if anchored else "this model has no anchor prompts"),
                     elem_id=FORM_IDS["anchor_kl"])
+                form["anchor_fidelity"] = gr.Number(
+                    value=d["anchor_fidelity"], minimum=0, label="Anchor fidelity w_a",
+                    interactive=anchored and judged,
+                    info=(f"each batch also trains {ANCHOR_ROWS} rows on the anchor prompts, rewarded by "
+                          "w_a·(prompt fidelity) alone, so the round learns to keep what a prompt names; 0 = off"
+                          if anchored and judged else "this model has no anchor prompts or no differentiable judge"),
+                    elem_id=FORM_IDS["anchor_fidelity"])
                 form["fidelity_threshold"] = gr.Number(
                     value=d["fidelity_threshold"], minimum=0, maximum=1, label="Fidelity guard threshold",
                     info="a version this far below its parent or the base is flagged; 0 = off",

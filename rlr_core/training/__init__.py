@@ -8,9 +8,10 @@ from rlr_core.training.round import (
     RoundResult,
     TrainConfig,
     TrainingDiverged,
+    anchor_pool,
     run_round,
     trainable_parameters,
 )
 
 __all__ = ["DEFAULT_PROMPTS", "EstimatorConfig", "Progress", "RoundResult", "TrainConfig", "TrainingDiverged",
-           "run_round", "trainable_parameters"]
+           "anchor_pool", "run_round", "trainable_parameters"]

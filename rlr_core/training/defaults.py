@@ -26,6 +26,10 @@ _SHARED = [k for k, (_, names) in PUBLIC_OPTIONS.items() if len(names) == len(ES
 OPTION_PICK: dict[str, Any] = {"truncation": 3}
 _OPTIONS = {k: OPTION_PICK.get(k, spec.default) for k, (spec, _) in PUBLIC_OPTIONS.items()}
 
+# Rows each training batch adds from the anchor prompts when anchor_fidelity is on: a third of the
+# built-in image model's batch of 6, so a round costs a third more.
+ANCHOR_ROWS = 2
+
 # The flat settings' defaults, in the order the API has always answered with.
 DEFAULTS: dict[str, Any] = {
     "estimator": "rlr",
@@ -64,6 +68,11 @@ DEFAULTS: dict[str, Any] = {
     # 3 runs of 6 (the default: 4) and the guard let 5 of 13 losses through: position and size are
     # settled in the first steps, where a per-step KL charges least for a change.
     "anchor_kl": 0.0,
+    # w_a: each training batch also draws ANCHOR_ROWS rows from the anchor prompts, rewarded by
+    # w_a * fidelity alone (prior preservation by reward, through the estimator's own gradient, so the
+    # first, noisiest steps that settle position and size are charged too); needs a differentiable
+    # fidelity judge and anchor prompts; 0: off.
+    "anchor_fidelity": 0.0,
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     # Images per probe prompt the guard draws of the new version (and once of its parent and the
     # base). Replayed on the 48 versions two loops made (bench/results/guard_rules.json and

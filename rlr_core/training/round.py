@@ -75,6 +75,10 @@ class TrainConfig:
     # Prior preservation: beta_a of the exact per-step KL to the round's parent on the backend's
     # anchor prompts (rlr_core/estimators/kl.py, anchor_kl_backward); 0 or no anchors: off.
     anchor_kl: float = 0.0
+    # Prior preservation by reward: this many extra rows per batch drawn from the backend's anchor
+    # prompts (none of the round's own). The reward function sees them among the batch's prompts and
+    # rewards them as it sees fit: the app's (app/training_job.py, ProxyReward) by fidelity alone.
+    anchor_rows: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.estimator, str):
@@ -174,8 +178,16 @@ class _Guard:
             p.copy_(s)
 
 
-def _batch_prompts(rng: random.Random, prompts: list[str], batch: int) -> list[str]:
-    return [rng.choice(prompts) for _ in range(batch)]
+def _batch_prompts(rng: random.Random, prompts: list[str], batch: int, anchors: list[str],
+                   anchor_rows: int) -> list[str]:
+    """The step's prompts: ``batch`` drawn from the round's, then ``anchor_rows`` from ``anchors``."""
+    extra = [rng.choice(anchors) for _ in range(anchor_rows)] if anchors else []
+    return [rng.choice(prompts) for _ in range(batch)] + extra
+
+
+def anchor_pool(backend: DiffusionBackend, config: TrainConfig) -> list[str]:
+    """The anchor prompts a round's extra rows come from: the backend's, less the round's own."""
+    return [a for a in backend.anchor_prompts if a not in config.prompts] if config.anchor_rows else []
 
 
 def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfig, out: str | Path,
@@ -217,6 +229,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     estimator = estimator or make_estimator(config.estimator.name, **config.estimator.options)
     chain = BackendChain(backend, reward_fn, config.sampler)
     anchors = list(backend.anchor_prompts) if config.anchor_kl and config.finetune == "lora" else []
+    anchored = anchor_pool(backend, config)
     if (config.estimator.options.get("kl_coef") or anchors) and config.finetune == "lora":
         # KL to the round's parent (the adapter as the round found it), kept across pauses.
         if resume is not None and resume.reference is not None:
@@ -263,7 +276,7 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
                 paused = True  # the next step would not fit in the budget, or the caller checks here
                 break
             anchor_kl.clear()
-            prompts = _batch_prompts(rng, config.prompts, config.batch)
+            prompts = _batch_prompts(rng, config.prompts, config.batch, anchored, config.anchor_rows)
             ctx = chain.context(prompts, *_stage_plan(config, prompts))
             est = estimator.step(chain, ctx, generator, optimizer_step, zero_grad,
                                  check=lambda e: _check_estimate(guard, e))
