@@ -168,6 +168,9 @@ def measure(client, example, rater, version_id: int) -> dict[str, Any]:
             "fidelity": round(statistics.mean(f for f in fid if f is not None), 4),
             "fidelity_rated": round(statistics.mean(f for f in fid_rated if f is not None), 4),
             "fidelity_held_out": round(statistics.mean(fid_held), 4),
+            # per image, in a fixed order (the same prompts and noise for every version): paired errors
+            "fidelity_images": {"rated": [None if f is None else round(f, 4) for f in fid_rated],
+                                "held_out": [round(f, 4) for f in fid_held]},
             "quality": round(float(quality.mean()), 4), "guard_judge_fidelity": round(float(guard_fid.mean()), 4),
             "pixel_misses": misses, "no_shape": round(statistics.mean(r.size is None for r in readings), 4)}
 

@@ -25,6 +25,17 @@ def fidelity_drop(base: dict[str, Any], version: dict[str, Any]) -> float:
     return round(max(base[g] - version[g] for g in groups), 4)
 
 
+def fidelity_drop_se(base: dict[str, Any], version: dict[str, Any]) -> float | None:
+    """The paired standard error of :func:`fidelity_drop` (its larger group's), image by image on
+    the same noise; None for runs measured before the images' fidelity was kept."""
+    if not all(k in base and k in version for k in ("fidelity_images", *FIDELITY_GROUPS)):
+        return None
+    group = max(FIDELITY_GROUPS, key=lambda g: base[g] - version[g]).removeprefix("fidelity_")
+    pairs = [(b, a) for b, a in zip(base["fidelity_images"][group], version["fidelity_images"][group])
+             if b is not None and a is not None]
+    return round(paired_se([a for _, a in pairs], [b for b, _ in pairs]), 4)
+
+
 def paired_se(a: list[float], b: list[float]) -> float:
     """The standard error of mean(a - b) from the paired differences (the guard's own rule)."""
     return paired_drop(dict(enumerate(b)), dict(enumerate(a)))[1]
@@ -43,7 +54,8 @@ def run_checks(run: dict[str, Any]) -> dict[str, Any]:
     unflagged_losses = [r["round"] for r in rows[1:] if not r["guard_flagged"]
                         and fidelity_drop(base, r["new_version"]) > FIDELITY_TOLERANCE]
     return {"rise_round1": round(rise, 4), "rise_se": round(rise_se, 4), "rise_ok": rise > 0 and rise >= 3 * rise_se,
-            "fidelity_drops": drops, "fidelity_ok": all(d <= FIDELITY_TOLERANCE for d in drops),
+            "fidelity_drops": drops, "fidelity_drop_se": [fidelity_drop_se(base, r) for r in rows[1:]],
+            "fidelity_ok": all(d <= FIDELITY_TOLERANCE for d in drops),
             "last_minus_best_earlier": round(last["score"] - best["score"], 4), "last_se": round(last_se, 4),
             "last_ok": last["score"] >= best["score"] - last_se, "unflagged_fidelity_losses": unflagged_losses,
             "round_wall_s": [r["round_wall_s"] for r in rows[1:]]}

@@ -72,6 +72,14 @@ def test_a_loss_on_the_held_out_prompts_alone_fails_the_fidelity_check():
     assert not checks["fidelity_ok"] and checks["fidelity_drops"] == [0.08]
     assert checks["unflagged_fidelity_losses"] == [1]
     assert guard_confusion([run])["as_run"]["losses"] == 1
+    assert run_checks(run)["fidelity_drop_se"] == [None]  # measured before the images were kept
+    # with each image's fidelity: the larger group's drop has the paired standard error of its images
+    run["rounds"][0]["fidelity_images"] = {"rated": [1.0, None, 0.5, 1.0], "held_out": [1.0, 1.0, 0.75, 1.0]}
+    run["rounds"][1]["fidelity_images"] = {"rated": [1.0, None, 1.0, 1.0], "held_out": [0.75, 1.0, 0.5, 1.0]}
+    diffs = [0.25, 0.0, 0.25, 0.0]  # the held-out group's, base - version
+    mean = sum(diffs) / 4
+    expected = (sum((d - mean) ** 2 for d in diffs) / 3 / 4) ** 0.5
+    assert run_checks(run)["fidelity_drop_se"] == [round(expected, 4)]
     # runs measured before the split (no fidelity_rated) are checked on the mean of all their images
     for r in run["rounds"]:
         del r["fidelity_rated"]
