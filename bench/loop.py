@@ -285,7 +285,8 @@ def run_one(arm: str, taste: str, seed: int, rounds: int, log=print,
             new_measure = measured_version(new["version_id"])
             row["new_version"] = {k: new_measure[k] for k in ("score", "fidelity", "fidelity_rated",
                                                               "fidelity_held_out", "quality",
-                                                              "guard_judge_fidelity", "pixel_misses", "no_shape")}
+                                                              "guard_judge_fidelity", "pixel_misses", "no_shape",
+                                                              "fidelity_images")}
             row.update(measured_version(active["version_id"]))
             rows.append(row)
             log(f"[{arm} {taste} {seed}] round {r}: {new['name']}{' FLAGGED' if row['guard_flagged'] else ''}, "

@@ -71,7 +71,9 @@ DEFAULTS: dict[str, Any] = {
     # w_a: each training batch also draws ANCHOR_ROWS rows from the anchor prompts, rewarded by
     # w_a * fidelity alone (prior preservation by reward, through the estimator's own gradient, so the
     # first, noisiest steps that settle position and size are charged too); needs a differentiable
-    # fidelity judge and anchor prompts; 0: off.
+    # fidelity judge and anchor prompts; 0: off. Off: on the loop at w_a = 10 (loop_anchorfid.json,
+    # 2 seeds x 2 tastes) fidelity held at every round on 3 runs of 4 (the default: 2), but the
+    # round-1 rise passed 3 SE on 1 (the default: 3), two losses went live, and rounds took a third longer.
     "anchor_fidelity": 0.0,
     "fidelity_threshold": 0.05,  # a version this far below its parent or the base is flagged; 0: off
     # Images per probe prompt the guard draws of the new version (and once of its parent and the
