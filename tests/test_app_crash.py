@@ -63,7 +63,8 @@ def test_sigkill_during_a_round_loses_nothing(tmp_path):
         client.predict(samples[0]["sample_id"], samples[3]["sample_id"], "right", "kim", 0.8, api_name="/compare")
 
         # A first, tiny round finishes: v1 becomes the last good version.
-        tiny = {"steps": 1, "batch_size": 2, "sampling_steps": 4, "samples_per_prompt": 1, "seed": 1}
+        tiny = {"steps": 1, "batch_size": 2, "sampling_steps": 4, "samples_per_prompt": 1, "seed": 1,
+                "fidelity_probe_prompts": 8}
         client.predict(tiny, "", api_name="/train_start")
         done = wait_for(lambda: (st := client.predict(api_name="/train_status"))["state"] in
                         ("finished", "failed") and st, 180, "the first round")

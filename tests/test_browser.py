@@ -206,6 +206,7 @@ def test_full_loop_in_the_browser(running, page):
     set_number(page, "train-sampling-steps", 6)
     page.get_by_text("More settings").click()
     set_number(page, "train-sample-steps", 6)
+    set_number(page, "train-fidelity-probe-prompts", 8)  # a quicker guard than the default 32 on 2 cores
     page.click("#train-start")
     expect_text(page, "#train-progress", re.compile("queued|running|finished"), timeout=30_000)
     expect_text(page, "#train-progress", "finished", timeout=SLOW)
