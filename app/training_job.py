@@ -69,8 +69,9 @@ class ProxyReward:
         reward = heads.mean(0) - self.penalty * heads.std(0) if self.penalty else heads.mean(0)
         reward = reward / self.scale
         anchor = torch.tensor([p in self.anchors for p in prompts], device=reward.device)
+        anchored = bool(anchor.any())
         fidelity = None
-        if self.judge is not None and (self.fidelity_weight or self._armed or bool(anchor.any())):
+        if self.judge is not None and (self.fidelity_weight or self._armed or anchored):
             with contextlib.nullcontext() if self.fidelity_weight or self.anchor_weight else torch.no_grad():
                 fidelity = self.judge.score(images, prompts).to(reward)
         if self.fidelity_weight:
@@ -79,10 +80,10 @@ class ProxyReward:
             taste = ~anchor if bool((~anchor).any()) else torch.ones_like(anchor)
             self.last = {"uncertainty": float(heads.detach().std(0)[taste].mean()),
                          "fidelity": None if fidelity is None else float(fidelity.detach()[taste].mean())}
-            if bool(anchor.any()):  # the batch mean of the round's reward mixes in the anchor rows
+            if anchored:  # the batch mean of the round's reward mixes in the anchor rows
                 self.last["taste_reward"] = float(reward.detach()[taste].mean())
             self._armed = False
-        return torch.where(anchor, self.anchor_weight * fidelity, reward) if bool(anchor.any()) else reward
+        return torch.where(anchor, self.anchor_weight * fidelity, reward) if anchored else reward
 
     def to(self, device: str | torch.device) -> ProxyReward:
         """Move the proxy (with its image encoder) and the judge, e.g. into a GPU worker."""
