@@ -140,7 +140,8 @@ def register(services: AppServices) -> None:
         """Start a training round. settings: estimator (rlr, ddpo, truncated-bp, full-bp), steps,
         batch_size, sampling_steps, learning_rate, lora_rank, block, rest, truncation, max_prompts,
         guidance, samples_per_prompt, sample_steps, sample_guidance, seed, uncertainty_penalty,
-        patience, kl_coef, fidelity_weight, anchor_kl, anchor_fidelity, fidelity_threshold, fidelity_check_every,
+        patience, kl_coef, kl_reference (parent, base), fidelity_weight, anchor_kl, anchor_fidelity,
+        fidelity_threshold, fidelity_check_every,
         fidelity_backoff, fidelity_probe_images, fidelity_probe_prompts, fidelity_rule (split, attributes),
         normalize_reward;
         anything left out takes its default (the model's), an unknown name is refused."""

@@ -46,6 +46,7 @@ from rlr_core.training.defaults import (  # noqa: F401  (re-exported: the table 
     defaults_for,
 )
 
+KL_REFERENCES = ["parent", "base"]  # what kl_coef and anchor_kl measure against
 ESTIMATOR_CHOICES = [("RLR", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "truncated-bp"),
                      ("Full backprop", "full-bp")]
 DEFAULT_NOTES: dict[str, str] = {
@@ -101,6 +102,7 @@ def _check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
         "uncertainty_penalty": check.real(get("uncertainty_penalty"), "uncertainty penalty", 0.0, 100.0),
         "patience": check.whole(get("patience"), "patience", 0, 2000),
         "fidelity_weight": check.real(get("fidelity_weight"), "fidelity weight", 0.0, 1000.0),
+        "kl_reference": check.choice(get("kl_reference"), "KL reference", KL_REFERENCES),
         "anchor_kl": check.real(get("anchor_kl"), "anchor KL coefficient", 0.0, 1000.0),
         "anchor_fidelity": check.real(get("anchor_fidelity"), "anchor fidelity weight", 0.0, 1000.0),
         "fidelity_threshold": check.real(get("fidelity_threshold"), "fidelity threshold", 0.0, 1.0),
@@ -155,7 +157,8 @@ class RoundConfig:
             estimator=_estimator(v), steps=v["steps"], batch=v["batch_size"], lr=v["learning_rate"],
             lora_rank=v["lora_rank"], sampler=SamplerSettings(steps=v["sampling_steps"], eta=1.0,
                                                               guidance=v["guidance"]),
-            anchor_kl=v["anchor_kl"], anchor_rows=ANCHOR_ROWS if v["anchor_fidelity"] else 0)
+            anchor_kl=v["anchor_kl"], kl_reference=v["kl_reference"],
+            anchor_rows=ANCHOR_ROWS if v["anchor_fidelity"] else 0)
         return cls(training=training, max_prompts=v["max_prompts"], samples_per_prompt=v["samples_per_prompt"],
                    samples=SamplerSettings(steps=v["sample_steps"], guidance=v["sample_guidance"]),
                    seed=v["seed"], uncertainty_penalty=v["uncertainty_penalty"], patience=v["patience"],
@@ -185,7 +188,8 @@ class RoundConfig:
             "samples_per_prompt": self.samples_per_prompt, "sample_steps": self.samples.steps,
             "sample_guidance": self.samples.guidance, "seed": self.seed,
             "uncertainty_penalty": self.uncertainty_penalty, "patience": self.patience,
-            "fidelity_weight": self.fidelity_weight, "anchor_kl": t.anchor_kl, "anchor_fidelity": self.anchor_fidelity,
+            "fidelity_weight": self.fidelity_weight, "kl_reference": t.kl_reference, "anchor_kl": t.anchor_kl,
+            "anchor_fidelity": self.anchor_fidelity,
             "fidelity_threshold": self.fidelity_threshold,
             "fidelity_check_every": self.fidelity_check_every, "fidelity_backoff": self.fidelity_backoff,
             "fidelity_probe_images": self.fidelity_probe_images,

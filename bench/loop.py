@@ -106,6 +106,8 @@ ARMS: dict[str, dict[str, Any]] = {"default": {}, **{n: {**e, **UNREGULARISED} f
                                    # ... and with 2 more rows per batch on the anchor prompts, rewarded by
                                    # fidelity alone (prior preservation through the estimator's gradient)
                                    "default+anchorfid": {"anchor_fidelity": 10.0},
+                                   # ... and with the KL to the base model, not the round's parent
+                                   "default+klbase": {"kl_reference": "base"},
                                    # ... and with the guard drawing 4 images per probe prompt, not 2
                                    "default+probes4": {"fidelity_probe_images": 4},
                                    # ... and with 24 held-out probe prompts, a drop read over the named attributes

@@ -218,3 +218,21 @@ def test_the_extra_held_out_probes_are_new_prompts_in_the_backends_style(builtin
         named = sw.parse_caption(prompt).specified()
         assert {"kind", "colour"} <= set(named) and len(named) >= 4, prompt
         assert judge.judges(prompt) and builtin_backend.check_prompt(prompt) == prompt, prompt
+
+
+def test_remeasuring_fills_the_active_versions_and_only_where_the_means_reproduce():
+    from bench.loop_remeasure import rows_to_measure, same_means
+
+    base = {"version": "v0", "fidelity_rated": 0.9, "fidelity_held_out": 0.92}
+    kept = {"round": 1, "version": "v1", "active_version": "v1", "fidelity_rated": 0.91, "fidelity_held_out": 0.9,
+            "new_version": {"fidelity_rated": 0.91, "fidelity_held_out": 0.9}}
+    flagged = {"round": 2, "version": "v2", "active_version": "v1", "fidelity_rated": 0.91, "fidelity_held_out": 0.9,
+               "new_version": {"fidelity_rated": 0.8, "fidelity_held_out": 0.7}}
+    done = {"round": 3, "version": "v3", "active_version": "v1", "fidelity_images": {}, "fidelity_rated": 0.91,
+            "fidelity_held_out": 0.9, "new_version": {"fidelity_rated": 0.85, "fidelity_held_out": 0.8}}
+    todo = rows_to_measure({"rounds": [base, kept, flagged, done]})
+    # every row's active version, and a new version only if it went live: v2 (kept out) is not redrawn
+    assert [name for _, name in todo] == ["v0", "v1", "v1", "v1"]
+    assert todo[2][0] is kept["new_version"] and todo[3][0] is flagged
+    assert same_means(kept, {"fidelity_rated": 0.9104, "fidelity_held_out": 0.8996})
+    assert not same_means(kept, {"fidelity_rated": 0.91, "fidelity_held_out": 0.88})

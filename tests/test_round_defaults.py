@@ -21,7 +21,8 @@ def same_training(app_config: RoundConfig, argv: list[str], defaults) -> None:
     from_cli = cli.train_config(cli.parse_args([*argv, "--out", "unused"]), defaults)
     t = app_config.training
     assert (from_cli.estimator, from_cli.steps, from_cli.batch, from_cli.lr, from_cli.lora_rank, from_cli.sampler,
-            from_cli.finetune) == (t.estimator, t.steps, t.batch, t.lr, t.lora_rank, t.sampler, t.finetune)
+            from_cli.finetune, from_cli.anchor_kl, from_cli.kl_reference) == (
+                t.estimator, t.steps, t.batch, t.lr, t.lora_rank, t.sampler, t.finetune, t.anchor_kl, t.kl_reference)
 
 
 def load(family: str, folder, builtin_backend):
@@ -95,6 +96,7 @@ def test_every_entry_point_starts_the_same_round(family, tmp_path, builtin_backe
     ({"estimator": "ddpo", "steps": 3, "batch_size": 4, "learning_rate": 1e-3, "lora_rank": 8, "guidance": 2.0},
      ["--estimator", "ddpo", "--steps", "3", "--batch", "4", "--lr", "1e-3", "--lora-rank", "8", "--guidance", "2"]),
     ({"estimator": "full-bp", "kl_coef": 0.5}, ["--estimator", "full-bp", "--kl-coef", "0.5"]),
+    ({"kl_reference": "base", "anchor_kl": 2.0}, ["--kl-reference", "base", "--anchor-kl", "2"]),
 ])
 def test_the_command_line_reads_its_flags_as_the_app_reads_its_settings(settings, argv):
     same_training(RoundConfig.parse(settings, BUILTIN_IMAGE_DEFAULTS), argv, BUILTIN_IMAGE_DEFAULTS)

@@ -42,6 +42,7 @@ FORM_IDS: dict[str, str] = {
     "patience": "train-patience",
     **{key: f"train-{key.replace('_', '-')}" for key in SHARED_OPTIONS},
     "fidelity_weight": "train-fidelity-weight",
+    "kl_reference": "train-kl-reference",
     "anchor_kl": "train-anchor-kl",
     "anchor_fidelity": "train-anchor-fidelity",
     "fidelity_threshold": "train-fidelity-threshold",
@@ -196,6 +197,11 @@ def build(services: AppServices, session: Session) -> gr.Timer:
                                              elem_id=FORM_IDS["patience"])
                 for key in SHARED_OPTIONS:  # every estimator's (the KL to the round's parent)
                     form[key] = option_widget(key, d)
+                form["kl_reference"] = gr.Dropdown(
+                    choices=[("the round's parent", "parent"), ("the base model", "base")], value=d["kl_reference"],
+                    label="KL measured against", elem_id=FORM_IDS["kl_reference"],
+                    info="the parent: each round may move as far from the last; the base: every round's change "
+                         "so far is charged, so drift cannot add up (LoRA rounds)")
                 judged = services.fidelity_judge is not None and services.fidelity_judge.differentiable
                 weight_info = ("maximise reward + w·(prompt fidelity); the guard reads the same judge" if judged
                                else "this model has no differentiable fidelity judge")

@@ -50,7 +50,7 @@ OPTION_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
 # (rlr_core/training/defaults.py: the table the app's Train tab and /train_start use).
 ROUND_FLAGS = {"estimator": "estimator", "steps": "steps", "batch": "batch_size", "lr": "learning_rate",
                "lora_rank": "lora_rank", "sampling_steps": "sampling_steps", "guidance": "guidance",
-               "anchor_kl": "anchor_kl"}
+               "anchor_kl": "anchor_kl", "kl_reference": "kl_reference"}
 MODEL_DEFAULT = " (default: the model's, rlr_core/training/defaults.py)"
 
 
@@ -84,7 +84,8 @@ def train_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainCon
         prompts=[p for p in prompts if p.strip()],
         sampler=SamplerSettings(d["sampling_steps"], args.eta, d["guidance"]),
         finetune=args.finetune, lora_rank=d["lora_rank"], lora_alpha=args.lora_alpha, lr=d["learning_rate"],
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, anchor_kl=d["anchor_kl"])
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, anchor_kl=d["anchor_kl"],
+        kl_reference=d["kl_reference"])
 
 
 def _parser(spec: OptionSpec):
@@ -151,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--anchor-kl", type=float, help="beta_a: the KL to the parent on the model's anchor prompts "
                    "(prior preservation; 0: off)" + MODEL_DEFAULT)
+    g.add_argument("--kl-reference", choices=["parent", "base"], help="what the KL terms measure against: the "
+                   "version the round starts from, or the base model" + MODEL_DEFAULT)
     g = p.add_argument_group("model and sampler")
     g.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="built-in model folder")
     g.add_argument("--latent-model", default=None, help="a Stable-Diffusion-like pipeline folder or id instead")

@@ -62,6 +62,10 @@ DEFAULTS: dict[str, Any] = {
     # kl_coef, every estimator's option: beta of the exact per-step KL to the round's parent; 0: off.
     **{k: _OPTIONS[k] for k in _SHARED},
     "fidelity_weight": 0.0,  # w in reward + w * fidelity, where the backend's judge is differentiable
+    # What the KL (kl_coef, anchor_kl) measures against: "parent", the version the round starts from
+    # (each round may move kl-limited steps from the last); "base", the base model (the adapter
+    # switched off: the change of every round so far is charged, so drift cannot add up over rounds).
+    "kl_reference": "parent",
     # beta_a of the same KL on the model's anchor prompts (prior preservation: prompts the round does
     # not train on, every attribute named); 0: off; nothing to do on a model without anchor prompts.
     # Off: on the loop at beta_a = 3 (bench/results/loop_anchor.json) fidelity held at every round on

@@ -75,6 +75,9 @@ class TrainConfig:
     # Prior preservation: beta_a of the exact per-step KL to the round's parent on the backend's
     # anchor prompts (rlr_core/estimators/kl.py, anchor_kl_backward); 0 or no anchors: off.
     anchor_kl: float = 0.0
+    # What the KL terms measure against (LoRA rounds): "parent", the adapter as the round found it;
+    # "base", the base model (the adapter switched off), so the change of every earlier round counts too.
+    kl_reference: Literal["parent", "base"] = "parent"
     # Prior preservation by reward: this many extra rows per batch drawn from the backend's anchor
     # prompts (none of the round's own). The reward function sees them among the batch's prompts and
     # rewards them as it sees fit: the app's (app/training_job.py, ProxyReward) by fidelity alone.
@@ -231,10 +234,11 @@ def run_round(backend: DiffusionBackend, reward_fn: RewardFn, config: TrainConfi
     anchors = list(backend.anchor_prompts) if config.anchor_kl and config.finetune == "lora" else []
     anchored = anchor_pool(backend, config)
     if (config.estimator.options.get("kl_coef") or anchors) and config.finetune == "lora":
-        # KL to the round's parent (the adapter as the round found it), kept across pauses.
+        # KL to the round's parent (the adapter as the round found it), kept across pauses; with
+        # kl_reference "base" no reference is kept: the chain's reference is then the base model.
         if resume is not None and resume.reference is not None:
             chain.reference = [r.to(p.device, p.dtype) for r, p in zip(resume.reference, params)]
-        else:
+        elif config.kl_reference == "parent":
             chain.set_reference()
     guard = _Guard(params, config.explode_factor)
     first = resume.step if resume is not None else 0

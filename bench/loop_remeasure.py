@@ -1,0 +1,122 @@
+"""Give loop runs measured before the benchmark kept each image's fidelity their per-image data.
+
+    python -m bench.loop_remeasure --cache runs/loop_held24 --threads 2
+
+``bench/loop.py`` now keeps each measured image's pixel fidelity (``fidelity_images``), from which
+``bench/loop_report.py`` gives every fidelity drop its paired standard error. Runs made before
+that have only the means. For each finished run in ``--cache`` whose app data folder was kept
+(``--keep-data``), this serves the app on a copy of that folder (the kept one stays as the run left
+it), redraws every version that was active after a round (what the fidelity target checks), on
+the benchmark's own fixed noise
+(:func:`bench.loop.measure`), and adds ``fidelity_images`` to each row, but only where the redrawn
+means equal the recorded ones: the images are then the ones the run judged, not new ones.
+A row whose means differ keeps no per-image data, and the run says so (``remeasure_mismatch``).
+Then summarise the cache again with ``python -m bench.loop ... --from-cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bench.common import save_json_atomic
+
+TOLERANCE = 1e-3  # the recorded means are rounded to 4 places
+
+
+def rows_to_measure(run: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """(a measured dict, the name of the version it measured) for every row of the run without
+    per-image data that measured a version active after some round (each round's active version,
+    and a new version that went live; one a guard kept out is not redrawn: about 3 minutes a
+    version on 2 cores)."""
+    active = {r.get("active_version") or r["version"] for r in run["rounds"]}
+    todo = []
+    for r in run["rounds"]:
+        if "fidelity_images" not in r:
+            todo.append((r, r.get("active_version") or r["version"]))
+        new = r.get("new_version")
+        if new is not None and "fidelity_images" not in new and r["version"] in active:
+            todo.append((new, r["version"]))
+    return todo
+
+
+def same_means(recorded: dict[str, Any], redrawn: dict[str, Any]) -> bool:
+    return all(abs(recorded[k] - redrawn[k]) <= TOLERANCE for k in ("fidelity_rated", "fidelity_held_out"))
+
+
+def remeasure(run_file: Path, data: Path, threads: int, base_cache: dict[str, Any]) -> int:
+    """Adds per-image fidelity to one cached run; returns how many rows got it. Every run starts
+    from the same base model and the benchmark draws it on the same noise, so the base's redrawn
+    fidelity is kept in ``base_cache`` and drawn once (its score depends on the taste, its
+    fidelity does not)."""
+    import gradio_client
+
+    from app.config import AppConfig
+    from app.server import serve
+    from bench.loop import load_example, measure
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.shapesworld import raters
+    from rlr_core.shapesworld.perception import load
+
+    torch.set_num_threads(threads)
+    run = json.loads(run_file.read_text())
+    todo = rows_to_measure(run)
+    if not todo:
+        return 0
+    example = load_example()
+    rater = raters.RATERS[run["taste"]](load(), seed=run["seed"])
+    base_name = run["rounds"][0]["version"]
+    added, redrawn_by_name, mismatched = 0, {n: m for n, m in base_cache.items() if n == base_name}, []
+    with tempfile.TemporaryDirectory(prefix="rlr-remeasure-") as tmp:
+        copy = Path(tmp) / "data"
+        shutil.copytree(data, copy)
+        with serve(AppConfig(data_dir=copy, port=0), BuiltinBackend.load()) as app:
+            client = gradio_client.Client(app.url, verbose=False)
+            ids = {v["name"]: v["version_id"] for v in client.predict(api_name="/versions")}
+            for row, name in tqdm(todo, desc=run_file.stem, unit="version"):
+                if name not in redrawn_by_name:
+                    redrawn_by_name[name] = measure(client, example, rater, ids[name])
+                redrawn = redrawn_by_name[name]
+                if name == base_name:
+                    base_cache[name] = redrawn
+                if same_means(row, redrawn):
+                    row["fidelity_images"] = redrawn["fidelity_images"]
+                    added += 1
+                else:
+                    mismatched.append({"version": name, "recorded": [row["fidelity_rated"], row["fidelity_held_out"]],
+                                       "redrawn": [redrawn["fidelity_rated"], redrawn["fidelity_held_out"]]})
+    if mismatched:
+        run["remeasure_mismatch"] = mismatched
+    save_json_atomic(run_file, run)
+    return added
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="a bench.loop cache made with --keep-data")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    cache = Path(args.cache)
+    base_cache: dict[str, Any] = {}
+    for run_file in sorted(cache.glob("*-rounds*.json")):
+        if run_file.name.endswith(".partial.json"):
+            continue
+        data = cache / "data" / run_file.name.split("-rounds")[0]
+        if not data.is_dir():
+            print(f"{run_file.name}: no kept data folder ({data}), skipped", flush=True)
+            continue
+        added = remeasure(run_file, data, args.threads, base_cache)
+        mismatch = json.loads(run_file.read_text()).get("remeasure_mismatch", [])
+        print(f"{run_file.name}: {added} row(s) given per-image fidelity, {len(mismatch)} redrawn differently",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
