@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     # What the KL (kl_coef, anchor_kl) measures against: "parent", the version the round starts from
     # (each round may move kl-limited steps from the last); "base", the base model (the adapter
     # switched off: the change of every round so far is charged, so drift cannot add up over rounds).
+    # "parent": on a screen of the loop (loop_klbase_screen.json, bold, 2 seeds) "base" held fidelity
+    # on one run, let a 0.092 loss go live on the other, and pulled that run's score back in round 2.
     "kl_reference": "parent",
     # beta_a of the same KL on the model's anchor prompts (prior preservation: prompts the round does
     # not train on, every attribute named); 0: off; nothing to do on a model without anchor prompts.
