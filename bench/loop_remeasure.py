@@ -12,6 +12,12 @@ the benchmark's own fixed noise
 means equal the recorded ones: the images are then the ones the run judged, not new ones.
 A row whose means differ keeps no per-image data, and the run says so (``remeasure_mismatch``).
 Then summarise the cache again with ``python -m bench.loop ... --from-cache``.
+
+``--replicate N --json FILE``: a miss by less than a standard error could be noise. For every
+version a run made active that lost more than 0.05 on the held-out prompts, this draws the same
+held-out prompts on N fresh seeds (``REPLICATION_SEEDS``, none the benchmark's) for that version
+and the base, and reports the drop there: an independent second reading of the loss, and the
+pooled one over both sets of images, each with its paired standard error.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,9 +33,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.common import save_json_atomic
+from bench.common import machine, save_json_atomic, write_json
 
 TOLERANCE = 1e-3  # the recorded means are rounded to 4 places
+REPLICATION_SEEDS = [2101, 2102, 2103, 2104, 2105, 2106, 2107, 2108]  # fresh noise for --replicate
 
 
 def rows_to_measure(run: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
@@ -98,13 +106,76 @@ def remeasure(run_file: Path, data: Path, threads: int, base_cache: dict[str, An
     return added
 
 
+def held_out_misses(run: dict[str, Any]) -> list[str]:
+    """The active versions of a run that lost more than the tolerance on the held-out prompts."""
+    from bench.loop_report import FIDELITY_TOLERANCE
+
+    base = run["rounds"][0]["fidelity_held_out"]
+    return sorted({r["active_version"] for r in run["rounds"][1:]
+                   if base - r["fidelity_held_out"] > FIDELITY_TOLERANCE})
+
+
+def drop_and_se(base: list[float], version: list[float]) -> dict[str, float]:
+    from bench.loop_report import paired_se
+
+    return {"drop": round(statistics.mean(base) - statistics.mean(version), 4),
+            "se": round(paired_se(version, base), 4), "images": len(base)}
+
+
+def replicate(run_file: Path, data: Path, seeds: list[int], threads: int,
+              base_cache: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """The held-out drop of each missing version on fresh seeds, beside the recorded one."""
+    import gradio_client
+
+    from app.config import AppConfig
+    from app.server import serve
+    from bench.loop import HELD_OUT, _draw, load_example
+    from rlr_core.backends.builtin import BuiltinBackend
+    from rlr_core.shapesworld import pixel_judge
+
+    torch.set_num_threads(threads)
+    run = json.loads(run_file.read_text())
+    names = held_out_misses(run)
+    if not names:
+        return []
+    rows = {r.get("active_version") or r["version"]: r for r in run["rounds"]}
+    base_name = run["rounds"][0]["version"]
+    example = load_example()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="rlr-replicate-") as tmp:
+        copy = Path(tmp) / "data"
+        shutil.copytree(data, copy)
+        with serve(AppConfig(data_dir=copy, port=0), BuiltinBackend.load()) as app:
+            client = gradio_client.Client(app.url, verbose=False)
+            ids = {v["name"]: v["version_id"] for v in client.predict(api_name="/versions")}
+
+            def fresh(name: str) -> list[float]:
+                images, prompts = _draw(client, example, HELD_OUT, seeds, ids[name])
+                return [float(f) for f in pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts)]
+
+            if base_name not in base_cache:
+                base_cache[base_name] = fresh(base_name)
+            for name in tqdm(names, desc=run_file.stem, unit="version"):
+                new = fresh(name)
+                old_base = rows[base_name]["fidelity_images"]["held_out"]
+                old = rows[name]["fidelity_images"]["held_out"]
+                out.append({"run": run_file.stem, "version": name, "recorded": drop_and_se(old_base, old),
+                            "fresh_seeds": drop_and_se(base_cache[base_name], new),
+                            "pooled": drop_and_se(old_base + base_cache[base_name], old + new)})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a bench.loop cache made with --keep-data")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replicate", type=int, default=0, metavar="N",
+                   help="redraw the held-out prompts of each version that missed on N fresh seeds (at most 8)")
+    p.add_argument("--json", default=None, help="where --replicate writes its readings")
     args = p.parse_args()
     cache = Path(args.cache)
     base_cache: dict[str, Any] = {}
+    readings: list[dict[str, Any]] = []
     for run_file in sorted(cache.glob("*-rounds*.json")):
         if run_file.name.endswith(".partial.json"):
             continue
@@ -112,10 +183,22 @@ def main() -> None:
         if not data.is_dir():
             print(f"{run_file.name}: no kept data folder ({data}), skipped", flush=True)
             continue
+        if args.replicate:
+            found = replicate(run_file, data, REPLICATION_SEEDS[:args.replicate], args.threads, base_cache)
+            for f in found:
+                print(f"{f['run']} {f['version']}: held-out drop recorded {f['recorded']['drop']:.3f} "
+                      f"± {f['recorded']['se']:.3f}, on fresh seeds {f['fresh_seeds']['drop']:.3f} "
+                      f"± {f['fresh_seeds']['se']:.3f}, pooled {f['pooled']['drop']:.3f} ± {f['pooled']['se']:.3f}",
+                      flush=True)
+            readings += found
+            continue
         added = remeasure(run_file, data, args.threads, base_cache)
         mismatch = json.loads(run_file.read_text()).get("remeasure_mismatch", [])
         print(f"{run_file.name}: {added} row(s) given per-image fidelity, {len(mismatch)} redrawn differently",
               flush=True)
+    if args.replicate and args.json:
+        write_json(args.json, {"machine": machine(), "cache": str(cache), "seeds": REPLICATION_SEEDS[:args.replicate],
+                               "versions": readings})
 
 
 if __name__ == "__main__":

@@ -236,3 +236,16 @@ def test_remeasuring_fills_the_active_versions_and_only_where_the_means_reproduc
     assert todo[2][0] is kept["new_version"] and todo[3][0] is flagged
     assert same_means(kept, {"fidelity_rated": 0.9104, "fidelity_held_out": 0.8996})
     assert not same_means(kept, {"fidelity_rated": 0.91, "fidelity_held_out": 0.88})
+
+
+def test_the_replication_picks_the_active_versions_that_missed_on_held_out_prompts():
+    from bench.loop_remeasure import drop_and_se, held_out_misses
+
+    run = {"rounds": [{"version": "v0", "fidelity_held_out": 0.92},
+                      {"active_version": "v1", "fidelity_held_out": 0.86},  # 0.06 below: a miss
+                      {"active_version": "v1", "fidelity_held_out": 0.86},
+                      {"active_version": "v2", "fidelity_held_out": 0.88}]}  # 0.04 below: within
+    assert held_out_misses(run) == ["v1"]
+    reading = drop_and_se([1.0, 1.0, 0.8, 0.8], [0.8, 1.0, 0.6, 0.8])
+    # differences 0.2, 0, 0.2, 0: mean 0.1, sample sd 0.1155, se 0.0577
+    assert reading == {"drop": 0.1, "se": 0.0577, "images": 4}
