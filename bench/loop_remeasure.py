@@ -23,10 +23,11 @@ pooled one over both sets of images, each with its paired standard error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
-import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,24 @@ from bench.common import machine, save_json_atomic, write_json
 
 TOLERANCE = 1e-3  # the recorded means are rounded to 4 places
 REPLICATION_SEEDS = [2101, 2102, 2103, 2104, 2105, 2106, 2107, 2108]  # fresh noise for --replicate
+
+
+@contextlib.contextmanager
+def app_on_copy(data: Path) -> Iterator[tuple[Any, dict[str, int]]]:
+    """The app served on a copy of a kept data folder (the kept one stays as the run left it):
+    an API client, and the version ids by name."""
+    import gradio_client
+
+    from app.config import AppConfig
+    from app.server import serve
+    from rlr_core.backends.builtin import BuiltinBackend
+
+    with tempfile.TemporaryDirectory(prefix="rlr-remeasure-") as tmp:
+        copy = Path(tmp) / "data"
+        shutil.copytree(data, copy)
+        with serve(AppConfig(data_dir=copy, port=0), BuiltinBackend.load()) as app:
+            client = gradio_client.Client(app.url, verbose=False)
+            yield client, {v["name"]: v["version_id"] for v in client.predict(api_name="/versions")}
 
 
 def rows_to_measure(run: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
@@ -59,21 +78,15 @@ def same_means(recorded: dict[str, Any], redrawn: dict[str, Any]) -> bool:
     return all(abs(recorded[k] - redrawn[k]) <= TOLERANCE for k in ("fidelity_rated", "fidelity_held_out"))
 
 
-def remeasure(run_file: Path, data: Path, threads: int, base_cache: dict[str, Any]) -> int:
+def remeasure(run_file: Path, data: Path, base_cache: dict[str, Any]) -> int:
     """Adds per-image fidelity to one cached run; returns how many rows got it. Every run starts
     from the same base model and the benchmark draws it on the same noise, so the base's redrawn
     fidelity is kept in ``base_cache`` and drawn once (its score depends on the taste, its
     fidelity does not)."""
-    import gradio_client
-
-    from app.config import AppConfig
-    from app.server import serve
     from bench.loop import load_example, measure
-    from rlr_core.backends.builtin import BuiltinBackend
     from rlr_core.shapesworld import raters
     from rlr_core.shapesworld.perception import load
 
-    torch.set_num_threads(threads)
     run = json.loads(run_file.read_text())
     todo = rows_to_measure(run)
     if not todo:
@@ -82,24 +95,19 @@ def remeasure(run_file: Path, data: Path, threads: int, base_cache: dict[str, An
     rater = raters.RATERS[run["taste"]](load(), seed=run["seed"])
     base_name = run["rounds"][0]["version"]
     added, redrawn_by_name, mismatched = 0, {n: m for n, m in base_cache.items() if n == base_name}, []
-    with tempfile.TemporaryDirectory(prefix="rlr-remeasure-") as tmp:
-        copy = Path(tmp) / "data"
-        shutil.copytree(data, copy)
-        with serve(AppConfig(data_dir=copy, port=0), BuiltinBackend.load()) as app:
-            client = gradio_client.Client(app.url, verbose=False)
-            ids = {v["name"]: v["version_id"] for v in client.predict(api_name="/versions")}
-            for row, name in tqdm(todo, desc=run_file.stem, unit="version"):
-                if name not in redrawn_by_name:
-                    redrawn_by_name[name] = measure(client, example, rater, ids[name])
-                redrawn = redrawn_by_name[name]
-                if name == base_name:
-                    base_cache[name] = redrawn
-                if same_means(row, redrawn):
-                    row["fidelity_images"] = redrawn["fidelity_images"]
-                    added += 1
-                else:
-                    mismatched.append({"version": name, "recorded": [row["fidelity_rated"], row["fidelity_held_out"]],
-                                       "redrawn": [redrawn["fidelity_rated"], redrawn["fidelity_held_out"]]})
+    with app_on_copy(data) as (client, ids):
+        for row, name in tqdm(todo, desc=run_file.stem, unit="version"):
+            if name not in redrawn_by_name:
+                redrawn_by_name[name] = measure(client, example, rater, ids[name])
+            redrawn = redrawn_by_name[name]
+            if same_means(row, redrawn):
+                row["fidelity_images"] = redrawn["fidelity_images"]
+                added += 1
+            else:
+                mismatched.append({"version": name, "recorded": [row["fidelity_rated"], row["fidelity_held_out"]],
+                                   "redrawn": [redrawn["fidelity_rated"], redrawn["fidelity_held_out"]]})
+    if base_name in redrawn_by_name:
+        base_cache[base_name] = redrawn_by_name[base_name]
     if mismatched:
         run["remeasure_mismatch"] = mismatched
     save_json_atomic(run_file, run)
@@ -116,24 +124,19 @@ def held_out_misses(run: dict[str, Any]) -> list[str]:
 
 
 def drop_and_se(base: list[float], version: list[float]) -> dict[str, float]:
-    from bench.loop_report import paired_se
+    """The mean drop from ``base`` to ``version`` (the same images' noise, in order) and its paired SE."""
+    from app.fidelity_guard import paired_drop
 
-    return {"drop": round(statistics.mean(base) - statistics.mean(version), 4),
-            "se": round(paired_se(version, base), 4), "images": len(base)}
+    drop, se = paired_drop(dict(enumerate(base)), dict(enumerate(version)))
+    return {"drop": round(drop, 4), "se": round(se, 4), "images": len(base)}
 
 
-def replicate(run_file: Path, data: Path, seeds: list[int], threads: int,
+def replicate(run_file: Path, data: Path, seeds: list[int],
               base_cache: dict[str, list[float]]) -> list[dict[str, Any]]:
     """The held-out drop of each missing version on fresh seeds, beside the recorded one."""
-    import gradio_client
-
-    from app.config import AppConfig
-    from app.server import serve
     from bench.loop import HELD_OUT, _draw, load_example
-    from rlr_core.backends.builtin import BuiltinBackend
     from rlr_core.shapesworld import pixel_judge
 
-    torch.set_num_threads(threads)
     run = json.loads(run_file.read_text())
     names = held_out_misses(run)
     if not names:
@@ -142,26 +145,20 @@ def replicate(run_file: Path, data: Path, seeds: list[int], threads: int,
     base_name = run["rounds"][0]["version"]
     example = load_example()
     out = []
-    with tempfile.TemporaryDirectory(prefix="rlr-replicate-") as tmp:
-        copy = Path(tmp) / "data"
-        shutil.copytree(data, copy)
-        with serve(AppConfig(data_dir=copy, port=0), BuiltinBackend.load()) as app:
-            client = gradio_client.Client(app.url, verbose=False)
-            ids = {v["name"]: v["version_id"] for v in client.predict(api_name="/versions")}
+    with app_on_copy(data) as (client, ids):
 
-            def fresh(name: str) -> list[float]:
-                images, prompts = _draw(client, example, HELD_OUT, seeds, ids[name])
-                return [float(f) for f in pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts)]
+        def fresh(name: str) -> list[float]:
+            images, prompts = _draw(client, example, HELD_OUT, seeds, ids[name])
+            return [float(f) for f in pixel_judge.prompt_fidelity(pixel_judge.read(images), prompts)]
 
-            if base_name not in base_cache:
-                base_cache[base_name] = fresh(base_name)
-            for name in tqdm(names, desc=run_file.stem, unit="version"):
-                new = fresh(name)
-                old_base = rows[base_name]["fidelity_images"]["held_out"]
-                old = rows[name]["fidelity_images"]["held_out"]
-                out.append({"run": run_file.stem, "version": name, "recorded": drop_and_se(old_base, old),
-                            "fresh_seeds": drop_and_se(base_cache[base_name], new),
-                            "pooled": drop_and_se(old_base + base_cache[base_name], old + new)})
+        if base_name not in base_cache:
+            base_cache[base_name] = fresh(base_name)
+        old_base = rows[base_name]["fidelity_images"]["held_out"]
+        for name in tqdm(names, desc=run_file.stem, unit="version"):
+            new, old = fresh(name), rows[name]["fidelity_images"]["held_out"]
+            out.append({"run": run_file.stem, "version": name, "recorded": drop_and_se(old_base, old),
+                        "fresh_seeds": drop_and_se(base_cache[base_name], new),
+                        "pooled": drop_and_se(old_base + base_cache[base_name], old + new)})
     return out
 
 
@@ -173,6 +170,7 @@ def main() -> None:
                    help="redraw the held-out prompts of each version that missed on N fresh seeds (at most 8)")
     p.add_argument("--json", default=None, help="where --replicate writes its readings")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     base_cache: dict[str, Any] = {}
     readings: list[dict[str, Any]] = []
@@ -184,7 +182,7 @@ def main() -> None:
             print(f"{run_file.name}: no kept data folder ({data}), skipped", flush=True)
             continue
         if args.replicate:
-            found = replicate(run_file, data, REPLICATION_SEEDS[:args.replicate], args.threads, base_cache)
+            found = replicate(run_file, data, REPLICATION_SEEDS[:args.replicate], base_cache)
             for f in found:
                 print(f"{f['run']} {f['version']}: held-out drop recorded {f['recorded']['drop']:.3f} "
                       f"± {f['recorded']['se']:.3f}, on fresh seeds {f['fresh_seeds']['drop']:.3f} "
@@ -192,7 +190,7 @@ def main() -> None:
                       flush=True)
             readings += found
             continue
-        added = remeasure(run_file, data, args.threads, base_cache)
+        added = remeasure(run_file, data, base_cache)
         mismatch = json.loads(run_file.read_text()).get("remeasure_mismatch", [])
         print(f"{run_file.name}: {added} row(s) given per-image fidelity, {len(mismatch)} redrawn differently",
               flush=True)
