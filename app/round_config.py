@@ -45,8 +45,8 @@ from rlr_core.training.defaults import (  # noqa: F401  (re-exported: the table 
     SDXL_PICK,
     defaults_for,
 )
+from rlr_core.training.round import KL_REFERENCES
 
-KL_REFERENCES = ["parent", "base"]  # what kl_coef and anchor_kl measure against
 ESTIMATOR_CHOICES = [("RLR", "rlr"), ("DDPO", "ddpo"), ("Truncated backprop", "truncated-bp"),
                      ("Full backprop", "full-bp")]
 DEFAULT_NOTES: dict[str, str] = {

@@ -27,6 +27,7 @@ from rlr_core.shapesworld.model import DEFAULT_MODEL_DIR
 from rlr_core.training import DEFAULT_PROMPTS, EstimatorConfig, Progress, TrainConfig, TrainingDiverged, run_round
 from rlr_core.training.defaults import DEFAULTS, defaults_for
 from rlr_core.training.presets import PRESETS, apply_preset
+from rlr_core.training.round import KL_REFERENCES
 
 
 def _option_flags() -> dict[str, tuple[tuple[str, ...], OptionSpec]]:
@@ -152,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--anchor-kl", type=float, help="beta_a: the KL to the parent on the model's anchor prompts "
                    "(prior preservation; 0: off)" + MODEL_DEFAULT)
-    g.add_argument("--kl-reference", choices=["parent", "base"], help="what the KL terms measure against: the "
+    g.add_argument("--kl-reference", choices=KL_REFERENCES, help="what the KL terms measure against: the "
                    "version the round starts from, or the base model" + MODEL_DEFAULT)
     g = p.add_argument_group("model and sampler")
     g.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="built-in model folder")

@@ -36,6 +36,7 @@ from rlr_core.sampler import SamplerSettings
 from rlr_core.training import lora
 from rlr_core.training.resume import RoundState
 
+KL_REFERENCES = ("parent", "base")  # what the KL terms measure against (TrainConfig.kl_reference)
 DEFAULT_PROMPTS = [
     "a red circle", "a blue square", "a yellow triangle", "a large green circle",
     "a small purple square", "an orange triangle on the left",
